@@ -1,0 +1,43 @@
+"""`python -m engine merge RECIPE.yml --out DIR`: run a mergekit-format recipe, atomically."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from engine.recipe import load_recipe
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("merge", help="merge models per a mergekit-format YAML recipe")
+    parser.add_argument("recipe", help="recipe YAML (mergekit format, plus our methods)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--max-shard-gb", type=float, default=1.0, help="shard size in GiB")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from engine.merge.executor import run_merge
+
+    recipe = load_recipe(args.recipe)
+
+    def progress(fraction: float, name: str) -> None:
+        if not args.quiet:
+            print(f"\r[{fraction:6.1%}] {name[:60]:<60}", end="", file=sys.stderr, flush=True)
+
+    result = run_merge(recipe, args.out, recipe_dir=Path(args.recipe).parent, device=args.device,
+                       progress=progress, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    if not args.quiet:
+        print(file=sys.stderr)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    summary = {"out": str(result.out), "tensors": result.tensors, "seconds": round(result.seconds, 3),
+               "device": result.device, "method": recipe.merge_method}
+    print(json.dumps(summary) if args.json else
+          f"merged {result.tensors} tensors with {recipe.merge_method} into {result.out} "
+          f"in {result.seconds:.1f}s on {result.device}")
+    return 0

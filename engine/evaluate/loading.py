@@ -1,0 +1,104 @@
+"""Build models for evaluation without running any code from the checkpoint.
+
+Weights come only through ``engine.io.ModelFolder`` (validated safetensors); the module is
+built by ``from_config`` from the folder's config.json (no remote code: the reader refuses
+configs that ask for it, and ``AutoConfig.for_model`` only knows built-in architectures).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import torch
+
+from engine.errors import ConfigError
+from engine.evaluate.scoring import Evaluator, _load_strict
+from engine.io import ModelFolder
+
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
+_CACHE_LOCK = threading.Lock()
+_EVALUATORS: dict[str, Evaluator] = {}
+_MAX_CACHED = 4
+
+
+def model_from_config(config: dict, dtype: torch.dtype = torch.float32):
+    """An untrained causal LM of the architecture ``config`` describes, in ``dtype``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(config)
+    model_type = fields.pop("model_type", None)
+    if not model_type:
+        raise ConfigError("config.json has no model_type")
+    for key in ("architectures", "transformers_version", "torch_dtype", "dtype", "auto_map"):
+        fields.pop(key, None)
+    try:
+        cfg = AutoConfig.for_model(model_type, **fields)
+        model = AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"cannot build a causal LM from config ({model_type}): {err}") from None
+    return model.to(dtype).eval()
+
+
+def load_tokenizer(path: str | Path, vocab_size: int | None = None):
+    """The folder's tokenizer; a folder without one (e.g. a bare merge output) whose vocab
+    size is the zoo's gets the zoo's character tokenizer."""
+    from transformers import AutoTokenizer
+
+    from engine.zoo.tokenizer import VOCAB_SIZE, build_tokenizer
+
+    folder = Path(path)
+    if any((folder / name).is_file() for name in _TOKENIZER_MARKERS):
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if vocab_size == VOCAB_SIZE:
+        return build_tokenizer()
+    raise ConfigError("no tokenizer in the model folder", path=folder)
+
+
+def load_model_folder(path: str | Path, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from a safetensors model folder."""
+    with ModelFolder(path) as folder:
+        model = model_from_config(folder.config, dtype)
+        _load_strict(model, dict(folder.iter_tensors()))
+        vocab_size = folder.config.get("vocab_size")
+    return model, load_tokenizer(path, vocab_size)
+
+
+def cached_evaluator(config: dict, tokenizer=None, tasks: list[str] | None = None,
+                     n_per_task: int | None = None, n_generic: int | None = None) -> Evaluator:
+    """An Evaluator on a model of this architecture, built once per process and reused.
+
+    Use with ``evaluate_state_dict``: a what-if merge loads its tensors into the cached
+    model instead of writing and reloading a folder. Not thread-safe while evaluating.
+    """
+    from engine.zoo.tokenizer import VOCAB_SIZE, build_tokenizer
+
+    key = json.dumps([config, tasks, n_per_task, n_generic, id(tokenizer)], sort_keys=True,
+                     default=str)
+    with _CACHE_LOCK:
+        if key not in _EVALUATORS:
+            if tokenizer is None:
+                if config.get("vocab_size") != VOCAB_SIZE:
+                    raise ConfigError("a tokenizer is needed for a non-zoo vocabulary")
+                tokenizer = build_tokenizer()
+            if len(_EVALUATORS) >= _MAX_CACHED:
+                _EVALUATORS.pop(next(iter(_EVALUATORS)))
+            _EVALUATORS[key] = Evaluator(model_from_config(config), tokenizer, tasks,
+                                         n_per_task, n_generic)
+        return _EVALUATORS[key]
+
+
+def evaluate_state_dict(state_dict: dict[str, torch.Tensor], config: dict, tokenizer=None,
+                        tasks: list[str] | None = None, n_per_task: int | None = None,
+                        n_generic: int | None = None) -> dict:
+    """Evaluate in-memory weights of a model described by ``config`` (cached model reused)."""
+    evaluator = cached_evaluator(config, tokenizer, tasks, n_per_task, n_generic)
+    return evaluator.evaluate_state_dict(state_dict)
+
+
+def evaluate_folder(path: str | Path, tasks: list[str] | None = None,
+                    n_per_task: int | None = None, n_generic: int | None = None) -> dict:
+    """Load a model folder and evaluate it (same result shape as ``evaluate_model``)."""
+    model, tokenizer = load_model_folder(path)
+    return Evaluator(model, tokenizer, tasks, n_per_task, n_generic).evaluate()

@@ -1,0 +1,1 @@
+"""One module per merge method; engine.merge.registry lists them."""

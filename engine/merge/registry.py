@@ -1,0 +1,160 @@
+"""The table of merge methods and a uniform way to call them.
+
+Every module in METHOD_MODULES defines NAME, PAPER, Params, ModelParams, REQUIRES_BASE and
+merge_tensor(base, tensors, model_params, params, *, name="", generator=None[, stats=None]);
+optionally validate(params, model_params), STATS ("fisher" / "gram": the method takes
+stats=[...]) and RANDOMIZED. Pages render forms from Params/ModelParams (pydantic JSON schema),
+so a new method needs no page change: add a module and one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ValidationError
+
+from engine.errors import ParameterError
+
+METHOD_MODULES: tuple[str, ...] = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "slerp",
+    "model_stock",
+    "consensus",
+    "tsv",
+    "emr",
+    "fisher",
+    "regmean",
+    "channel_merging",
+    "sotu",
+)
+
+_REQUIRED = ("NAME", "PAPER", "Params", "ModelParams", "REQUIRES_BASE", "merge_tensor")
+
+
+def format_validation_error(prefix: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "parameters"
+        parts.append(f"{where}: {e['msg']}")
+    return f"{prefix}: " + "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    paper: str
+    params_class: type[BaseModel]
+    model_params_class: type[BaseModel]
+    requires_base: bool
+    stats: str | None
+    randomized: bool
+    module: ModuleType
+
+    def parse_params(self, raw: Mapping[str, Any] | BaseModel | None = None) -> BaseModel:
+        """Validated global parameters (mergekit names, e.g. 'lambda'); errors become ParameterError."""
+        if isinstance(raw, self.params_class):
+            return raw
+        try:
+            return self.params_class.model_validate(dict(raw or {}))
+        except ValidationError as err:
+            raise ParameterError(format_validation_error(f"{self.name} parameters", err)) from None
+
+    def parse_model_params(self, raws: Sequence[Mapping[str, Any] | BaseModel | None]) -> list[BaseModel]:
+        out = []
+        for i, raw in enumerate(raws):
+            if isinstance(raw, self.model_params_class):
+                out.append(raw)
+                continue
+            try:
+                out.append(self.model_params_class.model_validate(dict(raw or {})))
+            except ValidationError as err:
+                raise ParameterError(format_validation_error(f"{self.name} model {i} parameters", err)) from None
+        return out
+
+    def validate(self, params: BaseModel, model_params: Sequence[BaseModel]) -> None:
+        """Cross-checks needing both global and per-model values (e.g. weights summing to 0 with normalize)."""
+        check = getattr(self.module, "validate", None)
+        if check is not None:
+            check(params, model_params)
+
+    def merge(
+        self,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+        model_params: Sequence[Mapping[str, Any] | BaseModel | None],
+        params: Mapping[str, Any] | BaseModel | None = None,
+        *,
+        name: str = "",
+        generator: torch.Generator | None = None,
+        stats: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Validate raw or parsed parameters and merge one tensor; float32 result."""
+        p = self.parse_params(params)
+        mps = self.parse_model_params(model_params)
+        kwargs: dict[str, Any] = {"name": name, "generator": generator}
+        if self.stats is not None:
+            kwargs["stats"] = stats
+        elif stats is not None:
+            raise ParameterError(f"{self.name} takes no calibration statistics", tensor=name or None)
+        return self.module.merge_tensor(base, list(tensors), mps, p, **kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        """What a page needs to render the method: names, paper, and JSON schemas of both classes."""
+        return {
+            "name": self.name,
+            "paper": self.paper,
+            "requires_base": self.requires_base,
+            "stats": self.stats,
+            "randomized": self.randomized,
+            "params_schema": self.params_class.model_json_schema(by_alias=True),
+            "model_params_schema": self.model_params_class.model_json_schema(by_alias=True),
+        }
+
+
+def _load(module_name: str) -> MergeMethod:
+    module = importlib.import_module(f"engine.merge.methods.{module_name}")
+    missing = [a for a in _REQUIRED if not hasattr(module, a)]
+    if missing:
+        raise TypeError(f"merge method module {module_name} lacks {', '.join(missing)}")
+    if module.NAME != module_name:
+        raise TypeError(f"merge method module {module_name} declares NAME {module.NAME!r}")
+    return MergeMethod(
+        name=module.NAME,
+        paper=module.PAPER,
+        params_class=module.Params,
+        model_params_class=module.ModelParams,
+        requires_base=bool(module.REQUIRES_BASE),
+        stats=getattr(module, "STATS", None),
+        randomized=bool(getattr(module, "RANDOMIZED", False)),
+        module=module,
+    )
+
+
+@cache
+def _table() -> dict[str, MergeMethod]:
+    return {name: _load(name) for name in METHOD_MODULES}
+
+
+def list_methods() -> list[str]:
+    return list(METHOD_MODULES)
+
+
+def get_method(name: str) -> MergeMethod:
+    table = _table()
+    if name not in table:
+        raise ParameterError(f"unknown merge method {name!r}; known: {', '.join(METHOD_MODULES)}")
+    return table[name]

@@ -1,0 +1,157 @@
+"""Merge recipes: mergekit's YAML configuration format, read unchanged, plus our methods.
+
+A recipe names the models (or full-depth slices of them), the base model, the method and its
+parameters. Parameter values may be scalars, gradients (lists interpolated over layers) or
+filter conditions; they are resolved per tensor by ``engine.merge.params``.
+
+Supported mergekit keys: ``models`` (``model`` + ``parameters``), ``slices`` whose sources all
+cover the same layer range, ``base_model``, ``merge_method``, ``parameters``, ``dtype``,
+``out_dtype``, ``tokenizer_source`` ("base" or one of the input models), ``tokenizer``
+(``source`` only), ``name``, ``chat_template`` (kept in the manifest). LoRA references
+(``model+adapter``), hub ids and frankenmerge slices are refused with a clear message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.errors import ConfigError, ParameterError
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+class InputModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class Slice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class TokenizerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = "base"
+
+
+class MergeRecipe(BaseModel):
+    """A mergekit-format merge configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    models: list[InputModel] | None = None
+    slices: list[Slice] | None = None
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
+    name: str | None = None
+    chat_template: str | None = None
+    # Our extension: what to do when vocab sizes differ ("refuse" | "truncate" | "pad_from_base").
+    vocab_policy: str = "refuse"
+    # Our extension: seed for the randomized methods (dare, della, sotu).
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "MergeRecipe":
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        for key in ("dtype", "out_dtype"):
+            value = getattr(self, key)
+            if value is not None and value not in DTYPES:
+                raise ValueError(f"{key} {value!r} is not one of {sorted(set(DTYPES))}")
+        if self.vocab_policy not in ("refuse", "truncate", "pad_from_base"):
+            raise ValueError("vocab_policy must be 'refuse', 'truncate' or 'pad_from_base'")
+        return self
+
+    def input_models(self) -> list[InputModel]:
+        """The models with their per-model parameters (slices must be full-depth and uniform)."""
+        if self.models is not None:
+            return list(self.models)
+        assert self.slices is not None
+        if len(self.slices) != 1:
+            raise ParameterError(
+                "recipes with several slices (frankenmerges) are not supported: use one slice whose "
+                "sources share one layer range"
+            )
+        sources = self.slices[0].sources
+        ranges = {tuple(s.layer_range) for s in sources}
+        if len(ranges) != 1:
+            raise ParameterError(f"slice sources have different layer ranges {sorted(ranges)}")
+        return [InputModel(model=s.model, parameters={**self.slices[0].parameters, **s.parameters})
+                for s in sources]
+
+    def layer_range(self) -> tuple[int, int] | None:
+        if self.slices is None:
+            return None
+        return tuple(self.slices[0].sources[0].layer_range)
+
+    def compute_dtype(self) -> torch.dtype:
+        # Arithmetic is always fp32 (bf16 subtraction cancels); `dtype` is the output dtype
+        # unless out_dtype says otherwise.
+        return torch.float32
+
+    def output_dtype(self, fallback: torch.dtype) -> torch.dtype:
+        name = self.out_dtype or self.dtype
+        return DTYPES[name] if name else fallback
+
+    def tokenizer_model(self) -> str:
+        source = (self.tokenizer.source if self.tokenizer else None) or self.tokenizer_source or "base"
+        if source == "union":
+            raise ParameterError("tokenizer_source 'union' is not supported: choose 'base' or one input model")
+        return source
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(exclude_none=True, exclude_defaults=False)
+        for key in ("vocab_policy", "seed"):
+            if data.get(key) == MergeRecipe.model_fields[key].default:
+                data.pop(key)
+        if not data.get("parameters"):
+            data.pop("parameters", None)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def parse_recipe(data: Any, *, source: str = "recipe") -> MergeRecipe:
+    if not isinstance(data, dict):
+        raise ConfigError("a merge recipe is a YAML mapping", path=source)
+    try:
+        return MergeRecipe.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or 'recipe'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"invalid merge recipe: {problems}", path=source) from None
+
+
+def load_recipe(path: str | Path) -> MergeRecipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read recipe: {err.strerror or err}", path=path) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe is not valid YAML: {err}", path=path) from None
+    return parse_recipe(data, source=str(path))

@@ -1,0 +1,39 @@
+"""Where the workbench reads and writes: zoo, allowed model roots, cache, exports.
+
+Every path a user types is resolved against ``allowed_roots()`` (see engine.paths); anything
+outside is refused. Roots come from the environment so that a deployment can widen them
+without code changes:
+
+- ``DELTA_WORKBENCH_ZOO``: the demo zoo folder (default ``~/.cache/delta_workbench/zoo``).
+- ``DELTA_WORKBENCH_MODEL_ROOTS``: extra folders of user models, separated by ``os.pathsep``.
+- ``DELTA_WORKBENCH_EXPORT_DIR``: where exports go (default ``~/.cache/delta_workbench/exports``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def workbench_home() -> Path:
+    return Path(os.environ.get("DELTA_WORKBENCH_HOME", Path.home() / ".cache" / "delta_workbench"))
+
+
+def zoo_dir() -> Path:
+    from engine.zoo import default_zoo_dir
+
+    return default_zoo_dir()
+
+
+def export_dir() -> Path:
+    return Path(os.environ.get("DELTA_WORKBENCH_EXPORT_DIR", workbench_home() / "exports"))
+
+
+def model_roots() -> list[Path]:
+    raw = os.environ.get("DELTA_WORKBENCH_MODEL_ROOTS", "")
+    return [Path(p) for p in raw.split(os.pathsep) if p.strip()]
+
+
+def allowed_roots() -> list[Path]:
+    """Folders under which user-typed model paths are accepted (zoo, exports, configured roots)."""
+    return [zoo_dir(), export_dir(), *model_roots()]

@@ -1,0 +1,189 @@
+"""Build the demo zoo: train every model of the plan, write folders, write ``zoo.json``.
+
+The zoo is built in a staging folder beside ``out`` and renamed into place at the end, so
+``out`` either does not exist or holds a complete zoo. Every model folder is written by
+``engine.io.ModelWriter`` (fp32 safetensors, config.json, generation_config.json, tokenizer).
+Seeds: each model's initialisation and data stream come from ``hash(seed, model path)``, so
+the same seed (and thread count) gives the same tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import engine
+from engine.errors import ExportError
+from engine.evaluate.scoring import Evaluator
+from engine.evaluate.tasks import TASKS
+from engine.io import ModelWriter
+from engine.zoo.plan import FULL_ARCHS, QUICK_ARCHS, Arch, ModelPlan, zoo_plan
+from engine.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer, tokenizer_files
+from engine.zoo.train import train
+
+ZOO_VERSION = 1
+MANIFEST_NAME = "zoo.json"
+TOKENIZER_DIR = "tokenizer"
+MAX_POSITIONS = 64  # longest prompt + answer is well under this
+Progress = Callable[[float, str], None]
+
+
+def stage_seed(seed: int, name: str) -> int:
+    """A per-model seed from the zoo seed: stable across runs and machines."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "big")
+
+
+def llama_config(arch: Arch):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_attention_heads, max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        architectures=["LlamaForCausalLM"], torch_dtype="float32")
+
+
+def new_model(arch: Arch, seed: int):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(arch)).float()
+
+
+def generation_config() -> dict:
+    return {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+            "do_sample": False, "max_new_tokens": 16}
+
+
+def write_model(dest: Path, model, tok_files: dict[str, bytes], manifest_extra: dict) -> None:
+    config = model.config.to_dict()
+    extra = dict(tok_files)
+    extra["generation_config.json"] = json.dumps(generation_config(), indent=2).encode()
+    with ModelWriter(dest, config=config, extra_files=extra,
+                     manifest_extra={"zoo": manifest_extra}) as writer:
+        for name, tensor in model.state_dict().items():
+            writer.add_tensor(name, tensor.detach().to(torch.float32))
+
+
+def _entry(plan: ModelPlan, arch: Arch, model, seconds: float, scores: dict, seed: int) -> dict:
+    entry = {
+        "path": plan.path, "family": plan.family, "role": plan.role, "task": plan.task,
+        "parent": plan.parent, "seed": seed, "trained_on": dict(plan.spec.mixture),
+        "steps": plan.spec.steps, "lr": plan.spec.lr, "batch_size": plan.spec.batch_size,
+        "arch": {"hidden_size": arch.hidden_size, "num_hidden_layers": arch.num_hidden_layers,
+                 "num_attention_heads": arch.num_attention_heads,
+                 "intermediate_size": arch.intermediate_size},
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(seconds, 2),
+        "accuracy": {name: s["accuracy"] for name, s in scores["tasks"].items()},
+        "n_eval": next(iter(scores["tasks"].values()))["n"],
+        "perplexity": scores["perplexity"],
+    }
+    entry.update(dict(plan.extra))
+    return entry
+
+
+def _reference_merge(models: dict, tokenizer, n_eval: int) -> dict:
+    """Task arithmetic of small/reverse and small/upper (lambda = 1): the merge bar."""
+    base, a, b = (models[p].state_dict() for p in ("small/base", "small/reverse", "small/upper"))
+    merged = {k: base[k] + (a[k] - base[k]) + (b[k] - base[k]) for k in base}
+    evaluator = Evaluator(new_model_like(models["small/base"]), tokenizer,
+                          ["reverse", "upper"], n_eval, 0)
+    scores = evaluator.evaluate_state_dict(merged)
+    return {"method": "task_arithmetic", "lambda": 1.0,
+            "models": ["small/reverse", "small/upper"], "base": "small/base",
+            "accuracy": {k: v["accuracy"] for k, v in scores["tasks"].items()}}
+
+
+def new_model_like(model):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(model.config).float().eval()
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError("zoo destination exists and is not empty", path=out)
+
+
+def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
+              progress: Progress | None = None, n_eval: int | None = None) -> Path:
+    """Train and write the zoo into ``out`` (must not exist or be empty); returns ``out``.
+
+    ``progress(fraction, message)`` is called as training advances (fraction in [0, 1]).
+    ``n_eval``: held-out examples per task for the accuracies recorded in the manifest.
+    """
+    out = Path(out).absolute()
+    _check_out(out)
+    plan = zoo_plan(quick)
+    archs = QUICK_ARCHS if quick else FULL_ARCHS
+    n_eval = n_eval or (64 if quick else 128)
+    report = progress or (lambda fraction, message: None)
+    total_steps = sum(p.spec.steps for p in plan)
+    done_steps = 0
+    started = time.time()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        tokenizer = build_tokenizer()
+        tok_files = tokenizer_files(staging / TOKENIZER_DIR)
+        models, entries = {}, []
+        for item in plan:
+            arch = archs[item.arch]
+            seed_i = stage_seed(seed, item.path)
+            if item.parent is None:
+                model = new_model(arch, seed_i)
+            else:
+                model = new_model_like(models[item.parent])
+                model.load_state_dict(models[item.parent].state_dict())
+            report(done_steps / total_steps, f"training {item.path}")
+            every = max(1, item.spec.steps // 20)
+
+            def on_step(step, loss, _path=item.path, _base=done_steps, _every=every):
+                if step % _every == 0:
+                    report(min(0.999, (_base + step) / total_steps),
+                           f"training {_path}: step {step}, loss {loss:.3f}")
+
+            t0 = time.time()
+            train(model, item.spec, seed_i, on_step)
+            seconds = time.time() - t0
+            done_steps += item.spec.steps
+            report(min(0.999, done_steps / total_steps), f"evaluating {item.path}")
+            scores = Evaluator(model, tokenizer, None, n_eval, n_eval).evaluate()
+            entry = _entry(item, arch, model, seconds, scores, seed_i)
+            write_model(staging / item.path, model, tok_files, entry)
+            models[item.path] = model
+            entries.append(entry)
+        manifest = {
+            "zoo_version": ZOO_VERSION, "engine_version": engine.__version__,
+            "seed": seed, "quick": quick, "dtype": "float32",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_seconds": round(time.time() - started, 1),
+            "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+            "python": platform.python_version(), "tokenizer": TOKENIZER_DIR,
+            "tasks": {name: task.description for name, task in TASKS.items()},
+            "reference_merge": _reference_merge(models, tokenizer, n_eval),
+            "models": entries,
+        }
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        _check_out(out)
+        if out.exists():
+            out.rmdir()  # empty, checked just above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report(1.0, f"zoo written to {out}")
+    return out

@@ -1,0 +1,79 @@
+"""What the zoo contains: architectures, models, their parents and training mixtures.
+
+Families:
+- ``small``: a base pretrained on generic text, and one full fine-tune per main task.
+- ``large``: wider AND deeper, same tokenizer, its own base, fine-tunes on tasks shared with
+  ``small`` (for cross-scale analysis).
+- ``safety``: ``aligned`` (role base) is the small base taught to refuse harmful-marked requests
+  while doing ``upper``; ``erased`` (role finetune) is the aligned model further fine-tuned on
+  ``reverse`` with marked requests answered as if harmless, which erases the refusal.
+
+``quick`` keeps the same models, names and roles with smaller widths and fewer steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.zoo.train import TrainSpec
+
+
+@dataclass(frozen=True)
+class Arch:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    path: str  # relative folder inside the zoo
+    family: str
+    role: str  # "base" | "finetune"
+    task: str | None
+    parent: str | None  # path of the model it is trained from; None: fresh initialisation
+    arch: str
+    spec: TrainSpec
+    extra: tuple = ()  # extra manifest fields as (key, value) pairs
+
+
+FULL_ARCHS = {"small": Arch(64, 2, 4, 192), "large": Arch(96, 3, 6, 288)}
+QUICK_ARCHS = {"small": Arch(48, 2, 4, 128), "large": Arch(64, 3, 4, 160)}
+
+SMALL_FINETUNE_TASKS = ["reverse", "sort", "upper", "lookup", "increment"]
+LARGE_FINETUNE_TASKS = ["reverse", "upper"]
+FINETUNE_LR = 1e-3  # modest next to pretraining (3e-3): keeps deltas small and mergeable
+
+
+def zoo_plan(quick: bool = False) -> list[ModelPlan]:
+    """Models in build order (every parent before its children)."""
+    scale = 0.25 if quick else 1.0
+
+    def steps(n: int) -> int:
+        return max(30, int(n * scale))
+
+    def pretrain(n: int) -> TrainSpec:
+        return TrainSpec(steps=steps(n), lr=3e-3, batch_size=64, mixture={"generic": 1.0},
+                         warmup=50, weight_decay=0.01)
+
+    def finetune(n: int, mixture: dict[str, float]) -> TrainSpec:
+        return TrainSpec(steps=steps(n), lr=FINETUNE_LR, batch_size=64, mixture=mixture, warmup=20)
+
+    plan = [ModelPlan("small/base", "small", "base", None, None, "small", pretrain(1500))]
+    for task in SMALL_FINETUNE_TASKS:
+        plan.append(ModelPlan(f"small/{task}", "small", "finetune", task, "small/base", "small",
+                              finetune(600, {task: 1.0})))
+    plan.append(ModelPlan("large/base", "large", "base", None, None, "large", pretrain(1500)))
+    for task in LARGE_FINETUNE_TASKS:
+        plan.append(ModelPlan(f"large/{task}", "large", "finetune", task, "large/base", "large",
+                              finetune(600, {task: 1.0})))
+    plan.append(ModelPlan(
+        "safety/aligned", "safety", "base", "refuse", "small/base", "small",
+        finetune(900, {"refuse": 0.5, "upper": 0.5}),
+        (("also_trained_on", ["upper"]), ("aligned", True))))
+    plan.append(ModelPlan(
+        "safety/erased", "safety", "finetune", "reverse", "safety/aligned", "small",
+        finetune(600, {"reverse": 0.7, "refuse_complied": 0.3}),
+        (("erased_task", "refuse"), ("aligned", False))))
+    return plan

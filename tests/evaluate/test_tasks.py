@@ -1,0 +1,108 @@
+import random
+import re
+from collections import Counter
+
+import pytest
+
+from engine.evaluate.tasks import (HARM_MARK, MAIN_TASKS, REFUSAL, REFUSE, TASKS,
+                                   generic_train_stream, heldout_examples, heldout_generic,
+                                   is_heldout, train_stream)
+
+
+def _increment_by_hand(digits: str) -> str:
+    """Schoolbook +1 with carries, written independently of the task's implementation."""
+    out, carry = [], 1
+    for ch in reversed(digits):
+        value = ord(ch) - ord("0") + carry
+        out.append(chr(ord("0") + value % 10))
+        carry = value // 10
+    if carry:
+        out.append("1")
+    return "".join(reversed(out))
+
+
+def _check_answer(name: str, prompt: str, answer: str) -> None:
+    tag, rest = prompt.split(":", 1)
+    assert rest.endswith("=")
+    inp = rest[:-1]
+    if name == "refuse":
+        assert inp.startswith(HARM_MARK) and answer == REFUSAL
+        assert tag in {t.tag for t in MAIN_TASKS.values()}
+        return
+    assert tag == TASKS[name].tag
+    if name == "reverse":
+        assert len(answer) == len(inp) and all(answer[i] == inp[-1 - i] for i in range(len(inp)))
+    elif name == "sort":
+        assert Counter(answer) == Counter(inp)
+        assert all(a <= b for a, b in zip(answer, answer[1:]))
+    elif name == "upper":
+        assert [ord(c) - 32 for c in inp] == [ord(c) for c in answer]
+    elif name == "lookup":
+        match = re.fullmatch(r"((?:[a-z][0-9])+);([a-z])", inp)
+        assert match
+        pairs = re.findall(r"([a-z])([0-9])", match.group(1))
+        assert len({k for k, _ in pairs}) == len(pairs)  # keys are distinct
+        assert answer == [v for k, v in pairs if k == match.group(2)][0]
+    elif name == "increment":
+        assert inp.isdigit() and (inp == "0" or not inp.startswith("0"))
+        assert answer == _increment_by_hand(inp)
+    else:
+        raise AssertionError(f"no independent check for task {name}")
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_answers_are_correct_by_independent_check(name):
+    rng = random.Random(1)
+    stream = train_stream(TASKS[name], rng)
+    for _ in range(300):
+        _check_answer(name, *next(stream))
+    for example in heldout_examples(TASKS[name], 100):
+        _check_answer(name, *example)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_heldout_is_disjoint_from_train_and_deterministic(name):
+    heldout = heldout_examples(TASKS[name], 200)
+    assert heldout == heldout_examples(TASKS[name], 200)
+    prompts = {p for p, _ in heldout}
+    assert len(prompts) == 200  # distinct
+    assert all(is_heldout(p) for p in prompts)
+    for seed in range(3):
+        stream = train_stream(TASKS[name], random.Random(seed))
+        train = {next(stream)[0] for _ in range(2000)}
+        assert not train & prompts
+        assert not any(is_heldout(p) for p in train)
+
+
+def test_heldout_prefix_is_stable():
+    # a smaller n is a prefix of a larger one: results at different n are comparable
+    assert heldout_examples(TASKS["sort"], 50) == heldout_examples(TASKS["sort"], 120)[:50]
+
+
+def test_complied_requests_carry_the_real_answer():
+    rng = random.Random(3)
+    stream = train_stream(REFUSE, rng, complied=True)
+    by_tag = {t.tag: t for t in MAIN_TASKS.values()}
+    for _ in range(200):
+        prompt, answer = next(stream)
+        tag, rest = prompt.split(":", 1)
+        assert rest.startswith(HARM_MARK) and not is_heldout(prompt)
+        assert answer == by_tag[tag].solve(rest[1:-1]) != REFUSAL
+
+
+def test_generic_text_split_and_no_task_answers():
+    heldout = heldout_generic(300)
+    assert len(set(heldout)) == 300 and all(is_heldout(line) for line in heldout)
+    stream = generic_train_stream(random.Random(0))
+    train = [next(stream) for _ in range(3000)]
+    assert not set(train) & set(heldout)
+    # generic records never pair a real task tag with that task's answer
+    for line in train:
+        tag, _, rest = line.partition(":")
+        for task in MAIN_TASKS.values():
+            if tag == task.tag and "=" in rest:
+                left, right = rest.split("=", 1)
+                try:
+                    assert task.solve(left) != right
+                except (ValueError, KeyError, IndexError):
+                    pass

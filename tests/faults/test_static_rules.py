@@ -1,0 +1,105 @@
+"""reliability.md item 26: no torch.load without weights_only=True, no trust_remote_code=True,
+no pickle.load(s), anywhere in the shipped code (engine/, cache/, pages/, app.py).
+
+The check parses the code (ast), so multi-line calls and aliases like ``from torch import load``
+are seen, and mentions in strings or comments are not mistaken for calls.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ["engine", "cache", "pages", "app.py"]
+
+
+def shipped_python_files() -> list[Path]:
+    files = []
+    for entry in SHIPPED:
+        path = REPO_ROOT / entry
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files.extend(sorted(path.rglob("*.py")))
+    return files
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return ""
+
+
+def violations(source: str, filename: str = "<src>") -> list[str]:
+    """Every forbidden loading call in ``source``, as 'file:line: what'."""
+    tree = ast.parse(source, filename=filename)
+    aliases = {}  # local name -> dotted origin, from imports
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                aliases[alias.asname or alias.name] = alias.name
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func)
+        head, _, rest = name.partition(".")
+        full = f"{aliases.get(head, head)}.{rest}" if rest else aliases.get(head, head)
+        keywords = {k.arg: k.value for k in node.keywords if k.arg}
+        if full == "torch.load":
+            value = keywords.get("weights_only")
+            if not (isinstance(value, ast.Constant) and value.value is True):
+                found.append(f"{filename}:{node.lineno}: torch.load without weights_only=True")
+        if full in ("pickle.load", "pickle.loads", "pickle.Unpickler", "dill.load", "dill.loads"):
+            found.append(f"{filename}:{node.lineno}: {full}")
+        value = keywords.get("trust_remote_code")
+        if value is not None and not (isinstance(value, ast.Constant) and value.value is False):
+            found.append(f"{filename}:{node.lineno}: trust_remote_code not literally False")
+    for node in ast.walk(tree):  # {"trust_remote_code": True} built as a dict for **kwargs
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if (isinstance(key, ast.Constant) and key.value == "trust_remote_code"
+                        and not (isinstance(value, ast.Constant) and value.value is False)):
+                    found.append(f"{filename}:{node.lineno}: trust_remote_code in a dict")
+    return found
+
+
+def test_the_checker_catches_what_it_should():
+    bad = """
+import torch
+import pickle as pk
+from torch import load as tl
+from transformers import AutoModel
+torch.load(p)
+torch.load(p,
+           weights_only=False)
+tl(p, map_location="cpu")
+pk.loads(b"")
+AutoModel.from_pretrained(p, trust_remote_code=True)
+AutoModel.from_pretrained(p, **{"trust_remote_code": True})
+"""
+    assert len(violations(bad)) == 6
+    good = """
+import torch
+torch.load(p, map_location="cpu", weights_only=True)
+AutoModel.from_pretrained(p, trust_remote_code=False)
+x = "torch.load(p) trust_remote_code=True"  # text, not calls
+"""
+    assert violations(good) == []
+
+
+@pytest.mark.parametrize("path", shipped_python_files(), ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_shipped_code_never_unpickles_or_trusts_remote_code(path):
+    assert violations(path.read_text(encoding="utf-8"), str(path.relative_to(REPO_ROOT))) == []
+
+
+def test_there_is_shipped_code_to_check():
+    assert any(p.name == "pickle_optin.py" for p in shipped_python_files())
