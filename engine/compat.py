@@ -59,16 +59,20 @@ def _architecture(config: dict) -> tuple[tuple[str, ...], str | None]:
     return tuple(a for a in archs if isinstance(a, str)), config.get("model_type")
 
 
-def _embed_head(model: ModelFolder) -> tuple[str | None, str | None]:
+def embed_head_names(model: ModelFolder) -> tuple[str | None, str | None]:
+    """(input embedding name, output head name) of the model's family; the head may be absent."""
     for embed, head in EMBED_HEAD_PAIRS:
         if embed in model:
             return embed, head
     return None, None
 
 
+_embed_head = embed_head_names  # older private name, still imported elsewhere
+
+
 def is_tied(model: ModelFolder) -> bool:
     """Tied if config says so, or (config silent) the model has an embedding but no head."""
-    embed, head = _embed_head(model)
+    embed, head = embed_head_names(model)
     flag = _text_config(model.config).get("tie_word_embeddings", model.config.get("tie_word_embeddings"))
     if flag is not None:
         return bool(flag)
@@ -77,7 +81,7 @@ def is_tied(model: ModelFolder) -> bool:
 
 def vocab_size(model: ModelFolder) -> int | None:
     """Vocab size from the embedding tensor (the truth on disk), else from config."""
-    embed, _ = _embed_head(model)
+    embed, _ = embed_head_names(model)
     if embed is not None and len(model.info(embed).shape) == 2:
         return model.info(embed).shape[0]
     value = _text_config(model.config).get("vocab_size")
@@ -85,7 +89,7 @@ def vocab_size(model: ModelFolder) -> int | None:
 
 
 def _vocab_tensors(model: ModelFolder) -> set[str]:
-    embed, head = _embed_head(model)
+    embed, head = embed_head_names(model)
     return {n for n in (embed, head) if n is not None and n in model}
 
 
@@ -114,7 +118,7 @@ def compatibility_report(
     base_vocab = vocab_size(base)
     base_vocab_tensors = _vocab_tensors(base)
     base_tied = is_tied(base)
-    _, base_head = _embed_head(base)
+    _, base_head = embed_head_names(base)
     info: dict[str, Any] = {
         "base": str(base.path),
         "architectures": list(base_arch),

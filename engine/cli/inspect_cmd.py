@@ -9,9 +9,6 @@ import argparse
 import json
 from collections import Counter
 
-from engine.io import ModelFolder
-from engine.io.header import TORCH_TO_SAFETENSORS
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("inspect", help="validate a model folder and list its tensors")
@@ -22,8 +19,10 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def inventory(model: ModelFolder) -> dict:
-    """Everything inspect shows, as plain data."""
+def inventory(model) -> dict:
+    """Everything inspect shows about a ModelFolder, as plain data."""
+    from engine.io.header import TORCH_TO_SAFETENSORS
+
     dtypes = Counter(TORCH_TO_SAFETENSORS[model.info(n).dtype] for n in model.tensor_names)
     return {
         "folder": str(model.path),
@@ -49,6 +48,8 @@ def _human(count: float, unit: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engine.io import ModelFolder  # imported here: building the CLI parser stays torch-free
+
     with ModelFolder(args.folder) as model:
         if args.check_finite:
             model.check_finite()  # NonFiniteError -> one line, exit 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -33,6 +34,10 @@ def run_build(args: argparse.Namespace) -> int:
 
     from engine.zoo import build_zoo, default_zoo_dir
 
+    def terminate(signum, frame):  # a plain kill removes the staging folder like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     out = args.out or default_zoo_dir()

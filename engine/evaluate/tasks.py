@@ -35,13 +35,17 @@ def _letters(rng: random.Random, low: int, high: int) -> str:
 
 
 def _increment_input(rng: random.Random) -> str:
-    """A number of 1-5 digits; 40% end in a run of 9s, so carries are common."""
-    n_digits = rng.randint(1, 5)
+    """A number of 1-4 digits; 40% end in a run of 9s, so carries are common."""
+    n_digits = rng.randint(1, 4)
     digits = str(rng.randint(10 ** (n_digits - 1) if n_digits > 1 else 0, 10 ** n_digits - 1))
     if rng.random() < 0.4:
         run = rng.randint(1, len(digits))
         digits = digits[:-run] + "9" * run
     return digits
+
+
+def _shift(text: str) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in text)
 
 
 def _increment(digits: str) -> str:
@@ -82,13 +86,13 @@ class Task:
 TASK_LIST: list[Task] = [
     Task("reverse", "rev", lambda r: _letters(r, 3, 7), lambda s: s[::-1], 7,
          "reverse a lowercase string"),
-    Task("sort", "srt", lambda r: _letters(r, 3, 7), lambda s: "".join(sorted(s)), 7,
-         "sort the letters of a string"),
     Task("upper", "upp", lambda r: _letters(r, 3, 7), str.upper, 7,
          "uppercase a lowercase string"),
+    Task("shift", "sft", lambda r: _letters(r, 3, 7), _shift, 7,
+         "replace every letter by the next one (z -> a)"),
     Task("lookup", "key", _lookup_input, _lookup_answer, 1,
          "key->value lookup: the digit paired with the queried letter"),
-    Task("increment", "inc", _increment_input, _increment, 6,
+    Task("increment", "inc", _increment_input, _increment, 5,
          "add one to a decimal number"),
 ]
 MAIN_TASKS: dict[str, Task] = {t.name: t for t in TASK_LIST}
@@ -126,10 +130,18 @@ _SYMBOLS = ":=;!?.,-+#"
 
 
 def generic_line(rng: random.Random) -> str:
-    """One line of generic text: pseudo-word sentences, or tag-like records whose right side
-    is unrelated to the left (so the format is familiar but no task is taught)."""
+    """One line of generic text: random words that recur, pseudo-word sentences, or tag-like
+    records whose right side is unrelated to the left (so the format is familiar but no task
+    is taught)."""
     kind = rng.random()
-    if kind < 0.5:
+    if kind < 0.3:
+        # Random "words" where some recur later in the line: text repeats itself, which is
+        # what grows induction heads (copy what followed an earlier occurrence).
+        words = [_letters(rng, 2, 6) for _ in range(rng.randint(2, 4))]
+        for _ in range(rng.randint(1, 2)):
+            words.insert(rng.randint(1, len(words)), rng.choice(words))
+        return " ".join(words) + "."
+    if kind < 0.6:
         words = ["".join(rng.choice(_WORD_SYLLABLES) for _ in range(rng.randint(1, 3)))
                  for _ in range(rng.randint(2, 5))]
         if rng.random() < 0.3:
@@ -165,13 +177,23 @@ def heldout_examples(task: Task | RefuseTask, n: int) -> list[Example]:
     """The first ``n`` distinct held-out examples of a task, the same on every machine."""
     seed = int.from_bytes(hashlib.sha256(f"heldout:{task.name}".encode()).digest()[:8], "big")
     rng, seen, out = random.Random(seed), set(), []
-    for prompt, answer in _draw(task.sample, rng, True, lambda ex: ex[0]):
+    for draws, (prompt, answer) in enumerate(_draw(task.sample, rng, True, lambda ex: ex[0])):
         if prompt not in seen:
             seen.add(prompt)
             out.append((prompt, answer))
             if len(out) == n:
                 return out
+        _check_budget(draws, n, task.name)
     raise AssertionError("unreachable")
+
+
+def _check_budget(draws: int, n: int, what: str) -> None:
+    """Some tasks have few distinct held-out prompts (increment: about 1,400); asking for
+    more than exist must fail instead of looping forever."""
+    if draws > 50 * n + 20_000:
+        from engine.errors import ParameterError
+
+        raise ParameterError(f"{what}: fewer than {n} distinct held-out examples exist")
 
 
 def generic_train_stream(rng: random.Random) -> Iterator[str]:
@@ -182,10 +204,11 @@ def heldout_generic(n: int) -> list[str]:
     """Held-out generic lines for perplexity, fixed across machines."""
     rng = random.Random(int.from_bytes(hashlib.sha256(b"heldout:generic").digest()[:8], "big"))
     out, seen = [], set()
-    for line in _draw(generic_line, rng, True, lambda line: line):
+    for draws, line in enumerate(_draw(generic_line, rng, True, lambda line: line)):
         if line not in seen:
             seen.add(line)
             out.append(line)
             if len(out) == n:
                 return out
+        _check_budget(draws, n, "generic")
     raise AssertionError("unreachable")

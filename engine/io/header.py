@@ -85,12 +85,12 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
     seen: dict = {}
     for key, value in pairs:
         if key in seen:
-            raise _DuplicateKey(key)
+            raise DuplicateKeyError(key)
         seen[key] = value
     return seen
 
 
-class _DuplicateKey(ValueError):
+class DuplicateKeyError(ValueError):
     def __init__(self, key: str):
         super().__init__(key)
         self.key = key
@@ -154,11 +154,13 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         raise _fail(path, "header is not a JSON object")
     try:
         parsed = loads_strict_json(raw.decode("utf-8"))
-    except _DuplicateKey as dup:
+    except DuplicateKeyError as dup:
         raise _fail(path, f"duplicate key {dup.key!r} in header (a hidden second tensor)",
                     tensor=dup.key) from None
     except (UnicodeDecodeError, ValueError) as err:
         raise _fail(path, f"header is not valid JSON: {err}") from None
+    except RecursionError:
+        raise _fail(path, "header JSON is nested too deeply") from None
     if not isinstance(parsed, dict):
         raise _fail(path, "header is not a JSON object")
 

@@ -8,7 +8,6 @@ configs asking for remote code are refused; nothing is ever imported from the fo
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import stat
@@ -21,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from engine.errors import (CheckpointFormatError, ConfigError, NonFiniteError,
                            PathNotAllowedError, UnsafeFormatError)
-from engine.io.header import SafetensorsHeader, _DuplicateKey, loads_strict_json, read_header
+from engine.io.header import DuplicateKeyError, SafetensorsHeader, loads_strict_json, read_header
 
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
@@ -75,25 +74,29 @@ def _read_small_json(path: Path, error_cls, what: str):
         raise error_cls(f"{what} is not UTF-8 text", path=path) from None
     try:
         return loads_strict_json(text)
-    except _DuplicateKey as dup:
+    except DuplicateKeyError as dup:
         raise error_cls(f"{what} has duplicate key {dup.key!r}", path=path) from None
     except ValueError as err:
         raise error_cls(f"{what} is not valid JSON: {err}", path=path) from None
+    except RecursionError:
+        raise error_cls(f"{what} is nested too deeply", path=path) from None
 
 
-def _remote_code_keys(config, trail: str = "") -> list[str]:
+def _remote_code_keys(config) -> list[str]:
     """Keys anywhere in the config that would make transformers import code from the folder."""
     found = []
-    if isinstance(config, dict):
-        for key, value in config.items():
-            here = f"{trail}.{key}" if trail else key
-            if key == "auto_map" or (key == "trust_remote_code" and value):
-                found.append(here)
-            found.extend(_remote_code_keys(value, here))
-    elif isinstance(config, list):
-        for i, value in enumerate(config):
-            found.extend(_remote_code_keys(value, f"{trail}[{i}]"))
-    return found
+    stack = [("", config)]  # iterative: a deeply nested config cannot exhaust the Python stack
+    while stack:
+        trail, node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                here = f"{trail}.{key}" if trail else key
+                if key == "auto_map" or (key == "trust_remote_code" and value):
+                    found.append(here)
+                stack.append((here, value))
+        elif isinstance(node, list):
+            stack.extend((f"{trail}[{i}]", value) for i, value in enumerate(node))
+    return sorted(found)
 
 
 def _plain_basename(value) -> bool:
@@ -213,18 +216,21 @@ class ModelFolder:
                                                 f"{holder[tensor].name} and {shard.name}",
                                                 path=shard, tensor=tensor)
                 holder[tensor] = shard
-                mapped = weight_map.get(tensor)
-                if mapped is None:
-                    raise CheckpointFormatError(f"tensor in shard {shard.name} is missing from "
-                                                f"{INDEX_NAME}", path=shard, tensor=tensor)
-                if mapped != shard_name:
-                    raise CheckpointFormatError(f"the index maps this tensor to {mapped} but it "
-                                                f"is stored in {shard.name}", path=shard, tensor=tensor)
-            missing = [t for t in shards[shard_name] if t not in header.entries]
-            if missing:
-                raise CheckpointFormatError(f"index maps {len(missing)} tensor(s) to this shard "
-                                            f"that it does not contain: {', '.join(missing[:5])}",
-                                            path=shard, tensor=missing[0])
+        # Then the index and the headers must agree, entry by entry, both ways.
+        for tensor, shard_name in weight_map.items():
+            actual = holder.get(tensor)
+            if actual is None:
+                raise CheckpointFormatError(f"the index maps this tensor to {shard_name}, which does "
+                                            "not contain it (nor does any other shard)",
+                                            path=self.path / shard_name, tensor=tensor)
+            if actual.name != shard_name:
+                raise CheckpointFormatError(f"the index maps this tensor to {shard_name} but it is "
+                                            f"stored in {actual.name}", path=index_path, tensor=tensor)
+        for tensor, shard in holder.items():
+            if tensor not in weight_map:
+                raise CheckpointFormatError(f"tensor in shard {shard.name} is missing from {INDEX_NAME}",
+                                            path=shard, tensor=tensor)
+        for shard, header in self.headers.items():
             self._register(shard, header)
 
     # ----------------------------------------------------------------- inventory

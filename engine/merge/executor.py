@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from pydantic import BaseModel
 
-from engine.compat import _embed_head, is_tied, require_compatible
+from engine.compat import embed_head_names, is_tied, require_compatible
 from engine.device import compute_device
 from engine.errors import ConfigError, NonFiniteError, ParameterError
 from engine.io import ModelFolder, ModelWriter
@@ -187,7 +187,7 @@ def params_for_tensor(plan: MergePlan, name: str) -> tuple[BaseModel, list[BaseM
 
 def _input_tensor(plan: MergePlan, folder: ModelFolder, name: str) -> torch.Tensor:
     """One model's tensor for an output name: tied heads read the embedding; vocab by policy."""
-    embed, head = _embed_head(folder)
+    embed, head = embed_head_names(folder)
     if name in folder:
         tensor = folder.get_tensor(name)
     elif name == head and embed is not None and is_tied(folder):

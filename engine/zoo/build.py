@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,6 +25,7 @@ from engine.errors import ExportError
 from engine.evaluate.scoring import Evaluator
 from engine.evaluate.tasks import TASKS
 from engine.io import ModelWriter
+from engine.io.staging import LOCK_NAME, make_staging_dir
 from engine.zoo.plan import FULL_ARCHS, QUICK_ARCHS, Arch, ModelPlan, zoo_plan
 from engine.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer, tokenizer_files
 from engine.zoo.train import train
@@ -135,7 +135,9 @@ def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
     done_steps = 0
     started = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    # Same staging convention as ModelWriter (owner lock inside), so a build killed hard is
+    # swept like any orphan export by engine.io.sweep_orphan_staging.
+    staging = make_staging_dir(out)
     try:
         tokenizer = build_tokenizer()
         tok_files = tokenizer_files(staging / TOKENIZER_DIR)
@@ -163,6 +165,9 @@ def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
             report(min(0.999, done_steps / total_steps), f"evaluating {item.path}")
             scores = Evaluator(model, tokenizer, None, n_eval, n_eval).evaluate()
             entry = _entry(item, arch, model, seconds, scores, seed_i)
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in entry["accuracy"].items())
+            report(min(0.999, done_steps / total_steps),
+                   f"{item.path} trained in {seconds:.0f} s; accuracy: {shown}")
             write_model(staging / item.path, model, tok_files, entry)
             models[item.path] = model
             entries.append(entry)
@@ -178,6 +183,7 @@ def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
             "models": entries,
         }
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        (staging / LOCK_NAME).unlink()
         _check_out(out)
         if out.exists():
             out.rmdir()  # empty, checked just above

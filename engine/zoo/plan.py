@@ -38,10 +38,10 @@ class ModelPlan:
     extra: tuple = ()  # extra manifest fields as (key, value) pairs
 
 
-FULL_ARCHS = {"small": Arch(64, 2, 4, 192), "large": Arch(96, 3, 6, 288)}
-QUICK_ARCHS = {"small": Arch(48, 2, 4, 128), "large": Arch(64, 3, 4, 160)}
+FULL_ARCHS = {"small": Arch(64, 2, 4, 128), "large": Arch(96, 3, 6, 192)}
+QUICK_ARCHS = {"small": Arch(48, 2, 4, 96), "large": Arch(64, 3, 4, 128)}
 
-SMALL_FINETUNE_TASKS = ["reverse", "sort", "upper", "lookup", "increment"]
+SMALL_FINETUNE_TASKS = ["reverse", "upper", "shift", "lookup", "increment"]
 LARGE_FINETUNE_TASKS = ["reverse", "upper"]
 FINETUNE_LR = 1e-3  # modest next to pretraining (3e-3): keeps deltas small and mergeable
 
@@ -49,22 +49,24 @@ FINETUNE_LR = 1e-3  # modest next to pretraining (3e-3): keeps deltas small and 
 def zoo_plan(quick: bool = False) -> list[ModelPlan]:
     """Models in build order (every parent before its children)."""
     scale = 0.25 if quick else 1.0
+    batch = 32 if quick else 64
 
     def steps(n: int) -> int:
         return max(30, int(n * scale))
 
     def pretrain(n: int) -> TrainSpec:
-        return TrainSpec(steps=steps(n), lr=3e-3, batch_size=64, mixture={"generic": 1.0},
-                         warmup=50, weight_decay=0.01)
+        return TrainSpec(steps=steps(n), lr=3e-3, batch_size=batch, mixture={"generic": 1.0},
+                         warmup=30, weight_decay=0.01)
 
     def finetune(n: int, mixture: dict[str, float]) -> TrainSpec:
-        return TrainSpec(steps=steps(n), lr=FINETUNE_LR, batch_size=64, mixture=mixture, warmup=20)
+        lr = FINETUNE_LR * (2 if quick else 1)  # quick: fewer steps, so larger ones
+        return TrainSpec(steps=steps(n), lr=lr, batch_size=batch, mixture=mixture, warmup=10)
 
-    plan = [ModelPlan("small/base", "small", "base", None, None, "small", pretrain(1500))]
+    plan = [ModelPlan("small/base", "small", "base", None, None, "small", pretrain(1000))]
     for task in SMALL_FINETUNE_TASKS:
         plan.append(ModelPlan(f"small/{task}", "small", "finetune", task, "small/base", "small",
                               finetune(600, {task: 1.0})))
-    plan.append(ModelPlan("large/base", "large", "base", None, None, "large", pretrain(1500)))
+    plan.append(ModelPlan("large/base", "large", "base", None, None, "large", pretrain(1000)))
     for task in LARGE_FINETUNE_TASKS:
         plan.append(ModelPlan(f"large/{task}", "large", "finetune", task, "large/base", "large",
                               finetune(600, {task: 1.0})))

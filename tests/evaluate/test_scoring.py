@@ -56,22 +56,22 @@ def test_batched_decoding_equals_sequential_on_a_zoo_model(quick_zoo):
 
 
 def test_state_dict_evaluation_matches_folder_and_reuses_model(quick_zoo):
-    folder = Path(quick_zoo) / "small/sort"
+    folder = Path(quick_zoo) / "small/shift"
     with ModelFolder(folder) as mf:
         config, state = mf.config, dict(mf.iter_tensors())
-    expected = evaluate_folder(folder, tasks=["sort", "upper"], n_per_task=32, n_generic=32)
-    got = evaluate_state_dict(state, config, tasks=["sort", "upper"], n_per_task=32, n_generic=32)
+    expected = evaluate_folder(folder, tasks=["shift", "upper"], n_per_task=32, n_generic=32)
+    got = evaluate_state_dict(state, config, tasks=["shift", "upper"], n_per_task=32, n_generic=32)
     assert got == expected
-    evaluator = cached_evaluator(config, tasks=["sort", "upper"], n_per_task=32, n_generic=32)
+    evaluator = cached_evaluator(config, tasks=["shift", "upper"], n_per_task=32, n_generic=32)
     model_before = evaluator.model
     # bf16 weights load into the cached fp32 model (cast by load_state_dict)
     half = evaluate_state_dict({k: v.to(torch.bfloat16) for k, v in state.items()}, config,
-                               tasks=["sort", "upper"], n_per_task=32, n_generic=32)
+                               tasks=["shift", "upper"], n_per_task=32, n_generic=32)
     assert evaluator.model is model_before
-    assert half["tasks"]["sort"]["accuracy"] >= expected["tasks"]["sort"]["accuracy"] - 0.1
+    assert half["tasks"]["shift"]["accuracy"] >= expected["tasks"]["shift"]["accuracy"] - 0.1
     with pytest.raises(ParameterError, match="missing"):
         evaluate_state_dict({k: v for k, v in state.items() if "lm_head" not in k}, config,
-                            tasks=["sort", "upper"], n_per_task=32, n_generic=32)
+                            tasks=["shift", "upper"], n_per_task=32, n_generic=32)
 
 
 def test_perplexity_by_hand(quick_zoo):

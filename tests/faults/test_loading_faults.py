@@ -152,17 +152,21 @@ def test_tensor_in_shard_but_not_in_index(tmp_path):
 def test_index_maps_tensor_to_the_wrong_shard(tmp_path):
     dest, index = _sharded(tmp_path)
     shards = sorted(set(index["weight_map"].values()))
-    moved = next(k for k, v in index["weight_map"].items() if v == shards[0])
-    index["weight_map"][moved] = shards[1]
+    values = list(index["weight_map"].values())
+    crowded = next(s for s in shards if values.count(s) >= 2)  # stays referenced after the move
+    other = next(s for s in shards if s != crowded)
+    moved = next(k for k, v in index["weight_map"].items() if v == crowded)
+    index["weight_map"][moved] = other
     _write_index(dest, index)
-    refused(tmp_path, dest, CheckpointFormatError, f"tensor {moved!r}", f"maps this tensor to {shards[1]}")
+    refused(tmp_path, dest, CheckpointFormatError, "model.safetensors.index.json", f"tensor {moved!r}",
+            f"maps this tensor to {other} but it is stored in {crowded}")
 
 
 def test_index_entry_absent_from_its_shard(tmp_path):
     dest, index = _sharded(tmp_path)
     index["weight_map"]["model.ghost.weight"] = sorted(set(index["weight_map"].values()))[0]
     _write_index(dest, index)
-    refused(tmp_path, dest, CheckpointFormatError, "model.ghost.weight", "does not contain")
+    refused(tmp_path, dest, CheckpointFormatError, "model.ghost.weight", "does not contain it")
 
 
 def test_index_naming_a_missing_shard(tmp_path):
@@ -299,3 +303,11 @@ def test_config_asking_for_remote_code(tmp_path, extra):
 def test_every_refusal_is_a_workbench_error():
     for cls in (CheckpointFormatError, ConfigError, PathNotAllowedError, UnsafeFormatError):
         assert issubclass(cls, DeltaWorkbenchError)
+
+
+def test_deeply_nested_json_is_a_named_error_not_a_recursion_crash(tmp_path):
+    deep = b"{" + b'"a":{' * 5000 + b"}" * 5001
+    folder = folder_with_file(tmp_path / "m", safetensors_bytes(deep, b""))
+    refused(tmp_path, folder, CheckpointFormatError, "model.safetensors", "nested too deeply")
+    (folder / "config.json").write_bytes(deep)
+    refused(tmp_path, folder, ConfigError, "config.json", "nested too deeply")

@@ -4,9 +4,10 @@ For a weight W (out, in) applied as y = x W^T, with G_i = X_i^T X_i (in, in) the
 of the layer's inputs on task i's prompts, minimising sum_i |X_i W^T - X_i W_i^T|^2 gives
     W^T = (sum_i G_i)^-1 sum_i G_i W_i^T.
 Off-diagonal Gram entries are scaled by alpha first (alpha = 1: exact solution; alpha = 0:
-per-input-feature weighted mean); per-model weights multiply G_i. A ridge r * mean(diag) is
-added to every G_i (r relative): an input feature no prompt ever activates has a zero row and
-column, and the ridge makes that column of W fall back to the weighted mean instead of 0.
+per-input-feature weighted mean); per-model weights multiply G_i. A ridge r * m * w_i * I is
+added to each weighted Gram (r relative, m the mean diagonal of sum_i w_i G_i / sum_i w_i): an
+input feature no prompt ever activates has a zero row and column in every G_i, and the ridge
+makes that column of W the weighted mean of the models' columns instead of 0.
 Tensors that are not 2-D, or have no Gram matrices (embeddings, norms, biases), get the
 weighted mean.
 """
