@@ -69,7 +69,8 @@ def prepare_inputs(
     min_models: int = 1,
     max_models: int | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """Check counts, shapes and finiteness; return float32 copies on the first tensor's device."""
+    """Check counts, shapes and finiteness; return float32 tensors on the first tensor's device
+    (the caller's own tensor when it already is float32 there: methods never write in place)."""
     n = len(tensors)
     if n < min_models:
         raise ParameterError(f"{method} needs at least {min_models} fine-tuned tensor(s), got {n}", tensor=name or None)
