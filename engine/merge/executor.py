@@ -219,7 +219,7 @@ def merge_one(plan: MergePlan, name: str, inputs: tuple[torch.Tensor | None, lis
     models32 = [t.to(device=device, dtype=torch.float32) for t in model_ts]
     generator = None
     if plan.method.randomized:
-        generator = torch.Generator(device=device)
+        generator = torch.Generator()  # masks drawn on the CPU: same on CUDA and CPU
         generator.manual_seed(_tensor_seed(plan.recipe.seed, name))
     out = plan.method.merge(base32, models32, model_params, params, name=name,
                             generator=generator, stats=stats)
@@ -340,7 +340,7 @@ def merge_state_dicts(
         method.validate(p, mps)
         generator = None
         if method.randomized:
-            generator = torch.Generator(device=device)
+            generator = torch.Generator()  # masks drawn on the CPU: same on CUDA and CPU
             generator.manual_seed(_tensor_seed(seed, name))
         base32 = base[name].to(device=device, dtype=torch.float32) if base is not None else None
         merged = method.merge(base32, [ft[name].to(device=device, dtype=torch.float32) for ft in finetunes],
