@@ -129,7 +129,7 @@ def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
     _check_out(out)
     plan = zoo_plan(quick)
     archs = QUICK_ARCHS if quick else FULL_ARCHS
-    n_eval = n_eval or (64 if quick else 128)
+    n_eval = n_eval or (24 if quick else 128)
     report = progress or (lambda fraction, message: None)
     total_steps = sum(p.spec.steps for p in plan)
     done_steps = 0
