@@ -2,7 +2,7 @@
 
 Only ``torch.load(..., weights_only=True)`` is used: its unpickler accepts tensors, plain
 containers and numbers, and refuses every other global (so a ``__reduce__`` payload never
-runs). There is no fallback to ``weights_only=False``, ever: a file it refuses stays refused.
+runs). There is no fallback to the unrestricted unpickler, ever: a file it refuses stays refused.
 """
 
 from __future__ import annotations
