@@ -107,12 +107,9 @@ class MergeRecipe(BaseModel):
             return None
         return tuple(self.slices[0].sources[0].layer_range)
 
-    def compute_dtype(self) -> torch.dtype:
-        # Arithmetic is always fp32 (bf16 subtraction cancels); `dtype` is the output dtype
-        # unless out_dtype says otherwise.
-        return torch.float32
-
     def output_dtype(self, fallback: torch.dtype) -> torch.dtype:
+        # Arithmetic is always fp32 (bf16 subtraction cancels); `dtype` (or `out_dtype`) is
+        # only the dtype the result is cast to, once, at write.
         name = self.out_dtype or self.dtype
         return DTYPES[name] if name else fallback
 

@@ -109,8 +109,6 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None) -> 
     method = get_method(recipe.merge_method)
     recipe_dir = Path(recipe_dir) if recipe_dir is not None else None
     entries = recipe.input_models()
-    if recipe.layer_range() is not None:
-        pass  # checked below against the layer count
     base_path = _resolve_model_path(recipe.base_model, recipe_dir) if recipe.base_model else None
     if method.requires_base and base_path is None:
         raise ParameterError(f"{method.name} needs a base_model")
@@ -282,7 +280,7 @@ def run_merge(
                              "compute them with engine.merge.calibrate")
     names = list(plan.layout.tensor_names)
     inputs_folders = [f.path for f in [plan.layout, *plan.models]]
-    extra = {name: path for name, path in tokenizer_files(plan.tokenizer_folder).items()}
+    extra: dict = dict(tokenizer_files(plan.tokenizer_folder))
     extra[RECIPE_FILE] = recipe.to_yaml().encode()
     manifest = {"kind": "merge", "recipe": recipe.model_dump(mode="json", exclude_none=True),
                 "inputs": [str(f) for f in inputs_folders], "warnings": plan.warnings}
