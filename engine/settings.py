@@ -7,6 +7,8 @@ without code changes:
 - ``DELTA_WORKBENCH_ZOO``: the demo zoo folder (default ``~/.cache/delta_workbench/zoo``).
 - ``DELTA_WORKBENCH_MODEL_ROOTS``: extra folders of user models, separated by ``os.pathsep``.
 - ``DELTA_WORKBENCH_EXPORT_DIR``: where exports go (default ``~/.cache/delta_workbench/exports``).
+- ``DELTA_WORKBENCH_CACHE``: the DuckDB metric cache file (default
+  ``~/.cache/delta_workbench/metrics.duckdb``, i.e. under ``DELTA_WORKBENCH_HOME``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ def zoo_dir() -> Path:
 
 def export_dir() -> Path:
     return Path(os.environ.get("DELTA_WORKBENCH_EXPORT_DIR", workbench_home() / "exports"))
+
+
+def cache_path() -> Path:
+    """The metric cache database file: ``$DELTA_WORKBENCH_CACHE`` or ``<home>/metrics.duckdb``."""
+    value = os.environ.get("DELTA_WORKBENCH_CACHE", "").strip()
+    return Path(value).expanduser() if value else workbench_home() / "metrics.duckdb"
+
+
+def jobs_dir() -> Path:
+    """Where background jobs keep their folders (spec, status, log, result)."""
+    return workbench_home() / "jobs"
 
 
 def model_roots() -> list[Path]:

@@ -1,4 +1,5 @@
-"""Models: the demo zoo (built here if missing) and any local model folder's inventory."""
+"""Models: the demo zoo (built here as a job if missing), the base + fine-tunes selection with
+its compatibility report, and any local model folder's inventory."""
 
 from __future__ import annotations
 
@@ -6,41 +7,98 @@ import pandas as pd
 import streamlit as st
 
 from engine import settings
+from engine.compat import compatibility_report
 from engine.errors import DeltaWorkbenchError
 from engine.io import ModelFolder
+from engine.jobs import JobSpec
 from engine.paths import resolve_user_path
-from engine.zoo import build_zoo, load_manifest
+from pages._shared import SELECTION_KEY, job_manager, selection, short_name, zoo_manifest
 
 st.title("Models")
 
 zoo = settings.zoo_dir()
-manifest = None
-if (zoo / "zoo.json").is_file():
-    try:
-        manifest = load_manifest(zoo)
-    except DeltaWorkbenchError as err:
-        st.error(f"The demo zoo cannot be read: {err}")
+manifest = zoo_manifest()
+manager = job_manager()
+
+
+def _zoo_build_job():
+    builds = [j for j in manager.jobs() if j.spec.kind == "zoo_build"]
+    return builds[0] if builds else None
+
+
+@st.fragment(run_every=1.0)
+def zoo_build_progress() -> None:
+    manager.poll()
+    job = _zoo_build_job()
+    if job is None:
+        return
+    if job.status.state in ("queued", "running"):
+        st.progress(job.status.progress, text=job.status.message or job.status.state)
+    elif job.status.state == "done":
+        st.success("Demo zoo built.")
+        st.rerun()  # whole page: the zoo table appears
+    elif job.status.state == "failed":
+        st.error(f"Zoo build failed: {job.status.error}")
+
 
 if manifest is None:
-    st.info(f"No demo zoo yet in `{zoo}`. Build it here: it trains a small model family on CPU.")
-    quick = st.checkbox("Quick build (smaller models, about a minute)", value=False)
-    if st.button("Build the demo zoo", type="primary"):
-        bar = st.progress(0.0, text="starting")
-        try:
-            build_zoo(zoo, quick=quick, progress=lambda f, msg: bar.progress(min(max(f, 0.0), 1.0), text=msg))
-        except DeltaWorkbenchError as err:
-            st.error(f"Zoo build failed: {err}")
-        else:
-            st.success("Demo zoo built.")
-            st.rerun()
+    st.info(f"No demo zoo yet in `{zoo}`. Build it here: it trains a small Llama model family "
+            "on CPU (about 10 minutes; the quick build takes about 2 and learns little).")
+    quick = st.checkbox("Quick build (structural zoo for a first look)", value=False)
+    job = _zoo_build_job()
+    busy = job is not None and job.status.state in ("queued", "running")
+    if st.button("Build the demo zoo", type="primary", disabled=busy):
+        manager.submit(JobSpec(kind="zoo_build", title="Build the demo zoo",
+                               params={"out": str(zoo), "quick": quick}))
+        st.rerun()
+    zoo_build_progress()
 else:
     st.subheader("Demo zoo")
-    rows = [
-        {"path": m["path"], "family": m.get("family"), "role": m.get("role"), "task": m.get("task")}
-        for m in manifest["models"]
-    ]
+    rows = [{"path": m["path"], "family": m.get("family"), "role": m.get("role"),
+             "task": m.get("task"),
+             "own-task accuracy": (m.get("accuracy") or {}).get(m.get("task") or "", None),
+             "parameters": m.get("num_parameters")} for m in manifest["models"]]
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
+# -- selection ---------------------------------------------------------------------------------
+st.subheader("Base and fine-tunes")
+chosen = selection()
+zoo_paths = [str(zoo / m["path"]) for m in manifest["models"]] if manifest else []
+extra = st.session_state.setdefault("extra_folders", [])
+options = list(dict.fromkeys(zoo_paths + extra + [p for p in [chosen.get("base")] if p]
+                             + list(chosen.get("finetunes", []))))
+with st.form("selection_form"):
+    base = st.selectbox("Base model", options, format_func=short_name,
+                        index=options.index(chosen["base"]) if chosen.get("base") in options
+                        else None, key="select_base")
+    finetunes = st.multiselect("Fine-tunes", options, format_func=short_name,
+                               default=[p for p in chosen.get("finetunes", []) if p in options],
+                               key="select_finetunes")
+    if st.form_submit_button("Use this selection"):
+        st.session_state[SELECTION_KEY] = {"base": base, "finetunes":
+                                           [f for f in finetunes if f != base]}
+        chosen = st.session_state[SELECTION_KEY]
+
+if chosen.get("base") and chosen.get("finetunes"):
+    try:
+        with ModelFolder(chosen["base"]) as base_folder:
+            folders = [ModelFolder(p) for p in chosen["finetunes"]]
+            try:
+                report = compatibility_report(base_folder, folders)
+            finally:
+                for f in folders:
+                    f.close()
+        if report.ok:
+            st.success(f"Compatible: {short_name(chosen['base'])} + "
+                       f"{len(chosen['finetunes'])} fine-tune(s) can be merged and compared.")
+        else:
+            st.error("Not compatible:\n\n" + "\n".join(f"- {e}" for e in report.errors))
+        for warning in report.warnings:
+            st.warning(warning)
+    except DeltaWorkbenchError as err:
+        st.error(str(err))
+
+# -- local folders -----------------------------------------------------------------------------
 st.subheader("Open a local model folder")
 roots = ", ".join(f"`{r}`" for r in settings.allowed_roots())
 st.caption(f"Folders are accepted under the allowed roots: {roots}.")
@@ -58,5 +116,8 @@ if typed:
                 for n in model.tensor_names
             ]
         st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
+        if str(folder) not in options and st.button("Add to the choices above", key="add_folder"):
+            extra.append(str(folder))
+            st.rerun()
     except DeltaWorkbenchError as err:
         st.error(str(err))

@@ -43,3 +43,60 @@ def test_models_page_refuses_a_path_outside_the_roots(workbench_env, monkeypatch
     at.text_input(key="inspect_path").input("/etc").run()
     assert not at.exception
     assert at.error and "/etc" in at.error[0].value
+
+
+def test_models_page_defaults_to_the_zoo_small_family_and_reports_compatibility(
+        workbench_env, monkeypatch, quick_zoo):
+    monkeypatch.setenv("DELTA_WORKBENCH_ZOO", str(quick_zoo))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    assert not at.exception
+    selection = at.session_state["selection"]
+    assert selection["base"].endswith("small/base")
+    assert sorted(Path(p).name for p in selection["finetunes"]) == sorted(
+        ["reverse", "upper", "shift", "sort", "increment"])
+    assert any("Compatible" in s.value for s in at.success)
+    # choosing the large base with small fine-tunes is reported as incompatible, not a crash
+    large = str(Path(quick_zoo) / "large" / "base")
+    at.selectbox(key="select_base").set_value(large)
+    at.button[0].click()  # the form's submit button
+    at.run()
+    assert not at.exception
+    assert at.session_state["selection"]["base"] == large
+    assert at.error and "Not compatible" in at.error[0].value
+
+
+def test_models_page_build_button_queues_a_zoo_job(workbench_env, monkeypatch):
+    from engine import settings
+    from engine.jobs import JobManager
+
+    monkeypatch.setenv("DELTA_WORKBENCH_ZOO", str(workbench_env / "nozoo"))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    next(b for b in at.button if "Build the demo zoo" in b.label).click().run()
+    assert not at.exception
+    manager = JobManager(settings.jobs_dir(), gpu=False)
+    jobs = manager.jobs()
+    try:
+        assert [j.spec.kind for j in jobs] == ["zoo_build"]
+        assert jobs[0].spec.params["out"] == str(workbench_env / "nozoo")
+    finally:
+        for job in jobs:
+            manager.cancel(job.id)
+    assert not (workbench_env / "nozoo").exists()
+
+
+def test_jobs_page_lists_a_finished_and_a_failed_job(workbench_env, quick_zoo):
+    from engine import settings
+    from engine.jobs import JobManager, JobSpec
+
+    manager = JobManager(settings.jobs_dir(), gpu=False)
+    good = manager.submit(JobSpec(kind="eval", title="eval reverse", params={
+        "model_dir": str(Path(quick_zoo) / "small" / "reverse"), "tasks": ["reverse"],
+        "n_per_task": 2}))
+    bad = manager.submit(JobSpec(kind="eval", title="eval missing",
+                                 params={"model_dir": str(workbench_env / "missing")}))
+    manager.wait(good, 300), manager.wait(bad, 300)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.switch_page("pages/jobs.py").run()
+    assert not at.exception
+    assert any("done in" in s.value for s in at.success)
+    assert at.error and str(workbench_env / "missing") in at.error[0].value

@@ -1,0 +1,109 @@
+"""Glue shared by the pages: one job manager and one metric store per server process, the
+model selection in session state, and small display helpers. No tensors here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from engine import settings
+from engine.errors import DeltaWorkbenchError
+
+SELECTION_KEY = "selection"  # {"base": str | None, "finetunes": [str, ...]} (plain, serialisable)
+
+
+def job_manager():
+    """The process's job manager (one per jobs folder: settings may differ between tests)."""
+    return _job_manager_for(str(settings.jobs_dir()))
+
+
+@st.cache_resource
+def _job_manager_for(jobs_dir: str):
+    from engine.jobs import JobManager
+
+    return JobManager(jobs_dir)
+
+
+def startup_sweep() -> list[str]:
+    return _sweep_once(str(settings.export_dir()), str(settings.zoo_dir().parent))
+
+
+@st.cache_resource
+def _sweep_once(*parents: str) -> list[str]:
+    """Once per server process: remove staging folders orphaned by a crash or a kill."""
+    from engine.io import sweep_orphan_staging
+
+    removed = []
+    for parent in parents:
+        try:
+            removed += [str(p) for p in sweep_orphan_staging(parent)]
+        except OSError:
+            continue
+    return removed
+
+
+def zoo_manifest() -> dict | None:
+    from engine.zoo import load_manifest
+
+    zoo = settings.zoo_dir()
+    if not (zoo / "zoo.json").is_file():
+        return None
+    try:
+        return load_manifest(zoo)
+    except DeltaWorkbenchError as err:
+        st.error(f"The demo zoo cannot be read: {err}")
+        return None
+
+
+def default_selection(manifest: dict | None) -> dict:
+    """The zoo's small family: its base and every fine-tune of it."""
+    if manifest is None:
+        return {"base": None, "finetunes": []}
+    zoo = settings.zoo_dir()
+    models = manifest["models"]
+    base = next((m for m in models if m["family"] == "small" and m["role"] == "base"), None)
+    if base is None:
+        return {"base": None, "finetunes": []}
+    fts = [m for m in models if m.get("parent") == base["path"] and m["role"] == "finetune"]
+    return {"base": str(zoo / base["path"]), "finetunes": [str(zoo / m["path"]) for m in fts]}
+
+
+def selection() -> dict:
+    """The selected base and fine-tunes (absolute folder paths), defaulting to the zoo."""
+    if SELECTION_KEY not in st.session_state or not st.session_state[SELECTION_KEY].get("base"):
+        st.session_state[SELECTION_KEY] = default_selection(zoo_manifest())
+    return st.session_state[SELECTION_KEY]
+
+
+def require_selection(min_finetunes: int = 1) -> dict | None:
+    """The selection, or a message and None when it does not have enough models."""
+    chosen = selection()
+    if not chosen.get("base") or len(chosen.get("finetunes", [])) < min_finetunes:
+        st.info(f"Pick a base and at least {min_finetunes} fine-tune(s) on the Models page "
+                "(or build the demo zoo there).")
+        return None
+    return chosen
+
+
+def short_name(path: str | Path) -> str:
+    """``family/model`` for zoo folders, the folder name otherwise."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(settings.zoo_dir()))
+    except ValueError:
+        return path.name
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def show_error(err: Exception, what: str = "") -> None:
+    """A workbench error as one clear line on the page (never a traceback)."""
+    prefix = f"{what}: " if what else ""
+    st.error(f"{prefix}{err}")
