@@ -86,7 +86,8 @@ class MergeRecipe(BaseModel):
         return self
 
     def input_models(self) -> list[InputModel]:
-        """The models with their per-model parameters (slices must be full-depth and uniform)."""
+        """The models with their own per-model parameters (slices must be full-depth and
+        uniform; the slice's shared ``parameters`` are a scope of ``parameter_scopes``)."""
         if self.models is not None:
             return list(self.models)
         assert self.slices is not None
@@ -99,8 +100,16 @@ class MergeRecipe(BaseModel):
         ranges = {tuple(s.layer_range) for s in sources}
         if len(ranges) != 1:
             raise ParameterError(f"slice sources have different layer ranges {sorted(ranges)}")
-        return [InputModel(model=s.model, parameters={**self.slices[0].parameters, **s.parameters})
-                for s in sources]
+        return [InputModel(model=s.model, parameters=dict(s.parameters)) for s in sources]
+
+    def parameter_scopes(self) -> list[dict[str, Any]]:
+        """The global parameter scopes, outer to inner: the recipe's ``parameters``, then the
+        slice's (mergekit reads a method's global parameters from both, the slice winning,
+        and uses either as the default of every model's per-model parameters)."""
+        scopes = [dict(self.parameters)]
+        if self.slices is not None and len(self.slices) == 1:
+            scopes.append(dict(self.slices[0].parameters))
+        return scopes
 
     def layer_range(self) -> tuple[int, int] | None:
         if self.slices is None:

@@ -21,8 +21,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from engine.merge.executor import run_merge
+    import warnings
 
+    from engine.merge.executor import run_merge
+    from engine.merge.spec import IgnoredParameterWarning
+
+    # ignored parameters come back in result.warnings, printed below as one line each
+    warnings.simplefilter("ignore", IgnoredParameterWarning)
     recipe = load_recipe(args.recipe)
 
     def progress(fraction: float, name: str) -> None:

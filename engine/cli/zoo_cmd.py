@@ -18,6 +18,8 @@ def register(subparsers) -> None:
                        help="destination folder (default: $DELTA_WORKBENCH_ZOO or "
                             "~/.cache/delta_workbench/zoo); must not exist or be empty")
     build.add_argument("--quick", action="store_true", help="small and fast (for tests)")
+    build.add_argument("--resume", action="store_true",
+                       help="continue an interrupted build of --out, keeping the models it finished")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice)")
@@ -50,7 +52,8 @@ def run_build(args: argparse.Namespace) -> int:
             print(f"[{fraction * 100:5.1f}%] {message}", file=sys.stderr, flush=True)
 
     started = time.time()
-    path = build_zoo(out, quick=args.quick, seed=args.seed, progress=progress)
+    path = build_zoo(out, quick=args.quick, seed=args.seed, progress=progress,
+                      resume=args.resume)
     print(f"zoo built in {time.time() - started:.1f} s: {path}")
     return 0
 

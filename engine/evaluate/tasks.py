@@ -94,6 +94,8 @@ TASK_LIST: list[Task] = [
          "key->value lookup: the digit paired with the queried letter"),
     Task("increment", "inc", _increment_input, _increment, 5,
          "add one to a decimal number"),
+    Task("sort", "srt", lambda r: _letters(r, 3, 6), lambda s: "".join(sorted(s)), 6,
+         "sort the letters of a lowercase string"),
 ]
 MAIN_TASKS: dict[str, Task] = {t.name: t for t in TASK_LIST}
 

@@ -121,6 +121,7 @@ class ModelFolder:
         self.headers: dict[Path, SafetensorsHeader] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
         self.index_path: Path | None = None
         try:
             self.config = self._load_config()
@@ -287,6 +288,43 @@ class ModelFolder:
                                         path=info.file, tensor=name)
         return tensor
 
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """Load one tensor (CPU) by reading its bytes at the validated header's offsets, without
+        memory-mapping the file, so no page of the file stays in this process's resident memory
+        (a streaming merge of large models then peaks at a few tensors). Thread-safe (pread).
+        The file must be the one whose header was validated (size and mtime are checked)."""
+        info = self.info(name)
+        header = self.headers[info.file]
+        entry = header.entries[name]
+        fd = self._fds.get(info.file)
+        if fd is None:
+            try:
+                fd = os.open(info.file, os.O_RDONLY)
+                st = os.fstat(fd)
+            except OSError as err:
+                raise CheckpointFormatError(f"cannot open: {err.strerror or err}", path=info.file) from None
+            if st.st_size != header.file_size or st.st_mtime_ns != header.mtime_ns:
+                os.close(fd)
+                raise CheckpointFormatError("file changed since it was opened (size/mtime differ)",
+                                            path=info.file)
+            fd = self._fds.setdefault(info.file, fd)
+        tensor = torch.empty(info.shape, dtype=info.dtype)
+        if entry.nbytes == 0:
+            return tensor
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        offset, done = header.data_start + entry.begin, 0
+        try:
+            while done < entry.nbytes:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise CheckpointFormatError("file ends inside this tensor's data (truncated)",
+                                                path=info.file, tensor=name)
+                done += got
+        except OSError as err:
+            raise CheckpointFormatError(f"cannot read tensor: {err.strerror or err}", path=info.file,
+                                        tensor=name) from None
+        return tensor
+
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in (self.tensor_names if names is None else names):
             yield name, self.get_tensor(name)
@@ -317,6 +355,12 @@ class ModelFolder:
     # ----------------------------------------------------------------- lifetime
     def close(self) -> None:
         self._handles.clear()
+        fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __enter__(self) -> "ModelFolder":
         return self

@@ -10,7 +10,14 @@ Usage::
 
 Tensors are copied (contiguous, on the CPU, own storage: tied or strided views are fine) into
 a shard buffer that is flushed to ``safetensors`` once it would exceed ``max_shard_bytes``, so
-memory stays at about one shard. On a clean exit the writer writes the index (sharded case),
+memory stays at about one shard.
+
+Streaming mode: given ``plan=[(name, dtype, shape), ...]`` (every tensor, known up front, as a
+merge knows its output layout), the shard files and their headers are laid out when the writer
+opens and each tensor's bytes are written straight to its place in its shard (``pwrite``) as
+it is added, in any order: nothing is buffered, so memory stays at the tensor being added. A
+tensor must match its planned dtype and shape; a planned tensor never added is an error at
+finalize. Shards are split by the same ``max_shard_bytes`` rule, in plan order. On a clean exit the writer writes the index (sharded case),
 config.json, extra files and a manifest with sha256 per file, fsyncs everything, verifies by
 reopening every shard, and renames the staging folder to ``dest`` in one step. On any failure
 (KeyboardInterrupt included) the staging folder is removed and ``dest`` never appears; errors
@@ -21,8 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import struct
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -86,9 +97,54 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def _tensor_digest(tensor: torch.Tensor) -> str:
-    """Hash of a contiguous CPU tensor's raw bytes (any dtype, bf16 included)."""
+    """Check value of a contiguous CPU tensor's raw bytes (any dtype, bf16 included), compared
+    with the bytes read back from the written shard. CRC-32 (with the length): it catches
+    accidental corruption, which is what the read-back guards against, at several GB/s."""
     raw = tensor.reshape(-1).view(torch.uint8).numpy()
-    return hashlib.blake2b(raw.data, digest_size=16).hexdigest()
+    return f"{raw.nbytes}:{zlib.crc32(raw.data):08x}"
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _read_back(path: Path, header) -> tuple[dict[str, str], str]:
+    """(per-tensor digests as _tensor_digest computes them, sha256 of the file), in one
+    sequential pass of bounded reads."""
+    sha = hashlib.sha256()
+    digests: dict[str, str] = {}
+    spans = sorted((e.begin, e.end, e.name) for e in header.entries.values())
+    # hashlib releases the GIL on large buffers: sha256 runs in a helper thread while this
+    # thread computes the per-tensor digest of the same chunk
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    pending = None
+    with hasher, open(path, "rb", buffering=0) as handle:
+        head = handle.read(header.data_start)
+        sha.update(head)
+        position = 0
+        for begin, end, name in spans:
+            if begin != position:  # the header check guarantees tiling; be safe anyway
+                raise ExportError("verification failed: data offsets do not tile the file", path=path)
+            crc = 0
+            left = end - begin
+            while left:
+                chunk = handle.read(min(left, _HASH_CHUNK * 16))
+                if not chunk:
+                    raise ExportError("verification failed: file shorter than its header says",
+                                      path=path, tensor=name)
+                if pending is not None:
+                    pending.result()
+                pending = hasher.submit(sha.update, chunk)
+                crc = zlib.crc32(chunk, crc)
+                left -= len(chunk)
+            digests[name] = f"{end - begin}:{crc:08x}"
+            position = end
+        if pending is not None:
+            pending.result()
+        sha.update(handle.read())
+    return digests, sha.hexdigest()
 
 
 def _is_inside(child: Path, folder: Path) -> bool:
@@ -108,6 +164,7 @@ class ModelWriter:
         manifest_extra: dict | None = None,
         input_folders: list[str | Path] | tuple = (),
         verify: bool = True,
+        plan: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None,
     ):
         self.dest = Path(dest).absolute()
         self.config = config
@@ -122,6 +179,9 @@ class ModelWriter:
         self._buffer_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []  # temporary shard path, tensor names
         self._tensors: dict[str, tuple[str, tuple[int, ...], int, str]] = {}  # dtype, shape, nbytes, digest
+        self._plan = [(n, d, tuple(int(x) for x in shape)) for n, d, shape in plan] if plan is not None else None
+        self._slots: dict[str, tuple[int, int, int, torch.dtype, tuple[int, ...]]] = {}  # fd, offset, nbytes, dtype, shape
+        self._fds: list[int] = []
         self._state = "new"
         self._check_arguments()
 
@@ -143,6 +203,8 @@ class ModelWriter:
             raise ExportError("writer already opened", path=self.dest)
         self._check_destination()
         self._guard("creating the staging folder", self._make_staging)
+        if self._plan is not None:
+            self._guard("laying out the shards", self._layout_plan)
         self._state = "open"
         return self
 
@@ -172,6 +234,7 @@ class ModelWriter:
 
     def abort(self) -> None:
         """Remove the staging folder (and parents this writer created). Safe to call twice."""
+        self._close_fds()
         if self.staging is not None:
             remove_tree(self.staging)
             self.staging = None
@@ -189,6 +252,18 @@ class ModelWriter:
     def _check_arguments(self) -> None:
         if self.max_shard_bytes <= 0:
             raise ExportError("max_shard_bytes must be positive", path=self.dest)
+        if self._plan is not None:
+            names = [n for n, _, _ in self._plan]
+            if not names:
+                raise ExportError("an empty plan: no tensors to write", path=self.dest)
+            if len(set(names)) != len(names):
+                raise ExportError("a tensor is planned twice", path=self.dest)
+            for name, dtype, shape in self._plan:
+                if not isinstance(name, str) or not name or name == "__metadata__":
+                    raise ExportError(f"invalid tensor name {name!r}", path=self.dest)
+                if dtype not in TORCH_TO_SAFETENSORS or any(x < 0 for x in shape):
+                    raise ExportError(f"cannot plan a tensor of {dtype} shaped {shape}", path=self.dest,
+                                      tensor=name)
         try:
             json.dumps(self.config)
             json.dumps(self.manifest_extra)
@@ -262,6 +337,9 @@ class ModelWriter:
         if tensor.layout != torch.strided or tensor.is_meta or tensor.dtype not in TORCH_TO_SAFETENSORS:
             raise ExportError(f"cannot store a {tensor.layout} tensor of {tensor.dtype}",
                               path=self.dest, tensor=name)
+        if self._plan is not None:
+            self._write_planned(name, tensor)
+            return
         # A private contiguous CPU copy: tied weights, views and later in-place edits by the
         # caller cannot alias what is saved.
         owned = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
@@ -273,7 +351,74 @@ class ModelWriter:
         digest = _tensor_digest(owned) if self.verify else ""
         self._tensors[name] = (TORCH_TO_SAFETENSORS[owned.dtype], tuple(owned.shape), nbytes, digest)
 
+    # ----------------------------------------------------------------- streaming mode
+    def _layout_plan(self) -> None:
+        groups: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
+        size = 0
+        for name, dtype, shape in self._plan:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if groups[-1] and size + nbytes > self.max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, dtype, shape, nbytes))
+            size += nbytes
+        for index, group in enumerate(groups, start=1):
+            # larger elements first, as safetensors does, so every tensor's data stays aligned
+            ordered = sorted(group, key=lambda t: -torch.empty((), dtype=t[1]).element_size())
+            header: dict = {"__metadata__": SHARD_METADATA}
+            offset = 0
+            for name, dtype, shape, nbytes in ordered:
+                header[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(shape),
+                                "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * ((-len(raw)) % 8)
+            path = self.staging / f"shard-{index:05d}.tmp.safetensors"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fds.append(fd)
+            prefix = struct.pack("<Q", len(raw)) + raw
+            _pwrite_all(fd, memoryview(prefix), 0)
+            os.ftruncate(fd, len(prefix) + offset)
+            data_start = len(prefix)
+            for name, dtype, shape, nbytes in ordered:
+                begin = header[name]["data_offsets"][0]
+                self._slots[name] = (fd, data_start + begin, nbytes, dtype, shape)
+            self._shards.append((path, [name for name, _, _, _ in group]))
+
+    def _write_planned(self, name: str, tensor: torch.Tensor) -> None:
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ExportError("tensor not in the writer's plan", path=self.dest, tensor=name)
+        fd, offset, nbytes, dtype, shape = slot
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ExportError(f"planned as {dtype} {shape}, given {tensor.dtype} {tuple(tensor.shape)}",
+                              path=self.dest, tensor=name)
+        data = tensor.detach().to("cpu").contiguous()
+        digest = _tensor_digest(data) if self.verify else ""
+        if nbytes:
+            _pwrite_all(fd, memoryview(data.reshape(-1).view(torch.uint8).numpy()), offset)
+        self._tensors[name] = (TORCH_TO_SAFETENSORS[dtype], shape, nbytes, digest)
+
+    def _finish_planned(self) -> None:
+        missing = [n for n, _, _ in self._plan if n not in self._tensors]
+        if missing:
+            raise ExportError(f"{len(missing)} planned tensor(s) never added, first {missing[:3]}",
+                              path=self.dest, tensor=missing[0])
+        for fd in self._fds:
+            os.fsync(fd)
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def _flush(self) -> None:
+        if self._plan is not None:
+            return
         if not self._buffer:
             return
         path = self.staging / f"shard-{len(self._shards) + 1:05d}.tmp.safetensors"
@@ -284,6 +429,8 @@ class ModelWriter:
         self._buffer_bytes = 0
 
     def _finalize(self) -> None:
+        if self._plan is not None:
+            self._finish_planned()
         self._flush()
         staging = self.staging
         if not self._shards:
@@ -306,10 +453,19 @@ class ModelWriter:
             _write_bytes(staging / name, self._extra_bytes(name, source))
 
         files = {}
+        read_back: dict[str, tuple] = {}
         for path in sorted(staging.iterdir()):
             if path.name == LOCK_NAME:
                 continue
-            files[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+            if self.verify and path.name in final_names:
+                # one sequential read gives both the manifest's sha256 and the bytes check
+                header = read_header(path)
+                digests, sha = _read_back(path, header)
+                st = path.stat()
+                read_back[path.name] = (header, digests, st.st_size, st.st_mtime_ns)
+                files[path.name] = {"sha256": sha, "size": st.st_size}
+            else:
+                files[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
         manifest = {
             "manifest_version": 1,
             "engine_version": engine.__version__,
@@ -323,7 +479,7 @@ class ModelWriter:
         _fsync_dir(staging)
 
         if self.verify:
-            self._verify(final_names, weight_map, files)
+            self._verify(final_names, weight_map, read_back)
         (staging / LOCK_NAME).unlink()
         self._check_destination()  # someone may have filled dest meanwhile
         os.rename(staging, self.dest)
@@ -342,24 +498,27 @@ class ModelWriter:
             raise ExportError(f"cannot read extra file {name!r} from {source}: {err.strerror}",
                               path=self.dest) from None
 
-    def _verify(self, shard_names: list[str], weight_map: dict[str, str], files: dict) -> None:
-        """Reopen every shard: our strict header check, safetensors, keys, bytes, sha256."""
+    def _verify(self, shard_names: list[str], weight_map: dict[str, str], read_back: dict) -> None:
+        """Every shard read back: our strict header check, safetensors accepts it, keys, dtypes,
+        shapes, and every tensor's bytes equal to what was given (digests from the one read
+        that also gave the manifest's sha256; the file unchanged since)."""
         for shard in shard_names:
             path = self.staging / shard
             expected = sorted(n for n, s in weight_map.items() if s == shard)
-            header = read_header(path)
+            header, digests, size, mtime_ns = read_back[shard]
             if sorted(header.entries) != expected or header.metadata != SHARD_METADATA:
                 raise ExportError(f"verification failed: {shard} keys or metadata differ", path=self.dest)
-            with safe_open(str(path), framework="pt") as handle:
+            with safe_open(str(path), framework="pt") as handle:  # safetensors accepts it
                 if sorted(handle.keys()) != expected:
                     raise ExportError(f"verification failed: {shard} keys differ", path=self.dest)
-                for name in expected:
-                    dtype_name, shape, _, digest = self._tensors[name]
-                    entry = header.entries[name]
-                    if entry.dtype_name != dtype_name or entry.shape != shape:
-                        raise ExportError("verification failed: dtype/shape differ",
-                                          path=self.dest, tensor=name)
-                    if _tensor_digest(handle.get_tensor(name)) != digest:
-                        raise ExportError("verification failed: bytes differ", path=self.dest, tensor=name)
-            if sha256_file(path) != files[shard]["sha256"]:
-                raise ExportError(f"verification failed: sha256 of {shard} changed", path=self.dest)
+            for name in expected:
+                dtype_name, shape, _, digest = self._tensors[name]
+                entry = header.entries[name]
+                if entry.dtype_name != dtype_name or entry.shape != shape:
+                    raise ExportError("verification failed: dtype/shape differ",
+                                      path=self.dest, tensor=name)
+                if digests[name] != digest:
+                    raise ExportError("verification failed: bytes differ", path=self.dest, tensor=name)
+            st = path.stat()
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                raise ExportError(f"verification failed: {shard} changed after it was hashed", path=self.dest)

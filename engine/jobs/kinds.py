@@ -40,10 +40,17 @@ class ZooBuildJobParams(_Params):
 
 
 def _merge(params: MergeJobParams, progress: Progress) -> dict:
+    import yaml
+
+    from engine.errors import ConfigError
     from engine.merge.executor import run_merge
     from engine.recipe import parse_recipe
 
-    recipe = parse_recipe(params.recipe_yaml)
+    try:
+        data = yaml.safe_load(params.recipe_yaml)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"the recipe is not valid YAML: {err}".splitlines()[0]) from None
+    recipe = parse_recipe(data)
     result = run_merge(recipe, params.out, recipe_dir=params.recipe_dir, progress=progress)
     return {"out": str(result.out), "tensors": result.tensors,
             "seconds": round(result.seconds, 3), "device": result.device,
@@ -63,6 +70,88 @@ def _zoo_build(params: ZooBuildJobParams, progress: Progress) -> dict:
     out = build_zoo(params.out, quick=params.quick, seed=params.seed, progress=progress)
     return {"out": str(out)}
 
+
+
+class AnalyzeJobParams(_Params):
+    """A full delta analysis of a base and fine-tunes (spectra and pairs, channel clusters)
+    and/or the neural-incompatibility maps of two models; the pages' job for big models."""
+
+    base: str | None = None
+    finetuned: list[str] = []
+    analysis: dict | None = None  # engine.analysis.AnalysisParams as JSON; None: skip
+    clusters: dict | None = None  # engine.analysis.ClusterParams as JSON; None: skip
+    incompatibility: dict | None = None  # {"model_a", "model_b", "base_a"?, "base_b"?, "params"?}
+
+
+class _RecordingCache:
+    """A metric cache that holds nothing and records every row the engine would write: the
+    worker never opens the database (the app process is its only writer) and hands the rows
+    back as its result; the app ingests them (``MetricStore.put_many``)."""
+
+    enabled = True
+    path = None
+    status = "recording"
+
+    def __init__(self):
+        self.rows: list[list] = []
+        self.warnings: list[str] = []
+
+    def get_many(self, keys) -> dict:  # noqa: ARG002 - nothing is cached in a worker
+        return {}
+
+    def put_many(self, items) -> int:
+        count = 0
+        for key, value in items:
+            self.rows.append([*key, value])
+            count += 1
+        return count
+
+
+def _analyze(params: AnalyzeJobParams, progress: Progress) -> dict:
+    from engine.analysis import AnalysisParams, ClusterParams, analyze, analyze_clusters
+    from engine.analysis.incompatibility import IncompatibilityParams, incompatibility_maps
+    from engine.device import compute_device
+
+    parts = [name for name, value in (("analysis", params.analysis), ("clusters", params.clusters),
+                                      ("incompatibility", params.incompatibility)) if value is not None]
+    if not parts:
+        raise ParameterError("an analysis job needs at least one of analysis, clusters, incompatibility")
+    if ("analysis" in parts or "clusters" in parts) and (not params.base or not params.finetuned):
+        raise ParameterError("the delta analysis needs a base and at least one fine-tune")
+    device = compute_device()
+    recorder = _RecordingCache()
+    summary: dict = {}
+
+    def stage(index: int, label: str):
+        def report(done: int, total: int, name: str) -> None:
+            fraction = (index + (done / total if total else 1.0)) / len(parts)
+            progress(fraction, f"{label}: {done}/{total} {name}".strip())
+        return report
+
+    for index, part in enumerate(parts):
+        progress(index / len(parts), f"{part}...")
+        if part == "analysis":
+            result = analyze(params.base, params.finetuned, AnalysisParams.model_validate(params.analysis),
+                             cache=recorder, progress=stage(index, "delta metrics"), device=device)
+            summary["analysis"] = {"tensors": len(result["tensors"]), "pairs": len(result["pairs"]),
+                                   "seconds": round(result["seconds"], 3), "warnings": result["warnings"]}
+        elif part == "clusters":
+            result = analyze_clusters(params.base, params.finetuned,
+                                      ClusterParams.model_validate(params.clusters), cache=recorder,
+                                      progress=stage(index, "channel clusters"), device=device)
+            summary["clusters"] = {"layers": len(result["layers"])}
+        else:
+            spec = dict(params.incompatibility)
+            unknown = set(spec) - {"model_a", "model_b", "base_a", "base_b", "params"}
+            if unknown or not spec.get("model_a") or not spec.get("model_b"):
+                raise ParameterError("incompatibility needs model_a and model_b "
+                                     "(optional: base_a, base_b, params)")
+            incompatibility_maps(spec["model_a"], spec["model_b"],
+                                 IncompatibilityParams.model_validate(spec.get("params") or {}),
+                                 base_a=spec.get("base_a"), base_b=spec.get("base_b"), cache=recorder)
+            summary["incompatibility"] = {"model_a": spec["model_a"], "model_b": spec["model_b"]}
+    progress(1.0, f"{len(recorder.rows)} metric rows ready to ingest")
+    return {"kind": "analyze", "device": str(device), "summary": summary, "rows": recorder.rows}
 
 @dataclass(frozen=True)
 class JobKind:
@@ -92,3 +181,5 @@ register_kind(JobKind("merge", MergeJobParams, _merge, "merge models per a recip
 register_kind(JobKind("eval", EvalJobParams, _eval, "score a model folder on the zoo tasks"))
 register_kind(JobKind("zoo_build", ZooBuildJobParams, _zoo_build, "train the demo zoo",
                       may_use_gpu=False))
+register_kind(JobKind("analyze", AnalyzeJobParams, _analyze,
+                      "full delta analysis; metric rows come back for the app to ingest"))

@@ -116,11 +116,20 @@ def prepare_stats(
     return [_finite_fp32(s, device, f"{what} {i}", name) for i, s in enumerate(stats)]
 
 
+def count_nonfinite(t: torch.Tensor) -> int:
+    """Number of NaN/Inf entries. Fast path: a NaN or Inf anywhere makes the sum non-finite, and
+    a sum is one cheap pass; only a non-finite sum (or a huge finite one overflowing) is
+    looked at entry by entry."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
 def _finite_fp32(t: torch.Tensor, device: torch.device, label: str, name: str) -> torch.Tensor:
     if not t.is_floating_point():
         raise ParameterError(f"{label} is {t.dtype}, not a floating-point tensor", tensor=name or None)
     t = t.to(device=device, dtype=WORK_DTYPE)
-    bad = int((~torch.isfinite(t)).sum())
+    bad = count_nonfinite(t)
     if bad:
         raise NonFiniteError(f"{label} has {bad} non-finite value(s); refusing to merge", tensor=name or None)
     return t
@@ -128,7 +137,7 @@ def _finite_fp32(t: torch.Tensor, device: torch.device, label: str, name: str) -
 
 def finish(result: torch.Tensor, method: str, name: str) -> torch.Tensor:
     """Refuse to hand back NaN/Inf (a parameter combination the validators did not foresee)."""
-    bad = int((~torch.isfinite(result)).sum())
+    bad = count_nonfinite(result)
     if bad:
         raise NonFiniteError(f"{method} produced {bad} non-finite value(s)", tensor=name or None)
     return result

@@ -11,7 +11,6 @@ every tensor (gradients and filters), so a bad value fails in a second, not afte
 
 from __future__ import annotations
 
-import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,10 +22,10 @@ from pydantic import BaseModel
 
 from engine.compat import embed_head_names, is_tied, require_compatible
 from engine.device import compute_device
-from engine.errors import ConfigError, NonFiniteError, ParameterError
+from engine.errors import ConfigError, ParameterError
 from engine.io import ModelFolder, ModelWriter
-from engine.merge.params import layer_index_of, resolve_all
 from engine.merge.registry import MergeMethod, get_method
+from engine.merge.spec import MergeSpec
 from engine.recipe import DTYPES, MergeRecipe
 
 # Files copied from the tokenizer source next to the merged weights (when present).
@@ -48,7 +47,7 @@ class MergePlan:
     base: ModelFolder | None          # the base model (None for base-free methods without one)
     layout: ModelFolder               # whose tensor names/order/config the output follows
     models: list[ModelFolder]         # the inputs merged (the base excluded)
-    model_settings: list[dict]        # raw per-model parameter settings from the recipe
+    spec: MergeSpec                   # the method with its parameters, resolved per tensor
     tokenizer_folder: ModelFolder
     vocab_target: int | None
     num_layers: int | None
@@ -83,27 +82,6 @@ def _resolve_model_path(ref: str, recipe_dir: Path | None) -> Path:
                       "downloaded)", path=ref)
 
 
-def _split_params(method: MergeMethod, settings: dict) -> tuple[dict, dict]:
-    """Split a parameter mapping into (global, per-model) keys by the method's classes."""
-    def names(cls: type[BaseModel]) -> set[str]:
-        out = set()
-        for key, info in cls.model_fields.items():
-            out.add(key)
-            if info.alias:
-                out.add(info.alias)
-        return out
-
-    global_names, model_names = names(method.params_class), names(method.model_params_class)
-    unknown = set(settings) - global_names - model_names
-    if unknown:
-        raise ParameterError(
-            f"{method.name}: unknown parameter(s) {sorted(unknown)}; known: "
-            f"{sorted(global_names | model_names)}"
-        )
-    return ({k: v for k, v in settings.items() if k in global_names},
-            {k: v for k, v in settings.items() if k in model_names})
-
-
 def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None) -> MergePlan:
     """Open and check everything a merge needs; raise before any work on any problem."""
     method = get_method(recipe.merge_method)
@@ -121,75 +99,64 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None) -> 
             opened[key] = ModelFolder(path)
         return opened[key]
 
-    base = open_folder(base_path) if base_path is not None else None
-    models, settings = [], []
-    for entry in entries:
-        path = _resolve_model_path(entry.model, recipe_dir)
-        if base_path is not None and path.resolve() == base_path.resolve() and method.requires_base:
-            continue  # mergekit lists the base among the models; it contributes as the base
-        models.append(open_folder(path))
-        settings.append(entry.parameters)
-    if not models:
-        raise ParameterError(f"{method.name}: no models to merge besides the base")
-    layout = base if base is not None else models[0]
+    try:
+        base = open_folder(base_path) if base_path is not None else None
+        models, settings = [], []
+        for entry in entries:
+            path = _resolve_model_path(entry.model, recipe_dir)
+            if base_path is not None and path.resolve() == base_path.resolve() and method.requires_base:
+                continue  # mergekit lists the base among the models; it contributes as the base
+            models.append(open_folder(path))
+            settings.append(entry.parameters)
+        if not models:
+            raise ParameterError(f"{method.name}: no models to merge besides the base")
+        layout = base if base is not None else models[0]
 
-    report = require_compatible(layout, [m for m in models if m is not layout],
-                                vocab_policy=recipe.vocab_policy)
-    num_layers = layout.config.get("num_hidden_layers", layout.config.get("n_layer"))
-    if recipe.layer_range() is not None and num_layers is not None:
-        lo, hi = recipe.layer_range()
-        if (lo, hi) != (0, num_layers):
-            raise ParameterError(f"slice layer_range {[lo, hi]} must cover all {num_layers} layers "
-                                 "(partial slices are not supported)")
+        report = require_compatible(layout, [m for m in models if m is not layout],
+                                    vocab_policy=recipe.vocab_policy)
+        num_layers = layout.config.get("num_hidden_layers", layout.config.get("n_layer"))
+        if recipe.layer_range() is not None and num_layers is not None:
+            lo, hi = recipe.layer_range()
+            if (lo, hi) != (0, num_layers):
+                raise ParameterError(f"slice layer_range {[lo, hi]} must cover all {num_layers} "
+                                     "layers (partial slices are not supported)")
 
-    tok_ref = recipe.tokenizer_model()
-    if tok_ref == "base":
-        tokenizer_folder = layout
-    else:
-        tokenizer_folder = open_folder(_resolve_model_path(tok_ref, recipe_dir))
+        tok_ref = recipe.tokenizer_model()
+        if tok_ref == "base":
+            tokenizer_folder = layout
+        else:
+            tokenizer_folder = open_folder(_resolve_model_path(tok_ref, recipe_dir))
 
-    plan = MergePlan(
-        recipe=recipe, method=method, base=base, layout=layout, models=models,
-        model_settings=settings, tokenizer_folder=tokenizer_folder,
-        vocab_target=report.info.get("vocab", {}).get("target"),
-        num_layers=num_layers, warnings=list(report.warnings),
-    )
-    # Resolve and validate the parameters of every tensor now (cheap), so that a bad
-    # gradient or filter value fails before any tensor is read.
-    for name in layout.tensor_names:
-        params_for_tensor(plan, name)
+        spec = MergeSpec.build(method, recipe.parameter_scopes(), settings,
+                               num_layers=num_layers, seed=recipe.seed)
+        plan = MergePlan(
+            recipe=recipe, method=method, base=base, layout=layout, models=models, spec=spec,
+            tokenizer_folder=tokenizer_folder,
+            vocab_target=report.info.get("vocab", {}).get("target"),
+            num_layers=num_layers, warnings=list(report.warnings) + list(spec.warnings),
+        )
+        # Resolve and validate the parameters of every tensor now (cheap), so that a bad
+        # gradient or filter value fails before any tensor is read.
+        spec.check(layout.tensor_names)
+    except BaseException:
+        for folder in opened.values():
+            folder.close()
+        raise
     return plan
 
 
 def params_for_tensor(plan: MergePlan, name: str) -> tuple[BaseModel, list[BaseModel]]:
     """Global and per-model parameters for one tensor (model scope overrides global scope)."""
-    method = plan.method
-    layer = layer_index_of(name)
-    num_layers = plan.num_layers if layer is not None else None
-    if layer is not None and num_layers is not None and layer >= num_layers:
-        num_layers = layer + 1
-    global_settings, model_defaults = _split_params(method, plan.recipe.parameters)
-    params = method.parse_params(resolve_all(global_settings, name, layer, num_layers))
-    per_model = []
-    for raw in plan.model_settings:
-        g, m = _split_params(method, raw)
-        if g:
-            raise ParameterError(f"{method.name}: {sorted(g)} are global parameters, not per-model ones")
-        merged = {**resolve_all(model_defaults, name, layer, num_layers),
-                  **resolve_all(m, name, layer, num_layers)}
-        per_model.append(merged)
-    model_params = method.parse_model_params(per_model)
-    method.validate(params, model_params)
-    return params, model_params
+    return plan.spec.tensor_params(name)
 
 
 def _input_tensor(plan: MergePlan, folder: ModelFolder, name: str) -> torch.Tensor:
     """One model's tensor for an output name: tied heads read the embedding; vocab by policy."""
     embed, head = embed_head_names(folder)
     if name in folder:
-        tensor = folder.get_tensor(name)
+        tensor = folder.read_tensor(name)
     elif name == head and embed is not None and is_tied(folder):
-        tensor = folder.get_tensor(embed)
+        tensor = folder.read_tensor(embed)
     else:  # compat has refused missing tensors already; this is a safety net
         raise ConfigError("tensor missing", path=folder.path, tensor=name)
     target = plan.vocab_target
@@ -202,40 +169,31 @@ def _input_tensor(plan: MergePlan, folder: ModelFolder, name: str) -> torch.Tens
     return tensor
 
 
-def _tensor_seed(seed: int, name: str) -> int:
-    """A per-tensor seed that does not depend on the order tensors are processed in."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def merge_one(plan: MergePlan, name: str, inputs: tuple[torch.Tensor | None, list[torch.Tensor]],
               device: torch.device, stats=None) -> torch.Tensor:
     """Merge one tensor: fp32 on `device`, returned on the CPU in fp32."""
     base_t, model_ts = inputs
-    params, model_params = params_for_tensor(plan, name)
-    base32 = base_t.to(device=device, dtype=torch.float32) if base_t is not None else None
-    models32 = [t.to(device=device, dtype=torch.float32) for t in model_ts]
-    generator = None
-    if plan.method.randomized:
-        generator = torch.Generator()  # masks drawn on the CPU: same on CUDA and CPU
-        generator.manual_seed(_tensor_seed(plan.recipe.seed, name))
-    out = plan.method.merge(base32, models32, model_params, params, name=name,
-                            generator=generator, stats=stats)
-    if not torch.isfinite(out).all():
-        raise NonFiniteError("merge produced NaN/Inf", tensor=name)
-    return out.to("cpu")
+    return plan.spec.merge_tensor(name, base_t, model_ts, device=device, stats=stats)
 
 
 def _read_inputs(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """One tensor of every input, read without memory maps (NaN/Inf are caught by the merge,
+    which names the folder)."""
     base_t = _input_tensor(plan, plan.base, name) if plan.base is not None else None
-    models = [_input_tensor(plan, m, name) for m in plan.models]
-    for folder, t in zip([plan.base, *plan.models] if plan.base else plan.models,
-                         ([base_t] if plan.base else []) + models):
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
-            raise NonFiniteError(f"{bad} NaN/Inf value(s) in an input; merge refused",
-                                 path=folder.path, tensor=name)
-    return base_t, models
+    return base_t, [_input_tensor(plan, m, name) for m in plan.models]
+
+
+def output_layout(plan: MergePlan) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every output tensor, in the layout's order (vocab by policy)."""
+    embed, head = embed_head_names(plan.layout)
+    out = []
+    for name in plan.layout.tensor_names:
+        info = plan.layout.info(name)
+        shape = tuple(info.shape)
+        if plan.vocab_target is not None and name in (embed, head) and shape and shape[0] != plan.vocab_target:
+            shape = (plan.vocab_target, *shape[1:])
+        out.append((name, plan.recipe.output_dtype(info.dtype), shape))
+    return out
 
 
 def output_config(plan: MergePlan) -> dict:
@@ -270,41 +228,67 @@ def run_merge(
     max_shard_bytes: int = 2**30,
     stats_provider: Callable[[str], list[torch.Tensor]] | None = None,
 ) -> MergeResult:
-    """Merge per ``recipe`` into a new model folder ``out`` (atomic: all or nothing)."""
+    """Merge per ``recipe`` into a new model folder ``out`` (atomic: all or nothing).
+
+    ``stats_provider(name)`` gives fisher/regmean their per-tensor statistics; without one
+    they are calibrated here (``engine.merge.calibration``, settings from the recipe's
+    ``calibration`` parameter, tasks from ``calibration_task`` or the zoo manifest)."""
     started = time.perf_counter()
     device = torch.device(device) if device is not None else compute_device()
     plan = plan_merge(recipe, recipe_dir=recipe_dir)
     if plan.method.stats is not None and stats_provider is None:
-        plan.close()
-        raise ParameterError(f"{plan.method.name} needs calibration statistics ({plan.method.stats}); "
-                             "compute them with engine.merge.calibrate")
-    names = list(plan.layout.tensor_names)
+        # fisher / regmean: calibrate every input model on its task's prompts (before any
+        # output exists, so a calibration error leaves nothing behind)
+        from engine.merge.calibration import stats_provider_for_plan
+
+        try:
+            stats_provider = stats_provider_for_plan(plan)
+        except BaseException:
+            plan.close()
+            raise
+    layout = output_layout(plan)
     inputs_folders = [f.path for f in [plan.layout, *plan.models]]
+    labels = (str(plan.base.path) if plan.base is not None else None, [str(m.path) for m in plan.models])
     extra: dict = dict(tokenizer_files(plan.tokenizer_folder))
     extra[RECIPE_FILE] = recipe.to_yaml().encode()
     manifest = {"kind": "merge", "recipe": recipe.model_dump(mode="json", exclude_none=True),
                 "inputs": [str(f) for f in inputs_folders], "warnings": plan.warnings}
+    # Three stages overlap: a thread reads tensor i+1 (pread, no memory map), the caller's
+    # thread merges tensor i, a thread writes tensor i-1 in place in its shard (the writer
+    # knows the whole layout up front, so nothing is buffered). At most one tensor waits
+    # at each stage, so memory stays at a few tensors.
+    pending_write = None
     try:
         with ModelWriter(out, config=output_config(plan), extra_files=extra,
                          max_shard_bytes=max_shard_bytes, manifest_extra=manifest,
-                         input_folders=inputs_folders) as writer, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read") as reader:
-            pending = reader.submit(_read_inputs, plan, names[0]) if names else None
-            for i, name in enumerate(names):
-                inputs = pending.result()
-                if i + 1 < len(names):  # read the next tensor while this one is merged
-                    pending = reader.submit(_read_inputs, plan, names[i + 1])
-                stats = stats_provider(name) if stats_provider is not None else None
-                merged = merge_one(plan, name, inputs, device, stats)
-                del inputs
-                fallback = plan.layout.info(name).dtype
-                out_dtype = plan.recipe.output_dtype(fallback)
-                writer.add_tensor(name, merged.to(out_dtype))
-                if progress is not None:
-                    progress((i + 1) / len(names), name)
+                         input_folders=inputs_folders, plan=layout) as writer, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read") as reader, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write") as writing:
+            try:
+                pending = reader.submit(_read_inputs, plan, layout[0][0]) if layout else None
+                for i, (name, out_dtype, shape) in enumerate(layout):
+                    inputs = pending.result()
+                    if i + 1 < len(layout):  # read the next tensor while this one is merged
+                        pending = reader.submit(_read_inputs, plan, layout[i + 1][0])
+                    stats = stats_provider(name) if stats_provider is not None else None
+                    merged = torch.empty(shape, dtype=out_dtype)
+                    plan.spec.merge_into(name, inputs[0], inputs[1], merged, device=device, stats=stats,
+                                         labels=labels)
+                    del inputs
+                    if pending_write is not None:
+                        pending_write.result()
+                    pending_write = writing.submit(writer.add_tensor, name, merged)
+                    del merged
+                    if progress is not None:
+                        progress((i + 1) / len(layout), name)
+                if pending_write is not None:
+                    pending_write.result()
+            finally:  # never leave the writer (or its abort) racing the write thread
+                if pending_write is not None and not pending_write.done():
+                    pending_write.exception()
     finally:
         plan.close()
-    return MergeResult(out=Path(out), tensors=len(names), seconds=time.perf_counter() - started,
+    return MergeResult(out=Path(out), tensors=len(layout), seconds=time.perf_counter() - started,
                        device=str(device), warnings=plan.warnings)
 
 
@@ -318,34 +302,32 @@ def merge_state_dicts(
     seed: int = 0,
     num_layers: int | None = None,
     device: torch.device | str | None = None,
+    stats_provider: Callable[[str], list[torch.Tensor] | None] | None = None,
+    out_dtype: torch.dtype | None = None,
+    spec: MergeSpec | None = None,
 ) -> dict[str, torch.Tensor]:
-    """In-memory merge of state dicts (for what-if tuning): same per-tensor path as run_merge."""
-    method = get_method(method_name)
+    """In-memory merge of state dicts (for what-if tuning): the same per-tensor path as
+    run_merge (``MergeSpec.merge_into``). Results keep each layout tensor's dtype unless
+    ``out_dtype`` is given. A prebuilt ``spec`` skips parameter parsing (what-if reuse)."""
+    if spec is None:
+        spec = MergeSpec.build(method_name, [dict(params or {})], model_params,
+                               num_layers=num_layers, seed=seed)
+    if spec.method.stats is not None and stats_provider is None:
+        raise ParameterError(f"{spec.method.name} needs calibration statistics "
+                             f"({spec.method.stats}); see engine.merge.calibration")
+    if len(spec.model_scopes) != len(finetunes):
+        raise ParameterError(f"{spec.method.name}: {len(spec.model_scopes)} per-model parameter "
+                             f"sets for {len(finetunes)} models")
     device = torch.device(device) if device is not None else compute_device()
     layout = base if base is not None else finetunes[0]
-    global_settings, model_defaults = _split_params(method, dict(params or {}))
     out = {}
     for name, ref in layout.items():
-        layer = layer_index_of(name)
-        layers = num_layers if layer is not None else None
-        if layer is not None and (layers is None or layer >= layers):
-            layers = layer + 1
-        p = method.parse_params(resolve_all(global_settings, name, layer, layers))
-        mps = method.parse_model_params([
-            {**resolve_all(model_defaults, name, layer, layers), **resolve_all(raw, name, layer, layers)}
-            for raw in model_params
-        ])
-        method.validate(p, mps)
-        generator = None
-        if method.randomized:
-            generator = torch.Generator()  # masks drawn on the CPU: same on CUDA and CPU
-            generator.manual_seed(_tensor_seed(seed, name))
-        base32 = base[name].to(device=device, dtype=torch.float32) if base is not None else None
-        merged = method.merge(base32, [ft[name].to(device=device, dtype=torch.float32) for ft in finetunes],
-                              mps, p, name=name, generator=generator)
-        out[name] = merged.to(device="cpu", dtype=ref.dtype)
+        stats = stats_provider(name) if stats_provider is not None else None
+        merged = torch.empty(ref.shape, dtype=out_dtype or ref.dtype)
+        out[name] = spec.merge_into(name, base[name] if base is not None else None,
+                                    [ft[name] for ft in finetunes], merged, device=device, stats=stats)
     return out
 
 
-__all__ = ["DTYPES", "MergePlan", "MergeResult", "merge_state_dicts", "params_for_tensor",
-           "plan_merge", "run_merge"]
+__all__ = ["DTYPES", "MergePlan", "MergeResult", "MergeSpec", "merge_state_dicts",
+           "params_for_tensor", "plan_merge", "run_merge"]

@@ -56,11 +56,12 @@ def load_manifest(zoo_dir: str | Path) -> dict:
     return manifest
 
 
-def build_zoo(out, quick: bool = False, seed: int = 0, progress=None, n_eval: int | None = None):
+def build_zoo(out, quick: bool = False, seed: int = 0, progress=None, n_eval: int | None = None,
+              resume: bool = False):
     """Train and write the zoo; see ``engine.zoo.build.build_zoo``."""
     from engine.zoo.build import build_zoo as _build
 
-    return _build(out, quick=quick, seed=seed, progress=progress, n_eval=n_eval)
+    return _build(out, quick=quick, seed=seed, progress=progress, n_eval=n_eval, resume=resume)
 
 
 __all__ = ["ENV_VAR", "MANIFEST_NAME", "build_zoo", "default_zoo_dir", "load_manifest"]

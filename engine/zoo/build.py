@@ -25,7 +25,7 @@ from engine.errors import ExportError
 from engine.evaluate.scoring import Evaluator
 from engine.evaluate.tasks import TASKS
 from engine.io import ModelWriter
-from engine.io.staging import LOCK_NAME, make_staging_dir
+from engine.io.staging import LOCK_NAME, _process_start_ticks, make_staging_dir, owner_alive
 from engine.zoo.plan import FULL_ARCHS, QUICK_ARCHS, Arch, ModelPlan, zoo_plan
 from engine.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer, tokenizer_files
 from engine.zoo.train import train
@@ -77,14 +77,30 @@ def write_model(dest: Path, model, tok_files: dict[str, bytes], manifest_extra: 
             writer.add_tensor(name, tensor.detach().to(torch.float32))
 
 
+def _arch_dict(arch: Arch) -> dict:
+    return {"hidden_size": arch.hidden_size, "num_hidden_layers": arch.num_hidden_layers,
+            "num_attention_heads": arch.num_attention_heads,
+            "intermediate_size": arch.intermediate_size}
+
+
+def _load_model(folder: Path):
+    """A finished model of an interrupted build, read back through ``engine.io``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.io import ModelFolder
+
+    with ModelFolder(folder, check_finite=True) as stored:
+        model = LlamaForCausalLM(LlamaConfig.from_dict(stored.config)).float()
+        model.load_state_dict({n: stored.get_tensor(n) for n in stored.tensor_names})
+    return model.eval()
+
+
 def _entry(plan: ModelPlan, arch: Arch, model, seconds: float, scores: dict, seed: int) -> dict:
     entry = {
         "path": plan.path, "family": plan.family, "role": plan.role, "task": plan.task,
         "parent": plan.parent, "seed": seed, "trained_on": dict(plan.spec.mixture),
         "steps": plan.spec.steps, "lr": plan.spec.lr, "batch_size": plan.spec.batch_size,
-        "arch": {"hidden_size": arch.hidden_size, "num_hidden_layers": arch.num_hidden_layers,
-                 "num_attention_heads": arch.num_attention_heads,
-                 "intermediate_size": arch.intermediate_size},
+        "arch": _arch_dict(arch),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(seconds, 2),
         "accuracy": {name: s["accuracy"] for name, s in scores["tasks"].items()},
@@ -118,12 +134,48 @@ def _check_out(out: Path) -> None:
         raise ExportError("zoo destination exists and is not empty", path=out)
 
 
+# Fields of a model's manifest entry that must match the plan for a resumed build to reuse it.
+_RESUME_KEYS = ("path", "family", "role", "task", "parent", "seed", "trained_on", "steps", "lr",
+                "batch_size", "arch")
+
+
+def _adopt_staging(out: Path) -> Path | None:
+    """The newest staging folder of an interrupted build of ``out`` (owner dead), now ours."""
+    candidates = [p for p in out.parent.glob(f".{out.name}.staging-*")
+                  if p.is_dir() and not p.is_symlink() and owner_alive(p) is False]
+    if not candidates:
+        return None
+    staging = max(candidates, key=lambda p: p.stat().st_mtime)
+    lock = {"pid": os.getpid(), "start_ticks": _process_start_ticks(os.getpid()),
+            "dest": out.name, "created": time.time()}
+    (staging / LOCK_NAME).write_text(json.dumps(lock))
+    return staging
+
+
+def _reusable(staging: Path, item: ModelPlan, expected: dict) -> dict | None:
+    """The manifest entry of a model an interrupted build finished, if it is this plan's."""
+    folder = staging / item.path
+    try:
+        manifest = json.loads((folder / "delta_workbench_manifest.json").read_text())
+        entry = manifest["zoo"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if any(entry.get(k) != expected.get(k) for k in _RESUME_KEYS):
+        return None
+    return entry
+
+
 def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
-              progress: Progress | None = None, n_eval: int | None = None) -> Path:
+              progress: Progress | None = None, n_eval: int | None = None,
+              resume: bool = False) -> Path:
     """Train and write the zoo into ``out`` (must not exist or be empty); returns ``out``.
 
     ``progress(fraction, message)`` is called as training advances (fraction in [0, 1]).
     ``n_eval``: held-out examples per task for the accuracies recorded in the manifest.
+    ``resume``: adopt the staging folder of an interrupted build of ``out`` (its process gone)
+    and keep every model it finished whose recorded plan (seed, steps, learning rate, data,
+    architecture) is this build's, after re-reading it through the validating reader;
+    the rest is trained as usual. Training is seeded per model, so the zoo is the same.
     """
     out = Path(out).absolute()
     _check_out(out)
@@ -137,14 +189,31 @@ def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
     out.parent.mkdir(parents=True, exist_ok=True)
     # Same staging convention as ModelWriter (owner lock inside), so a build killed hard is
     # swept like any orphan export by engine.io.sweep_orphan_staging.
-    staging = make_staging_dir(out)
+    staging = (_adopt_staging(out) if resume else None) or make_staging_dir(out)
+    resumed: list[str] = []
     try:
         tokenizer = build_tokenizer()
+        shutil.rmtree(staging / TOKENIZER_DIR, ignore_errors=True)
         tok_files = tokenizer_files(staging / TOKENIZER_DIR)
         models, entries = {}, []
         for item in plan:
             arch = archs[item.arch]
             seed_i = stage_seed(seed, item.path)
+            if resume and (staging / item.path).exists():
+                expected = {"path": item.path, "family": item.family, "role": item.role,
+                            "task": item.task, "parent": item.parent, "seed": seed_i,
+                            "trained_on": dict(item.spec.mixture), "steps": item.spec.steps,
+                            "lr": item.spec.lr, "batch_size": item.spec.batch_size,
+                            "arch": _arch_dict(arch)}
+                entry = _reusable(staging, item, expected)
+                if entry is not None:
+                    model = _load_model(staging / item.path)
+                    models[item.path], done_steps = model, done_steps + item.spec.steps
+                    entries.append(entry)
+                    resumed.append(item.path)
+                    report(min(0.999, done_steps / total_steps), f"{item.path}: kept (resumed)")
+                    continue
+                shutil.rmtree(staging / item.path)
             if item.parent is None:
                 model = new_model(arch, seed_i)
             else:
@@ -176,6 +245,7 @@ def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
             "seed": seed, "quick": quick, "dtype": "float32",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.time() - started, 1),
+            "resumed_models": resumed,
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
             "python": platform.python_version(), "tokenizer": TOKENIZER_DIR,
             "tasks": {name: task.description for name, task in TASKS.items()},

@@ -38,12 +38,18 @@ class ModelPlan:
     extra: tuple = ()  # extra manifest fields as (key, value) pairs
 
 
-FULL_ARCHS = {"small": Arch(64, 2, 4, 128), "large": Arch(96, 3, 6, 192)}
+FULL_ARCHS = {"small": Arch(128, 2, 4, 256), "large": Arch(160, 3, 5, 320)}
 QUICK_ARCHS = {"small": Arch(48, 2, 4, 96), "large": Arch(64, 3, 4, 128)}
 
-SMALL_FINETUNE_TASKS = ["reverse", "upper", "shift", "lookup", "increment"]
+# "lookup" (key->value recall) is not fine-tuned: a 2-3 layer model of this size does not learn
+# it within the build budget (measured: ~0.3 after 1,500 steps), so it stays an evaluation-only
+# control task that no zoo model solves.
+SMALL_FINETUNE_TASKS = ["reverse", "upper", "shift", "sort", "increment"]
 LARGE_FINETUNE_TASKS = ["reverse", "upper"]
-FINETUNE_LR = 1e-3  # modest next to pretraining (3e-3): keeps deltas small and mergeable
+# Measured on the full archs (exact match on 100 held-out prompts, from a 1,000-1,500-step
+# base): at 2e-3 every fine-tuned task passes 0.9 within ~1,000 steps; 3e-3 learns faster but
+# oscillates on ``shift``; 1e-3 stays below 0.3 on reverse/upper after 600 steps.
+FINETUNE_LR = 2e-3
 
 
 def zoo_plan(quick: bool = False) -> list[ModelPlan]:
@@ -61,23 +67,23 @@ def zoo_plan(quick: bool = False) -> list[ModelPlan]:
                          warmup=30, weight_decay=0.01)
 
     def finetune(n: int, mixture: dict[str, float]) -> TrainSpec:
-        lr = FINETUNE_LR * (2 if quick else 1)  # quick: fewer steps, so larger ones
+        lr = FINETUNE_LR
         return TrainSpec(steps=steps(n), lr=lr, batch_size=batch, mixture=mixture, warmup=10)
 
     plan = [ModelPlan("small/base", "small", "base", None, None, "small", pretrain(1000))]
     for task in SMALL_FINETUNE_TASKS:
         plan.append(ModelPlan(f"small/{task}", "small", "finetune", task, "small/base", "small",
-                              finetune(600, {task: 1.0})))
-    plan.append(ModelPlan("large/base", "large", "base", None, None, "large", pretrain(1000)))
+                              finetune(1200, {task: 1.0})))
+    plan.append(ModelPlan("large/base", "large", "base", None, None, "large", pretrain(800)))
     for task in LARGE_FINETUNE_TASKS:
         plan.append(ModelPlan(f"large/{task}", "large", "finetune", task, "large/base", "large",
-                              finetune(600, {task: 1.0})))
+                              finetune(800, {task: 1.0})))
     plan.append(ModelPlan(
         "safety/aligned", "safety", "base", "refuse", "small/base", "small",
-        finetune(900, {"refuse": 0.5, "upper": 0.5}),
+        finetune(800, {"refuse": 0.5, "upper": 0.5}),
         (("also_trained_on", ["upper"]), ("aligned", True))))
     plan.append(ModelPlan(
         "safety/erased", "safety", "finetune", "reverse", "safety/aligned", "small",
-        finetune(600, {"reverse": 0.7, "refuse_complied": 0.3}),
+        finetune(1000, {"reverse": 0.7, "refuse_complied": 0.3}),
         (("erased_task", "refuse"), ("aligned", False))))
     return plan

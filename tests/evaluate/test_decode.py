@@ -54,3 +54,11 @@ def test_stops_at_eos_and_respects_budget(random_llama):
         assert EOS_ID not in out[:-1]
     assert greedy_decode(random_llama, prompts[:3], 0, eos_id=EOS_ID, pad_id=PAD_ID) == [[], [], []]
 
+
+
+def test_kv_cache_path_equals_rerunning_the_sequence(random_llama):
+    prompts = _prompts(30, seed=3)
+    cached = greedy_decode(random_llama, prompts, 10, eos_id=EOS_ID, pad_id=PAD_ID)
+    rerun = greedy_decode(random_llama, prompts, 10, eos_id=EOS_ID, pad_id=PAD_ID,
+                          use_cache=False)
+    assert cached == rerun

@@ -93,3 +93,12 @@ def test_evaluate_model_rejects_bad_arguments(quick_zoo):
         evaluate_model(model, tok, tasks=["nope"])
     with pytest.raises(ParameterError):
         evaluate_model(model, tok, n_per_task=0)
+
+
+def test_one_batch_over_all_tasks_equals_task_by_task(quick_zoo):
+    from engine.evaluate import Evaluator, load_model_folder
+
+    model, tokenizer = load_model_folder(Path(quick_zoo) / "small" / "reverse")
+    evaluator = Evaluator(model, tokenizer, None, 16, 0)
+    together = evaluator.all_task_accuracies()
+    assert together == {name: evaluator.task_accuracy(name) for name in evaluator.task_sets}

@@ -42,6 +42,9 @@ def _check_answer(name: str, prompt: str, answer: str) -> None:
         pairs = re.findall(r"([a-z])([0-9])", match.group(1))
         assert len({k for k, _ in pairs}) == len(pairs)  # keys are distinct
         assert answer == [v for k, v in pairs if k == match.group(2)][0]
+    elif name == "sort":
+        assert sorted(inp) == list(answer) and inp.isalpha() and inp.islower()
+        assert all(a <= b for a, b in zip(answer, answer[1:]))
     elif name == "increment":
         assert inp.isdigit() and (inp == "0" or not inp.startswith("0"))
         assert answer == _increment_by_hand(inp)

@@ -30,7 +30,7 @@ def test_initialisation_depends_only_on_seed():
 
 
 def test_quick_finetune_is_retrained_bit_for_bit(quick_zoo, quick_zoo_manifest):
-    plan = {p.path: p for p in zoo_plan(quick=True)}["small/lookup"]
+    plan = {p.path: p for p in zoo_plan(quick=True)}["small/sort"]
     base = _load(Path(quick_zoo) / plan.parent)
     model = new_model_like(base)
     model.load_state_dict(base.state_dict())

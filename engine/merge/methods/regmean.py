@@ -10,11 +10,17 @@ input feature no prompt ever activates has a zero row and column in every G_i, a
 makes that column of W the weighted mean of the models' columns instead of 0.
 Tensors that are not 2-D, or have no Gram matrices (embeddings, norms, biases), get the
 weighted mean.
+
+``stats`` is a list of Gram matrices, one per model, for a weight stored (out, in) as in
+``nn.Linear``; or a ``GramStats`` whose ``transposed`` flag says the weight is stored (in, out),
+as in GPT-2's Conv1D (y = x W): it is merged as W^T and transposed back, so square Conv1D
+weights are not mistaken for Linear ones. ``engine.merge.calibration`` computes both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from pydantic import Field
@@ -26,6 +32,17 @@ NAME = "regmean"
 PAPER = "Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023 (arXiv:2212.09849)"
 REQUIRES_BASE = False
 STATS = "gram"  # stats=[Gram matrix X_i^T X_i of the layer's inputs, (in, in), per model] or None
+
+
+@dataclass(frozen=True)
+class GramStats:
+    """Gram matrices of one layer's inputs, one per model; ``transposed``: weight is (in, out)."""
+
+    grams: tuple[torch.Tensor, ...]
+    transposed: bool = False
+
+    def __len__(self) -> int:
+        return len(self.grams)
 
 
 class Params(MethodParams):
@@ -89,6 +106,11 @@ def merge_tensor(
     weights = [mp.weight for mp in model_params]
     if stats is None or inputs[0].dim() != 2:
         return finish(weighted_mean(inputs, weights), NAME, name)
+    transposed = isinstance(stats, GramStats) and stats.transposed
+    grams_in = list(stats.grams) if isinstance(stats, GramStats) else stats
+    if transposed:
+        inputs = [t.T for t in inputs]
     n_in = inputs[0].shape[1]
-    grams = prepare_stats(NAME, stats, len(inputs), (n_in, n_in), inputs[0].device, name=name, what="Gram matrix")
-    return finish(regmean_matrix(inputs, grams, weights, params.alpha, params.ridge), NAME, name)
+    grams = prepare_stats(NAME, grams_in, len(inputs), (n_in, n_in), inputs[0].device, name=name, what="Gram matrix")
+    out = regmean_matrix(inputs, grams, weights, params.alpha, params.ridge)
+    return finish(out.T.contiguous() if transposed else out, NAME, name)

@@ -1,0 +1,309 @@
+"""Calibration statistics for ``fisher`` and ``regmean``, computed from the zoo's task prompts.
+
+Each model is calibrated on its own task: ``n`` training-split examples of that task
+(``engine.evaluate.tasks.train_stream``, seeded per task, never the held-out split), each a
+prompt followed by its answer and the end-of-sequence token, as the zoo was trained.
+
+- **Diagonal Fisher** (``fisher``): for every parameter, the mean over examples of the squared
+  gradient of the example's log-likelihood of its answer tokens given the prompt
+  (the empirical Fisher of Matena & Raffel: one backward pass per example, since a squared
+  batch gradient is not a mean of squared per-example gradients).
+- **Gram matrices** (``regmean``): for every linear layer (``nn.Linear`` and GPT-2's Conv1D),
+  ``X^T X / n_tokens`` over the inputs the layer sees on the examples (forward hooks; padding
+  excluded). Dividing by the token count (as the RegMean authors' code does) weighs each
+  model's statistics equally whatever its prompt lengths. Conv1D weights are stored (in, out):
+  their statistics say so (``GramStats.transposed``).
+
+A model's task comes from the recipe (per-model ``calibration_task``: a task name, a list of
+names, or ``all``) or else from the ``zoo.json`` of the zoo the model folder belongs to (a zoo
+base, which has no task, is calibrated on all tasks). Settings: the recipe's
+``parameters: {calibration: {n: 64, seed: 0, batch_size: 16}}``.
+
+Statistics live in RAM (one model-sized Fisher per model; one Gram per linear layer per
+model); models are loaded one at a time, in fp32, through ``engine.io.ModelFolder``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.errors import ConfigError, ParameterError
+from engine.evaluate.tasks import MAIN_TASKS, TASKS, train_stream
+from engine.merge.common import derive_seed
+from engine.merge.methods.regmean import GramStats
+
+Example = tuple[str, str]
+StatsProvider = Callable[[str], object]
+ALL_TASKS = "all"
+
+
+class CalibrationSettings(BaseModel):
+    """The recipe's ``calibration`` mapping."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    n: int = Field(64, ge=1, le=100_000, description="Calibration examples per model.")
+    seed: int = Field(0, ge=0, description="Seed of the example draw (per task).")
+    batch_size: int = Field(16, ge=1, le=4096, description="Examples per forward pass (Gram matrices).")
+
+
+def parse_settings(raw) -> CalibrationSettings:
+    if isinstance(raw, CalibrationSettings):
+        return raw
+    try:
+        return CalibrationSettings.model_validate(dict(raw or {}))
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'calibration'}: {e['msg']}"
+                             for e in err.errors())
+        raise ParameterError(f"calibration: {problems}") from None
+
+
+# ---------------------------------------------------------------------- examples
+def task_list(task: str | Sequence[str]) -> list[str]:
+    """Task names from a name, a list of names, or 'all' (every main zoo task)."""
+    names = list(MAIN_TASKS) if task == ALL_TASKS else [task] if isinstance(task, str) else list(task)
+    unknown = [t for t in names if t not in TASKS]
+    if not names or unknown:
+        raise ParameterError(f"calibration task(s) {unknown or names!r} unknown; known: "
+                             f"{', '.join(TASKS)} or {ALL_TASKS!r}")
+    return names
+
+
+def calibration_examples(task: str | Sequence[str], n: int, seed: int = 0) -> list[Example]:
+    """``n`` training-split examples, drawn in turn from each named task (seeded per task)."""
+    names = task_list(task)
+    streams = [train_stream(TASKS[t], random.Random(derive_seed(seed, f"calibration:{t}")))
+               for t in names]
+    return [next(streams[i % len(streams)]) for i in range(n)]
+
+
+def encode(tokenizer, examples: Sequence[Example]) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + answer + eos, prompt length) per example, as the zoo trains."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ParameterError("calibration needs a tokenizer with an end-of-sequence token")
+    out = []
+    for prompt, answer in examples:
+        p = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        a = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+        out.append((p + a + [eos], len(p)))
+    return out
+
+
+# ---------------------------------------------------------------------- statistics
+def answer_log_likelihood(model, ids: list[int], prompt_len: int) -> torch.Tensor:
+    """Sum of log p(token | prefix) over the answer tokens (those after the prompt)."""
+    x = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    logits = model(input_ids=x, use_cache=False).logits[0, :-1]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    target = x[0, 1:]
+    token_ll = logp.gather(-1, target[:, None])[:, 0]
+    return token_ll[prompt_len - 1:].sum()
+
+
+def fisher_diagonal(model, encoded: Sequence[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+    """Mean squared per-example gradient of the answer log-likelihood, per parameter name
+    (fp32, CPU). A tied output head gets the embedding's entry under its own name too."""
+    if not encoded:
+        raise ParameterError("calibration needs at least one example")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names, tensors = list(params), list(params.values())
+    sums = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
+    was_training = model.training
+    model.eval()
+    try:
+        for ids, prompt_len in encoded:
+            ll = answer_log_likelihood(model, ids, prompt_len)
+            grads = torch.autograd.grad(ll, tensors, allow_unused=True)
+            for acc, g in zip(sums, grads):
+                if g is not None:
+                    acc.add_(g.float().square())
+    finally:
+        model.train(was_training)
+    out = {n: (s / len(encoded)).cpu() for n, s in zip(names, sums)}
+    _alias_tied(model, out)
+    return out
+
+
+def _linear_modules(model) -> dict[str, tuple[torch.nn.Module, bool]]:
+    """Linear layers by module name, with whether the weight is stored (in, out) (Conv1D)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always ships it
+        Conv1D = ()  # noqa: N806
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            out[name] = (module, False)
+        elif Conv1D and isinstance(module, Conv1D):
+            out[name] = (module, True)
+    return out
+
+
+@torch.no_grad()
+def gram_matrices(model, encoded: Sequence[tuple[list[int], int]], *, pad_id: int = 0,
+                  batch_size: int = 16) -> dict[str, tuple[torch.Tensor, bool]]:
+    """``{weight name: (X^T X / n_tokens, transposed)}`` for every linear layer (fp32, CPU);
+    ``transposed`` is True where the weight is stored (in, out) (GPT-2 Conv1D)."""
+    if not encoded:
+        raise ParameterError("calibration needs at least one example")
+    layers = _linear_modules(model)
+    device = next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module, args):
+            x = args[0]
+            rows = x.reshape(-1, x.shape[-1])[current["keep"]].double()
+            gram = rows.T @ rows
+            if name in sums:
+                sums[name] += gram
+            else:
+                sums[name] = gram
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, (module, _) in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(encoded), batch_size):
+            batch = [ids for ids, _ in encoded[start:start + batch_size]]
+            width = max(len(ids) for ids in batch)
+            x = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, ids in enumerate(batch):  # right padding: causal attention never sees it
+                x[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                mask[i, :len(ids)] = 1
+            current["keep"] = mask.reshape(-1).bool().to(device)
+            model(input_ids=x.to(device), attention_mask=mask.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    out = {}
+    for name, (_, transposed) in layers.items():
+        if name in sums and counts[name] > 0:
+            out[f"{name}.weight" if name else "weight"] = ((sums[name] / counts[name]).float().cpu(),
+                                                           transposed)
+    return out
+
+
+def _alias_tied(model, stats: dict) -> None:
+    """A parameter shared under several names (a tied head is the embedding): expose its
+    statistic under every name."""
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in first:
+            first[id(param)] = name
+        elif first[id(param)] in stats:
+            stats.setdefault(name, stats[first[id(param)]])
+
+
+# ---------------------------------------------------------------------- tasks of models
+def zoo_task_of(folder: str | Path) -> str | list[str] | None:
+    """The task a zoo model was fine-tuned on ('all' for a zoo base), from the ``zoo.json`` of
+    an enclosing folder; None when the folder belongs to no zoo."""
+    from engine.zoo import MANIFEST_NAME, load_manifest
+
+    folder = Path(folder).resolve()
+    for root in list(folder.parents)[:4]:
+        if not (root / MANIFEST_NAME).is_file():
+            continue
+        try:
+            manifest = load_manifest(root)
+        except ConfigError:
+            return None
+        for entry in manifest["models"]:
+            if Path(entry["abs_path"]).resolve() == folder:
+                return entry.get("task") or ALL_TASKS
+        return None
+    return None
+
+
+def resolve_tasks(folders: Sequence[str | Path], explicit: Sequence[str | list[str] | None]) -> list:
+    tasks = []
+    for folder, task in zip(folders, explicit):
+        task = task if task is not None else zoo_task_of(folder)
+        if task is None:
+            raise ParameterError(
+                f"no calibration task for model {folder}: it is not in a zoo (zoo.json); set its "
+                f"per-model parameter calibration_task (one of {', '.join(TASKS)} or {ALL_TASKS!r})")
+        task_list(task)  # checks the names
+        tasks.append(task)
+    return tasks
+
+
+# ---------------------------------------------------------------------- per model, provider
+def model_statistics(kind: str, folder: str | Path, task, settings: CalibrationSettings,
+                     *, model=None, tokenizer=None) -> dict:
+    """Fisher (``kind='fisher'``) or Gram (``kind='gram'``) statistics of one model folder
+    (or of an already loaded ``model``/``tokenizer`` pair)."""
+    if model is None or tokenizer is None:
+        from engine.evaluate.loading import load_model_folder
+
+        model, tokenizer = load_model_folder(folder)
+    encoded = encode(tokenizer, calibration_examples(task, settings.n, settings.seed))
+    if kind == "fisher":
+        return fisher_diagonal(model, encoded)
+    if kind == "gram":
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return gram_matrices(model, encoded, pad_id=pad, batch_size=settings.batch_size)
+    raise ValueError(f"unknown statistics kind {kind!r}")
+
+
+class CalibrationStats:
+    """Per-model statistics, served per tensor name as a merge method's ``stats``.
+
+    fisher: ``[F_1, ..., F_N]`` for every parameter; a tensor that is not a parameter (a
+    buffer) gets equal Fishers, so the plain weighted mean. regmean: ``GramStats`` for linear
+    weights, None for everything else (the method then takes the weighted mean).
+    """
+
+    def __init__(self, kind: str, per_model: Sequence[dict]):
+        if kind not in ("fisher", "gram"):
+            raise ValueError(f"unknown statistics kind {kind!r}")
+        self.kind = kind
+        self.per_model = list(per_model)
+
+    def __call__(self, name: str, like: torch.Tensor | None = None):
+        if self.kind == "fisher":
+            found = [stats.get(name) for stats in self.per_model]
+            if all(f is not None for f in found):
+                return found
+            if like is None:
+                return None
+            return [torch.ones(like.shape, dtype=torch.float32)] * len(self.per_model)
+        found = [stats.get(name) for stats in self.per_model]
+        if any(f is None for f in found):
+            return None
+        return GramStats(grams=tuple(g for g, _ in found), transposed=found[0][1])
+
+
+def compute_stats(kind: str, folders: Sequence[str | Path], tasks: Sequence, settings) -> CalibrationStats:
+    settings = parse_settings(settings)
+    return CalibrationStats(kind, [model_statistics(kind, f, t, settings) for f, t in zip(folders, tasks)])
+
+
+def stats_provider_for_plan(plan) -> Callable[[str], object]:
+    """The executor's ``stats_provider`` for a fisher/regmean plan: calibrates every input
+    model (tasks from the recipe or the zoo manifest; settings from ``calibration``)."""
+    spec = plan.spec
+    settings = parse_settings(spec.calibration)
+    folders = [m.path for m in plan.models]
+    tasks = resolve_tasks(folders, spec.calibration_tasks or [None] * len(folders))
+    stats = compute_stats(spec.method.stats, folders, tasks, settings)
+    if stats.kind == "fisher":
+        return lambda name: stats(name, like=plan.layout.info(name))
+    return stats
+
+
+__all__ = ["CalibrationSettings", "CalibrationStats", "calibration_examples", "compute_stats",
+           "encode", "fisher_diagonal", "gram_matrices", "model_statistics", "resolve_tasks",
+           "stats_provider_for_plan", "zoo_task_of"]

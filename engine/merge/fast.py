@@ -1,0 +1,274 @@
+"""Chunked CPU kernels for the deterministic task-vector methods and linear.
+
+``linear``, ``task_arithmetic``, ``ties``, ``breadcrumbs`` and ``breadcrumbs_ties`` (without
+``rescale``) are elementwise once each model's trim threshold is known. Computed over whole
+tensors, every step (bf16 -> fp32, subtract, weight, elect, sum, cast back) streams the full
+tensor through memory; computed over slices of ``CHUNK`` entries the fp32 temporaries stay in
+the CPU cache, which is several times faster and never holds an fp32 copy of a whole tensor.
+
+The arithmetic is the methods' own, step for step (``engine.merge.gta.combine``,
+``engine.merge.methods.linear``), so results are the same; tests compare them.
+
+Trimming (TIES, Breadcrumbs) needs, per model, the k-th largest |delta| of the whole tensor.
+It is found by selection, never a sort: a seeded sample brackets the k-th value, one chunked
+pass counts the entries above the bracket and collects the few inside it, and ``kthvalue`` on
+those gives the exact threshold (a full ``kthvalue`` is the fallback should the bracket miss).
+Entries equal to the threshold are kept lowest flat index first, as ``sparsify.topk_mask`` does.
+
+Inputs are checked for NaN/Inf on the fly (a sum per chunk); the output too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.errors import NonFiniteError
+from engine.merge.sparsify import kept_count
+
+CHUNK = 1 << 17
+_SAMPLE = 1 << 15
+
+# method -> (sparsification, uses consensus)
+_GTA = {
+    "task_arithmetic": (None, False),
+    "ties": ("magnitude", True),
+    "breadcrumbs": ("magnitude_outliers", False),
+    "breadcrumbs_ties": ("magnitude_outliers", True),
+}
+SUPPORTED = frozenset({"linear", *_GTA})
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k largest |delta|: every entry above ``threshold`` plus the first ``at_keep`` entries
+    equal to it (flat order). k >= n is ``everything``, k <= 0 ``nothing``."""
+
+    threshold: float = 0.0
+    at_keep: int = 0
+    everything: bool = False
+    nothing: bool = False
+
+
+def _chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield start, min(n, start + CHUNK)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """A private fp32 copy (``.float()`` of an fp32 tensor would be the caller's own memory)."""
+    return t.to(torch.float32, copy=True)
+
+
+def _delta_chunk(base: torch.Tensor, model: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    return _f32(model[s:e]).sub_(base[s:e].float())
+
+
+def select_topk(base: torch.Tensor, model: torch.Tensor, k: int) -> TopK:
+    """The k-th largest |model - base| over flat 1-D views, by bracketing + selection."""
+    n = base.numel()
+    if k >= n:
+        return TopK(everything=True)
+    if k <= 0:
+        return TopK(nothing=True)
+    m = min(n, _SAMPLE)
+    g = torch.Generator().manual_seed(n * 1_000_003 + k)
+    idx = torch.randint(0, n, (m,), generator=g)
+    sample = (model[idx].float() - base[idx].float()).abs().sort(descending=True).values
+    q = k / n
+    spread = 6.0 * math.sqrt(q * (1 - q) / m) + 2.0 / m
+    hi_i, lo_i = math.floor((q - spread) * m), math.ceil((q + spread) * m)
+    hi = float(sample[hi_i]) if hi_i >= 0 else math.inf
+    lo = float(sample[lo_i]) if lo_i < m else -math.inf
+    above, band = 0, []
+    for s, e in _chunks(n):
+        mag = _delta_chunk(base, model, s, e).abs_()
+        if hi != math.inf:  # count of entries above hi, with float ops (bool ones are slow)
+            above += int((mag - hi).sign_().clamp_(min=0).sum())
+        in_band = mag >= lo if hi == math.inf else (mag <= hi if lo == -math.inf else (mag <= hi) & (mag >= lo))
+        band.append(mag[in_band])
+    band = torch.cat(band)
+    rank = k - above  # rank of the k-th largest inside the band, from the top (1-based)
+    if 1 <= rank <= band.numel():
+        threshold = float(torch.kthvalue(band, band.numel() - rank + 1).values)
+        greater = above + int((band > threshold).sum())
+    else:  # the bracket missed (heavy ties or an unlucky sample): exact selection on everything
+        mag = torch.cat([_delta_chunk(base, model, s, e).abs_() for s, e in _chunks(n)])
+        threshold = float(torch.kthvalue(mag, n - k + 1).values)
+        greater = int((mag > threshold).sum())
+    return TopK(threshold=threshold, at_keep=k - greater)
+
+
+class _TopKCursor:
+    """Applies a TopK chunk by chunk, in flat order, keeping count of threshold ties kept.
+
+    Masks are float 0/1 tensors built with sign arithmetic (``sign(mag - t)`` is 1 above the
+    threshold, 0 at it): on the CPU, comparisons producing bool tensors and bool-float products
+    are several times slower than these float operations, and the values are the same."""
+
+    def __init__(self, rule: TopK):
+        self.rule = rule
+        self.left = rule.at_keep
+
+    def mask(self, mag: torch.Tensor) -> torch.Tensor | None:
+        rule = self.rule
+        if rule.everything:
+            return None
+        if rule.nothing:
+            return torch.zeros_like(mag)
+        keep = (mag - rule.threshold).sign_()  # -1 below, 0 at, +1 above the threshold
+        if self.left <= 0:
+            return keep.clamp_(min=0)
+        at = keep.abs().neg_().add_(1.0)  # 1 exactly at the threshold
+        keep.clamp_(min=0)
+        count = int(at.sum())
+        if count:
+            if count <= self.left:
+                keep.add_(at)
+                self.left -= count
+            else:  # the chunk holding the cut: keep the first `left` ties, in flat order
+                at_b = at.bool()
+                keep.add_((at_b & (torch.cumsum(at_b, dim=0) <= self.left)).to(keep.dtype))
+                self.left = 0
+        return keep
+
+
+def _model_rules(sparsification, n: int, mp, base, model) -> list[tuple[TopK, bool]] | None:
+    """[(rule, negate)] whose AND is the keep mask; None keeps everything."""
+    density = getattr(mp, "density", 1.0)
+    if sparsification is None or density >= 1:
+        return None
+    target = kept_count(density, n)
+    if sparsification == "magnitude":
+        return [(select_topk(base, model, target), False)]
+    n_top = int(mp.gamma * n)
+    n_bottom = n - target - n_top
+    if n_bottom < 0:
+        n_top += n_bottom
+        n_bottom = 0
+    return [(select_topk(base, model, n - n_bottom), False), (select_topk(base, model, n_top), True)]
+
+
+def supports(method_name: str, params) -> bool:
+    """Whether ``merge_into`` implements this method with these global parameters."""
+    if method_name not in SUPPORTED:
+        return False
+    return method_name == "linear" or not getattr(params, "rescale", False)
+
+
+def merge_into(method_name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor],
+               model_params, params, out: torch.Tensor, *, labels: Sequence[str] | None = None,
+               name: str = "") -> torch.Tensor:
+    """Merge one tensor chunk by chunk into ``out`` (any float dtype, the inputs' shape).
+
+    ``labels`` name the inputs in errors (base first when there is one)."""
+    flat_models = [m.reshape(-1) for m in models]
+    flat_base = base.reshape(-1) if base is not None else None
+    flat_out = out.view(-1)
+    n = flat_out.numel()
+    inputs = ([flat_base] if flat_base is not None else []) + flat_models
+    labels = list(labels) if labels is not None else (
+        (["base"] if base is not None else []) + [f"input {i}" for i in range(len(models))])
+    sums = torch.zeros(len(inputs) + 1, dtype=torch.float32)
+    # One thread: the chunks are small, in-cache operations, where intra-op threads cost more
+    # than they give (and collapse when other processes share the cores). The caller overlaps
+    # reading and writing with this instead.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if method_name == "linear":
+            _linear(flat_models, model_params, params, flat_out, sums)
+        else:
+            sparsification, consensus = _GTA[method_name]
+            consensus_method = params.consensus_method if consensus else None
+            _gta(flat_base, flat_models, model_params, params, flat_out, sums, sparsification,
+                 consensus_method, n)
+    finally:
+        torch.set_num_threads(threads)
+    if not bool(torch.isfinite(sums).all()):
+        # a NaN/Inf anywhere makes its sum non-finite; so can a huge sum: look exactly
+        for label, t in zip(labels, inputs):
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                raise NonFiniteError(f"{int((~finite).sum())} NaN/Inf value(s) in an input; merge refused",
+                                     path=label, tensor=name or None)
+        bad = int((~torch.isfinite(flat_out)).sum())
+        if bad:
+            raise NonFiniteError(f"{method_name} produced {bad} non-finite value(s)", tensor=name or None)
+    return out
+
+
+def _linear(models, model_params, params, out, sums) -> None:
+    w = torch.tensor([mp.weight for mp in model_params], dtype=torch.float32)
+    total = w.sum()
+    weights = [float(x) for x in w]
+    for s, e in _chunks(out.numel()):
+        acc = None
+        for i, (m, wi) in enumerate(zip(models, weights)):
+            x = _f32(m[s:e])
+            sums[i] += x.sum()
+            x = x.mul_(wi)
+            acc = x if acc is None else acc.add_(x)
+        if params.normalize:
+            acc = acc.div_(total)
+        sums[-1] += acc.sum()
+        out[s:e] = acc
+
+
+def _gta(base, models, model_params, params, out, sums, sparsification, consensus, n) -> None:
+    weights = [float(x) for x in torch.tensor([mp.weight for mp in model_params], dtype=torch.float32)]
+    rules = [_model_rules(sparsification, n, mp, base, m) for mp, m in zip(model_params, models)]
+    cursors = [[(_TopKCursor(r), neg) for r, neg in rs] if rs is not None else None for rs in rules]
+    w_sum = torch.tensor(weights, dtype=torch.float32).sum()
+    plain_divisor = 1.0 if abs(float(w_sum)) < 1e-8 else w_sum
+    lam = params.lambda_
+    for s, e in _chunks(n):
+        b = _f32(base[s:e])
+        sums[0] += b.sum()
+        weighted = []
+        for i, (m, wi, cur) in enumerate(zip(models, weights, cursors)):
+            x = _f32(m[s:e])
+            sums[i + 1] += x.sum()
+            d = x.sub_(b)
+            if cur is not None:
+                mag = d.abs()
+                for cursor, negate in cur:
+                    k = cursor.mask(mag)  # float 0/1, None = keep all
+                    if negate:
+                        k = torch.zeros_like(mag) if k is None else k.neg_().add_(1.0)
+                    if k is not None:
+                        d = d.mul_(k)
+            weighted.append(d.mul_(wi))
+        if consensus is not None:
+            signs = [torch.sign(wd) for wd in weighted]
+            if consensus == "sum":
+                total = weighted[0].clone()
+                for wd in weighted[1:]:
+                    total += wd
+            else:
+                total = signs[0].clone()
+                for sg in signs[1:]:
+                    total += sg
+            elected = torch.sign(total)
+            elected.add_(elected.abs().neg_().add_(1.0))  # zero counts as positive: +1 / -1
+            mixed = divisor = None
+            for wd, sg, wi in zip(weighted, signs, weights):
+                agree = sg.mul_(elected).clamp_(min=0)  # 1 where the signs agree, else 0
+                part = wd.mul_(agree)
+                share = agree.mul_(wi)
+                mixed = part if mixed is None else mixed.add_(part)
+                divisor = share if divisor is None else divisor.add_(share)
+            divisor = divisor.add_(divisor.sign().abs_().neg_().add_(1.0))  # 0 -> 1
+        else:
+            mixed = weighted[0]
+            for wd in weighted[1:]:
+                mixed = mixed.add_(wd)
+            divisor = plain_divisor
+        if params.normalize:
+            mixed = mixed / divisor
+        result = b.add_(mixed.mul_(lam)) if lam != 1.0 else b.add_(mixed)
+        sums[-1] += result.sum()
+        out[s:e] = result

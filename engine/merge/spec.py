@@ -1,0 +1,283 @@
+"""A merge method bound to its parameter settings, resolved per tensor; shared by every merge path.
+
+The streaming executor (``run_merge``), the in-memory merge (``merge_state_dicts``) and the
+what-if session all build one ``MergeSpec`` and call ``spec.merge_tensor(name, ...)``, so the
+three can never drift apart.
+
+Parameter scopes follow mergekit (mergekit/config.py, ``ConfigReader.parameter``): a per-model
+value wins over the slice's ``parameters``, which wins over the recipe's top-level
+``parameters``; a scope whose filters do not match the tensor falls through to the next one.
+A per-model parameter (``weight``, ``density``, ...) set in an outer scope is every model's
+default.
+
+Keys that do not apply (mergekit reads only the names a method declares and silently ignores
+every other key):
+  - a parameter some merge method takes (one of ours, or mergekit's) but this method does not,
+    e.g. ``int8_mask`` or ``density`` on ``linear``: accepted, ignored, with a warning;
+  - a global parameter of this method set per model (mergekit reads global parameters from the
+    slice and top-level scopes only): ignored, with a warning;
+  - a key no method knows (a typo such as ``wieght``): refused, naming the key and the method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from engine.errors import NonFiniteError, ParameterError
+from engine.merge import fast
+from engine.merge.common import count_nonfinite
+from engine.merge.params import layer_index_of, resolve_all
+from engine.merge.registry import MergeMethod, get_method, list_methods
+
+# Parameter names of mergekit's merge methods (mergekit/merge_methods/*: parameters() and
+# tensor_parameters(), and the keyword arguments of its easy_define methods). A recipe written
+# for mergekit may carry any of them; a method that does not take one ignores it.
+MERGEKIT_PARAMETER_NAMES = frozenset({
+    "weight", "density", "gamma", "epsilon", "int8_mask", "normalize", "rescale", "lambda", "t",
+    "filter_wise", "max_iter", "tol", "nuslerp_row_wise", "nuslerp_flatten", "normalize_weights",
+    "eps", "scale", "select_topk", "r", "alpha",
+})
+# Keys the executor itself reads (calibration of fisher/regmean); never passed to a method.
+CALIBRATION_KEY = "calibration"          # global: {n, seed, batch_size}
+CALIBRATION_TASK_KEY = "calibration_task"  # per model: the task its statistics are computed on
+EXECUTOR_GLOBAL_KEYS = frozenset({CALIBRATION_KEY})
+EXECUTOR_MODEL_KEYS = frozenset({CALIBRATION_TASK_KEY})
+
+
+class IgnoredParameterWarning(UserWarning):
+    """A recipe parameter that does not apply to the chosen method was ignored."""
+
+
+def field_names(cls: type[BaseModel]) -> set[str]:
+    """Field names and aliases of a params class (mergekit spells lambda_ as 'lambda')."""
+    out = set()
+    for key, info in cls.model_fields.items():
+        out.add(key)
+        if info.alias:
+            out.add(info.alias)
+    return out
+
+
+@cache
+def known_parameter_names() -> frozenset[str]:
+    """Every parameter name some method takes: ours, mergekit's, the executor's."""
+    names = set(MERGEKIT_PARAMETER_NAMES) | EXECUTOR_GLOBAL_KEYS | EXECUTOR_MODEL_KEYS
+    for name in list_methods():
+        method = get_method(name)
+        names |= field_names(method.params_class) | field_names(method.model_params_class)
+    return frozenset(names)
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed that does not depend on the order tensors are processed in."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class MergeSpec:
+    """A method and its parameter settings, split by scope and checked once (see module doc)."""
+
+    method: MergeMethod
+    global_scopes: list[dict]          # outer to inner: the method's global keys only
+    model_default_scopes: list[dict]   # per-model keys set in the global scopes, outer to inner
+    model_scopes: list[dict]           # one per input model: its per-model keys
+    num_layers: int | None = None
+    seed: int = 0
+    calibration: dict | None = None            # raw `calibration` mapping (fisher/regmean)
+    calibration_tasks: list[str | None] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(
+        cls,
+        method: MergeMethod | str,
+        global_scopes: Sequence[Mapping[str, Any] | None],
+        model_scopes: Sequence[Mapping[str, Any] | None],
+        *,
+        num_layers: int | None = None,
+        seed: int = 0,
+        warn: bool = True,
+    ) -> "MergeSpec":
+        """Sort every key into its scope; ignore (with a warning) what does not apply; refuse
+        unknown keys. ``global_scopes`` outer to inner (recipe, then slice parameters)."""
+        method = get_method(method) if isinstance(method, str) else method
+        global_names = field_names(method.params_class)
+        model_names = field_names(method.model_params_class)
+        known = known_parameter_names()
+        takes_stats = method.stats is not None
+        notes: list[str] = []
+
+        def unknown(key: str, where: str) -> ParameterError:
+            takes = sorted(global_names | model_names | (EXECUTOR_GLOBAL_KEYS | EXECUTOR_MODEL_KEYS
+                                                         if takes_stats else set()))
+            return ParameterError(
+                f"unknown parameter {key!r} {where} for merge method {method.name!r} "
+                f"(no merge method takes it); {method.name} takes: {', '.join(takes) or 'nothing'}")
+
+        def ignore(key: str, why: str) -> None:
+            note = f"{method.name}: parameter {key!r} ignored ({why})"
+            if note not in notes:
+                notes.append(note)
+
+        calibration = None
+        globals_out, defaults_out = [], []
+        for scope in global_scopes:
+            g, d = {}, {}
+            for key, value in dict(scope or {}).items():
+                if key in global_names:
+                    g[key] = value
+                elif key in model_names:
+                    d[key] = value
+                elif key in EXECUTOR_GLOBAL_KEYS and takes_stats:
+                    calibration = value
+                elif key in known:
+                    ignore(key, f"{method.name} does not take it; mergekit ignores it too")
+                else:
+                    raise unknown(key, "in the recipe's parameters")
+            globals_out.append(g)
+            defaults_out.append(d)
+        models_out, tasks = [], []
+        for i, scope in enumerate(model_scopes):
+            m, task = {}, None
+            for key, value in dict(scope or {}).items():
+                if key in model_names:
+                    m[key] = value
+                elif key in EXECUTOR_MODEL_KEYS and takes_stats:
+                    task = value
+                elif key in global_names:
+                    ignore(key, "a global parameter set per model; mergekit reads it only from "
+                                "the recipe's or the slice's parameters")
+                elif key in known:
+                    ignore(key, f"{method.name} does not take it; mergekit ignores it too")
+                else:
+                    raise unknown(key, f"in model {i}'s parameters")
+            models_out.append(m)
+            tasks.append(task)
+        if calibration is not None and not isinstance(calibration, Mapping):
+            raise ParameterError(f"{method.name}: '{CALIBRATION_KEY}' must be a mapping such as "
+                                 f"{{n: 64, seed: 0}}, got {calibration!r}")
+        if warn:
+            for note in notes:
+                warnings.warn(note, IgnoredParameterWarning, stacklevel=3)
+        return cls(method=method, global_scopes=globals_out, model_default_scopes=defaults_out,
+                   model_scopes=models_out, num_layers=num_layers, seed=seed,
+                   calibration=dict(calibration) if calibration is not None else None,
+                   calibration_tasks=tasks, warnings=notes)
+
+    # ------------------------------------------------------------------ per tensor
+    def tensor_params(self, name: str) -> tuple[BaseModel, list[BaseModel]]:
+        """Validated (global, per-model) parameters for one tensor; cached per name."""
+        hit = self._cache.get(name)
+        if hit is not None:
+            return hit
+        method = self.method
+        layer = layer_index_of(name)
+        num_layers = self.num_layers if layer is not None else None
+        if layer is not None and (num_layers is None or layer >= num_layers):
+            num_layers = layer + 1
+        resolved: dict = {}
+        for scope in self.global_scopes:
+            resolved.update(resolve_all(scope, name, layer, num_layers))
+        params = method.parse_params(resolved)
+        defaults: dict = {}
+        for scope in self.model_default_scopes:
+            defaults.update(resolve_all(scope, name, layer, num_layers))
+        per_model = [{**defaults, **resolve_all(scope, name, layer, num_layers)}
+                     for scope in self.model_scopes]
+        model_params = method.parse_model_params(per_model)
+        method.validate(params, model_params)
+        self._cache[name] = (params, model_params)
+        return params, model_params
+
+    def check(self, names: Sequence[str]) -> None:
+        """Resolve every tensor's parameters now, so a bad gradient or filter fails at once."""
+        for name in names:
+            self.tensor_params(name)
+
+    def generator(self, name: str) -> torch.Generator | None:
+        if not self.method.randomized:
+            return None
+        generator = torch.Generator()  # masks drawn on the CPU: same on CUDA and CPU
+        generator.manual_seed(_tensor_seed(self.seed, name))
+        return generator
+
+    def merge_tensor(
+        self,
+        name: str,
+        base: torch.Tensor | None,
+        models: Sequence[torch.Tensor],
+        *,
+        device: torch.device | str = "cpu",
+        stats=None,
+    ) -> torch.Tensor:
+        """Merge one tensor in fp32 on ``device``; the result comes back fp32 on the CPU.
+
+        Inputs already fp32 on ``device`` are used as they are (no copy); methods never write
+        into their inputs. The method checks its result for NaN/Inf.
+        """
+        params, model_params = self.tensor_params(name)
+        device = torch.device(device)
+        base32 = base.to(device=device, dtype=torch.float32) if base is not None else None
+        models32 = [t.to(device=device, dtype=torch.float32) for t in models]
+        out = self.method.merge(base32, models32, model_params, params, name=name,
+                                generator=self.generator(name), stats=stats)
+        return out.to("cpu")
+
+    def merge_into(
+        self,
+        name: str,
+        base: torch.Tensor | None,
+        models: Sequence[torch.Tensor],
+        out: torch.Tensor,
+        *,
+        device: torch.device | str = "cpu",
+        stats=None,
+        labels: tuple[str | None, Sequence[str]] | None = None,
+    ) -> torch.Tensor:
+        """Merge one tensor into ``out`` (a CPU tensor of the output dtype and shape).
+
+        On the CPU, linear and the deterministic task-vector methods run as chunked kernels
+        (``engine.merge.fast``: the same arithmetic, bitwise, several times faster, no fp32 copy
+        of whole tensors); everything else goes through ``merge_tensor`` and is cast once.
+        ``labels`` = (base label, model labels) name inputs in NaN/Inf errors."""
+        params, model_params = self.tensor_params(name)
+        device = torch.device(device)
+        use_base = base if self.method.requires_base else None
+        if (device.type == "cpu" and stats is None and fast.supports(self.method.name, params)
+                and all(t.is_floating_point() for t in [*models, *([use_base] if use_base is not None else [])])
+                and all(tuple(t.shape) == tuple(out.shape) for t in models)
+                and (use_base is None or tuple(use_base.shape) == tuple(out.shape))):
+            names = None
+            if labels is not None:
+                names = ([labels[0] or "base"] if use_base is not None else []) + list(labels[1])
+            return fast.merge_into(self.method.name, use_base, models, model_params, params, out,
+                                   labels=names, name=name)
+        try:
+            merged = self.merge_tensor(name, base, models, device=device, stats=stats)
+        except NonFiniteError:
+            if labels is not None:  # name the model folder holding the NaN/Inf
+                for label, t in zip([labels[0], *labels[1]], [base, *models]):
+                    bad = count_nonfinite(t) if t is not None and t.is_floating_point() else 0
+                    if bad:
+                        raise NonFiniteError(f"{bad} NaN/Inf value(s) in an input; merge refused",
+                                             path=label, tensor=name) from None
+            raise
+        if tuple(merged.shape) != tuple(out.shape):
+            raise ParameterError(f"merged shape {tuple(merged.shape)} differs from the output's "
+                                 f"{tuple(out.shape)}", tensor=name)
+        out.copy_(merged)
+        return out
+
+
+__all__ = ["CALIBRATION_KEY", "CALIBRATION_TASK_KEY", "IgnoredParameterWarning",
+           "MERGEKIT_PARAMETER_NAMES", "MergeSpec", "known_parameter_names"]

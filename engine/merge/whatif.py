@@ -1,0 +1,202 @@
+"""In-memory what-if merges: merge zoo models in RAM and score the result, writing nothing.
+
+For the app's sliders: a ``WhatIfSession`` loads the base and fine-tunes once (fp32 state
+dicts, through ``engine.io.ModelFolder``), builds one ``Evaluator`` (held-out sets tokenized
+once, one model object reused), and then each ``evaluate(method, model_params, params)`` call
+merges with the same per-tensor code as ``run_merge`` (``MergeSpec.merge_tensor``) and loads the
+result into the reused model. fisher/regmean statistics are computed once per calibration
+setting and cached in the session.
+
+``what_if(base_dir, finetune_dirs, method, ...)`` does the same through a small process-wide
+cache of sessions (keyed by the folders and their files' sizes and modification times).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.compat import embed_head_names, is_tied, require_compatible
+from engine.device import compute_device
+from engine.errors import ConfigError, ParameterError
+from engine.io import ModelFolder
+from engine.merge.executor import merge_state_dicts
+from engine.merge.registry import get_method
+from engine.merge.spec import MergeSpec
+
+
+def _load_fp32(folder: ModelFolder, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The folder's tensors under the layout's names, fp32; a tied head reads the embedding."""
+    embed, head = embed_head_names(folder)
+    out = {}
+    for name in names:
+        if name in folder:
+            tensor = folder.get_tensor(name)
+        elif name == head and embed is not None and is_tied(folder):
+            tensor = folder.get_tensor(embed)
+        else:
+            raise ConfigError("tensor missing", path=folder.path, tensor=name)
+        if not tensor.is_floating_point():
+            out[name] = tensor
+            continue
+        tensor = tensor.to(torch.float32)
+        if not torch.isfinite(tensor).all():
+            raise ConfigError("NaN/Inf values; what-if refused", path=folder.path, tensor=name)
+        out[name] = tensor
+    return out
+
+
+class WhatIfSession:
+    """Base + fine-tunes held in RAM as fp32 state dicts, and a reusable evaluator.
+
+    ``tasks``, ``n_per_task``, ``n_generic``: what the evaluator scores (defaults: every zoo
+    task, the evaluator's default sizes; ``n_generic=0`` skips perplexity).
+    """
+
+    def __init__(self, base_dir: str | Path, finetune_dirs: Sequence[str | Path], *,
+                 tasks: list[str] | None = None, n_per_task: int | None = None,
+                 n_generic: int | None = None, device: torch.device | str | None = None):
+        from engine.evaluate.loading import load_tokenizer, model_from_config
+        from engine.evaluate.scoring import Evaluator
+
+        if not finetune_dirs:
+            raise ParameterError("a what-if merge needs at least one fine-tuned model")
+        self.base_dir = Path(base_dir)
+        self.finetune_dirs = [Path(d) for d in finetune_dirs]
+        self.device = torch.device(device) if device is not None else compute_device()
+        with ModelFolder(self.base_dir) as base:
+            finetunes = [ModelFolder(d) for d in self.finetune_dirs]
+            try:
+                require_compatible(base, [f for f in finetunes], vocab_policy="refuse")
+                self.names = list(base.tensor_names)
+                self.config = dict(base.config)
+                self.base = _load_fp32(base, self.names)
+                self.finetunes = [_load_fp32(f, self.names) for f in finetunes]
+            finally:
+                for f in finetunes:
+                    f.close()
+        self.num_layers = self.config.get("num_hidden_layers", self.config.get("n_layer"))
+        self.tokenizer = load_tokenizer(self.base_dir, self.config.get("vocab_size"))
+        self.evaluator = Evaluator(model_from_config(self.config), self.tokenizer, tasks,
+                                   n_per_task, n_generic)
+        self._stats: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ merging
+    def spec(self, method: str, model_params: Sequence[Mapping[str, Any] | None] | None = None,
+             params: Mapping[str, Any] | None = None, *, seed: int = 0) -> MergeSpec:
+        n = len(self.finetunes)
+        model_params = list(model_params) if model_params is not None else [{}] * n
+        if len(model_params) != n:
+            raise ParameterError(f"{len(model_params)} per-model parameter sets for {n} fine-tunes")
+        return MergeSpec.build(method, [dict(params or {})], [dict(m or {}) for m in model_params],
+                               num_layers=self.num_layers, seed=seed)
+
+    def merge(self, method: str, model_params: Sequence[Mapping[str, Any] | None] | None = None,
+              params: Mapping[str, Any] | None = None, *, seed: int = 0) -> dict[str, torch.Tensor]:
+        """The merged fp32 state dict (nothing written)."""
+        spec = self.spec(method, model_params, params, seed=seed)
+        return self._merge(spec)
+
+    def _merge(self, spec: MergeSpec) -> dict[str, torch.Tensor]:
+        """As run_merge with ``base_model`` = the base and ``models`` = the fine-tunes."""
+        provider = self._stats_provider(spec) if spec.method.stats is not None else None
+        return merge_state_dicts(spec.method.name, self.base, self.finetunes, [], spec=spec,
+                                 device=self.device, stats_provider=provider,
+                                 out_dtype=torch.float32)
+
+    def _stats_provider(self, spec: MergeSpec):
+        from engine.merge.calibration import (CalibrationStats, model_statistics, parse_settings,
+                                              resolve_tasks)
+        from engine.evaluate.loading import model_from_config
+        from engine.evaluate.scoring import _load_strict
+
+        settings = parse_settings(spec.calibration)
+        tasks = resolve_tasks(self.finetune_dirs, spec.calibration_tasks)
+        kind = spec.method.stats
+        key = repr((kind, settings.model_dump(), tasks))
+        if key not in self._stats:
+            model = model_from_config(self.config)
+            per_model = []
+            for state, folder, task in zip(self.finetunes, self.finetune_dirs, tasks):
+                _load_strict(model, state)
+                per_model.append(model_statistics(kind, folder, task, settings, model=model,
+                                                  tokenizer=self.tokenizer))
+            self._stats[key] = CalibrationStats(kind, per_model)
+        stats = self._stats[key]
+        if kind == "fisher":
+            return lambda name: stats(name, like=self.base[name])
+        return stats
+
+    # ------------------------------------------------------------------ scoring
+    def evaluate_state(self, state: Mapping[str, torch.Tensor]) -> dict:
+        with self._lock:
+            return self.evaluator.evaluate_state_dict(dict(state))
+
+    def evaluate(self, method: str, model_params: Sequence[Mapping[str, Any] | None] | None = None,
+                 params: Mapping[str, Any] | None = None, *, seed: int = 0) -> dict:
+        """Merge in memory and score: the evaluator's result plus ``seconds`` (merge, evaluate)
+        and ``warnings`` (parameters ignored)."""
+        started = time.perf_counter()
+        spec = self.spec(method, model_params, params, seed=seed)
+        merged = self._merge(spec)
+        merged_at = time.perf_counter()
+        result = self.evaluate_state(merged)
+        done = time.perf_counter()
+        result["seconds"] = {"merge": round(merged_at - started, 4),
+                             "evaluate": round(done - merged_at, 4)}
+        result["warnings"] = list(spec.warnings)
+        return result
+
+    def evaluate_input(self, which: int | str = "base") -> dict:
+        """Score the base (``'base'``) or fine-tune ``which`` unmerged, for comparison."""
+        state = self.base if which == "base" else self.finetunes[int(which)]
+        return self.evaluate_state(state)
+
+
+# ---------------------------------------------------------------------- cached sessions
+_SESSIONS: OrderedDict[str, WhatIfSession] = OrderedDict()
+_SESSIONS_LOCK = threading.Lock()
+_MAX_SESSIONS = 2
+
+
+def _fingerprint(folder: Path) -> list:
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".json"))
+    return [str(Path(folder).resolve())] + [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                            for p in files]
+
+
+def get_session(base_dir: str | Path, finetune_dirs: Sequence[str | Path], **options) -> WhatIfSession:
+    """A cached session for these folders (rebuilt when a file changed); keeps the last two."""
+    key = repr([_fingerprint(Path(base_dir)), [_fingerprint(Path(d)) for d in finetune_dirs],
+                sorted(options.items(), key=lambda kv: kv[0])])
+    with _SESSIONS_LOCK:
+        session = _SESSIONS.get(key)
+        if session is not None:
+            _SESSIONS.move_to_end(key)
+            return session
+    session = WhatIfSession(base_dir, finetune_dirs, **options)
+    with _SESSIONS_LOCK:
+        _SESSIONS[key] = session
+        while len(_SESSIONS) > _MAX_SESSIONS:
+            _SESSIONS.popitem(last=False)
+    return session
+
+
+def what_if(base_dir: str | Path, finetune_dirs: Sequence[str | Path], method: str,
+            model_params: Sequence[Mapping[str, Any] | None] | None = None,
+            params: Mapping[str, Any] | None = None, *, seed: int = 0, **options) -> dict:
+    """Merge ``finetune_dirs`` onto ``base_dir`` with ``method`` in memory and evaluate it on
+    the zoo tasks; nothing is written. ``options``: WhatIfSession's (tasks, n_per_task, ...)."""
+    get_method(method)  # unknown method: fail before loading anything
+    return get_session(base_dir, finetune_dirs, **options).evaluate(method, model_params, params,
+                                                                    seed=seed)
+
+
+__all__ = ["WhatIfSession", "get_session", "what_if"]

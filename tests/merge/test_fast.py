@@ -1,0 +1,116 @@
+"""The chunked CPU kernels give the methods' own results, threshold ties and all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.errors import NonFiniteError
+from engine.merge import fast, get_method
+from engine.merge.fast import TopK, select_topk
+from engine.merge.sparsify import topk_mask
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(fast, "CHUNK", 1000)  # many chunks even on small tensors
+    monkeypatch.setattr(fast, "_SAMPLE", 256)
+
+
+def quantized_family(n_models=3, shape=(37, 53), seed=0, dtype=torch.bfloat16):
+    """bf16 base and fine-tunes with coarse deltas: many equal magnitudes (threshold ties)."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    fts = []
+    for _ in range(n_models):
+        delta = torch.randint(-6, 7, shape, generator=g).float() * 2 ** -10
+        fts.append((base.float() + delta).to(dtype))
+    return base, fts
+
+
+def _reference(method, base, fts, mps, params):
+    m = get_method(method)
+    return m.merge(base, fts, mps, params)
+
+
+CASES = [
+    ("linear", [{"weight": 0.6}, {"weight": 0.3}, {"weight": 0.1}], {}),
+    ("linear", [{"weight": 2.0}, {"weight": -0.5}, {"weight": 1.0}], {"normalize": False}),
+    ("task_arithmetic", [{"weight": 0.7}, {"weight": 0.5}, {"weight": -0.2}], {"lambda": 0.9}),
+    ("task_arithmetic", [{"weight": 0.5}, {"weight": 0.5}, {"weight": 0.25}], {"normalize": True}),
+    ("ties", [{"weight": 1.0, "density": 0.5}, {"weight": 0.8, "density": 0.7}, {"weight": 0.5, "density": 0.3}], {}),
+    ("ties", [{"weight": 0.6, "density": 0.4}] * 3, {"normalize": False, "int8_mask": True, "lambda": 1.3}),
+    ("ties", [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 1.0}, {"weight": 0.3, "density": 0.01}],
+     {"consensus_method": "count"}),
+    ("breadcrumbs", [{"weight": 0.6, "density": 0.8, "gamma": 0.05}, {"weight": 0.4, "density": 0.7, "gamma": 0.02},
+                     {"weight": 0.4, "density": 0.97, "gamma": 0.1}], {}),
+    ("breadcrumbs_ties", [{"weight": 0.6, "density": 0.8, "gamma": 0.05}, {"weight": 0.4, "density": 0.7, "gamma": 0.0},
+                          {"weight": 0.4, "density": 0.5}], {"normalize": True}),
+]
+
+
+@pytest.mark.parametrize("method, mps, params", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunked_kernel_equals_the_method(method, mps, params, dtype):
+    base, fts = quantized_family(dtype=dtype)
+    m = get_method(method)
+    p, parsed = m.parse_params(params), m.parse_model_params(mps)
+    assert fast.supports(method, p)
+    expected = m.merge(base, fts, parsed, p)
+    out = torch.empty(base.shape, dtype=torch.float32)
+    fast.merge_into(method, base if m.requires_base else None, fts, parsed, p, out)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out16 = torch.empty(base.shape, dtype=torch.bfloat16)
+    fast.merge_into(method, base if m.requires_base else None, fts, parsed, p, out16)
+    assert torch.equal(out16, expected.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 17, 500, 1000, 1961, 1999, 2000, 2500])
+def test_select_topk_matches_a_full_selection(k):
+    base, (ft, *_) = quantized_family(shape=(40, 50))
+    rule = select_topk(base.reshape(-1), ft.reshape(-1), k)
+    mag = (ft.float() - base.float()).abs().reshape(-1)
+    if k >= mag.numel():
+        assert rule.everything
+        return
+    if k <= 0:
+        assert rule.nothing
+        return
+    expected = topk_mask(mag, k)
+    cursor = fast._TopKCursor(rule)
+    got = torch.cat([cursor.mask(mag[s:e]) for s, e in fast._chunks(mag.numel())])
+    assert int(got.sum()) == k
+    assert torch.equal(got, expected)
+
+
+def test_bracket_miss_falls_back_to_exact_selection(monkeypatch):
+    monkeypatch.setattr(fast, "_SAMPLE", 2)  # a useless sample
+    base, (ft, *_) = quantized_family(shape=(30, 30))
+    mag = (ft.float() - base.float()).abs().reshape(-1)
+    for k in (1, 100, 450, 899):
+        rule = select_topk(base.reshape(-1), ft.reshape(-1), k)
+        assert isinstance(rule, TopK)
+        cursor = fast._TopKCursor(rule)
+        assert torch.equal(torch.cat([cursor.mask(mag[s:e]) for s, e in fast._chunks(mag.numel())]),
+                           topk_mask(mag, k))
+
+
+def test_unsupported_settings_are_declined():
+    assert not fast.supports("dare_ties", get_method("dare_ties").parse_params({}))
+    assert not fast.supports("ties", get_method("ties").parse_params({"rescale": True}))
+    assert not fast.supports("slerp", get_method("slerp").parse_params({"t": 0.5}))
+
+
+def test_nonfinite_inputs_are_named_and_huge_finite_sums_are_not_errors():
+    base, fts = quantized_family(dtype=torch.float32)
+    fts[1][3, 4] = float("nan")
+    m = get_method("ties")
+    mps = m.parse_model_params([{"weight": 1.0, "density": 0.5}] * 3)
+    with pytest.raises(NonFiniteError, match="model-b: tensor 'w': 1 NaN/Inf value\\(s\\) in an input"):
+        fast.merge_into("ties", base, fts, mps, m.parse_params({}), torch.empty(base.shape),
+                        labels=["base", "model-a", "model-b", "model-c"], name="w")
+    big = [torch.full((50, 50), 3e37), torch.full((50, 50), 3e37)]  # sums overflow fp32, values do not
+    lin = get_method("linear")
+    out = fast.merge_into("linear", None, big, lin.parse_model_params([{"weight": 1}, {"weight": 1}]),
+                          lin.parse_params({}), torch.empty(50, 50))
+    torch.testing.assert_close(out, big[0])
