@@ -16,7 +16,9 @@ st.set_page_config(page_title="Delta Workbench", layout="wide")
 
 pages = [
     st.Page("pages/models.py", title="Models", icon=":material/folder_open:", default=True),
+    st.Page("pages/merge_lab.py", title="Merge lab", icon=":material/merge:"),
     st.Page("pages/jobs.py", title="Jobs", icon=":material/work_history:"),
+    st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ]
 navigation = st.navigation(pages)
 

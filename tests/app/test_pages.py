@@ -100,3 +100,22 @@ def test_jobs_page_lists_a_finished_and_a_failed_job(workbench_env, quick_zoo):
     assert not at.exception
     assert any("done in" in s.value for s in at.success)
     assert at.error and str(workbench_env / "missing") in at.error[0].value
+
+
+def test_export_page_refuses_bad_input_and_lists_exports(workbench_env, quick_zoo):
+    exports = workbench_env / "home" / "exports"
+    (exports / "done-model").mkdir(parents=True)
+    (exports / "done-model" / "config.json").write_text("{}")
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.switch_page("pages/export.py").run()
+    assert not at.exception
+    assert any("done-model" in m.value for m in at.markdown)
+    assert at.get("download_button")  # a small folder is offered as a zip
+    at.text_area(key="export_recipe").input("merge_method: [unclosed")
+    at.text_input(key="export_out_name").input("../escape")
+    at.button[0].click().run()
+    assert not at.exception and at.error and "plain folder name" in at.error[0].value
+    at.text_input(key="export_out_name").input("new-one")
+    at.button[0].click().run()
+    assert not at.exception and at.error and "not valid YAML" in at.error[0].value
+    assert not (exports / "new-one").exists()

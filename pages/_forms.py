@@ -1,0 +1,93 @@
+"""Render a pydantic params class as Streamlit widgets, so a new method needs no page change.
+
+Scalar fields only (the engine's params classes are scalar: per-layer gradients and filters
+are resolved before parsing): bool -> checkbox, int / float -> number input (bounds from the
+field's ge/le/gt/lt), Literal -> select box, str -> text input, ``X | None`` -> the widget of
+X behind an "unset" check. The returned dict is keyed by each field's alias (``lambda`` for
+``lambda_``), i.e. the recipe's own parameter names.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any
+
+import annotated_types
+import streamlit as st
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+
+def _bounds(field) -> tuple[float | None, float | None]:
+    low = high = None
+    for meta in field.metadata:
+        if isinstance(meta, annotated_types.Ge):
+            low = meta.ge
+        elif isinstance(meta, annotated_types.Gt):
+            low = meta.gt + 0.01  # widgets have closed ranges: the smallest step above
+        elif isinstance(meta, annotated_types.Le):
+            high = meta.le
+        elif isinstance(meta, annotated_types.Lt):
+            high = meta.lt
+    return low, high
+
+
+def _unwrap_optional(annotation) -> tuple[Any, bool]:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
+            return args[0], True
+    return annotation, False
+
+
+def field_widget(label: str, annotation, default: Any, field, key: str) -> Any:
+    help_text = field.description or None
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        return st.checkbox(label, value=bool(default), key=key, help=help_text)
+    if origin is typing.Literal:
+        choices = list(typing.get_args(annotation))
+        index = choices.index(default) if default in choices else 0
+        return st.selectbox(label, choices, index=index, key=key, help=help_text)
+    low, high = _bounds(field)
+    if annotation is int:
+        return int(st.number_input(label, value=int(default if default is not None else low or 0),
+                                   min_value=None if low is None else int(low),
+                                   max_value=None if high is None else int(high),
+                                   step=1, key=key, help=help_text))
+    if annotation is float:
+        value = float(default if default is not None else (low or 0.0))
+        if low is not None and high is not None and 0.0 <= low and high <= 1.0:
+            return st.slider(label, float(low), float(high), value, step=0.01, key=key,
+                             help=help_text)
+        return float(st.number_input(label, value=value,
+                                     min_value=None if low is None else float(low),
+                                     max_value=None if high is None else float(high),
+                                     step=0.05, format="%.4f", key=key, help=help_text))
+    return st.text_input(label, value="" if default is None else str(default), key=key,
+                         help=help_text)
+
+
+def params_form(params_class: type[BaseModel], key: str, *, defaults: dict | None = None,
+                skip: tuple[str, ...] = ()) -> dict:
+    """Widgets for every field of ``params_class``; returns ``{alias: value}`` of set fields."""
+    defaults = defaults or {}
+    values: dict[str, Any] = {}
+    for name, field in params_class.model_fields.items():
+        alias = field.alias or name
+        if name in skip or alias in skip:
+            continue
+        annotation, optional = _unwrap_optional(field.annotation)
+        default = defaults.get(alias, defaults.get(name, field.default))
+        if default is PydanticUndefined:
+            default = None
+        widget_key = f"{key}.{name}"
+        if optional:
+            use = st.checkbox(f"set {alias}", value=default is not None, key=widget_key + ".set",
+                              help=field.description or None)
+            if not use:
+                continue
+        values[alias] = field_widget(alias, annotation, default, field, widget_key)
+    return values

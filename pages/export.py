@@ -1,0 +1,99 @@
+"""Export: write merged (or decompressed) checkpoints to folders through the atomic writer, see
+what is there, and download small ones as a zip."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import streamlit as st
+import yaml
+
+from engine import settings
+from engine.errors import ConfigError, DeltaWorkbenchError
+from engine.jobs import JobSpec
+from engine.recipe import parse_recipe
+from pages._shared import human_bytes, job_manager, show_error
+
+DOWNLOAD_LIMIT = 64 * 2**20  # folders up to this size are offered as a zip download
+MANIFEST = "delta_workbench_manifest.json"
+
+st.title("Export")
+exports = settings.export_dir()
+st.caption(f"Exports are written to `{exports}` (staged beside it, verified, then renamed: a "
+           "failed or cancelled export leaves nothing behind).")
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") \
+        and ".." not in name and "\x00" not in name
+
+
+st.subheader("Merge from a recipe")
+with st.form("export_merge_form"):
+    recipe_text = st.text_area("Recipe (mergekit YAML; model paths absolute, under the allowed "
+                               "roots)", height=220, key="export_recipe",
+                               value=st.session_state.get("export_recipe_default", ""))
+    out_name = st.text_input("Output folder name", key="export_out_name")
+    submitted = st.form_submit_button("Export")
+if submitted:
+    try:
+        if not _valid_name(out_name):
+            raise ConfigError("give a plain folder name (no '/', not starting with '.')")
+        if (exports / out_name).exists():
+            raise ConfigError("already exists: choose another name", path=exports / out_name)
+        try:
+            data = yaml.safe_load(recipe_text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"the recipe is not valid YAML: {err}".splitlines()[0]) from None
+        parse_recipe(data)  # refuse a bad recipe here, not in the worker
+        exports.mkdir(parents=True, exist_ok=True)
+        job_id = job_manager().submit(JobSpec(kind="merge", title=f"export {out_name}", params={
+            "recipe_yaml": recipe_text, "out": str(exports / out_name)}))
+        st.success(f"Queued job {job_id}: follow it on the Jobs page.")
+    except DeltaWorkbenchError as err:
+        show_error(err, "Cannot export")
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _zip(folder: str, size: int, mtime: float) -> bytes:  # noqa: ARG001 - cache keys
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                archive.write(path, Path(folder).name + "/" + str(path.relative_to(folder)))
+    return buffer.getvalue()
+
+
+st.subheader("Exported folders")
+folders = sorted((p for p in exports.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                 key=lambda p: p.stat().st_mtime, reverse=True) if exports.is_dir() else []
+if not folders:
+    st.info("Nothing exported yet.")
+for folder in folders:
+    size = _folder_size(folder)
+    with st.container(border=True):
+        st.markdown(f"**{folder.name}** · {human_bytes(size)}")
+        manifest_path = folder / MANIFEST
+        if manifest_path.is_file():
+            try:
+                manifest = json.loads(manifest_path.read_text())
+                kind = manifest.get("kind") or manifest.get("extra", {}).get("kind")
+                st.caption(f"kind: {kind or 'model'} · shards: "
+                           f"{len(manifest.get('shards', manifest.get('files', [])))}")
+            except ValueError:
+                st.warning("its manifest is not valid JSON")
+        if size <= DOWNLOAD_LIMIT:
+            st.download_button("Download as zip", _zip(str(folder), size,
+                                                        folder.stat().st_mtime),
+                               file_name=f"{folder.name}.zip", mime="application/zip",
+                               key=f"dl-{folder.name}")
+        else:
+            st.caption(f"Too large to download here (over {human_bytes(DOWNLOAD_LIMIT)}); "
+                       "copy the folder instead.")

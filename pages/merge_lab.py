@@ -1,0 +1,172 @@
+"""Merge lab: pick a method, tune its parameters and per-model weights, and see the merged
+model's accuracy on every zoo task within seconds (merged and scored in memory, nothing
+written). Keep runs to compare them; save the recipe as mergekit YAML or run it as a job."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+import yaml
+
+from engine import settings
+from engine.errors import DeltaWorkbenchError
+from engine.jobs import JobSpec
+from engine.merge import get_method, list_methods
+from engine.merge.whatif import get_session
+from engine.recipe import parse_recipe
+from pages._forms import params_form
+from pages._shared import job_manager, require_selection, short_name, show_error
+
+RUNS_KEY = "merge_runs"
+
+st.title("Merge lab")
+chosen = require_selection(1)
+if chosen is None:
+    st.stop()
+base, finetunes = chosen["base"], list(chosen["finetunes"])
+
+names = [m if isinstance(m, str) else m.name for m in list_methods()]
+top = st.columns([2, 1])
+method_name = top[0].selectbox("Method", names, index=names.index("ties") if "ties" in names
+                               else 0, key="ml_method")
+n_eval = top[1].number_input("Held-out examples per task", 8, 256, 48, step=8, key="ml_n_eval",
+                             help="More is steadier and slower.")
+method = get_method(method_name)
+st.caption(f"{method.paper}")
+if method_name == "slerp" and len(finetunes) != 1:
+    st.info("slerp interpolates the base and ONE fine-tune: only the first selected fine-tune "
+            f"({short_name(finetunes[0])}) is used.")
+    finetunes = finetunes[:1]
+
+with st.expander("Method parameters", expanded=True):
+    params = params_form(method.params_class, key=f"ml.{method_name}")
+model_params: list[dict] = []
+if method.model_params_class.model_fields:
+    st.markdown("**Per-model parameters**")
+    columns = st.columns(min(len(finetunes), 5))
+    default_weight = 1.0 / len(finetunes) if method_name == "linear" else 1.0
+    for i, folder in enumerate(finetunes):
+        with columns[i % len(columns)]:
+            st.caption(short_name(folder))
+            model_params.append(params_form(method.model_params_class,
+                                            key=f"ml.{method_name}.{i}",
+                                            defaults={"weight": default_weight}))
+else:
+    model_params = [{} for _ in finetunes]
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _evaluate(base: str, finetunes: tuple[str, ...], method: str, model_params_json: str,
+              params_json: str, n_eval: int) -> dict:
+    session = get_session(base, list(finetunes), n_per_task=n_eval, n_generic=0)
+    return session.evaluate(method, json.loads(model_params_json), json.loads(params_json))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _evaluate_input(base: str, finetunes: tuple[str, ...], which: str, n_eval: int) -> dict:
+    session = get_session(base, list(finetunes), n_per_task=n_eval, n_generic=0)
+    return session.evaluate_input(which if which == "base" else int(which))
+
+
+def _accuracies(result: dict) -> dict[str, float]:
+    return {task: score["accuracy"] for task, score in result["tasks"].items()}
+
+
+try:
+    with st.spinner("Merging in memory and scoring..."):
+        result = _evaluate(base, tuple(finetunes), method_name, json.dumps(model_params),
+                           json.dumps(params), int(n_eval))
+        references = {"base": _accuracies(_evaluate_input(base, tuple(finetunes), "base",
+                                                          int(n_eval)))}
+        for i, folder in enumerate(finetunes):
+            references[short_name(folder)] = _accuracies(
+                _evaluate_input(base, tuple(finetunes), str(i), int(n_eval)))
+except DeltaWorkbenchError as err:
+    show_error(err, "This merge cannot run")
+    st.stop()
+except ValueError as err:  # pydantic validation of a parameter
+    st.error(f"Invalid parameters: {err}".splitlines()[0])
+    st.stop()
+
+merged = _accuracies(result)
+own = {short_name(f): _accuracies(_evaluate_input(base, tuple(finetunes), str(i), int(n_eval)))
+       for i, f in enumerate(finetunes)}
+st.subheader("Accuracy per task")
+metrics = st.columns(3)
+own_tasks = [t for t in merged if any(name.endswith(t) for name in own)]
+if own_tasks:
+    metrics[0].metric("Mean over the fine-tunes' tasks",
+                      f"{sum(merged[t] for t in own_tasks) / len(own_tasks):.3f}")
+metrics[1].metric("Merge time", f"{result['seconds']['merge']:.2f} s")
+metrics[2].metric("Evaluation time", f"{result['seconds']['evaluate']:.2f} s")
+for warning in result.get("warnings", []):
+    st.warning(warning)
+
+figure = go.Figure()
+tasks = list(merged)
+figure.add_bar(name=f"merged ({method_name})", x=tasks, y=[merged[t] for t in tasks])
+figure.add_bar(name="base", x=tasks, y=[references["base"][t] for t in tasks], opacity=0.5)
+best = {t: max(own[name][t] for name in own) for t in tasks}
+figure.add_scatter(name="best fine-tune", x=tasks, y=[best[t] for t in tasks], mode="markers",
+                   marker={"symbol": "line-ew-open", "size": 28, "line": {"width": 3}})
+figure.update_layout(barmode="group", yaxis={"range": [0, 1.05], "title": "exact match"},
+                     height=380, margin={"t": 20, "b": 20})
+st.plotly_chart(figure, width="stretch", key="ml_chart")
+
+# -- compare runs ------------------------------------------------------------------------------
+runs = st.session_state.setdefault(RUNS_KEY, [])
+label = st.text_input("Run label", value=f"{method_name} #{len(runs) + 1}", key="ml_label")
+if st.button("Keep this run for comparison", key="ml_keep"):
+    runs.append({"label": label, "method": method_name, "params": params,
+                 "model_params": model_params, "accuracy": merged})
+if runs:
+    st.subheader("Kept runs")
+    table = pd.DataFrame([{"run": r["label"], **r["accuracy"]} for r in runs]).set_index("run")
+    st.dataframe(table.style.format("{:.3f}"), width="stretch")
+    compare = go.Figure()
+    for r in runs:
+        compare.add_bar(name=r["label"], x=list(r["accuracy"]), y=list(r["accuracy"].values()))
+    compare.update_layout(barmode="group", yaxis={"range": [0, 1.05]}, height=320,
+                          margin={"t": 20, "b": 20})
+    st.plotly_chart(compare, width="stretch", key="ml_compare")
+    if st.button("Clear kept runs", key="ml_clear"):
+        runs.clear()
+        st.rerun()
+
+# -- recipe and full merge ---------------------------------------------------------------------
+st.subheader("Recipe")
+recipe_data = {
+    "merge_method": method_name,
+    "base_model": base,
+    "models": [{"model": f, "parameters": mp} for f, mp in zip(finetunes, model_params)],
+    "parameters": params,
+    "dtype": "float32",
+}
+try:
+    recipe_yaml = parse_recipe(recipe_data).to_yaml()
+except DeltaWorkbenchError as err:
+    show_error(err, "Recipe")
+    st.stop()
+st.code(recipe_yaml, language="yaml")
+st.download_button("Download recipe (mergekit YAML)", recipe_yaml, file_name="merge_recipe.yml",
+                   mime="application/x-yaml", key="ml_download")
+with st.form("ml_run_form"):
+    out_name = st.text_input("Output folder name (under the export folder)",
+                             value=f"merge-{method_name}", key="ml_out_name")
+    if st.form_submit_button("Run the full merge as a job"):
+        if not out_name or "/" in out_name or out_name.startswith(".") or ".." in out_name:
+            st.error("Give a plain folder name (no '/', not starting with '.').")
+        else:
+            out = settings.export_dir() / out_name
+            if out.exists():
+                st.error(f"{out} already exists: choose another name.")
+            else:
+                settings.export_dir().mkdir(parents=True, exist_ok=True)
+                job_id = job_manager().submit(JobSpec(
+                    kind="merge", title=f"merge {method_name} -> {out_name}",
+                    params={"recipe_yaml": yaml.safe_dump(yaml.safe_load(recipe_yaml)),
+                            "out": str(out)}))
+                st.success(f"Queued job {job_id}: follow it on the Jobs page.")

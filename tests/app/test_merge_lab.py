@@ -1,0 +1,79 @@
+"""Merge lab under AppTest: renders from the quick zoo, a weight change re-scores, runs are
+kept, the recipe is valid mergekit YAML, and a full merge is queued as a job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def lab(monkeypatch, tmp_path, quick_zoo):
+    monkeypatch.setenv("DELTA_WORKBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DELTA_WORKBENCH_ZOO", str(quick_zoo))
+    monkeypatch.chdir(ROOT)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.switch_page("pages/merge_lab.py").run()
+    assert not at.exception
+    return at
+
+
+def _metric(at, label):
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def test_merge_lab_scores_a_merge_and_reacts_to_a_weight(lab):
+    assert not lab.error
+    assert lab.session_state["ml_method"] == "ties"
+    recipe = yaml.safe_load(lab.code[-1].value)
+    assert recipe["merge_method"] == "ties" and len(recipe["models"]) == 5
+    assert all(m["parameters"]["weight"] == 1.0 for m in recipe["models"])
+    weight = lab.number_input(key="ml.ties.0.weight")
+    weight.set_value(0.0).run()
+    assert not lab.exception and not lab.error
+    recipe = yaml.safe_load(lab.code[-1].value)
+    assert recipe["models"][0]["parameters"]["weight"] == 0.0
+    assert len(lab.get("plotly_chart")) >= 1
+
+
+def test_merge_lab_keeps_runs_and_switches_method(lab):
+    lab.button(key="ml_keep").click().run()
+    assert len(lab.session_state["merge_runs"]) == 1
+    lab.selectbox(key="ml_method").set_value("linear").run()
+    assert not lab.exception and not lab.error
+    recipe = yaml.safe_load(lab.code[-1].value)
+    assert recipe["merge_method"] == "linear"
+    assert recipe["models"][0]["parameters"]["weight"] == pytest.approx(0.2)
+    lab.button(key="ml_keep").click().run()
+    runs = lab.session_state["merge_runs"]
+    assert [r["method"] for r in runs] == ["ties", "linear"]
+    assert set(runs[0]["accuracy"]) == set(runs[1]["accuracy"])
+
+
+def test_merge_lab_invalid_parameter_is_a_message_not_a_crash(lab):
+    lab.selectbox(key="ml_method").set_value("slerp").run()
+    assert not lab.exception
+    assert any("only the first selected fine-tune" in i.value for i in lab.info)
+    lab.selectbox(key="ml_method").set_value("channel_merging").run()
+    lab.number_input(key="ml.channel_merging.num_groups").set_value(50).run()
+    assert not lab.exception
+
+
+def test_merge_lab_queues_the_full_merge(lab, tmp_path):
+    lab.text_input(key="ml_out_name").input("lab-out")
+    next(b for b in lab.button if "Run the full merge" in b.label).click().run()
+    assert not lab.exception
+    assert any("Queued job" in s.value for s in lab.success)
+    from engine.jobs import JobManager
+
+    manager = JobManager(tmp_path / "home" / "jobs", gpu=False)
+    (job,) = manager.jobs()
+    status = manager.wait(job.id, timeout_s=300)
+    assert status.state == "done", manager.get(job.id).log_tail()
+    out = tmp_path / "home" / "exports" / "lab-out"
+    assert (out / "config.json").is_file() and (out / "merge_recipe.yml").is_file()
