@@ -13,7 +13,7 @@ import sys
 
 from engine.errors import DeltaWorkbenchError
 
-COMMAND_MODULES = ["inspect", "zoo", "eval", "merge", "analyze"]
+COMMAND_MODULES = ["inspect", "zoo", "eval", "merge", "analyze", "compress", "decompress"]
 
 
 def build_parser() -> argparse.ArgumentParser:

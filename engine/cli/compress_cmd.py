@@ -1,0 +1,84 @@
+"""``python -m engine compress --base B --finetuned F --method M --ratio R --out ART``.
+
+Writes a compressed-delta artifact (see ``engine.compress.artifact``) atomically. Method
+parameters: ``--param key=value`` (repeatable; values are YAML scalars, lists or mappings;
+``a.b=v`` sets a nested key, e.g. ``--param inner=impart --param inner_params.C=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from engine.errors import ParameterError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("compress", help="compress a fine-tune's delta into an artifact")
+    parser.add_argument("--base", required=True, help="base model folder")
+    parser.add_argument("--finetuned", required=True, help="fine-tuned model folder (same layout)")
+    parser.add_argument("--method", required=True, help="compressor (magnitude, dare, svd, bitdelta, "
+                                                       "delta_come, impart, delta_dct, dbms)")
+    parser.add_argument("--ratio", type=float, default=None,
+                        help="target ratio: 2 bytes x delta entries / bytes of the artifact folder")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="method parameter (repeatable)")
+    parser.add_argument("--out", required=True, help="artifact folder (must not exist or be empty)")
+    parser.add_argument("--side-files", choices=("dedup", "embed"), default="dedup",
+                        help="config/tokenizer files identical to the base's: reference (dedup) or store")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.set_defaults(func=run)
+
+
+def parse_params(items: list[str]) -> dict:
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ParameterError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ParameterError(f"--param {key}: cannot parse {raw!r}: {err}") from None
+        target = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ParameterError(f"--param {key}: {part} is not a mapping")
+        target[parts[-1]] = value
+    return out
+
+
+def run(args) -> int:
+    from engine.compress import compress
+
+    params = parse_params(args.param)
+
+    def progress(fraction: float, name: str) -> None:
+        if not args.quiet:
+            print(f"\r[{fraction:6.1%}] {name[:60]:<60}", end="", file=sys.stderr, flush=True)
+
+    result = compress(args.base, args.finetuned, args.out, args.method, ratio=args.ratio,
+                      params=params, device=args.device, side_files=args.side_files,
+                      progress=progress)
+    if not args.quiet:
+        print(file=sys.stderr)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    summary = {"out": str(result.out), "method": result.method, "params": result.params,
+               "target_ratio": result.target_ratio, "ratio": round(result.ratio, 4),
+               "bytes": result.bytes, "delta_entries": result.delta_entries,
+               "seconds": round(result.seconds, 3), "device": result.device,
+               "calibration": result.calibration}
+    print(json.dumps(summary) if args.json else
+          f"compressed {result.delta_entries} delta entries with {result.method} into {result.out}: "
+          f"{result.bytes} bytes, ratio {result.ratio:.2f}"
+          + (f" (target {result.target_ratio:g})" if result.target_ratio else "")
+          + f", {result.seconds:.1f}s on {result.device}")
+    return 0

@@ -1,0 +1,1 @@
+"""One module per compressor; engine.compress.registry lists them."""

@@ -1,0 +1,111 @@
+"""DBMS: dynamic base model shift around any other compressor.
+
+DBMS (Huang et al., 2025) observes that the pretrained model is rarely the best base for a
+heavily compressed delta, and learns two scalars per task: one sets how far the base model is
+shifted, one scales the compressed delta; both are learned cheaply on a few samples, and the
+method wraps any delta compressor.
+
+Our reading (the paper's equations were not available to us beyond its abstract; see
+bench/README.md): every compressed matrix is rebuilt as ``(1 + alpha) * W_base + lam * d_hat``
+with ``d_hat`` the inner compressor's rebuilt delta; ``alpha`` (init 0) shifts the base along
+itself, ``lam`` (init 1) rescales the delta. 1-D tensors (stored exactly in fp16) are not
+touched. The scalars are learned after compression with Adam, matching the fine-tune's
+next-token distributions (KL) on ``n_prompts`` prompts of the fine-tune's zoo task (training
+split; ``tasks`` overrides). They are stored in the manifest (8 bytes of information); the
+inner compressor gets the whole byte budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field, PrivateAttr
+
+from engine.compress.registry import CompressParams, get_method
+from engine.errors import ParameterError
+
+NAME = "dbms"
+PAPER = "Huang et al., Dynamic Base Model Shift for Delta Compression, 2025 (arXiv:2505.11344)"
+SOLVED = ()
+
+
+class Params(CompressParams):
+    inner: str = Field("delta_dct", description="The compressor DBMS wraps.")
+    inner_params: dict[str, Any] = Field(default_factory=dict, description="Its parameters.")
+    tasks: list[str] | None = Field(None, description="Calibration tasks (default: the fine-tune's zoo task).")
+    n_prompts: int = Field(32, ge=1, le=4096, description="Calibration prompts.")
+    steps: int = Field(60, ge=1, le=10000, description="Adam steps.")
+    lr: float = Field(0.02, gt=0, description="Adam learning rate of the two scalars.")
+    alpha: float | None = Field(None, description="Base shift (learned; set it to skip learning).")
+    scale: float | None = Field(None, description="Delta scale (learned; set it to skip learning).")
+    _inner: Any = PrivateAttr(None)
+
+    def inner_method(self):
+        return get_method(self.inner)
+
+    def inner_parsed(self):
+        if self._inner is None:  # decode side: sections describe themselves, nothing is solved
+            self._inner = self.inner_method().params_class.model_validate(self.inner_params)
+        return self._inner
+
+
+def validate(params: Params, ratio: float | None) -> None:
+    if params.inner == NAME:
+        raise ParameterError("dbms cannot wrap itself")
+    method = params.inner_method()
+    if method.calibrated and params.inner_params.get("distill"):
+        raise ParameterError("dbms learns its own scalars; wrap bitdelta without distill")
+    params._inner = method.parse_params(params.inner_params, ratio)
+    if (params.alpha is None) != (params.scale is None):
+        raise ParameterError("dbms: give both alpha and scale, or neither (then they are learned)")
+
+
+def encode(delta, budget, params: Params, ctx) -> bytes:
+    return params.inner_method().module.encode(delta, budget, params.inner_parsed(), ctx)
+
+
+def decode(reader, shape, params: Params, ctx) -> torch.Tensor:
+    return params.inner_method().module.decode(reader, shape, params.inner_parsed(), ctx)
+
+
+def needs_prepass(params: Params) -> bool:
+    inner = params.inner_method().module
+    return hasattr(inner, "allocate") and inner.needs_prepass(params.inner_parsed())
+
+
+def prepass(delta, params: Params, ctx):
+    return params.inner_method().module.prepass(delta, params.inner_parsed(), ctx)
+
+
+def allocate(stats, budgets, params: Params):
+    return params.inner_method().module.allocate(stats, budgets, params.inner_parsed())
+
+
+def rebuild(base: torch.Tensor, delta_hat: torch.Tensor, params: Params, ctx) -> torch.Tensor:
+    alpha = 0.0 if params.alpha is None else params.alpha
+    scale = 1.0 if params.scale is None else params.scale
+    return (1.0 + alpha) * base + scale * delta_hat
+
+
+def calibrate(job, params: Params) -> dict:
+    if params.alpha is not None:
+        return {}
+    from engine.compress.calibration import distill
+
+    alpha = torch.zeros((), device=job.device, requires_grad=True)
+    scale = torch.ones((), device=job.device, requires_grad=True)
+    deltas = {name: job.decode(i) for i, name in enumerate(job.matrices)}
+
+    def weights():
+        out = dict(job.base)
+        for name, vec in job.vectors.items():
+            out[name] = job.base[name] + vec
+        for name, d_hat in deltas.items():
+            out[name] = (1 + alpha) * job.base[name] + scale * d_hat
+        return out
+
+    report = distill(job, weights, [alpha, scale], n_prompts=params.n_prompts,
+                     steps=params.steps, lr=params.lr)
+    return {"params": {"alpha": round(float(alpha.detach()), 6), "scale": round(float(scale.detach()), 6)},
+            "report": {"dbms": report}}

@@ -1,0 +1,467 @@
+"""Compress a fine-tune against its base into an artifact, and rebuild it.
+
+``compress`` streams tensor by tensor: it reads one tensor of each model (through
+``ModelFolder``), takes the delta in float32 on the compute device, stores 1-D deltas in fp16
+and hands every matrix to the compressor with its byte budget, appending the section to the
+artifact's payload file. Nothing model-sized is held, except by the compressors that learn
+scalars on calibration prompts (BitDelta with ``distill``, DBMS), which need a forward pass.
+
+Byte budget for ``--ratio R``: the whole folder may take ``2 N / R`` bytes (``N`` delta entries).
+Fixed costs come first (manifest, safetensors header, section offsets, 1-D tensors, embedded
+side files); the rest is split over the matrices in proportion to their sizes, and whatever a
+matrix leaves unused (compressors with discrete settings rarely land exactly) carries over to
+the next one. Compressors with ``allocate`` split the budget themselves after a first
+streaming pass of statistics.
+
+``decompress`` checks the base against the artifact's fingerprint (tensor layout, file sizes,
+then the weight files' sha256) and writes a Hugging Face folder with ``ModelWriter``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from engine.compat import require_compatible
+from engine.compress.artifact import (FORMAT, FORMAT_VERSION, TENSORS_NAME, Artifact, ArtifactWriter,
+                                      compact_json, engine_version, folder_bytes, layout_digest,
+                                      now_utc, safetensors_header, side_files_digest)
+from engine.compress.bits import SectionReader
+from engine.compress.masks import derive_seed
+from engine.compress.registry import CompressMethod, TensorContext, get_method
+from engine.device import compute_device
+from engine.errors import (ArtifactError, ConfigError, IncompatibleModelsError, NonFiniteError,
+                           ParameterError)
+from engine.io import ModelFolder, ModelWriter
+from engine.io.header import DTYPES, TORCH_TO_SAFETENSORS
+from engine.io.writer import sha256_file
+
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+    "chat_template.jinja",
+)
+CALIBRATION_RESERVE = 48  # manifest bytes kept free for learned scalars
+MANIFEST_SLACK = 24
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class CompressResult:
+    out: Path
+    method: str
+    params: dict
+    target_ratio: float | None
+    ratio: float
+    bytes: int
+    delta_entries: int
+    seconds: float
+    device: str
+    warnings: list[str] = field(default_factory=list)
+    tensors: dict[str, dict] = field(default_factory=dict)  # what the compressor chose, per matrix
+    calibration: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- shared helpers
+def layout_of(folder: ModelFolder) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, tuple(folder.info(name).shape)) for name in folder.tensor_names]
+
+
+def is_matrix(shape: tuple[int, ...]) -> bool:
+    return len(shape) >= 2 and shape[0] > 0 and int(np.prod(shape)) > 0
+
+
+def as_matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    return (shape[0], int(np.prod(shape[1:])))
+
+
+def method_seed(method: CompressMethod, params: BaseModel) -> int:
+    inner = params.inner_parsed() if hasattr(params, "inner_parsed") else params
+    return int(getattr(inner, "seed", 0) or 0)
+
+
+def base_fingerprint(folder: ModelFolder, *, content: bool = True) -> dict:
+    files = {}
+    for name, fp in folder.file_fingerprints().items():
+        entry = dict(fp)
+        if content:
+            entry["sha256"] = sha256_file(folder.path / name)
+        files[name] = entry
+    return {"layout_sha256": layout_digest(layout_of(folder)), "files": files}
+
+
+def check_base(artifact: Artifact, base: ModelFolder, *, verify_content: bool = True) -> None:
+    """Refuse a base the artifact was not made against, with a one-line reason."""
+    expected = artifact.manifest["base"]
+    files = expected.get("files") or {}
+    actual = base.file_fingerprints()
+    layout = layout_of(base)
+    if layout_digest(layout) != expected.get("layout_sha256"):
+        n = artifact.manifest["layout"].get("tensors")
+        sizes = ", ".join(f"{k} {v.get('size')} bytes" for k, v in files.items())
+        raise ArtifactError(f"wrong base: its tensor names/shapes differ from the base the artifact "
+                            f"was made against ({n} tensors; {sizes}); this base has {len(layout)} "
+                            "tensors", path=base.path)
+    if sorted(actual) != sorted(files):
+        raise ArtifactError(f"wrong base: weight files {sorted(actual)} differ from the artifact's "
+                            f"base {sorted(files)}", path=base.path)
+    for name, fp in files.items():
+        if actual[name]["size"] != fp.get("size") or actual[name]["header_sha256"] != fp.get("header_sha256"):
+            raise ArtifactError(f"wrong base: {name} is {actual[name]['size']} bytes (header "
+                                f"{actual[name]['header_sha256'][:12]}), the artifact's base had "
+                                f"{fp.get('size')} bytes (header {str(fp.get('header_sha256'))[:12]})",
+                                path=base.path)
+        if verify_content and "sha256" in fp:
+            digest = sha256_file(base.path / name)
+            if digest != fp["sha256"]:
+                raise ArtifactError(f"wrong base: {name} has the same layout but other weights "
+                                    f"(sha256 {digest[:12]}, the artifact's base {fp['sha256'][:12]})",
+                                    path=base.path)
+
+
+def _tensor_dtype(manifest: dict, name: str) -> torch.dtype:
+    layout = manifest["layout"]
+    dtype_name = (layout.get("dtype_overrides") or {}).get(name, layout.get("dtype", "F32"))
+    if dtype_name not in DTYPES:
+        raise ArtifactError(f"unknown dtype {dtype_name!r} in the manifest")
+    return DTYPES[dtype_name][0]
+
+
+def _context(method: CompressMethod, params, name: str, index: int, device) -> TensorContext:
+    return TensorContext(name=name, seed=derive_seed(method_seed(method, params), name),
+                         device=device, index=index)
+
+
+def decode_section(method: CompressMethod, params, data: bytes, name: str, shape, index: int,
+                   device) -> torch.Tensor:
+    """A matrix's rebuilt delta (float32, on ``device``, original shape)."""
+    if not data:
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+    reader = SectionReader(data, f"section of {name!r}")
+    ctx = _context(method, params, name, index, device)
+    try:
+        out = method.module.decode(reader, as_matrix_shape(shape), params, ctx)
+    except (ValueError, IndexError, RuntimeError) as err:
+        raise ArtifactError(f"section of {name!r} is corrupt: {err}") from None
+    return out.reshape(shape)
+
+
+def rebuild_tensor(method: CompressMethod, params, base_t: torch.Tensor, delta_hat: torch.Tensor,
+                   name: str, index: int, device) -> torch.Tensor:
+    base32 = base_t.to(device=device, dtype=torch.float32)
+    hook = getattr(method.module, "rebuild", None)
+    if hook is None:
+        return base32 + delta_hat
+    return hook(base32, delta_hat, params, _context(method, params, name, index, device))
+
+
+# ---------------------------------------------------------------- compress
+def _side_files(base: ModelFolder, ft: ModelFolder, mode: str) -> tuple[dict, dict[str, bytes]]:
+    """The manifest entry and the files to store; with "dedup", files byte-identical to the
+    base's copies are referenced (by one digest) instead of stored."""
+    stored, referenced = {}, []
+    for name in SIDE_FILES:
+        path = ft.path / name
+        if not path.is_file() or path.is_symlink():
+            continue
+        data = path.read_bytes()
+        base_copy = base.path / name
+        same = (mode == "dedup" and base_copy.is_file() and not base_copy.is_symlink()
+                and base_copy.read_bytes() == data)
+        if same:
+            referenced.append((name, data))
+        else:
+            stored[name] = data
+    if not any(n == "config.json" for n in list(stored) + [n for n, _ in referenced]):
+        raise ConfigError("the fine-tune has no config.json", path=ft.path)
+    entry = {"stored": sorted(stored)}
+    if referenced:
+        entry["from_base"] = [n for n, _ in referenced]
+        entry["from_base_sha256"] = side_files_digest(referenced)
+    return entry, stored
+
+
+def _open_pair(base_path, ft_path) -> tuple[ModelFolder, ModelFolder]:
+    base = ModelFolder(base_path)
+    ft = ModelFolder(ft_path)
+    require_compatible(base, [ft])
+    extra = [n for n in ft.tensor_names if n not in base]
+    missing = [n for n in base.tensor_names if n not in ft]
+    if extra or missing:
+        raise IncompatibleModelsError(
+            f"the fine-tune's tensors must be the base's: {len(missing)} missing "
+            f"({', '.join(missing[:3])}), {len(extra)} extra ({', '.join(extra[:3])})", path=ft.path)
+    return base, ft
+
+
+def _dtype_layout(ft: ModelFolder) -> dict:
+    names = {n: TORCH_TO_SAFETENSORS[ft.info(n).dtype] for n in ft.tensor_names}
+    common = Counter(names.values()).most_common(1)[0][0]
+    out = {"dtype": common}
+    overrides = {n: d for n, d in names.items() if d != common}
+    if overrides:
+        out["dtype_overrides"] = overrides
+    return out
+
+
+def compress(
+    base_path: str | Path,
+    finetuned_path: str | Path,
+    out: str | Path,
+    method: str,
+    *,
+    ratio: float | None = None,
+    params: dict | BaseModel | None = None,
+    device: torch.device | str | None = None,
+    side_files: str = "dedup",
+    progress: Progress | None = None,
+) -> CompressResult:
+    """Compress ``finetuned - base`` with ``method`` into the artifact folder ``out``."""
+    started = time.perf_counter()
+    if side_files not in ("dedup", "embed"):
+        raise ParameterError("side_files must be 'dedup' or 'embed'")
+    spec = get_method(method)
+    p = spec.parse_params(params, ratio)
+    device = torch.device(device) if device is not None else compute_device()
+    base, ft = _open_pair(base_path, finetuned_path)
+    warnings: list[str] = []
+    try:
+        layout = layout_of(base)
+        matrices = [(n, s) for n, s in layout if is_matrix(s)]
+        vectors = [(n, s) for n, s in layout if not is_matrix(s)]
+        n_entries = sum(int(np.prod(s)) for _, s in layout)
+        n_vec = sum(int(np.prod(s)) for _, s in vectors)
+        side_entries, side_stored = _side_files(base, ft, side_files)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "engine_version": engine_version(),
+            "created": now_utc(), "method": spec.name,
+            "params": p.model_dump(mode="json", exclude_none=True),
+            "target_ratio": ratio, "delta_entries": n_entries,
+            "layout": {"tensors": len(layout), "matrices": len(matrices), "vector_entries": n_vec,
+                       **_dtype_layout(ft)},
+            "base": base_fingerprint(base),
+            "side_files": side_entries,
+        }
+        writer = ArtifactWriter(out, input_folders=[base.path, ft.path])
+        budgets = None
+        if ratio is not None:
+            budgets = _budgets(manifest, matrices, n_entries, ratio, n_vec, side_stored, spec, warnings)
+        with writer:
+            settings = _allocate(spec, p, base, ft, matrices, budgets, device)
+            carry = 0
+            choices: dict[str, dict] = {}
+            for i, (name, shape) in enumerate(layout):
+                delta = (ft.get_tensor(name).to(device, torch.float32)
+                         - base.get_tensor(name).to(device, torch.float32))
+                if not torch.isfinite(delta).all():
+                    raise NonFiniteError("delta has NaN/Inf values; refused", path=ft.path, tensor=name)
+                if not is_matrix(shape):
+                    writer.add_vector(delta)
+                else:
+                    index = len(writer.offsets) - 1
+                    ctx = _context(spec, p, name, index, device)
+                    if settings is not None:
+                        ctx.setting = settings[index]
+                    budget = None
+                    if budgets is not None:
+                        budget = max(0, budgets[index] + carry)
+                    section = spec.module.encode(delta.reshape(as_matrix_shape(shape)), budget, p, ctx)
+                    if budget is not None:
+                        carry = budget - len(section)
+                    writer.add_section(section)
+                    choices[name] = {"bytes": len(section), **ctx.info}
+                del delta
+                if progress is not None:
+                    progress((i + 1) / len(layout), name)
+            calibration = _calibrate(spec, p, writer, base, ft, matrices, vectors, device, manifest)
+            writer.finalize(manifest, side_stored)
+    finally:
+        base.close()
+        ft.close()
+    total = folder_bytes(out)
+    achieved = 2.0 * n_entries / total
+    if ratio is not None and abs(achieved / ratio - 1) > 0.1:
+        warnings.append(f"achieved ratio {achieved:.2f} is more than 10% from the target {ratio:g}")
+    return CompressResult(out=Path(out), method=spec.name, params=manifest["params"], target_ratio=ratio,
+                          ratio=achieved, bytes=total, delta_entries=n_entries,
+                          seconds=time.perf_counter() - started, device=str(device),
+                          warnings=warnings, tensors=choices, calibration=calibration)
+
+
+def _budgets(manifest, matrices, n_entries, ratio, n_vec, side_stored, spec, warnings) -> list[int]:
+    """Per-matrix byte shares after the fixed costs (see the module docstring)."""
+    total = 2.0 * n_entries / ratio
+    matrix_bytes = int(total)
+    est_files = {TENSORS_NAME: {"sha256": "0" * 64, "size": 10 ** len(str(int(total)))}}
+    for name, data in side_stored.items():
+        est_files[f"files/{name}"] = {"sha256": "0" * 64, "size": len(data)}
+    manifest_bytes = len(compact_json(dict(manifest, files=est_files))) + MANIFEST_SLACK
+    if spec.calibrated:
+        manifest_bytes += CALIBRATION_RESERVE
+    odt_bytes = 4 if total < 2**31 else 8
+    sizes = {"offsets": ("I32", len(matrices) + 1, odt_bytes * (len(matrices) + 1)),
+             "vectors": ("F16", max(1, n_vec), 2 * n_vec),
+             "payload": ("U8", max(1, matrix_bytes), max(1, matrix_bytes))}
+    fixed = (manifest_bytes + len(safetensors_header(sizes)) + odt_bytes * (len(matrices) + 1)
+             + 2 * n_vec + sum(len(d) for d in side_stored.values()))
+    available = int(total) - fixed
+    if available <= 0:
+        warnings.append(f"ratio {ratio:g} is out of reach: the fixed costs ({fixed} bytes: manifest, "
+                        f"1-D tensors, headers, side files) exceed the budget of {int(total)} bytes")
+        available = 0
+    counts = [int(np.prod(s)) for _, s in matrices]
+    n_mat = max(1, sum(counts))
+    return [int(available * c / n_mat) for c in counts]
+
+
+def _allocate(spec, params, base, ft, matrices, budgets, device):
+    module = spec.module
+    if budgets is None or not hasattr(module, "allocate") or not module.needs_prepass(params):
+        return None
+    stats = []
+    for index, (name, shape) in enumerate(matrices):
+        delta = (ft.get_tensor(name).to(device, torch.float32)
+                 - base.get_tensor(name).to(device, torch.float32))
+        stats.append(module.prepass(delta.reshape(as_matrix_shape(shape)), params,
+                                    _context(spec, params, name, index, device)))
+    return module.allocate(stats, budgets, params)
+
+
+def default_tasks(ft_path: Path) -> list[str]:
+    from engine.compress.calibration import zoo_task_of
+    from engine.evaluate.tasks import MAIN_TASKS
+
+    task = zoo_task_of(ft_path)
+    return [task] if task else list(MAIN_TASKS)
+
+
+def _calibrate(spec, params, writer, base, ft, matrices, vectors, device, manifest) -> dict:
+    module = spec.module
+    if not hasattr(module, "calibrate"):
+        return {}
+    wants = getattr(params, "distill", None) is not False and getattr(params, "alpha", None) is None
+    if not wants:
+        return {}
+    from engine.compress.calibration import CalibrationJob
+    from engine.evaluate.loading import load_tokenizer
+
+    base_sd = {n: base.get_tensor(n).to(device, torch.float32) for n in base.tensor_names}
+    teacher = {n: ft.get_tensor(n).to(device, torch.float32) for n in ft.tensor_names}
+    stored = torch.from_numpy(writer.read_vectors())
+    vec, cursor = {}, 0
+    for name, shape in vectors:
+        count = int(np.prod(shape))
+        vec[name] = stored[cursor:cursor + count].reshape(shape).to(device)
+        cursor += count
+    names = [n for n, _ in matrices]
+    shapes = dict(matrices)
+    tasks = getattr(params, "tasks", None) or default_tasks(ft.path)
+
+    def decode(i: int) -> torch.Tensor:
+        return decode_section(spec, params, writer.read_section(i), names[i], shapes[names[i]], i, device)
+
+    job = CalibrationJob(config=ft.config, tokenizer=load_tokenizer(ft.path, ft.config.get("vocab_size")),
+                         device=device, matrices=names, base=base_sd, teacher=teacher, vectors=vec,
+                         section=writer.read_section, decode=decode, tasks=list(tasks))
+    outcome = module.calibrate(job, params) or {}
+    if "patch" in outcome:
+        writer.rewrite_sections(outcome["patch"])
+    if "params" in outcome:
+        manifest["params"].update(outcome["params"])
+        for key, value in outcome["params"].items():
+            setattr(params, key, value)
+    return {"tasks": list(tasks), **outcome.get("report", {})}
+
+
+# ---------------------------------------------------------------- rebuild
+def open_checked(artifact_path, base: ModelFolder, *, verify: bool = True) -> tuple[Artifact, CompressMethod, BaseModel]:
+    artifact = Artifact(artifact_path, verify=verify)
+    spec = get_method(artifact.method)
+    try:
+        params = spec.params_class.model_validate(artifact.params)
+        if hasattr(params, "inner_parsed"):
+            params.inner_parsed()
+    except (ValueError, ParameterError) as err:
+        raise ArtifactError(f"manifest parameters are invalid: {err}", path=artifact.path) from None
+    check_base(artifact, base, verify_content=verify)
+    return artifact, spec, params
+
+
+def iter_rebuilt(artifact: Artifact, spec: CompressMethod, params, base: ModelFolder,
+                 device=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, rebuilt fine-tune tensor in float32 on ``device``), tensor by tensor."""
+    device = torch.device(device) if device is not None else compute_device()
+    vectors = artifact.vectors()
+    cursor, index = 0, 0
+    for name in base.tensor_names:
+        shape = tuple(base.info(name).shape)
+        base_t = base.get_tensor(name)
+        if is_matrix(shape):
+            d_hat = decode_section(spec, params, artifact.section(index), name, shape, index, device)
+            yield name, rebuild_tensor(spec, params, base_t, d_hat, name, index, device)
+            index += 1
+        else:
+            count = int(np.prod(shape))
+            d = torch.from_numpy(vectors[cursor:cursor + count].copy()).reshape(shape)
+            cursor += count
+            yield name, base_t.to(device, torch.float32) + d.to(device)
+
+
+@dataclass
+class DecompressResult:
+    out: Path
+    method: str
+    tensors: int
+    seconds: float
+
+
+def decompress(artifact_path: str | Path, base_path: str | Path, out: str | Path, *,
+               device: torch.device | str | None = None, verify: bool = True,
+               progress: Progress | None = None) -> DecompressResult:
+    """Rebuild the fine-tune as a Hugging Face folder (config and tokenizer files included)."""
+    started = time.perf_counter()
+    base = ModelFolder(base_path)
+    try:
+        artifact, spec, params = open_checked(artifact_path, base, verify=verify)
+        extra = artifact.side_file_bytes(base.path)
+        try:
+            config = json.loads(extra.pop("config.json", b"null"))
+        except ValueError:
+            raise ArtifactError("config.json in the artifact is not JSON", path=artifact.path) from None
+        if not isinstance(config, dict):
+            raise ArtifactError("the artifact carries no config.json", path=artifact.path)
+        manifest_extra = {"kind": "decompressed", "compression": {
+            "method": spec.name, "params": artifact.params, "target_ratio": artifact.manifest.get("target_ratio"),
+            "artifact_bytes": artifact.total_bytes}}
+        names = base.tensor_names
+        with ModelWriter(out, config=config, extra_files=extra, manifest_extra=manifest_extra,
+                         input_folders=[base.path, artifact.path]) as writer:
+            for i, (name, tensor) in enumerate(iter_rebuilt(artifact, spec, params, base, device)):
+                writer.add_tensor(name, tensor.to(_tensor_dtype(artifact.manifest, name)))
+                if progress is not None:
+                    progress((i + 1) / len(names), name)
+    finally:
+        base.close()
+    return DecompressResult(out=Path(out), method=spec.name, tensors=len(names),
+                            seconds=time.perf_counter() - started)
+
+
+def rebuild_state_dict(artifact_path, base_path, *, device=None, verify: bool = True,
+                       dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """The rebuilt fine-tune as an in-memory state dict (for evaluation without writing)."""
+    base = ModelFolder(base_path)
+    try:
+        artifact, spec, params = open_checked(artifact_path, base, verify=verify)
+        return {name: (t if dtype is None else t.to(dtype)).cpu()
+                for name, t in iter_rebuilt(artifact, spec, params, base, device)}
+    finally:
+        base.close()

@@ -1,0 +1,152 @@
+"""The table of delta compressors and a uniform way to call them.
+
+Every module in METHOD_MODULES (``engine/compress/methods/<name>.py``) defines:
+
+- ``NAME``, ``PAPER`` and ``Params`` (a pydantic class the pages render as a form);
+- ``SOLVED``: the Params fields a target ratio solves for (they must be left unset when a
+  ratio is given, and set when it is not);
+- ``encode(delta, budget, params, ctx) -> bytes``: one 2-D delta (float32, on ``ctx.device``)
+  to a section of at most ``budget`` bytes (``None``: use the explicit parameters). An empty
+  section means "zero delta";
+- ``decode(reader, shape, params, ctx) -> Tensor``: the section back to a float32 delta.
+
+Optional: ``RANDOMIZED`` (masks drawn from ``ctx.seed``); ``validate(params, ratio)``;
+``prepass(delta, params, ctx)`` + ``allocate(stats, budgets, params)`` for compressors that
+split the byte budget across tensors from a first streaming pass (``ctx.setting`` then holds
+each tensor's share); ``calibrate(job, params)`` for compressors that learn a few scalars on
+calibration prompts after encoding; ``rebuild(base, delta_hat, params, ctx)`` when the
+fine-tune is not simply ``base + delta_hat``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from engine.errors import ParameterError
+
+METHOD_MODULES: tuple[str, ...] = (
+    "magnitude",
+    "dare",
+    "svd",
+    "bitdelta",
+    "delta_come",
+    "impart",
+    "delta_dct",
+    "dbms",
+)
+
+_REQUIRED = ("NAME", "PAPER", "Params", "SOLVED", "encode", "decode")
+
+
+class CompressParams(BaseModel):
+    """Base of every compressor's parameters: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class TensorContext:
+    """What a compressor knows about the tensor at hand besides its values."""
+
+    name: str
+    seed: int
+    device: torch.device
+    index: int = 0
+    setting: Any = None  # this tensor's share from allocate(), when the method has one
+    info: dict = field(default_factory=dict)  # what encode chose (for reports)
+
+
+def format_validation_error(prefix: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "parameters"
+        parts.append(f"{where}: {e['msg']}")
+    return f"{prefix}: " + "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class CompressMethod:
+    name: str
+    paper: str
+    params_class: type[BaseModel]
+    solved: tuple[str, ...]
+    randomized: bool
+    module: ModuleType
+
+    def parse_params(self, raw: Mapping[str, Any] | BaseModel | None = None,
+                     ratio: float | None = None) -> BaseModel:
+        """Validated parameters; with a ratio the solved fields must be unset, without one set."""
+        if isinstance(raw, self.params_class):
+            params = raw
+        else:
+            try:
+                params = self.params_class.model_validate(dict(raw or {}))
+            except ValidationError as err:
+                raise ParameterError(format_validation_error(f"{self.name} parameters", err)) from None
+        given = [f for f in self.solved if getattr(params, f) is not None]
+        if ratio is not None:
+            if not ratio > 1.0:
+                raise ParameterError(f"ratio must be > 1 (got {ratio})")
+            if given:
+                raise ParameterError(f"{self.name}: give either --ratio or {', '.join(given)}, not both "
+                                     "(the ratio solves them)")
+        elif self.solved and len(given) < len(self.solved):
+            missing = [f for f in self.solved if f not in given]
+            raise ParameterError(f"{self.name}: give --ratio or the parameter(s) {', '.join(missing)}")
+        check = getattr(self.module, "validate", None)
+        if check is not None:
+            check(params, ratio)
+        return params
+
+    @property
+    def has_allocation(self) -> bool:
+        return hasattr(self.module, "allocate")
+
+    @property
+    def calibrated(self) -> bool:
+        return hasattr(self.module, "calibrate")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "paper": self.paper,
+            "randomized": self.randomized,
+            "solved_by_ratio": list(self.solved),
+            "params_schema": self.params_class.model_json_schema(by_alias=True),
+        }
+
+
+def _load(module_name: str) -> CompressMethod:
+    module = importlib.import_module(f"engine.compress.methods.{module_name}")
+    missing = [a for a in _REQUIRED if not hasattr(module, a)]
+    if missing:
+        raise TypeError(f"compress method module {module_name} lacks {', '.join(missing)}")
+    if module.NAME != module_name:
+        raise TypeError(f"compress method module {module_name} declares NAME {module.NAME!r}")
+    return CompressMethod(name=module.NAME, paper=module.PAPER, params_class=module.Params,
+                          solved=tuple(module.SOLVED), randomized=bool(getattr(module, "RANDOMIZED", False)),
+                          module=module)
+
+
+@cache
+def _table() -> dict[str, CompressMethod]:
+    return {name: _load(name) for name in METHOD_MODULES}
+
+
+def list_methods() -> list[str]:
+    return list(METHOD_MODULES)
+
+
+def get_method(name: str) -> CompressMethod:
+    table = _table()
+    if name not in table:
+        raise ParameterError(f"unknown compression method {name!r}; known: {', '.join(METHOD_MODULES)}")
+    return table[name]
