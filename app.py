@@ -6,17 +6,25 @@ and the sidebar (device, zoo location).
 
 from __future__ import annotations
 
-import streamlit as st
+import os
 
-from engine import settings
-from engine.device import describe_device
-from pages._shared import human_bytes, job_manager, startup_sweep
+# Streamlit runs each script run on its own thread, and the engine reads ahead on another:
+# OpenMP's default spin-waiting then makes small torch/LAPACK calls up to 100x slower on a
+# busy CPU. Passive waiting must be chosen before torch loads (workers inherit it).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import streamlit as st  # noqa: E402
+
+from engine import settings  # noqa: E402
+from engine.device import describe_device  # noqa: E402
+from pages._shared import human_bytes, job_manager, startup_sweep  # noqa: E402
 
 st.set_page_config(page_title="Delta Workbench", layout="wide")
 
 pages = [
     st.Page("pages/models.py", title="Models", icon=":material/folder_open:", default=True),
     st.Page("pages/merge_lab.py", title="Merge lab", icon=":material/merge:"),
+    st.Page("pages/compression_lab.py", title="Compression lab", icon=":material/compress:"),
     st.Page("pages/jobs.py", title="Jobs", icon=":material/work_history:"),
     st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ]

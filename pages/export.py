@@ -57,6 +57,34 @@ if submitted:
         show_error(err, "Cannot export")
 
 
+st.subheader("Rebuild a fine-tune from a compressed artifact")
+with st.form("export_decompress_form"):
+    artifact_text = st.text_input("Artifact folder (under the allowed roots or the workbench's "
+                                  "artifacts folder)", key="export_artifact")
+    base_text = st.text_input("Its base model folder", key="export_base")
+    rebuilt_name = st.text_input("Output folder name", key="export_rebuilt_name")
+    rebuild = st.form_submit_button("Rebuild and export")
+if rebuild:
+    from engine.paths import resolve_user_path
+
+    roots = [*settings.allowed_roots(), settings.workbench_home() / "artifacts"]
+    try:
+        if not _valid_name(rebuilt_name):
+            raise ConfigError("give a plain folder name (no '/', not starting with '.')")
+        if (exports / rebuilt_name).exists():
+            raise ConfigError("already exists: choose another name", path=exports / rebuilt_name)
+        artifact_dir = resolve_user_path(artifact_text, roots, kind="dir")
+        base_dir = resolve_user_path(base_text, settings.allowed_roots(), kind="dir")
+        exports.mkdir(parents=True, exist_ok=True)
+        job_id = job_manager().submit(JobSpec(kind="decompress", title=f"rebuild {rebuilt_name}",
+                                              params={"artifact": str(artifact_dir),
+                                                      "base": str(base_dir),
+                                                      "out": str(exports / rebuilt_name)}))
+        st.success(f"Queued job {job_id}: follow it on the Jobs page.")
+    except DeltaWorkbenchError as err:
+        show_error(err, "Cannot rebuild")
+
+
 def _folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 

@@ -119,3 +119,34 @@ def test_export_page_refuses_bad_input_and_lists_exports(workbench_env, quick_zo
     at.button[0].click().run()
     assert not at.exception and at.error and "not valid YAML" in at.error[0].value
     assert not (exports / "new-one").exists()
+
+
+def test_export_page_rebuilds_a_compressed_fine_tune_as_a_job(workbench_env, monkeypatch,
+                                                              quick_zoo):
+    from engine import settings
+
+    monkeypatch.setenv("DELTA_WORKBENCH_ZOO", str(quick_zoo))
+    from engine.compress import compress
+    from engine.jobs import JobManager
+
+    zoo = Path(quick_zoo)
+    artifact = workbench_env / "home" / "artifacts" / "upper-svd"
+    artifact.parent.mkdir(parents=True)
+    compress(zoo / "small" / "base", zoo / "small" / "upper", artifact, "svd", ratio=4)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.switch_page("pages/export.py").run()
+    at.text_input(key="export_artifact").input(str(artifact))
+    at.text_input(key="export_base").input("/etc")
+    at.text_input(key="export_rebuilt_name").input("upper-rebuilt")
+    next(b for b in at.button if "Rebuild and export" in b.label).click().run()
+    assert not at.exception and at.error and "/etc" in at.error[0].value
+    at.text_input(key="export_base").input(str(zoo / "small" / "base"))
+    next(b for b in at.button if "Rebuild and export" in b.label).click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    manager = JobManager(settings.jobs_dir(), gpu=False)
+    (job,) = manager.jobs()
+    assert manager.wait(job.id, timeout_s=300).state == "done", manager.get(job.id).log_tail()
+    out = workbench_env / "home" / "exports" / "upper-rebuilt"
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size > 0

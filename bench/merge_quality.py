@@ -1,0 +1,120 @@
+"""Quality of every merge method on the demo zoo's small family (in-memory what-if merges).
+
+For each method (parameters: the common mergekit-style settings below, stated in the table),
+merge the five small fine-tunes onto small/base and score exact match on every zoo task
+(held-out examples). Methods that rebuild ONE expert (emr with ``task``, channel_merging with
+``expert``, slerp with its one model) are run once per fine-tune, each scored on its own task.
+
+    python bench/merge_quality.py --zoo ZOO [--n 128] [--readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.merge.whatif import WhatIfSession  # noqa: E402
+
+TASKS = ["reverse", "upper", "shift", "sort", "increment"]
+W = {"weight": 1.0}
+# (label, method, per-model params, global params)
+SETTINGS = [
+    ("linear (mean)", "linear", [{"weight": 0.2}] * 5, {}),
+    ("task_arithmetic λ=1", "task_arithmetic", [W] * 5, {}),
+    ("task_arithmetic λ=0.3", "task_arithmetic", [W] * 5, {"lambda": 0.3}),
+    ("ties d=0.2", "ties", [{"weight": 1.0, "density": 0.2}] * 5, {}),
+    ("dare_linear d=0.3", "dare_linear", [{"weight": 1.0, "density": 0.3}] * 5, {}),
+    ("dare_ties d=0.3", "dare_ties", [{"weight": 1.0, "density": 0.3}] * 5, {}),
+    ("breadcrumbs d=0.9 γ=0.01", "breadcrumbs", [{"weight": 1.0, "density": 0.9}] * 5, {}),
+    ("breadcrumbs_ties d=0.9", "breadcrumbs_ties", [{"weight": 1.0, "density": 0.9}] * 5, {}),
+    ("della d=0.3 ε=0.1", "della", [{"weight": 1.0, "density": 0.3, "epsilon": 0.1}] * 5, {}),
+    ("della_linear d=0.3", "della_linear", [{"weight": 1.0, "density": 0.3, "epsilon": 0.1}] * 5,
+     {}),
+    ("model_stock", "model_stock", None, {}),
+    ("consensus k=2", "consensus", [W] * 5, {}),
+    ("tsv", "tsv", None, {}),
+    ("sotu d=0.1", "sotu", [W] * 5, {}),
+    ("fisher (64 prompts)", "fisher", [W] * 5, {}),
+    ("regmean (64 prompts)", "regmean", [W] * 5, {}),
+    ("channel_merging G=2 (merged)", "channel_merging", [W] * 5, {}),
+]
+PER_EXPERT = [
+    ("emr (each task rebuilt)", "emr", lambda i: (None, {"task": i})),
+    ("channel_merging G=2 (each expert rebuilt)", "channel_merging",
+     lambda i: ([W] * 5, {"expert": i})),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--zoo", required=True)
+    parser.add_argument("--n", type=int, default=128, help="held-out examples per task")
+    parser.add_argument("--readme", action="store_true", help="write the table to bench/README.md")
+    args = parser.parse_args()
+    zoo = Path(args.zoo)
+    session = WhatIfSession(zoo / "small" / "base", [zoo / "small" / t for t in TASKS],
+                            tasks=TASKS, n_per_task=args.n, n_generic=0)
+    rows = []
+
+    def own(result_tasks):
+        return {t: result_tasks[t]["accuracy"] for t in TASKS}
+
+    rows.append(("base (no merge)", own(session.evaluate_input("base")["tasks"]), 0.0))
+    experts = {t: session.evaluate_input(i)["tasks"][t]["accuracy"] for i, t in enumerate(TASKS)}
+    rows.append(("each fine-tune alone (own task)", experts, 0.0))
+    for label, method, model_params, params in SETTINGS:
+        started = time.perf_counter()
+        result = session.evaluate(method, model_params, params)
+        rows.append((label, own(result["tasks"]), time.perf_counter() - started))
+        print(label, rows[-1][1], file=sys.stderr)
+    for label, method, make in PER_EXPERT:
+        started, scores = time.perf_counter(), {}
+        for i, task in enumerate(TASKS):
+            model_params, params = make(i)
+            scores[task] = session.evaluate(method, model_params, params)["tasks"][task]["accuracy"]
+        rows.append((label, scores, time.perf_counter() - started))
+        print(label, scores, file=sys.stderr)
+    # slerp: base + one fine-tune at t=0.5, each scored on its own task
+    scores = {}
+    for i, task in enumerate(TASKS):
+        sub = WhatIfSession(zoo / "small" / "base", [zoo / "small" / task], tasks=[task],
+                            n_per_task=args.n, n_generic=0)
+        scores[task] = sub.evaluate("slerp", None, {"t": 0.5})["tasks"][task]["accuracy"]
+    rows.append(("slerp t=0.5 (base + one fine-tune)", scores, 0.0))
+
+    lines = ["| method (settings) | " + " | ".join(TASKS) + " | mean |",
+             "|---|" + "---|" * (len(TASKS) + 1)]
+    for label, scores, _ in rows:
+        mean = sum(scores[t] for t in TASKS) / len(TASKS)
+        lines.append(f"| {label} | " + " | ".join(f"{scores[t]:.2f}" for t in TASKS)
+                     + f" | {mean:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(__file__).resolve().parent / "results" / "merge_quality.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"n_per_task": args.n, "rows": [
+        {"label": label, "accuracy": scores} for label, scores, _ in rows]}, indent=1))
+    if args.readme:
+        readme = Path(__file__).resolve().parent / "README.md"
+        text = readme.read_text() if readme.exists() else "# Benchmarks\n"
+        head = "## Merge quality on the zoo"
+        body = (f"{head}\n\nCommand: `python bench/merge_quality.py --zoo ZOO --readme` (full zoo, "
+                f"seed 0; {args.n} held-out examples per task; exact match on each fine-tune's own "
+                "task after merging all five small fine-tunes onto small/base).\n\n" + table + "\n")
+        if head in text:
+            start = text.index(head)
+            nxt = text.find("\n## ", start + len(head))
+            text = text[:start] + body + (text[nxt + 1:] if nxt != -1 else "")
+        else:
+            text = text.rstrip() + "\n\n" + body
+        readme.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Compression lab: compress one fine-tune's delta with a chosen method and ratio, see the
+ratio in bytes on disk, the reconstruction error per tensor and the rebuilt model's task
+accuracy; and the measured quality-vs-ratio curves of every method on the zoo."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine import settings
+from engine.compress import compress, get_method, list_methods
+from engine.compress.report import reconstruction_errors, rebuilt_accuracy
+from engine.errors import DeltaWorkbenchError
+from engine.io import ModelFolder
+from engine.jobs import JobSpec
+from pages._forms import params_form
+from pages._shared import human_bytes, job_manager, require_selection, short_name, show_error
+
+QUALITY_FIGURE = Path(__file__).resolve().parents[1] / "bench" / "results" / "compress_quality.json"
+IN_PROCESS_LIMIT = 50_000_000  # parameters: bigger models are compressed as a job
+
+st.title("Compression lab")
+chosen = require_selection(1)
+if chosen is None:
+    st.stop()
+base = chosen["base"]
+
+names = [m if isinstance(m, str) else m.name for m in list_methods()]
+top = st.columns([2, 2, 1])
+finetuned = top[0].selectbox("Fine-tune", chosen["finetunes"], format_func=short_name,
+                             key="cl_finetune")
+method_name = top[1].selectbox("Method", names, index=names.index("delta_dct")
+                               if "delta_dct" in names else 0, key="cl_method")
+ratio = top[2].select_slider("Target ratio", [2, 4, 8, 16, 32, 64], value=8, key="cl_ratio")
+method = get_method(method_name)
+st.caption(method.paper)
+with st.expander("Method parameters (those the ratio solves are left out)"):
+    params = params_form(method.params_class, key=f"cl.{method_name}", skip=tuple(method.solved))
+params = {k: v for k, v in params.items() if v not in ("", None)}
+
+
+def _artifact_dir(base: str, finetuned: str, method: str, ratio: float, params: dict) -> Path:
+    key = json.dumps([base, finetuned, method, ratio, params], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return settings.workbench_home() / "artifacts" / f"{Path(finetuned).name}-{method}-{ratio}x-{digest}"
+
+
+out = _artifact_dir(base, finetuned, method_name, float(ratio), params)
+with ModelFolder(finetuned) as folder:
+    n_params = folder.num_parameters
+if n_params > IN_PROCESS_LIMIT:
+    st.info(f"{short_name(finetuned)} has {n_params:,} parameters: compress it as a job.")
+    if st.button("Compress as a job", key="cl_job"):
+        job_id = job_manager().submit(JobSpec(kind="compress", title=f"compress {method_name}",
+                                              params={"base": base, "finetuned": finetuned,
+                                                      "method": method_name, "ratio": ratio,
+                                                      "params": params, "out": str(out)}))
+        st.success(f"Queued job {job_id}: follow it on the Jobs page.")
+    st.stop()
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _compress_and_measure(base: str, finetuned: str, method: str, ratio: float, params_json: str,
+                          out: str, n_eval: int) -> dict:
+    if not (Path(out) / "manifest.json").exists():
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        compress(base, finetuned, out, method, ratio=ratio, params=json.loads(params_json) or None)
+    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+    with ModelFolder(finetuned) as folder:
+        entries = folder.num_parameters
+    return {"bytes": size, "ratio": 2 * entries / size, "artifact": out,
+            "errors": reconstruction_errors(out, base, finetuned),
+            "accuracy": rebuilt_accuracy(out, base, n_per_task=n_eval)}
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _original_accuracy(folder: str, base: str, n_eval: int) -> dict:
+    from engine.evaluate import evaluate_folder
+
+    return evaluate_folder(folder, n_per_task=n_eval, n_generic=0)
+
+
+try:
+    with st.spinner("Compressing, rebuilding and scoring..."):
+        measured = _compress_and_measure(base, finetuned, method_name, float(ratio),
+                                         json.dumps(params, sort_keys=True), str(out), 64)
+        original = _original_accuracy(finetuned, base, 64)
+except DeltaWorkbenchError as err:
+    show_error(err, "Compression failed")
+    st.stop()
+
+cols = st.columns(3)
+cols[0].metric("Ratio on disk", f"{measured['ratio']:.1f}x", help="2 bytes x delta entries / "
+               "bytes of the artifact folder (manifest and every file counted)")
+cols[1].metric("Artifact size", human_bytes(measured["bytes"]))
+errors = pd.DataFrame(measured["errors"])
+cols[2].metric("Median relative error", f"{errors['rel_error'].median():.3f}")
+
+st.subheader("Task accuracy: original vs rebuilt")
+tasks = list(original["tasks"])
+figure = go.Figure()
+figure.add_bar(name="fine-tune", x=tasks, y=[original["tasks"][t]["accuracy"] for t in tasks])
+figure.add_bar(name=f"rebuilt ({method_name}, {ratio}x)", x=tasks,
+               y=[measured["accuracy"]["tasks"][t]["accuracy"] for t in tasks])
+figure.update_layout(barmode="group", yaxis={"range": [0, 1.05]}, height=320,
+                     margin={"t": 20, "b": 20})
+st.plotly_chart(figure, width="stretch", key="cl_accuracy")
+
+st.subheader("Reconstruction error per tensor")
+matrices = errors[errors["shape"].map(len) == 2]
+error_chart = go.Figure(go.Bar(x=matrices["tensor"], y=matrices["rel_error"]))
+error_chart.update_layout(yaxis={"title": "||d_hat - d|| / ||d||"}, height=340,
+                          margin={"t": 20, "b": 120})
+st.plotly_chart(error_chart, width="stretch", key="cl_errors")
+
+st.subheader("Quality vs ratio on the zoo (measured)")
+if QUALITY_FIGURE.is_file():
+    st.plotly_chart(go.Figure(json.loads(QUALITY_FIGURE.read_text())), width="stretch",
+                    key="cl_quality")
+    st.caption("From `bench/compress_quality.py` on the full zoo; see bench/README.md.")
+else:
+    st.info("No measured quality curves yet: run `python bench/compress_quality.py --zoo ZOO`.")

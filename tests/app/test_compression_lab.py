@@ -1,0 +1,41 @@
+"""Compression lab under AppTest: compresses a zoo fine-tune, shows the on-disk ratio, the
+per-tensor error and accuracies; a ratio change writes a new artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def lab(monkeypatch, tmp_path, quick_zoo):
+    monkeypatch.setenv("DELTA_WORKBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DELTA_WORKBENCH_ZOO", str(quick_zoo))
+    monkeypatch.chdir(ROOT)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.switch_page("pages/compression_lab.py").run()
+    assert not at.exception
+    return at
+
+
+def test_compression_lab_measures_bytes_on_disk(lab, tmp_path):
+    assert not lab.error
+    ratio = next(m.value for m in lab.metric if m.label == "Ratio on disk")
+    assert 7.2 <= float(ratio.rstrip("x")) <= 8.8  # the default target, within 10 %
+    artifacts = list((tmp_path / "home" / "artifacts").iterdir())
+    assert len(artifacts) == 1 and (artifacts[0] / "manifest.json").is_file()
+    assert len(lab.get("plotly_chart")) >= 2
+    lab.select_slider(key="cl_ratio").set_value(16).run()
+    assert not lab.exception and not lab.error
+    ratio = next(m.value for m in lab.metric if m.label == "Ratio on disk")
+    assert 14.4 <= float(ratio.rstrip("x")) <= 17.6
+    assert len(list((tmp_path / "home" / "artifacts").iterdir())) == 2
+
+
+def test_compression_lab_other_method(lab):
+    lab.selectbox(key="cl_method").set_value("svd").run()
+    assert not lab.exception and not lab.error
