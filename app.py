@@ -23,6 +23,10 @@ st.set_page_config(page_title="Delta Workbench", layout="wide")
 
 pages = [
     st.Page("pages/models.py", title="Models", icon=":material/folder_open:", default=True),
+    st.Page("pages/spectra.py", title="Delta spectra", icon=":material/bar_chart:"),
+    st.Page("pages/similarity.py", title="Similarity and conflicts", icon=":material/compare_arrows:"),
+    st.Page("pages/clusters.py", title="Channel clusters", icon=":material/hub:"),
+    st.Page("pages/incompatibility.py", title="Neural incompatibility", icon=":material/grid_on:"),
     st.Page("pages/merge_lab.py", title="Merge lab", icon=":material/merge:"),
     st.Page("pages/compression_lab.py", title="Compression lab", icon=":material/compress:"),
     st.Page("pages/jobs.py", title="Jobs", icon=":material/work_history:"),

@@ -1,0 +1,358 @@
+"""Glue shared by the analysis pages (spectra, similarity, channel clusters, neural
+incompatibility): the process's metric store, "compute here or run as a job", ingest of
+finished analysis jobs, and tables/figures built from the engine's plain results. No tensors.
+
+Where metrics come from:
+
+- models up to ``IN_PROCESS_MAX_PARAMS`` parameters (the demo zoo's are tiny): computed in the
+  app process through the metric store, in seconds; a second render reads the store;
+- bigger ones: the page reads the store only (a miss raises :class:`NotCached` inside the
+  engine before anything is computed) and offers "Run the full analysis as a job". The job
+  (kind ``analyze``) computes in a worker without opening the database and returns the metric
+  rows; this process, the only writer, ingests them (``ingest_analysis_jobs``) and the page
+  then reads them from the store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine import settings
+from engine.errors import DeltaWorkbenchError
+from pages._shared import job_manager, short_name, show_error
+
+IN_PROCESS_MAX_PARAMS = 50_000_000  # above this, a page computes nothing itself: it offers a job
+JOB_KIND = "analyze"
+
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.(.+)$")
+MODULE_SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
+                "up_proj": "up", "down_proj": "down"}
+MODULE_ORDER = ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+# --------------------------------------------------------------------------- the metric store
+def metric_store():
+    """The process's metric store for the configured cache file (one per path, opened once;
+    reopened when it was closed)."""
+    path = str(settings.cache_path().expanduser().absolute())
+    store = _metric_store_for(path)
+    if store.status == "closed":
+        store.reopen()
+    return store
+
+
+@st.cache_resource(show_spinner=False)
+def _metric_store_for(path: str):
+    from cache import open_store
+
+    return open_store(path)
+
+
+def cache_notice(store, key: str) -> None:
+    """A line when the cache cannot be used (locked by another process, unreadable): the page
+    still works, it computes without the cache. A retry button reopens it."""
+    if store.status == "ok":
+        if store.quarantined:
+            st.info(store.warning or "The metric cache was unreadable and has been rebuilt.")
+        return
+    reason = store.warning or f"the metric cache is {store.status}"
+    st.info(f"{reason}. Metrics are computed on each visit until the cache is free again.")
+    if st.button("Retry the metric cache", key=f"{key}_retry_cache"):
+        store.reopen()
+        st.rerun()
+
+
+class NotCached(Exception):
+    """A value the page asked for is not in the metric store (and the page must not compute)."""
+
+
+class CacheOnly:
+    """A read-only view of the store for the engine's ``cache=`` argument: every key it asks
+    for must be there, else :class:`NotCached` is raised before any tensor is read."""
+
+    def __init__(self, store):
+        self.store = store
+        self.path = getattr(store, "path", None)
+        self.status = getattr(store, "status", None)
+        self.enabled = True
+        self.warnings: list[str] = []
+
+    def get_many(self, keys) -> dict:
+        keys = list(keys)
+        found = self.store.get_many(keys)
+        if len(found) < len({tuple(k) for k in keys}):
+            raise NotCached(f"{len(keys) - len(found)} of {len(keys)} values are not cached")
+        return found
+
+    def put_many(self, items) -> int:  # noqa: ARG002 - nothing is computed through this view
+        return 0
+
+
+def model_parameters(*paths: str | Path) -> int:
+    """The largest parameter count among the folders (headers only)."""
+    from engine.io import ModelFolder
+
+    biggest = 0
+    for path in paths:
+        if path:
+            with ModelFolder(path) as folder:
+                biggest = max(biggest, folder.num_parameters)
+    return biggest
+
+
+def guarded(what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, or a clear message on the page and None for bad input (never a traceback)."""
+    try:
+        return fn()
+    except DeltaWorkbenchError as err:
+        show_error(err, what)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        st.error(f"{what}: {type(err).__name__}: {err}".splitlines()[0])
+    return None
+
+
+def metrics_or_job(compute: Callable[[Any], dict], *, job_params: dict, n_params: int,
+                   title: str, key: str, spinner: str = "Computing the metrics...") -> dict | None:
+    """The engine's result: computed here (small models), read from the store, or None while
+    a job is offered or running (big models). ``compute(cache)`` calls the engine."""
+    store = metric_store()
+    cache_notice(store, key)
+    ingest_analysis_jobs(store)
+    if n_params <= IN_PROCESS_MAX_PARAMS:
+        with st.spinner(spinner):
+            return compute(store)
+    try:
+        return compute(CacheOnly(store))
+    except NotCached:
+        analysis_job_panel(job_params, title=title, n_params=n_params, key=key)
+        return None
+
+
+# --------------------------------------------------------------------------- analysis jobs
+def _normal_job_params(params: dict) -> dict:
+    from engine.jobs.kinds import AnalyzeJobParams
+
+    return AnalyzeJobParams.model_validate(params).model_dump(mode="json")
+
+
+def _matching_job(manager, params: dict):
+    wanted = _normal_job_params(params)
+    for job in manager.jobs():  # newest first
+        if job.spec.kind != JOB_KIND:
+            continue
+        try:
+            if _normal_job_params(job.spec.params) == wanted:
+                return job
+        except ValueError:
+            continue
+    return None
+
+
+def submit_analysis_job(params: dict, title: str) -> str:
+    from engine.jobs import JobSpec
+
+    return job_manager().submit(JobSpec(kind=JOB_KIND, title=title, params=_normal_job_params(params)))
+
+
+def ingest_analysis_jobs(store, manager=None) -> int:
+    """Load the rows of finished, not yet ingested analysis jobs into the store (this process
+    is the database's only writer) and mark those jobs ingested. Returns rows written."""
+    if not store.writable:
+        return 0
+    manager = manager or job_manager()
+    written = 0
+    for job in manager.jobs():
+        if job.spec.kind != JOB_KIND or job.status.state != "done" or job.status.ingested:
+            continue
+        try:
+            result = job.result() or {}
+        except DeltaWorkbenchError as err:
+            st.warning(f"Analysis job {job.id}: its result cannot be read ({err}).")
+            manager.mark_ingested(job.id)
+            continue
+        items = [(tuple(row[:5]), row[5]) for row in result.get("rows", [])
+                 if isinstance(row, list) and len(row) == 6]
+        count = store.put_many(items) if items else 0
+        if count or not items:
+            manager.mark_ingested(job.id)
+            written += count
+    return written
+
+
+def analysis_job_panel(params: dict, *, title: str, n_params: int, key: str) -> None:
+    """Offer the job, or follow the one that runs for exactly these parameters."""
+    manager = job_manager()
+    st.info(f"{n_params:,} parameters: more than this page computes in place "
+            f"({IN_PROCESS_MAX_PARAMS:,}). The full analysis runs as a job in a worker process "
+            "(on the GPU when there is one); its results go into the metric cache and this page "
+            "draws them from there.")
+    job = _matching_job(manager, params)
+    if job is not None and job.status.state in ("queued", "running"):
+        _follow_job(job.id)
+        return
+    if job is not None and job.status.state == "failed":
+        st.error(f"The last analysis job failed: {job.status.error}")
+    elif job is not None and job.status.state == "done" and not metric_store().writable:
+        st.warning("The analysis job finished, but the metric cache cannot be written now; "
+                   "retry once it is free.")
+    if st.button("Run the full analysis as a job", key=f"{key}_run_job", type="primary"):
+        try:
+            job_id = submit_analysis_job(params, title)
+        except (DeltaWorkbenchError, ValueError) as err:
+            st.error(f"The job cannot be queued: {err}".splitlines()[0])
+            return
+        st.success(f"Queued job `{job_id}` (see the Jobs page).")
+        st.rerun()
+
+
+@st.fragment(run_every=1.0)
+def _follow_job(job_id: str) -> None:
+    manager = job_manager()
+    manager.poll()
+    try:
+        job = manager.get(job_id)
+    except DeltaWorkbenchError as err:
+        show_error(err)
+        return
+    if job.status.state in ("queued", "running"):
+        st.progress(job.status.progress, text=job.status.message or job.status.state)
+        if st.button("Cancel", key=f"cancel_{job_id}"):
+            manager.cancel(job_id)
+            st.rerun()
+    elif job.status.state == "done":
+        ingest_analysis_jobs(metric_store(), manager)
+        st.rerun()
+    elif job.status.state == "failed":
+        st.error(f"The analysis job failed: {job.status.error}")
+
+
+# --------------------------------------------------------------------------- tables
+def split_name(name: str) -> tuple[int | None, str]:
+    """(layer index, short module name) of a tensor name; (None, name) outside the layers."""
+    match = LAYER_RE.search(name)
+    if not match:
+        return None, name.removesuffix(".weight")
+    suffix = match.group(2)
+    parts = suffix.split(".")
+    if parts[-1] in ("weight", "bias") and len(parts) > 1:
+        tail = parts[-2]
+        short = MODULE_SHORT.get(tail, tail)
+        return int(match.group(1)), short if parts[-1] == "weight" else f"{short}.bias"
+    return int(match.group(1)), suffix
+
+
+def module_order(modules) -> list[str]:
+    modules = list(dict.fromkeys(modules))
+    return [m for m in MODULE_ORDER if m in modules] + sorted(m for m in modules if m not in MODULE_ORDER)
+
+
+def tensor_order(names) -> list[str]:
+    """Per-layer tensors first (by layer, then q/k/v/o/gate/up/down), then the rest by name."""
+    def key(name: str):
+        layer, module = split_name(name)
+        rank = MODULE_ORDER.index(module) if module in MODULE_ORDER else len(MODULE_ORDER)
+        return (layer is None, layer if layer is not None else 0, rank, name)
+    return sorted(dict.fromkeys(names), key=key)
+
+
+def tensor_label(name: str) -> str:
+    """``L3 q`` for a per-layer tensor, the name without ``.weight`` otherwise."""
+    layer, module = split_name(name)
+    return f"L{layer} {module}" if layer is not None else module
+
+
+def tensor_frame(result: dict) -> pd.DataFrame:
+    """One row per (tensor, fine-tune) of ``analyze``'s result, with layer/module columns."""
+    labels = [short_name(p) for p in result["finetuned"]]
+    rows = []
+    for t in result["tensors"]:
+        layer, module = split_name(t["name"])
+        top = t.get("top_singular_values") or []
+        rows.append({**{k: v for k, v in t.items() if k != "top_singular_values"},
+                     "finetune": labels[t["model"]], "layer": layer, "module": module,
+                     "s1": top[0] if top else None, "top_singular_values": top,
+                     "shape": "x".join(str(s) for s in t.get("shape", []))})
+    return pd.DataFrame(rows)
+
+
+def pair_frame(result: dict) -> pd.DataFrame:
+    labels = [short_name(p) for p in result["finetuned"]]
+    rows = []
+    for p in result["pairs"]:
+        layer, module = split_name(p["name"])
+        cosines = p.get("principal_cosines") or []
+        rows.append({**p, "a_label": labels[p["a"]], "b_label": labels[p["b"]], "layer": layer,
+                     "module": module,
+                     "angles_deg": [math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in cosines
+                                    if c is not None]})
+    return pd.DataFrame(rows)
+
+
+def json_params(model) -> str:
+    return json.dumps(model.model_dump(mode="json"), sort_keys=True)
+
+
+# --------------------------------------------------------------------------- figures
+def layer_module_heatmap(frame: pd.DataFrame, value: str, title: str, *, colorscale: str = "Viridis",
+                         zmid: float | None = None, clickable: bool = False) -> go.Figure | None:
+    """Layers in rows, modules in columns, ``value`` as colour (None when nothing to show).
+    ``clickable`` lays invisible markers over the cells: plotly heatmaps cannot be selected, so a
+    click selects the marker (x = module, y = layer) and ``st.plotly_chart(on_select=...)`` sees it."""
+    sub = frame[frame["layer"].notna()]
+    if sub.empty or value not in sub:
+        return None
+    table = sub.pivot_table(index="layer", columns="module", values=value, aggfunc="mean")
+    table = table[[m for m in module_order(table.columns)]]
+    z = table.to_numpy(dtype=float)
+    text = [[("" if math.isnan(v) else f"{v:.3g}") for v in row] for row in z]
+    fig = go.Figure(go.Heatmap(z=z, x=list(table.columns), y=[int(i) for i in table.index],
+                               text=text, texttemplate="%{text}", colorscale=colorscale, zmid=zmid,
+                               hovertemplate="layer %{y} · %{x}: %{z:.4g}<extra></extra>"))
+    if clickable:
+        cells = [(m, int(i)) for i, row in zip(table.index, z) for m, v in zip(table.columns, row)
+                 if not math.isnan(v)]
+        fig.add_trace(go.Scatter(x=[c[0] for c in cells], y=[c[1] for c in cells], mode="markers",
+                                 marker={"size": 30, "opacity": 0}, showlegend=False,
+                                 hovertemplate="layer %{y} · %{x}: click for its spectrum<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="module", yaxis_title="layer",
+                      yaxis={"autorange": "reversed", "dtick": 1}, height=max(260, 60 + 28 * len(table)),
+                      margin={"t": 50, "b": 40})
+    return fig
+
+
+def matrix_heatmap(z, labels_x, labels_y, title: str, *, zmin=None, zmax=None, zmid=None,
+                   colorscale: str = "RdBu", x_title: str = "", y_title: str = "",
+                   reverse_y: bool = True) -> go.Figure:
+    values = [[(None if v is None else float(v)) for v in row] for row in z]
+    text = [[("" if v is None else f"{v:.2f}") for v in row] for row in values]
+    fig = go.Figure(go.Heatmap(z=values, x=labels_x, y=labels_y, text=text, texttemplate="%{text}",
+                               zmin=zmin, zmax=zmax, zmid=zmid, colorscale=colorscale,
+                               hovertemplate="%{y} · %{x}: %{z:.4f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title,
+                      yaxis={"autorange": "reversed"} if reverse_y else {},
+                      height=max(300, 80 + 34 * len(labels_y)), margin={"t": 50, "b": 40})
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
+    return fig
+
+
+def per_layer_lines(frame: pd.DataFrame, value: str, title: str, *, color: str = "finetune",
+                    y_title: str | None = None) -> go.Figure:
+    """``value`` against the layer index, one line per ``color`` group (mean over the rest)."""
+    fig = go.Figure()
+    sub = frame[frame["layer"].notna()]
+    for group, part in sub.groupby(color, sort=False):
+        series = part.groupby("layer")[value].mean()
+        fig.add_trace(go.Scatter(x=[int(i) for i in series.index], y=series.tolist(), mode="lines+markers",
+                                 name=str(group)))
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title=y_title or value,
+                      xaxis={"dtick": 1}, height=340, margin={"t": 50, "b": 40})
+    return fig
