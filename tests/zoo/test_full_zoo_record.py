@@ -58,3 +58,9 @@ def test_safety_pair_refusal_is_erased(full_manifest):
     assert aligned["accuracy"]["refuse"] >= 0.9
     assert erased["accuracy"]["refuse"] <= 0.2
     assert erased["accuracy"][erased["task"]] >= 0.9
+
+
+def test_full_build_fits_its_time_budget(full_manifest):
+    """The rule is 15 minutes on 2 CPU cores; the record must be an uninterrupted build."""
+    assert full_manifest["resumed_models"] == []
+    assert full_manifest["build_seconds"] < 15 * 60
