@@ -17,7 +17,7 @@ import streamlit as st  # noqa: E402
 
 from engine import settings  # noqa: E402
 from engine.device import describe_device  # noqa: E402
-from pages._shared import human_bytes, job_manager, startup_sweep  # noqa: E402
+from pages._shared import APP_RAN_KEY, DEEP_LINK_KEY, human_bytes, job_manager, startup_sweep  # noqa: E402
 
 st.set_page_config(page_title="Delta Workbench", layout="wide")
 
@@ -33,6 +33,9 @@ pages = [
     st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ]
 navigation = st.navigation(pages)
+st.session_state[APP_RAN_KEY] = True
+if DEEP_LINK_KEY in st.session_state:  # see pages._shared.require_app
+    st.switch_page(st.session_state.pop(DEEP_LINK_KEY))
 
 startup_sweep()
 

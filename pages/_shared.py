@@ -11,6 +11,21 @@ from engine import settings
 from engine.errors import DeltaWorkbenchError
 
 SELECTION_KEY = "selection"  # {"base": str | None, "finetunes": [str, ...]} (plain, serialisable)
+APP_RAN_KEY = "_app_ran"  # set by app.py on every run, before the page runs
+DEEP_LINK_KEY = "_deep_link"  # a page asked for before app.py had ever run
+
+
+def require_app(page: str) -> None:
+    """Run ``page`` only under app.py's navigation.
+
+    On a freshly started server, a first request for a page's URL (a bookmark, a reload) can
+    reach Streamlit before app.py has ever called ``st.navigation``; Streamlit then falls back
+    to treating every file in pages/ as a page and runs this one alone (wrong menu, no sidebar).
+    The page then hands over to app.py, which builds the real navigation and opens the page.
+    """
+    if not st.session_state.get(APP_RAN_KEY):
+        st.session_state[DEEP_LINK_KEY] = page
+        st.switch_page("app.py")
 
 
 def job_manager():

@@ -19,11 +19,13 @@ from engine.errors import DeltaWorkbenchError
 from engine.io import ModelFolder
 from engine.jobs import JobSpec
 from pages._forms import params_form
+from pages._shared import require_app
 from pages._shared import human_bytes, job_manager, require_selection, short_name, show_error
 
 QUALITY_FIGURE = Path(__file__).resolve().parents[1] / "bench" / "results" / "compress_quality.json"
 IN_PROCESS_LIMIT = 50_000_000  # parameters: bigger models are compressed as a job
 
+require_app("pages/compression_lab.py")
 st.title("Compression lab")
 chosen = require_selection(1)
 if chosen is None:

@@ -15,11 +15,13 @@ from engine import settings
 from engine.errors import ConfigError, DeltaWorkbenchError
 from engine.jobs import JobSpec
 from engine.recipe import parse_recipe
+from pages._shared import require_app
 from pages._shared import human_bytes, job_manager, show_error
 
 DOWNLOAD_LIMIT = 64 * 2**20  # folders up to this size are offered as a zip download
 MANIFEST = "delta_workbench_manifest.json"
 
+require_app("pages/export.py")
 st.title("Export")
 exports = settings.export_dir()
 st.caption(f"Exports are written to `{exports}` (staged beside it, verified, then renamed: a "

@@ -10,8 +10,10 @@ import streamlit as st
 from engine import settings
 from engine.analysis.incompatibility import IncompatibilityParams, incompatibility_maps
 from pages._analysis import guarded, matrix_heatmap, metrics_or_job, model_parameters
+from pages._shared import require_app
 from pages._shared import selection, short_name, zoo_manifest
 
+require_app("pages/incompatibility.py")
 st.title("Neural incompatibility")
 st.caption("Can knowledge move between model sizes by copying parameters? LaTen (Tan et al., ACL "
            "2025) finds that models of different scale agree little, layer for layer, in what they "

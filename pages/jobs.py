@@ -7,8 +7,10 @@ import time
 
 import streamlit as st
 
+from pages._shared import require_app
 from pages._shared import job_manager
 
+require_app("pages/jobs.py")
 st.title("Jobs")
 st.caption("Full analyses, merges, compressions and exports run in their own worker processes "
            "(on the GPU when there is one). They keep running when you leave or reload the page.")

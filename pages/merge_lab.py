@@ -18,10 +18,12 @@ from engine.merge import get_method, list_methods
 from engine.merge.whatif import get_session
 from engine.recipe import parse_recipe
 from pages._forms import params_form
+from pages._shared import require_app
 from pages._shared import job_manager, require_selection, short_name, show_error
 
 RUNS_KEY = "merge_runs"
 
+require_app("pages/merge_lab.py")
 st.title("Merge lab")
 chosen = require_selection(1)
 if chosen is None:

@@ -11,8 +11,10 @@ from engine.analysis import AnalysisParams, analyze
 from engine.analysis.similarity import PairParams
 from pages._analysis import (guarded, layer_module_heatmap, matrix_heatmap, metrics_or_job,
                              model_parameters, pair_frame, per_layer_lines, tensor_order)
+from pages._shared import require_app
 from pages._shared import require_selection, short_name
 
+require_app("pages/similarity.py")
 st.title("Similarity and conflicts")
 st.caption("Task vectors that point the same way merge well; opposite signs on the entries that "
            "matter (sign conflicts) and disjoint important entries (low top-k overlap) are where "

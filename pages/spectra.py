@@ -9,6 +9,7 @@ import streamlit as st
 from engine.analysis import AnalysisParams, analyze, tensor_spectrum
 from pages._analysis import (guarded, layer_module_heatmap, metrics_or_job, model_parameters,
                              module_order, per_layer_lines, tensor_frame, tensor_order)
+from pages._shared import require_app
 from pages._shared import require_selection, short_name
 
 METRICS = {
@@ -24,6 +25,7 @@ METRICS = {
     "kurtosis": "excess kurtosis",
 }
 
+require_app("pages/spectra.py")
 st.title("Delta spectra")
 st.caption("Each fine-tune's task vector Δ = W_ft − W_base, tensor by tensor: how large it is, "
            "how many directions carry its energy, and where in the network it sits.")

@@ -33,9 +33,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory, quick_zoo):
-    home = tmp_path_factory.mktemp("browser-home")
+    proc, url = _serve(tmp_path_factory.mktemp("browser-home"), quick_zoo)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _serve(home: Path, zoo: Path):
+    """Start ``streamlit run app.py`` on a free loopback port; (process, url) once healthy."""
     port = _free_port()
-    env = dict(os.environ, DELTA_WORKBENCH_HOME=str(home), DELTA_WORKBENCH_ZOO=str(quick_zoo),
+    env = dict(os.environ, DELTA_WORKBENCH_HOME=str(home), DELTA_WORKBENCH_ZOO=str(zoo),
                DELTA_WORKBENCH_CACHE=str(home / "metrics.duckdb"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
@@ -52,9 +59,7 @@ def app_url(tmp_path_factory, quick_zoo):
             pass
         assert proc.poll() is None and time.time() < deadline, "the app did not start"
         time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    return proc, url
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +112,24 @@ def test_merge_lab_change_redraws_the_chart(app_url, browser):
     _settle(page)
     assert page.locator('[data-testid="stException"]').count() == 0
     page.close()
+
+
+def test_deep_link_on_a_fresh_server_gets_the_app_navigation(browser, tmp_path, quick_zoo):
+    """A bookmark opened as the server's very first request still runs under app.py's
+    navigation (Streamlit would otherwise list every file of pages/ as a page)."""
+    proc, url = _serve(tmp_path / "home", quick_zoo)
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}/spectra")
+        _settle(page)
+        page.wait_for_function("() => document.querySelector('[data-testid=\"stSidebarNav\"]')"
+                               " && document.querySelector('[data-testid=\"stSidebarNav\"]')"
+                               ".innerText.includes('Merge lab')", timeout=120_000)
+        nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
+        assert "shared" not in nav and "forms" not in nav
+        assert page.locator('[data-testid="stMain"] h1').first.inner_text() == "Delta spectra"
+        assert page.locator('[data-testid="stException"]').count() == 0
+        page.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
