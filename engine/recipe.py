@@ -150,14 +150,19 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> MergeRecipe:
         raise ConfigError(f"invalid merge recipe: {problems}", path=source) from None
 
 
+def parse_recipe_text(text: str, *, source: str = "recipe") -> MergeRecipe:
+    """A recipe from YAML text (a file's content, a page's text area, a job's spec)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe is not valid YAML: {err}", path=source) from None
+    return parse_recipe(data, source=source)
+
+
 def load_recipe(path: str | Path) -> MergeRecipe:
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"cannot read recipe: {err.strerror or err}", path=path) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"recipe is not valid YAML: {err}", path=path) from None
-    return parse_recipe(data, source=str(path))
+    return parse_recipe_text(text, source=str(path))

@@ -118,6 +118,22 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def new_export_folder(name: str) -> Path:
+    """``<export dir>/name`` for a new export (the export dir is created); refuses a name that
+    is not a plain folder name or a folder that already exists."""
+    from engine.errors import ConfigError
+
+    name = (name or "").strip()
+    if (not name or any(c in name for c in "/\\\x00") or name.startswith(".")
+            or ".." in name):
+        raise ConfigError("give a plain folder name (no '/', not starting with '.')")
+    out = settings.export_dir() / name
+    if out.exists():
+        raise ConfigError("already exists: choose another name", path=out)
+    settings.export_dir().mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def show_error(err: Exception, what: str = "") -> None:
     """A workbench error as one clear line on the page (never a traceback)."""
     prefix = f"{what}: " if what else ""

@@ -13,8 +13,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine import settings
-from engine.compress import compress, get_method, list_methods
-from engine.compress.report import reconstruction_errors, rebuilt_accuracy
+from engine.compress import compress, folder_bytes, get_method, list_methods
+from engine.compress.report import measure_rebuilt
 from engine.errors import DeltaWorkbenchError
 from engine.io import ModelFolder
 from engine.jobs import JobSpec
@@ -72,12 +72,11 @@ def _compress_and_measure(base: str, finetuned: str, method: str, ratio: float, 
     if not (Path(out) / "manifest.json").exists():
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         compress(base, finetuned, out, method, ratio=ratio, params=json.loads(params_json) or None)
-    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+    size = folder_bytes(out)
     with ModelFolder(finetuned) as folder:
         entries = folder.num_parameters
     return {"bytes": size, "ratio": 2 * entries / size, "artifact": out,
-            "errors": reconstruction_errors(out, base, finetuned),
-            "accuracy": rebuilt_accuracy(out, base, n_per_task=n_eval)}
+            **measure_rebuilt(out, base, finetuned, n_per_task=n_eval)}
 
 
 @st.cache_data(show_spinner=False, max_entries=32)

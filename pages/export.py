@@ -9,14 +9,14 @@ import zipfile
 from pathlib import Path
 
 import streamlit as st
-import yaml
 
 from engine import settings
-from engine.errors import ConfigError, DeltaWorkbenchError
+from engine.errors import DeltaWorkbenchError
 from engine.jobs import JobSpec
-from engine.recipe import parse_recipe
+from engine.compress import folder_bytes
+from engine.recipe import parse_recipe_text
 from pages._shared import require_app
-from pages._shared import human_bytes, job_manager, show_error
+from pages._shared import human_bytes, job_manager, new_export_folder, show_error
 
 DOWNLOAD_LIMIT = 64 * 2**20  # folders up to this size are offered as a zip download
 MANIFEST = "delta_workbench_manifest.json"
@@ -28,11 +28,6 @@ st.caption(f"Exports are written to `{exports}` (staged beside it, verified, the
            "failed or cancelled export leaves nothing behind).")
 
 
-def _valid_name(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") \
-        and ".." not in name and "\x00" not in name
-
-
 st.subheader("Merge from a recipe")
 with st.form("export_merge_form"):
     recipe_text = st.text_area("Recipe (mergekit YAML; model paths absolute, under the allowed "
@@ -42,18 +37,10 @@ with st.form("export_merge_form"):
     submitted = st.form_submit_button("Export")
 if submitted:
     try:
-        if not _valid_name(out_name):
-            raise ConfigError("give a plain folder name (no '/', not starting with '.')")
-        if (exports / out_name).exists():
-            raise ConfigError("already exists: choose another name", path=exports / out_name)
-        try:
-            data = yaml.safe_load(recipe_text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"the recipe is not valid YAML: {err}".splitlines()[0]) from None
-        parse_recipe(data)  # refuse a bad recipe here, not in the worker
-        exports.mkdir(parents=True, exist_ok=True)
+        out = new_export_folder(out_name)
+        parse_recipe_text(recipe_text)  # refuse a bad recipe here, not in the worker
         job_id = job_manager().submit(JobSpec(kind="merge", title=f"export {out_name}", params={
-            "recipe_yaml": recipe_text, "out": str(exports / out_name)}))
+            "recipe_yaml": recipe_text, "out": str(out)}))
         st.success(f"Queued job {job_id}: follow it on the Jobs page.")
     except DeltaWorkbenchError as err:
         show_error(err, "Cannot export")
@@ -71,24 +58,16 @@ if rebuild:
 
     roots = [*settings.allowed_roots(), settings.workbench_home() / "artifacts"]
     try:
-        if not _valid_name(rebuilt_name):
-            raise ConfigError("give a plain folder name (no '/', not starting with '.')")
-        if (exports / rebuilt_name).exists():
-            raise ConfigError("already exists: choose another name", path=exports / rebuilt_name)
+        out = new_export_folder(rebuilt_name)
         artifact_dir = resolve_user_path(artifact_text, roots, kind="dir")
         base_dir = resolve_user_path(base_text, settings.allowed_roots(), kind="dir")
-        exports.mkdir(parents=True, exist_ok=True)
         job_id = job_manager().submit(JobSpec(kind="decompress", title=f"rebuild {rebuilt_name}",
                                               params={"artifact": str(artifact_dir),
                                                       "base": str(base_dir),
-                                                      "out": str(exports / rebuilt_name)}))
+                                                      "out": str(out)}))
         st.success(f"Queued job {job_id}: follow it on the Jobs page.")
     except DeltaWorkbenchError as err:
         show_error(err, "Cannot rebuild")
-
-
-def _folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -107,7 +86,7 @@ folders = sorted((p for p in exports.iterdir() if p.is_dir() and not p.name.star
 if not folders:
     st.info("Nothing exported yet.")
 for folder in folders:
-    size = _folder_size(folder)
+    size = folder_bytes(folder)
     with st.container(border=True):
         st.markdown(f"**{folder.name}** · {human_bytes(size)}")
         manifest_path = folder / MANIFEST

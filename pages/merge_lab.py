@@ -9,9 +9,7 @@ import json
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-import yaml
 
-from engine import settings
 from engine.errors import DeltaWorkbenchError
 from engine.jobs import JobSpec
 from engine.merge import get_method, list_methods
@@ -19,7 +17,8 @@ from engine.merge.whatif import get_session
 from engine.recipe import parse_recipe
 from pages._forms import params_form
 from pages._shared import require_app
-from pages._shared import job_manager, require_selection, short_name, show_error
+from pages._shared import (job_manager, new_export_folder, require_selection, short_name,
+                           show_error)
 
 RUNS_KEY = "merge_runs"
 
@@ -94,8 +93,7 @@ except ValueError as err:  # pydantic validation of a parameter
     st.stop()
 
 merged = _accuracies(result)
-own = {short_name(f): _accuracies(_evaluate_input(base, tuple(finetunes), str(i), int(n_eval)))
-       for i, f in enumerate(finetunes)}
+own = {name: scores for name, scores in references.items() if name != "base"}
 st.subheader("Accuracy per task")
 metrics = st.columns(3)
 own_tasks = [t for t in merged if any(name.endswith(t) for name in own)]
@@ -159,16 +157,11 @@ with st.form("ml_run_form"):
     out_name = st.text_input("Output folder name (under the export folder)",
                              value=f"merge-{method_name}", key="ml_out_name")
     if st.form_submit_button("Run the full merge as a job"):
-        if not out_name or "/" in out_name or out_name.startswith(".") or ".." in out_name:
-            st.error("Give a plain folder name (no '/', not starting with '.').")
-        else:
-            out = settings.export_dir() / out_name
-            if out.exists():
-                st.error(f"{out} already exists: choose another name.")
-            else:
-                settings.export_dir().mkdir(parents=True, exist_ok=True)
-                job_id = job_manager().submit(JobSpec(
-                    kind="merge", title=f"merge {method_name} -> {out_name}",
-                    params={"recipe_yaml": yaml.safe_dump(yaml.safe_load(recipe_yaml)),
-                            "out": str(out)}))
-                st.success(f"Queued job {job_id}: follow it on the Jobs page.")
+        try:
+            out = new_export_folder(out_name)
+            job_id = job_manager().submit(JobSpec(
+                kind="merge", title=f"merge {method_name} -> {out_name}",
+                params={"recipe_yaml": recipe_yaml, "out": str(out)}))
+            st.success(f"Queued job {job_id}: follow it on the Jobs page.")
+        except DeltaWorkbenchError as err:
+            show_error(err, "Cannot run the merge")

@@ -38,8 +38,9 @@ import torch
 import engine
 from engine.errors import ArtifactError, DeltaWorkbenchError, ExportError
 from engine.io.header import loads_strict_json, read_header
-from engine.io.staging import LOCK_NAME, make_staging_dir, remove_tree
-from engine.io.writer import _fsync_dir, _is_inside, sha256_file
+from engine.io.staging import (LOCK_NAME, check_destination, discard_staging,
+                                make_staging_with_parents)
+from engine.io.writer import _fsync_dir, _write_bytes, sha256_file
 
 FORMAT = "delta-workbench/compressed-delta"
 FORMAT_VERSION = 1
@@ -109,32 +110,12 @@ class ArtifactWriter:
         return False
 
     def _check_destination(self) -> None:
-        dest = self.dest
-        if dest.is_symlink():
-            raise ExportError("destination is a symlink; refused", path=dest)
-        if dest.exists():
-            if not dest.is_dir():
-                raise ExportError("destination exists and is not a folder", path=dest)
-            if any(dest.iterdir()):
-                raise ExportError("destination exists and is not empty; refused", path=dest)
-        real_dest = dest.resolve()
-        for folder in self.input_folders:
-            real_input = folder.resolve()
-            if _is_inside(real_dest, real_input) or _is_inside(real_input, real_dest):
-                raise ExportError(f"destination and input folder {folder} overlap; refused", path=dest)
+        check_destination(self.dest, self.input_folders)
 
     def open(self) -> "ArtifactWriter":
         self._check_destination()
         try:
-            parent = self.dest.parent
-            missing = []
-            while not parent.exists():
-                missing.append(parent)
-                parent = parent.parent
-            for folder in reversed(missing):
-                folder.mkdir()
-                self._created_parents.append(folder)
-            self.staging = make_staging_dir(self.dest)
+            self.staging, self._created_parents = make_staging_with_parents(self.dest)
             self._payload = open(self.staging / "payload.tmp", "wb")
             self._vectors = open(self.staging / "vectors.tmp", "wb")
         except OSError as err:
@@ -147,15 +128,8 @@ class ArtifactWriter:
         for handle in (self._payload, self._vectors):
             if handle is not None and not handle.closed:
                 handle.close()
-        if self.staging is not None:
-            remove_tree(self.staging)
-            self.staging = None
-        for parent in reversed(self._created_parents):
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-        self._created_parents.clear()
+        discard_staging(self.staging, self._created_parents)
+        self.staging = None
 
     # ------------------------------------------------------------ content
     def add_section(self, data: bytes) -> None:
@@ -243,20 +217,14 @@ class ArtifactWriter:
         if side_files:
             (staging / FILES_DIR).mkdir()
             for name, data in side_files.items():
-                with open(staging / FILES_DIR / name, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                _write_bytes(staging / FILES_DIR / name, data)
             _fsync_dir(staging / FILES_DIR)
         files = {TENSORS_NAME: {"sha256": sha256_file(target), "size": target.stat().st_size}}
         for name in side_files:
             path = staging / FILES_DIR / name
             files[f"{FILES_DIR}/{name}"] = {"sha256": sha256_file(path), "size": path.stat().st_size}
         manifest = dict(manifest, files=files)
-        with open(staging / MANIFEST_NAME, "wb") as handle:
-            handle.write(compact_json(manifest))
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_bytes(staging / MANIFEST_NAME, compact_json(manifest))
         _fsync_dir(staging)
         (staging / LOCK_NAME).unlink()
         Artifact(staging, verify=True, expect_complete=True)  # reopen: header, sizes, sha256

@@ -1,5 +1,6 @@
-"""What a compression did to a fine-tune: per-tensor reconstruction error and task accuracy
-of the rebuilt model (for the compression lab; everything read lazily, tensor by tensor)."""
+"""What a compression did to a fine-tune, for the compression lab: per-tensor reconstruction
+error and the rebuilt model's task accuracy, from ONE pass over the artifact (each tensor is
+rebuilt once, compared against the fine-tune read lazily, and kept for the evaluation)."""
 
 from __future__ import annotations
 
@@ -7,35 +8,37 @@ from pathlib import Path
 
 import torch
 
-from engine.compress.pipeline import rebuild_state_dict
+from engine.compress.pipeline import iter_rebuilt, open_checked
 from engine.io import ModelFolder
 
 
-def reconstruction_errors(artifact: str | Path, base: str | Path, finetuned: str | Path) -> list[dict]:
-    """Per tensor: ``||d_hat - d|| / ||d||`` (fp64 norms; 0 for an exactly stored delta)."""
-    rebuilt = rebuild_state_dict(artifact, base)
-    rows = []
-    with ModelFolder(base) as base_folder, ModelFolder(finetuned) as ft_folder:
-        for name, tensor in rebuilt.items():
-            w0 = base_folder.get_tensor(name).to(torch.float64)
-            delta = ft_folder.get_tensor(name).to(torch.float64) - w0
-            delta_hat = tensor.to(torch.float64) - w0
-            norm = float(delta.norm())
-            error = float((delta_hat - delta).norm())
-            rows.append({"tensor": name, "shape": list(tensor.shape), "delta_norm": norm,
-                         "rel_error": error / norm if norm > 0 else (0.0 if error == 0 else float("inf"))})
-    return rows
+def _rel_error(rebuilt: torch.Tensor, base: torch.Tensor, finetuned: torch.Tensor) -> tuple[float, float]:
+    """(||d||, ||d_hat - d|| / ||d||) in float64; 0 for an exactly stored delta."""
+    w0 = base.to(torch.float64)
+    delta = finetuned.to(torch.float64) - w0
+    norm = float(delta.norm())
+    error = float((rebuilt.to(torch.float64) - w0 - delta).norm())
+    return norm, (error / norm if norm > 0 else (0.0 if error == 0 else float("inf")))
 
 
-def rebuilt_accuracy(artifact: str | Path, base: str | Path, tasks: list[str] | None = None,
-                     n_per_task: int = 64) -> dict:
-    """Zoo-task scores of the fine-tune rebuilt from ``artifact`` (in memory, nothing written)."""
+def measure_rebuilt(artifact: str | Path, base: str | Path, finetuned: str | Path,
+                    tasks: list[str] | None = None, n_per_task: int = 64) -> dict:
+    """``{"errors": [{"tensor", "shape", "delta_norm", "rel_error"}], "accuracy": <evaluator
+    result>}`` of the fine-tune rebuilt from ``artifact`` (in memory, nothing written)."""
     from engine.evaluate import evaluate_state_dict
     from engine.evaluate.loading import load_tokenizer
 
-    with ModelFolder(base) as base_folder:
+    errors, state = [], {}
+    with ModelFolder(base) as base_folder, ModelFolder(finetuned) as ft_folder:
         config = dict(base_folder.config)
+        found, spec, params = open_checked(artifact, base_folder)
+        for name, tensor in iter_rebuilt(found, spec, params, base_folder):
+            tensor = tensor.to("cpu", torch.float32)
+            norm, rel = _rel_error(tensor, base_folder.get_tensor(name), ft_folder.get_tensor(name))
+            errors.append({"tensor": name, "shape": list(tensor.shape), "delta_norm": norm,
+                           "rel_error": rel})
+            state[name] = tensor
     tokenizer = load_tokenizer(base, config.get("vocab_size"))
-    state = rebuild_state_dict(artifact, base)
-    return evaluate_state_dict(state, config, tokenizer, tasks=tasks, n_per_task=n_per_task,
-                               n_generic=0)
+    accuracy = evaluate_state_dict(state, config, tokenizer, tasks=tasks, n_per_task=n_per_task,
+                                   n_generic=0)
+    return {"errors": errors, "accuracy": accuracy}

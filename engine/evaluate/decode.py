@@ -49,6 +49,7 @@ def _decode_batch(model, prompts, max_new_tokens, eos_id, pad_id, device, use_ca
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     generated = []
     past = None
+    cache_argument = _cache_argument(model) if use_cache else None
     for _ in range(max_new_tokens):
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         if past is None:
@@ -57,7 +58,7 @@ def _decode_batch(model, prompts, max_new_tokens, eos_id, pad_id, device, use_ca
         else:
             output = model(input_ids=ids[:, -1:], attention_mask=mask,
                            position_ids=positions[:, -1:], use_cache=True,
-                           **{_cache_argument(model): past})
+                           **{cache_argument: past})
         past = None
         if use_cache:
             past = getattr(output, "cache", None)

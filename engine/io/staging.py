@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine.errors import ExportError
+
 LOCK_NAME = ".staging-owner.json"
 STAGING_RE = re.compile(r"^\..+\.staging-[A-Za-z0-9_]+$")
 # A staging folder without a readable lock is only an orphan once it is this old: its writer
@@ -58,13 +60,74 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def make_staging_dir(dest: Path) -> Path:
-    """Create the staging folder beside ``dest`` and write its owner lock."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+def write_owner_lock(staging: Path, dest: Path) -> None:
+    """Make this process the owner of ``staging`` (a build that adopts an orphan calls it too)."""
     lock = {"pid": os.getpid(), "start_ticks": _process_start_ticks(os.getpid()),
             "dest": dest.name, "created": time.time()}
     (staging / LOCK_NAME).write_text(json.dumps(lock))
+
+
+def make_staging_dir(dest: Path) -> Path:
+    """Create the staging folder beside ``dest`` and write its owner lock."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+    write_owner_lock(staging, dest)
     return staging
+
+
+def is_inside(child: Path, folder: Path) -> bool:
+    return child == folder or folder in child.parents
+
+
+def check_destination(dest: Path, input_folders) -> None:
+    """Refuse a destination that is a symlink, a file, a non-empty folder, or overlaps an input
+    folder (never write into an input, never put an input inside an output)."""
+    if dest.is_symlink():
+        raise ExportError("destination is a symlink; refused", path=dest)
+    if dest.exists():
+        if not dest.is_dir():
+            raise ExportError("destination exists and is not a folder", path=dest)
+        if any(dest.iterdir()):
+            raise ExportError("destination exists and is not empty; refused", path=dest)
+    real_dest = dest.resolve()
+    for folder in input_folders:
+        real_input = Path(folder).resolve()
+        if is_inside(real_dest, real_input):
+            raise ExportError(f"destination lies inside input model folder {folder} (they "
+                              "overlap); never writing into an input", path=dest)
+        if is_inside(real_input, real_dest):
+            raise ExportError(f"input model folder {folder} lies inside the destination (they "
+                              "overlap)", path=dest)
+
+
+def make_staging_with_parents(dest: Path) -> tuple[Path, list[Path]]:
+    """Create missing parents of ``dest`` and the staging folder beside it; returns the staging
+    folder and the parents created (so :func:`discard_staging` can remove them again)."""
+    missing = []
+    parent = dest.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    created: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        return make_staging_dir(dest), created
+    except BaseException:
+        discard_staging(None, created)
+        raise
+
+
+def discard_staging(staging: Path | None, created_parents: list[Path]) -> None:
+    """Remove a staging folder and the (still empty) parents created for it."""
+    if staging is not None:
+        remove_tree(staging)
+    for parent in reversed(created_parents):
+        try:
+            parent.rmdir()  # only if still empty
+        except OSError:
+            break
+    created_parents.clear()
 
 
 def owner_alive(staging: Path) -> bool | None:

@@ -43,7 +43,8 @@ from safetensors.torch import save_file
 import engine
 from engine.errors import DeltaWorkbenchError, ExportError
 from engine.io.header import TORCH_TO_SAFETENSORS, read_header
-from engine.io.staging import LOCK_NAME, make_staging_dir, remove_tree
+from engine.io.staging import (LOCK_NAME, check_destination, discard_staging,
+                                make_staging_with_parents)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -147,10 +148,6 @@ def _read_back(path: Path, header) -> tuple[dict[str, str], str]:
     return digests, sha.hexdigest()
 
 
-def _is_inside(child: Path, folder: Path) -> bool:
-    return child == folder or folder in child.parents
-
-
 class ModelWriter:
     """Write a model folder atomically; see the module docstring."""
 
@@ -235,15 +232,8 @@ class ModelWriter:
     def abort(self) -> None:
         """Remove the staging folder (and parents this writer created). Safe to call twice."""
         self._close_fds()
-        if self.staging is not None:
-            remove_tree(self.staging)
-            self.staging = None
-        for parent in reversed(self._created_parents):
-            try:
-                parent.rmdir()  # only if still empty
-            except OSError:
-                break
-        self._created_parents.clear()
+        discard_staging(self.staging, self._created_parents)
+        self.staging = None
         self._buffer.clear()
         if self._state != "done":
             self._state = "aborted"
@@ -289,34 +279,10 @@ class ModelWriter:
                                   f"{type(source).__name__}", path=self.dest)
 
     def _check_destination(self) -> None:
-        dest = self.dest
-        if dest.is_symlink():
-            raise ExportError("destination is a symlink; refused", path=dest)
-        if dest.exists():
-            if not dest.is_dir():
-                raise ExportError("destination exists and is not a folder", path=dest)
-            if any(dest.iterdir()):
-                raise ExportError("destination exists and is not empty; refused", path=dest)
-        real_dest = dest.resolve()
-        for folder in self.input_folders:
-            real_input = folder.resolve()
-            if _is_inside(real_dest, real_input):
-                raise ExportError(f"destination lies inside input model folder {folder}; "
-                                  "never writing into an input", path=dest)
-            if _is_inside(real_input, real_dest):
-                raise ExportError(f"input model folder {folder} lies inside the destination",
-                                  path=dest)
+        check_destination(self.dest, self.input_folders)
 
     def _make_staging(self) -> None:
-        missing = []
-        parent = self.dest.parent
-        while not parent.exists():
-            missing.append(parent)
-            parent = parent.parent
-        for folder in reversed(missing):
-            folder.mkdir()
-            self._created_parents.append(folder)
-        self.staging = make_staging_dir(self.dest)
+        self.staging, self._created_parents = make_staging_with_parents(self.dest)
 
     # ----------------------------------------------------------------- work
     def _guard(self, what: str, fn, *args) -> None:

@@ -40,17 +40,10 @@ class ZooBuildJobParams(_Params):
 
 
 def _merge(params: MergeJobParams, progress: Progress) -> dict:
-    import yaml
-
-    from engine.errors import ConfigError
     from engine.merge.executor import run_merge
-    from engine.recipe import parse_recipe
+    from engine.recipe import parse_recipe_text
 
-    try:
-        data = yaml.safe_load(params.recipe_yaml)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"the recipe is not valid YAML: {err}".splitlines()[0]) from None
-    recipe = parse_recipe(data)
+    recipe = parse_recipe_text(params.recipe_yaml)
     result = run_merge(recipe, params.out, recipe_dir=params.recipe_dir, progress=progress)
     return {"out": str(result.out), "tensors": result.tensors,
             "seconds": round(result.seconds, 3), "device": result.device,

@@ -25,7 +25,7 @@ from engine.errors import ExportError
 from engine.evaluate.scoring import Evaluator
 from engine.evaluate.tasks import TASKS
 from engine.io import ModelWriter
-from engine.io.staging import LOCK_NAME, _process_start_ticks, make_staging_dir, owner_alive
+from engine.io.staging import LOCK_NAME, make_staging_dir, owner_alive, write_owner_lock
 from engine.zoo.plan import FULL_ARCHS, QUICK_ARCHS, Arch, ModelPlan, zoo_plan
 from engine.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer, tokenizer_files
 from engine.zoo.train import train
@@ -146,9 +146,7 @@ def _adopt_staging(out: Path) -> Path | None:
     if not candidates:
         return None
     staging = max(candidates, key=lambda p: p.stat().st_mtime)
-    lock = {"pid": os.getpid(), "start_ticks": _process_start_ticks(os.getpid()),
-            "dest": out.name, "created": time.time()}
-    (staging / LOCK_NAME).write_text(json.dumps(lock))
+    write_owner_lock(staging, out)
     return staging
 
 

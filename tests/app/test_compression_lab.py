@@ -3,23 +3,11 @@ per-tensor error and accuracies; a ratio change writes a new artifact."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from streamlit.testing.v1 import AppTest
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture
-def lab(monkeypatch, tmp_path, quick_zoo):
-    monkeypatch.setenv("DELTA_WORKBENCH_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("DELTA_WORKBENCH_ZOO", str(quick_zoo))
-    monkeypatch.chdir(ROOT)
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.switch_page("pages/compression_lab.py").run()
-    assert not at.exception
-    return at
+def lab(open_page):
+    return open_page("pages/compression_lab.py")
 
 
 def test_compression_lab_measures_bytes_on_disk(lab, tmp_path):

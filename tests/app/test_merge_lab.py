@@ -3,28 +3,13 @@ kept, the recipe is valid mergekit YAML, and a full merge is queued as a job."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
-from streamlit.testing.v1 import AppTest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def lab(monkeypatch, tmp_path, quick_zoo):
-    monkeypatch.setenv("DELTA_WORKBENCH_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("DELTA_WORKBENCH_ZOO", str(quick_zoo))
-    monkeypatch.chdir(ROOT)
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.switch_page("pages/merge_lab.py").run()
-    assert not at.exception
-    return at
-
-
-def _metric(at, label):
-    return next(m.value for m in at.metric if m.label == label)
+def lab(open_page):
+    return open_page("pages/merge_lab.py")
 
 
 def test_merge_lab_scores_a_merge_and_reacts_to_a_weight(lab):
