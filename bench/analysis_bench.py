@@ -40,6 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._common import write_readme_section, llama_shapes  # noqa: E402
 WORK = ROOT / "bench" / "work" / "analysis"
 OUT = ROOT / "bench" / "out" / "analysis.json"
 SECTION = "## Delta analysis: speed, cache and accuracy"
@@ -51,22 +52,6 @@ CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hi
               model_type="llama", architectures=["LlamaForCausalLM"])
 DELTA_RANK = 16
 TOP_K = 16
-
-
-def llama_shapes(c: dict) -> dict[str, tuple[int, ...]]:
-    h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
-    shapes = {"model.embed_tokens.weight": (v, h)}
-    for layer in range(c["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                       p + "post_attention_layernorm.weight": (h,)})
-    shapes["model.norm.weight"] = (h,)
-    shapes["lm_head.weight"] = (v, h)
-    return shapes
 
 
 def _delta(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -310,7 +295,6 @@ def readme_section(r: dict) -> str:
     a, rnd = r["auto_accuracy"], r["randomized"]
     e = lambda x: f"{x:.1e}"  # noqa: E731
     lines = [
-        SECTION, "",
         f"`python bench/analysis_bench.py --threads {r['threads']} --readme` (models generated once under "
         "`bench/work/analysis/`, git-ignored; raw numbers in `bench/out/analysis.json`).", "",
         f"A {r['parameters'] / 1e6:.0f}M-parameter bf16 Llama base and one fine-tune (random weights; every "
@@ -362,15 +346,7 @@ def readme_section(r: dict) -> str:
 
 
 def write_readme(body: str) -> None:
-    path = ROOT / "bench" / "README.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body.rstrip() + "\n" + (text[nxt:] if nxt != -1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + body
-    path.write_text(text)
+    write_readme_section(SECTION, body)
 
 
 def readme_from_saved() -> None:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import write_readme_section  # noqa: E402
 
 from engine.merge.whatif import WhatIfSession  # noqa: E402
 
@@ -100,19 +101,11 @@ def main() -> int:
     out.write_text(json.dumps({"n_per_task": args.n, "rows": [
         {"label": label, "accuracy": scores} for label, scores, _ in rows]}, indent=1))
     if args.readme:
-        readme = Path(__file__).resolve().parent / "README.md"
-        text = readme.read_text() if readme.exists() else "# Benchmarks\n"
-        head = "## Merge quality on the zoo"
-        body = (f"{head}\n\nCommand: `python bench/merge_quality.py --zoo ZOO --readme` (full zoo, "
-                f"seed 0; {args.n} held-out examples per task; exact match on each fine-tune's own "
-                "task after merging all five small fine-tunes onto small/base).\n\n" + table + "\n")
-        if head in text:
-            start = text.index(head)
-            nxt = text.find("\n## ", start + len(head))
-            text = text[:start] + body + (text[nxt + 1:] if nxt != -1 else "")
-        else:
-            text = text.rstrip() + "\n\n" + body
-        readme.write_text(text)
+        write_readme_section(
+            "## Merge quality on the zoo",
+            f"Command: `python bench/merge_quality.py --zoo ZOO --readme` (full zoo, seed 0; "
+            f"{args.n} held-out examples per task; exact match on each fine-tune's own task after "
+            "merging all five small fine-tunes onto small/base).\n\n" + table)
     return 0
 
 

@@ -34,6 +34,8 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench._common import llama_shapes, write_readme_section  # noqa: E402
 WORK = ROOT / "bench" / "work" / "speed"
 SECTION = "## Merge speed vs mergekit"
 
@@ -41,22 +43,6 @@ SECTION = "## Merge speed vs mergekit"
 CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
               num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
               tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-
-
-def llama_shapes(c: dict) -> dict[str, tuple[int, ...]]:
-    h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
-    shapes = {"model.embed_tokens.weight": (v, h)}
-    for layer in range(c["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                       p + "post_attention_layernorm.weight": (h,)})
-    shapes["model.norm.weight"] = (h,)
-    shapes["lm_head.weight"] = (v, h)
-    return shapes
 
 
 def generate(work: Path) -> dict[str, Path]:
@@ -202,16 +188,7 @@ def main(argv=None) -> int:
                 f"Reproduce: `python bench/merge_speed.py --mergekit VENV/bin/mergekit-yaml --readme` "
                 f"(mergekit in its own venv: `python -m venv VENV && VENV/bin/pip install torch==2.13.0 "
                 f"mergekit`).\n\n{table}\n\nConditions: {conditions}\n")
-        path = ROOT / "bench" / "README.md"
-        text = path.read_text() if path.exists() else "# Benchmarks\n"
-        block = f"{SECTION}\n\n{body.strip()}\n"
-        if SECTION in text:
-            start = text.index(SECTION)
-            nxt = text.find("\n## ", start + len(SECTION))
-            text = text[:start] + block + (text[nxt:] if nxt != -1 else "")
-        else:
-            text = text.rstrip() + "\n\n" + block
-        path.write_text(text)
+        write_readme_section(SECTION, body)
     return 0
 
 

@@ -40,6 +40,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._common import write_readme_section  # noqa: E402
 
 SECTION = "## mergekit parity"
 
@@ -287,16 +288,7 @@ def table(rows: list[dict]) -> str:
 
 
 def update_readme(section_body: str) -> None:
-    path = ROOT / "bench" / "README.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{SECTION}\n\n{section_body.strip()}\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + block + (text[nxt:] if nxt != -1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + block
-    path.write_text(text)
+    write_readme_section(SECTION, section_body)
 
 
 def main(argv=None) -> int:

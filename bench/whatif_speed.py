@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._common import write_readme_section  # noqa: E402
 SECTION = "## What-if merge latency"
 
 
@@ -152,16 +153,7 @@ def main(argv=None) -> int:
                 f"Reproduce: `python bench/whatif_speed.py {'--synthetic-full bench/work/synthetic_zoo' if args.synthetic_full else '--zoo ZOO'} "
                 f"--n-per-task {args.n_per_task} --readme` (a real zoo: `--zoo ZOO`).\n\n{table}\n\n"
                 f"Conditions: {conditions} Slowest per-call median: {worst:.2f} s (target: under 5 s).\n")
-        path = ROOT / "bench" / "README.md"
-        text = path.read_text() if path.exists() else "# Benchmarks\n"
-        block = f"{SECTION}\n\n{body.strip()}\n"
-        if SECTION in text:
-            start = text.index(SECTION)
-            nxt = text.find("\n## ", start + len(SECTION))
-            text = text[:start] + block + (text[nxt:] if nxt != -1 else "")
-        else:
-            text = text.rstrip() + "\n\n" + block
-        path.write_text(text)
+        write_readme_section(SECTION, body)
     return 0
 
 
