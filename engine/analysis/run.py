@@ -79,6 +79,12 @@ def _sanitize(value: Any) -> Any:
     return value
 
 
+def _open(stack: ExitStack, ref) -> ModelFolder:
+    """``ref`` itself when it is already a ModelFolder (its caller closes it), else opened here
+    and closed with ``stack``."""
+    return ref if isinstance(ref, ModelFolder) else stack.enter_context(ModelFolder(ref))
+
+
 def _make_key(fingerprint: str, tensor: str, metric: str, params: str) -> tuple:
     """A cache key as a plain tuple (equal to ``cache.CacheKey``; the engine never imports it)."""
     return (fingerprint, tensor, metric, params, ENGINE_VERSION)
@@ -99,18 +105,9 @@ def analyze(
     started = time.perf_counter()
     params = params or AnalysisParams()
     sp, pp = params.spectrum, params.pairs
-    opened: list[ModelFolder] = []
-
-    def open_folder(ref) -> ModelFolder:
-        if isinstance(ref, ModelFolder):
-            return ref
-        folder = ModelFolder(ref)
-        opened.append(folder)
-        return folder
-
-    try:
-        base_f = open_folder(base)
-        fts = [open_folder(f) for f in finetuned]
+    with ExitStack() as stack:
+        base_f = _open(stack, base)
+        fts = [_open(stack, f) for f in finetuned]
         plan = plan_deltas(base_f, fts, names)
         n = len(fts)
         pair_list = [(i, j) for i in range(n) for j in range(i + 1, n)] if with_pairs else []
@@ -186,9 +183,6 @@ def analyze(
             if time.monotonic() - last_flush > FLUSH_EVERY_S:
                 flush()
         flush()
-    finally:
-        for folder in opened:
-            folder.close()
 
     labels = [str(f.path) for f in fts]
     tensors_out, pairs_out = [], []
@@ -254,18 +248,9 @@ def analyze_clusters(
     from engine.analysis.clusters import ClusterParams, channel_clusters
 
     params = params or ClusterParams()
-    opened: list[ModelFolder] = []
-
-    def open_folder(ref) -> ModelFolder:
-        if isinstance(ref, ModelFolder):
-            return ref
-        folder = ModelFolder(ref)
-        opened.append(folder)
-        return folder
-
-    try:
-        base_f = open_folder(base)
-        fts = [open_folder(f) for f in finetuned]
+    with ExitStack() as stack:
+        base_f = _open(stack, base)
+        fts = [_open(stack, f) for f in finetuned]
         plan = plan_deltas(base_f, fts, names)
         matrices = [n for n in plan.names if len(base_f.info(n).shape) >= 2]
         base_prints = base_f.file_fingerprints()
@@ -289,9 +274,6 @@ def analyze_clusters(
             if progress is not None:
                 progress(done, len(matrices), name)
         written = cache.put_many(rows) if cache is not None and rows else 0
-    finally:
-        for folder in opened:
-            folder.close()
     return {"base": str(base_f.path), "finetuned": [str(f.path) for f in fts],
             "params": params.model_dump(mode="json"),
             "layers": [{"name": n, **found[n]} for n in matrices],
@@ -306,10 +288,7 @@ def tensor_spectrum(base: str | Path | ModelFolder, finetuned: str | Path | Mode
     ``values`` is complete for "exact"/"gram", the top q for "randomized"."""
     params = params or SpectrumParams()
     with ExitStack() as stack:
-        def open_folder(ref) -> ModelFolder:
-            return ref if isinstance(ref, ModelFolder) else stack.enter_context(ModelFolder(ref))
-
-        base_f, ft_f = open_folder(base), open_folder(finetuned)
+        base_f, ft_f = _open(stack, base), _open(stack, finetuned)
         plan = plan_deltas(base_f, [ft_f], [name])
         if not plan.names:
             raise IncompatibleModelsError("tensor is not floating point", path=base_f.path, tensor=name)
