@@ -137,6 +137,26 @@ def metrics_or_job(compute: Callable[[Any], dict], *, job_params: dict, n_params
 
 
 # --------------------------------------------------------------------------- analysis jobs
+def analysis_of_selection(base: str, finetunes: list[str], params, *, title: str, key: str,
+                          spinner: str) -> dict:
+    """``engine.analysis.analyze`` of the selected models (cached; a job for big models), its
+    warnings shown; stops the page with a message when it cannot be had."""
+    from engine.analysis.run import analyze
+
+    n_params = guarded("The selected models cannot be read", lambda: model_parameters(base, *finetunes))
+    if n_params is None:
+        st.stop()
+    result = guarded("The analysis failed", lambda: metrics_or_job(
+        lambda cache: analyze(base, finetunes, params, cache=cache),
+        job_params={"base": base, "finetuned": finetunes, "analysis": params.model_dump(mode="json")},
+        n_params=n_params, title=title, key=key, spinner=spinner))
+    if result is None:
+        st.stop()
+    for warning in result.get("warnings", []):
+        st.warning(warning)
+    return result
+
+
 def _normal_job_params(params: dict) -> dict:
     from engine.jobs.kinds import AnalyzeJobParams
 

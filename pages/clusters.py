@@ -10,8 +10,7 @@ import streamlit as st
 from engine.analysis import ClusterParams, analyze_clusters
 from pages._analysis import (guarded, matrix_heatmap, metrics_or_job, model_parameters, split_name,
                              tensor_label, tensor_order)
-from pages._shared import require_app
-from pages._shared import human_bytes, require_selection, short_name
+from pages._shared import require_app, human_bytes, require_selection, short_name
 
 require_app("pages/clusters.py")
 st.title("Channel clusters")

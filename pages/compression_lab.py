@@ -19,8 +19,7 @@ from engine.errors import DeltaWorkbenchError
 from engine.io import ModelFolder
 from engine.jobs import JobSpec
 from pages._forms import params_form
-from pages._shared import require_app
-from pages._shared import human_bytes, job_manager, require_selection, short_name, show_error
+from pages._shared import require_app, human_bytes, job_manager, require_selection, short_name, show_error
 
 QUALITY_FIGURE = Path(__file__).resolve().parents[1] / "bench" / "results" / "compress_quality.json"
 IN_PROCESS_LIMIT = 50_000_000  # parameters: bigger models are compressed as a job

@@ -15,8 +15,7 @@ from engine.errors import DeltaWorkbenchError
 from engine.jobs import JobSpec
 from engine.compress import folder_bytes
 from engine.recipe import parse_recipe_text
-from pages._shared import require_app
-from pages._shared import human_bytes, job_manager, new_export_folder, show_error
+from pages._shared import require_app, human_bytes, job_manager, new_export_folder, show_error
 
 DOWNLOAD_LIMIT = 64 * 2**20  # folders up to this size are offered as a zip download
 MANIFEST = "delta_workbench_manifest.json"

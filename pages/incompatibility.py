@@ -10,8 +10,7 @@ import streamlit as st
 from engine import settings
 from engine.analysis.incompatibility import IncompatibilityParams, incompatibility_maps
 from pages._analysis import guarded, matrix_heatmap, metrics_or_job, model_parameters
-from pages._shared import require_app
-from pages._shared import selection, short_name, zoo_manifest
+from pages._shared import require_app, selection, short_name, zoo_manifest
 
 require_app("pages/incompatibility.py")
 st.title("Neural incompatibility")

@@ -7,8 +7,7 @@ import time
 
 import streamlit as st
 
-from pages._shared import require_app
-from pages._shared import job_manager
+from pages._shared import require_app, job_manager
 
 require_app("pages/jobs.py")
 st.title("Jobs")

@@ -16,8 +16,7 @@ from engine.merge import get_method, list_methods
 from engine.merge.whatif import get_session
 from engine.recipe import parse_recipe
 from pages._forms import params_form
-from pages._shared import require_app
-from pages._shared import (job_manager, new_export_folder, require_selection, short_name,
+from pages._shared import (require_app, job_manager, new_export_folder, require_selection, short_name,
                            show_error)
 
 RUNS_KEY = "merge_runs"

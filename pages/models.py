@@ -12,8 +12,7 @@ from engine.errors import DeltaWorkbenchError
 from engine.io import ModelFolder
 from engine.jobs import JobSpec
 from engine.paths import resolve_user_path
-from pages._shared import require_app
-from pages._shared import SELECTION_KEY, job_manager, selection, short_name, zoo_manifest
+from pages._shared import require_app, SELECTION_KEY, job_manager, selection, short_name, zoo_manifest
 
 require_app("pages/models.py")
 st.title("Models")

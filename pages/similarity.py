@@ -7,12 +7,11 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine.analysis import AnalysisParams, analyze
+from engine.analysis import AnalysisParams
 from engine.analysis.similarity import PairParams
-from pages._analysis import (guarded, layer_module_heatmap, matrix_heatmap, metrics_or_job,
-                             model_parameters, pair_frame, per_layer_lines, tensor_order)
-from pages._shared import require_app
-from pages._shared import require_selection, short_name
+from pages._analysis import (analysis_of_selection, layer_module_heatmap, matrix_heatmap, pair_frame,
+                             per_layer_lines, tensor_order)
+from pages._shared import require_app, require_selection, short_name
 
 require_app("pages/similarity.py")
 st.title("Similarity and conflicts")
@@ -35,18 +34,8 @@ rank = cols[1].select_slider("Subspace rank r", options=[1, 2, 4, 8, 16, 32], va
                              help="Principal angles between the top-r left singular subspaces.")
 params = AnalysisParams(pairs=PairParams(density=density, subspace_rank=rank))
 
-n_params = guarded("The selected models cannot be read", lambda: model_parameters(base, *finetunes))
-if n_params is None:
-    st.stop()
-result = guarded("The analysis failed", lambda: metrics_or_job(
-    lambda cache: analyze(base, finetunes, params, cache=cache),
-    job_params={"base": base, "finetuned": finetunes, "analysis": params.model_dump(mode="json")},
-    n_params=n_params, title=f"Analyse {short_name(base)} + {len(finetunes)} fine-tunes (pairs)",
-    key="si", spinner="Comparing task vectors..."))
-if result is None:
-    st.stop()
-for warning in result.get("warnings", []):
-    st.warning(warning)
+result = analysis_of_selection(base, finetunes, params, title=f"Analyse {short_name(base)} + {len(finetunes)} fine-tunes (pairs)",
+                               key="si", spinner="Comparing task vectors...")
 
 # -- whole-model matrices ----------------------------------------------------------------------
 st.subheader("Task x task")

@@ -6,11 +6,10 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine.analysis import AnalysisParams, analyze, tensor_spectrum
-from pages._analysis import (guarded, layer_module_heatmap, metrics_or_job, model_parameters,
-                             module_order, per_layer_lines, tensor_frame, tensor_order)
-from pages._shared import require_app
-from pages._shared import require_selection, short_name
+from engine.analysis import AnalysisParams, tensor_spectrum
+from pages._analysis import (analysis_of_selection, guarded, layer_module_heatmap, module_order,
+                             per_layer_lines, tensor_frame, tensor_order)
+from pages._shared import require_app, require_selection, short_name
 
 METRICS = {
     "rel_norm": "relative norm ||Δ|| / ||W0||",
@@ -37,18 +36,8 @@ base, finetunes = chosen["base"], list(chosen["finetunes"])
 labels = [short_name(p) for p in finetunes]
 params = AnalysisParams()
 
-n_params = guarded("The selected models cannot be read", lambda: model_parameters(base, *finetunes))
-if n_params is None:
-    st.stop()
-result = guarded("The analysis failed", lambda: metrics_or_job(
-    lambda cache: analyze(base, finetunes, params, cache=cache),
-    job_params={"base": base, "finetuned": finetunes, "analysis": params.model_dump(mode="json")},
-    n_params=n_params, title=f"Analyse {short_name(base)} + {len(finetunes)} fine-tune(s)",
-    key="sp", spinner="Computing delta spectra..."))
-if result is None:
-    st.stop()
-for warning in result.get("warnings", []):
-    st.warning(warning)
+result = analysis_of_selection(base, finetunes, params, title=f"Analyse {short_name(base)} + {len(finetunes)} fine-tune(s)",
+                               key="sp", spinner="Computing delta spectra...")
 
 frame = tensor_frame(result)
 matrices = frame[frame["s1"].notna()]
