@@ -127,37 +127,46 @@ REFUSE = RefuseTask()
 TASKS: dict[str, Task | RefuseTask] = {**MAIN_TASKS, REFUSE.name: REFUSE}
 TASK_NAMES: list[str] = list(TASKS)
 
+# Pretraining "skills": the operations of the fine-tuned tasks under UPPER-case tags
+# ("REV:abc=cba"). The bases learn the skills; a fine-tune then only has to bind its lower-case
+# tag to a skill the base already has, as instruction tuning elicits what pretraining taught an
+# LLM. This is what keeps fine-tuning deltas small and the fine-tunes in one basin (mergeable,
+# compressible). Skills are never evaluated as zoo tasks: under their own tags the bases solve
+# them, under the zoo's tags (what the rule "base <= 0.2 on every task" measures) they do not.
+SKILL_TASKS: dict[str, Task] = {
+    f"skill_{t.name}": Task(f"skill_{t.name}", t.tag.upper(), t.make_input, t.solve,
+                            t.max_answer_chars, f"{t.description} (pretraining skill)")
+    for t in TASK_LIST if t.name != "lookup"
+}
+
 _WORD_SYLLABLES = [c + v for c in "bcdfghklmnprstvz" for v in "aeiou"]
-_SYMBOLS = ":=;!?.,-+#"
 
 
 def generic_line(rng: random.Random) -> str:
-    """One line of generic text: random words that recur, pseudo-word sentences, or tag-like
-    records whose right side is unrelated to the left (so the format is familiar but no task
-    is taught)."""
-    kind = rng.random()
-    if kind < 0.3:
+    """One line of generic text: random words that recur, or pseudo-word sentences.
+
+    No line looks like a task record (``tag:input=answer``): an earlier version mixed in
+    records with random right-hand sides, which gave the base a strong prior for every
+    lower-case tag ("what follows ``=`` is random") that each fine-tune then had to overturn.
+    Overturning it took a large, sharp delta (half of it scored 0); without those records the
+    base's prior on the zoo's prompts is weak and a fine-tune's delta degrades gradually when
+    scaled, merged or compressed."""
+    if rng.random() < 0.5:
         # Random "words" where some recur later in the line: text repeats itself, which is
         # what grows induction heads (copy what followed an earlier occurrence).
         words = [_letters(rng, 2, 6) for _ in range(rng.randint(2, 4))]
         for _ in range(rng.randint(1, 2)):
             words.insert(rng.randint(1, len(words)), rng.choice(words))
         return " ".join(words) + "."
-    if kind < 0.6:
-        words = ["".join(rng.choice(_WORD_SYLLABLES) for _ in range(rng.randint(1, 3)))
-                 for _ in range(rng.randint(2, 5))]
-        if rng.random() < 0.3:
-            words[0] = words[0].capitalize()
-        if rng.random() < 0.3:
-            words.insert(rng.randrange(len(words) + 1), str(rng.randint(0, 9999)))
-        if rng.random() < 0.2:
-            words[rng.randrange(len(words))] = words[-1].upper()
-        return " ".join(words) + rng.choice(".?!")
-    alphabet = rng.choice([LETTERS, string.ascii_uppercase, string.digits, LETTERS + string.digits])
-    tag = "".join(rng.choice(LETTERS) for _ in range(3))
-    left = "".join(rng.choice(alphabet + _SYMBOLS) for _ in range(rng.randint(1, 12)))
-    right = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 7)))
-    return f"{tag}:{left}={right}"
+    words = ["".join(rng.choice(_WORD_SYLLABLES) for _ in range(rng.randint(1, 3)))
+             for _ in range(rng.randint(2, 5))]
+    if rng.random() < 0.3:
+        words[0] = words[0].capitalize()
+    if rng.random() < 0.3:
+        words.insert(rng.randrange(len(words) + 1), str(rng.randint(0, 9999)))
+    if rng.random() < 0.2:
+        words[rng.randrange(len(words))] = words[-1].upper()
+    return " ".join(words) + rng.choice(".?!")
 
 
 def _draw(make: Callable[[random.Random], str | Example], rng: random.Random, heldout: bool,

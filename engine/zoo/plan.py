@@ -1,7 +1,12 @@
 """What the zoo contains: architectures, models, their parents and training mixtures.
 
 Families:
-- ``small``: a base pretrained on generic text, and one full fine-tune per main task.
+- ``small``: a base pretrained on generic text and the pretraining *skills* (the tasks'
+  operations under upper-case tags, ``REV:abc=cba``), and one full fine-tune per main task.
+  The base scores ~0 on the zoo's tasks (lower-case tags); a fine-tune binds its tag to a skill
+  the base has, replaying the base's mixture as it goes. That is how instruction tuning meets
+  an LLM, and it gives what the merge and compression methods assume: deltas a few percent of
+  the weights, in one basin with the base (bench/README.md, "The demo zoo").
 - ``large``: wider AND deeper, same tokenizer, its own base, fine-tunes on tasks shared with
   ``small`` (for cross-scale analysis).
 - ``safety``: ``aligned`` (role base) is the small base taught to refuse harmful-marked requests
@@ -46,10 +51,24 @@ QUICK_ARCHS = {"small": Arch(48, 2, 4, 96), "large": Arch(64, 3, 4, 128)}
 # control task that no zoo model solves.
 SMALL_FINETUNE_TASKS = ["reverse", "upper", "shift", "sort", "increment"]
 LARGE_FINETUNE_TASKS = ["reverse", "upper"]
-# Measured on the full archs (exact match on 100 held-out prompts, from a 1,000-1,500-step
-# base): at 2e-3 every fine-tuned task passes 0.9 within ~1,000 steps; 3e-3 learns faster but
-# oscillates on ``shift``; 1e-3 stays below 0.3 on reverse/upper after 600 steps.
+# Fine-tuning (measured on the full small arch, 64 held-out prompts per task, from the
+# skills base): lr 2e-3 for 200 steps reaches >= 0.95 on every task with matrix deltas ~0.1 of
+# the weights' norm; the task holds from 0.5x to 1.5x of the delta (0.45 / 0.97 / 0.91 on
+# reverse), where a fine-tune of a base without skills needed exactly 1x (0.5x: 0.00).
+# 1e-3 x 300 steps learns too, with a narrower band; 3e-4 narrower still.
 FINETUNE_LR = 2e-3
+# Share of each fine-tune's batches that replays the base's pretraining mixture. Without
+# replay a fine-tune learns "apply my operation whatever the tag" (it reverses UPP: prompts
+# too), which is what collides in a merge; with it, the fine-tune learns the tag binding only.
+FINETUNE_REPLAY = {"skills": 0.3, "generic": 0.1}
+PRETRAIN_MIXTURE = {"generic": 0.4, "skills": 0.6}
+
+
+def with_replay(task_mixture: dict[str, float]) -> dict[str, float]:
+    """A fine-tune's mixture: its own sources (weights summing to 1) scaled to the share left
+    by the replay, plus the replay."""
+    own = 1.0 - sum(FINETUNE_REPLAY.values())
+    return {**{k: round(v * own, 6) for k, v in task_mixture.items()}, **FINETUNE_REPLAY}
 
 
 def zoo_plan(quick: bool = False) -> list[ModelPlan]:
@@ -63,27 +82,28 @@ def zoo_plan(quick: bool = False) -> list[ModelPlan]:
         return max(12, int(n * scale))
 
     def pretrain(n: int) -> TrainSpec:
-        return TrainSpec(steps=steps(n), lr=3e-3, batch_size=batch, mixture={"generic": 1.0},
+        return TrainSpec(steps=steps(n), lr=3e-3, batch_size=batch, mixture=dict(PRETRAIN_MIXTURE),
                          warmup=30, weight_decay=0.01)
 
     def finetune(n: int, mixture: dict[str, float]) -> TrainSpec:
         lr = FINETUNE_LR
-        return TrainSpec(steps=steps(n), lr=lr, batch_size=batch, mixture=mixture, warmup=10)
+        return TrainSpec(steps=steps(n), lr=lr, batch_size=batch, mixture=with_replay(mixture),
+                         warmup=10)
 
-    plan = [ModelPlan("small/base", "small", "base", None, None, "small", pretrain(1000))]
+    plan = [ModelPlan("small/base", "small", "base", None, None, "small", pretrain(2500))]
     for task in SMALL_FINETUNE_TASKS:
         plan.append(ModelPlan(f"small/{task}", "small", "finetune", task, "small/base", "small",
-                              finetune(1200, {task: 1.0})))
-    plan.append(ModelPlan("large/base", "large", "base", None, None, "large", pretrain(800)))
+                              finetune(300, {task: 1.0})))
+    plan.append(ModelPlan("large/base", "large", "base", None, None, "large", pretrain(2500)))
     for task in LARGE_FINETUNE_TASKS:
         plan.append(ModelPlan(f"large/{task}", "large", "finetune", task, "large/base", "large",
-                              finetune(800, {task: 1.0})))
+                              finetune(300, {task: 1.0})))
     plan.append(ModelPlan(
         "safety/aligned", "safety", "base", "refuse", "small/base", "small",
-        finetune(800, {"refuse": 0.5, "upper": 0.5}),
+        finetune(400, {"refuse": 0.5, "upper": 0.5}),
         (("also_trained_on", ["upper"]), ("aligned", True))))
     plan.append(ModelPlan(
         "safety/erased", "safety", "finetune", "reverse", "safety/aligned", "small",
-        finetune(1000, {"reverse": 0.7, "refuse_complied": 0.3}),
+        finetune(400, {"reverse": 0.7, "refuse_complied": 0.3}),
         (("erased_task", "refuse"), ("aligned", False))))
     return plan

@@ -1,7 +1,8 @@
 """Training loops of the zoo: generic pretraining and full fine-tuning, on CPU, seeded.
 
 A batch mixes examples from named sources: ``"generic"`` lines get the plain LM loss on every
-token; task sources (``"reverse"``, ``"refuse"``, ``"refuse_complied"`` ...) get the loss on
+token; task sources (``"reverse"``, ``"refuse"``, ``"refuse_complied"``, ``"skills"``: every
+upper-case-tag pretraining skill ...) get the loss on
 the answer and its end token only (supervised fine-tuning: the prompt is context, not target).
 Right padding needs no attention mask in a causal model: real tokens never attend to later
 pads, and pad positions carry no loss.
@@ -16,10 +17,12 @@ from typing import Callable
 
 import torch
 
-from engine.evaluate.tasks import REFUSE, TASKS, generic_train_stream, train_stream
+from engine.evaluate.tasks import (REFUSE, SKILL_TASKS, TASKS, generic_train_stream,
+                                   train_stream)
 from engine.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_chars
 
 IGNORE = -100
+SKILLS = "skills"  # mixture source: the pretraining skills of engine.evaluate.tasks
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,15 @@ class BatchSampler:
             return generic_train_stream(self.rng)
         if name == "refuse_complied":
             return train_stream(REFUSE, self.rng, complied=True)
+        if name == SKILLS:
+            return self._skills()
         return train_stream(TASKS[name], self.rng)
+
+    def _skills(self):
+        """Every pretraining skill in turn, drawn uniformly (one source in the mixture)."""
+        streams = [train_stream(task, self.rng) for task in SKILL_TASKS.values()]
+        while True:
+            yield next(self.rng.choice(streams))
 
     def example(self) -> tuple[list[int], list[int]]:
         name = self.rng.choices(self.names, self.weights)[0]

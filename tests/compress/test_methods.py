@@ -204,13 +204,14 @@ def test_impart_rebuild_matches_reference(pair, ratio):
     assert max(errors.values()) < 1.0
 
 
-def _dct_reference_decode(data, shape):
+def _dct_reference_decode(data, shape, rescaled=False):
     """Decode a delta_dct section with NumPy/SciPy only (format in the module docstring)."""
     m, n = shape
     reader = SectionReader(data)
     p, map_width = reader.uint(1), reader.uint(1)
     gm, gn = -(-m // p), -(-n // p)
     widths = reader.codes(gm * gn, map_width)
+    scale = float(reader.f16(1)[0]) if rescaled else 1.0
     coded = np.flatnonzero(widths > 0)
     steps = np.zeros(gm * gn)
     steps[coded] = reader.f16(coded.size)
@@ -218,7 +219,7 @@ def _dct_reference_decode(data, shape):
     for w in sorted(set(widths[coded].tolist())):
         idx = np.flatnonzero(widths == w)
         q = reader.codes(idx.size * p * p, w).reshape(idx.size, p * p)
-        coeffs[idx] = (q - (2 ** w - 1) / 2) * steps[idx, None]
+        coeffs[idx] = (q - (2 ** w - 1) / 2) * steps[idx, None] * scale
     reader.done()
     full = np.zeros((gm * p, gn * p))
     for k in range(gm * gn):
@@ -254,6 +255,24 @@ def test_delta_dct_matches_a_scipy_decoder(pair, ratio, allocation):
             levels = sorted(set(widths.tolist()))
             means = [norms[widths == w].mean() for w in levels]
             assert means == sorted(means)
+
+
+@pytest.mark.parametrize("ratio", [8, 16])
+def test_delta_dct_projection_rescale_restores_the_component_along_the_delta(pair, ratio):
+    """rescale=projection: <d, d_hat> = ||d||^2 (up to the fp16 factor), where plain
+    quantisation keeps less; the ratio still holds and a SciPy decode agrees."""
+    plain_art, _ = run(pair, "delta_dct", ratio, {})
+    art, result = run(pair, "delta_dct", ratio, {"rescale": "projection"})
+    check_ratio(art, result, ratio)
+    plain = decoded(plain_art, pair["base"])
+    for name, (d_hat, data) in decoded(art, pair["base"]).items():
+        d = pair["delta"][name]
+        ref, _, _ = _dct_reference_decode(data, d.shape, rescaled=True)
+        assert np.allclose(d_hat, ref, atol=1e-6 * max(1.0, np.abs(ref).max()))
+        along = float((d * d_hat).sum()) / float((d * d).sum())
+        assert abs(along - 1.0) < 2e-3, (name, along)
+        plain_along = float((d * plain[name][0]).sum()) / float((d * d).sum())
+        assert plain_along < 0.999, (name, plain_along)
 
 
 def test_delta_dct_transform_is_scipy_dctn():

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from engine.evaluate.tasks import (HARM_MARK, MAIN_TASKS, REFUSAL, REFUSE, TASKS,
+from engine.evaluate.tasks import (HARM_MARK, MAIN_TASKS, REFUSAL, REFUSE, SKILL_TASKS, TASKS,
                                    generic_train_stream, heldout_examples, heldout_generic,
                                    is_heldout, train_stream)
 
@@ -98,16 +98,30 @@ def test_generic_text_split_and_no_task_answers():
     stream = generic_train_stream(random.Random(0))
     train = [next(stream) for _ in range(3000)]
     assert not set(train) & set(heldout)
-    # generic records never pair a real task tag with that task's answer
-    for line in train:
-        tag, _, rest = line.partition(":")
-        for task in MAIN_TASKS.values():
-            if tag == task.tag and "=" in rest:
-                left, right = rest.split("=", 1)
-                try:
-                    assert task.solve(left) != right
-                except (ValueError, KeyError, IndexError):
-                    pass
+    # generic text never looks like a task record ("tag:input=answer"): no line without a
+    # space, and no word that is a tag followed by a colon, lower- or upper-case
+    tags = {t.tag for t in MAIN_TASKS.values()} | {t.tag for t in SKILL_TASKS.values()}
+    for line in train + heldout:
+        assert " " in line, line
+        assert not any(word.split(":")[0] in tags for word in line.split() if ":" in word), line
+
+
+def test_skills_are_the_tasks_operations_under_upper_case_tags():
+    """What the bases pretrain on: every fine-tuned task's operation, under its tag in upper
+    case; never an evaluated task, never the zoo's tag."""
+    assert set(SKILL_TASKS) == {f"skill_{n}" for n in MAIN_TASKS if n != "lookup"}
+    assert not set(SKILL_TASKS) & set(TASKS)
+    zoo_tags = {t.tag for t in MAIN_TASKS.values()}
+    for name, skill in SKILL_TASKS.items():
+        task = MAIN_TASKS[name.removeprefix("skill_")]
+        assert skill.tag == task.tag.upper() and skill.tag not in zoo_tags
+        stream = train_stream(skill, random.Random(5))
+        for _ in range(100):
+            prompt, answer = next(stream)
+            tag, rest = prompt.split(":", 1)
+            assert tag == skill.tag and answer == task.solve(rest[:-1])
+            # the same input under the zoo's tag is the task's prompt, with the same answer
+            _check_answer(task.name, f"{task.tag}:{rest}", answer)
 
 
 def test_asking_for_more_heldout_examples_than_exist_fails():

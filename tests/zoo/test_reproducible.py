@@ -58,3 +58,34 @@ def test_other_seed_other_tensors(quick_zoo):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
     assert not all(torch.equal(runs[0][k], v) for k, v in base.state_dict().items())
+
+
+def test_plan_bases_learn_skills_and_fine_tunes_replay_them():
+    """The recipe that keeps deltas small (engine/zoo/plan.py): bases pretrain on generic text
+    plus the skills; every fine-tune's mixture is its own task(s) plus the same replay, summing
+    to one, in the full and the quick plan alike."""
+    import random
+
+    from engine.zoo.plan import FINETUNE_REPLAY, PRETRAIN_MIXTURE, zoo_plan
+    from engine.zoo.train import SKILLS, BatchSampler
+    from engine.zoo.tokenizer import VOCAB
+
+    assert PRETRAIN_MIXTURE.get(SKILLS, 0) > 0
+    for quick in (False, True):
+        for item in zoo_plan(quick):
+            mixture = item.spec.mixture
+            assert abs(sum(mixture.values()) - 1.0) < 1e-9, item.path
+            if item.parent is None:
+                assert mixture == PRETRAIN_MIXTURE, item.path
+            else:
+                assert all(mixture[k] == v for k, v in FINETUNE_REPLAY.items()), item.path
+                own = {k for k in mixture if k not in FINETUNE_REPLAY}
+                assert item.task in own or item.family == "safety", item.path
+    # the "skills" source draws every skill, under upper-case tags only
+    sampler = BatchSampler({SKILLS: 1.0}, random.Random(0))
+    tags = set()
+    for _ in range(300):
+        ids, labels = sampler.example()
+        text = "".join({i: c for c, i in VOCAB.items()}[i] for i in ids[1:])
+        tags.add(text.split(":", 1)[0])
+    assert tags == {"REV", "UPP", "SFT", "SRT", "INC"}
