@@ -51,6 +51,36 @@ PER_EXPERT = [
 ]
 
 
+SUBSET_SETTINGS = [
+    ("task_arithmetic λ=1", "task_arithmetic", {}, {"weight": 1.0}),
+    ("task_arithmetic λ=0.5", "task_arithmetic", {"lambda": 0.5}, {"weight": 1.0}),
+    ("ties d=0.2", "ties", {}, {"weight": 1.0, "density": 0.2}),
+    ("tsv", "tsv", {}, None),
+]
+
+
+def by_number_of_tasks(zoo: Path, n: int) -> list[tuple[str, int, float]]:
+    """(label, k, mean own-task accuracy over every k-subset of the fine-tunes)."""
+    from itertools import combinations
+
+    out = []
+    for k in (1, 2, 3, 5):
+        sums = {label: [] for label, *_ in SUBSET_SETTINGS}
+        for subset in combinations(TASKS, k):
+            session = WhatIfSession(zoo / "small" / "base", [zoo / "small" / t for t in subset],
+                                    tasks=list(subset), n_per_task=n, n_generic=0)
+            for label, method, params, per_model in SUBSET_SETTINGS:
+                if method == "tsv" and k == 1:
+                    per_model = None
+                model_params = None if per_model is None else [per_model] * k
+                result = session.evaluate(method, model_params, params)["tasks"]
+                sums[label] += [result[t]["accuracy"] for t in subset]
+        for label, values in sums.items():
+            out.append((label, k, sum(values) / len(values)))
+            print(f"k={k} {label}: {out[-1][2]:.2f}", file=sys.stderr)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--zoo", required=True)
@@ -88,18 +118,46 @@ def main() -> int:
         scores[task] = sub.evaluate("slerp", None, {"t": 0.5})["tasks"][task]["accuracy"]
     rows.append(("slerp t=0.5 (base + one fine-tune)", scores, 0.0))
 
+    scaling = by_number_of_tasks(zoo, args.n)
+
     lines = ["| method (settings) | " + " | ".join(TASKS) + " | mean |",
              "|---|" + "---|" * (len(TASKS) + 1)]
     for label, scores, _ in rows:
         mean = sum(scores[t] for t in TASKS) / len(TASKS)
         lines.append(f"| {label} | " + " | ".join(f"{scores[t]:.2f}" for t in TASKS)
                      + f" | {mean:.2f} |")
+    sizes = sorted({k for _, k, _ in scaling})
+    lines += ["", "Merging fewer fine-tunes: own-task accuracy averaged over every subset of k of the "
+              "five small fine-tunes (and over the subset's tasks); k = 1 is base + that one delta "
+              "through the same method.", "",
+              "| method | " + " | ".join(f"k = {k}" for k in sizes) + " |",
+              "|---|" + "---|" * len(sizes)]
+    for label in dict.fromkeys(label for label, _, _ in scaling):
+        cells = {k: v for lab, k, v in scaling if lab == label}
+        lines.append(f"| {label} | " + " | ".join(f"{cells[k]:.2f}" for k in sizes) + " |")
+    merged = {label: sum(sc[t] for t in TASKS) / len(TASKS) for label, sc, _ in rows[2:2 + len(SETTINGS)]}
+    best = max(merged, key=merged.get)
+    k2 = {lab: v for lab, k, v in scaling if k == 2}
+    best2 = max(k2, key=k2.get)
+    lines += ["", f"**Findings.** Merging all five fine-tunes of this 0.35M-parameter model into one "
+              f"loses most tasks: the best five-way method is `{best}` (mean {merged[best]:.2f} of the "
+              f"experts' {sum(experts.values()) / len(experts):.2f}); methods that rebuild each expert "
+              "from shared storage (EMR, Channel Merging) keep the most, as their papers report. "
+              f"Accuracy falls with the number of merged fine-tunes (two at a time: best `{best2}`, "
+              f"{k2[best2]:.2f}), the interference the merging survey describes, at a much smaller "
+              "scale than an LLM's, where more capacity absorbs it. "
+              "A fine-tune needs most of its delta's length (base + 0.5 x delta keeps "
+              f"{next(v for lab, k, v in scaling if lab == 'task_arithmetic λ=0.5' and k == 1):.2f}), "
+              "so methods that shrink each delta (linear mean, lambda < 1, dare at low density) trade "
+              "interference for lost tasks."]
     table = "\n".join(lines)
     print(table)
     out = Path(__file__).resolve().parent / "results" / "merge_quality.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"n_per_task": args.n, "rows": [
-        {"label": label, "accuracy": scores} for label, scores, _ in rows]}, indent=1))
+        {"label": label, "accuracy": scores} for label, scores, _ in rows],
+        "by_number_of_tasks": [{"label": lab, "k": k, "accuracy": v} for lab, k, v in scaling]},
+        indent=1))
     if args.readme:
         write_readme_section(
             "## Merge quality on the zoo",
