@@ -13,7 +13,8 @@ import sys
 
 from engine.errors import DeltaWorkbenchError
 
-COMMAND_MODULES = ["inspect", "zoo", "eval", "merge", "analyze", "compress", "decompress"]
+COMMAND_MODULES = ["inspect", "zoo", "eval", "merge", "analyze", "clusters", "incompatibility",
+                   "compress", "decompress"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -274,6 +274,8 @@ def incompatibility_maps(path_a: str | Path, path_b: str | Path,
     """Both maps between models A and B (A is usually the smaller), with summaries; read from
     and written to ``cache`` (a ``cache.MetricStore``) when given."""
     params = params or IncompatibilityParams()
+    if (base_a is None) != (base_b is None):  # before any model is loaded
+        raise ParameterError("give both bases (task vectors) or neither (weights)")
     key = _maps_key([path_a, path_b, base_a, base_b], params) if cache is not None else None
     if key is not None:
         hit = cache.get_many([key]).get(key)

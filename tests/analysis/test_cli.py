@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +122,74 @@ def test_corrupt_cache_file_is_a_warning_not_an_error(family, tmp_path, capsys):
     assert result["cache"]["status"] == "ok" and result["cache"]["written"] > 0
     assert "warning: " in err and "moved aside" in err
     assert len(list(db.parent.glob("m.duckdb.corrupt-*"))) == 1
+
+
+def test_clusters_command_matches_the_engine_and_caches(family, capsys):
+    """``clusters``: the JSON is analyze_clusters' result (same layers, same numbers); a second
+    run reads every layer from the cache; the text view lists every matrix."""
+    from engine.analysis import ClusterParams, analyze_clusters
+
+    base_dir, ft_dirs, base, _ = family
+    argv = ["clusters", "--base", str(base_dir), "--finetuned", str(ft_dirs[0]),
+            "--finetuned", str(ft_dirs[1]), "--groups", "2", "--json", "--quiet"]
+    code, out, _ = _run(capsys, *argv)
+    assert code == 0
+    result = json.loads(out)
+    direct = analyze_clusters(base_dir, ft_dirs, ClusterParams(num_groups=2))
+    assert [layer["name"] for layer in result["layers"]] == [layer["name"] for layer in direct["layers"]]
+    assert result["layers"] == json.loads(json.dumps(direct["layers"]))
+    assert result["cache"]["misses"] == len(result["layers"]) > 0
+    code, out, _ = _run(capsys, *argv)
+    assert json.loads(out)["cache"]["hits"] == len(result["layers"])
+    code, out, _ = _run(capsys, *argv[:-2], "--quiet")
+    assert code == 0 and all(layer["name"] in out for layer in result["layers"])
+
+
+def test_clusters_and_incompatibility_bad_inputs_are_one_line_errors(family, tmp_path, capsys):
+    base_dir, ft_dirs, _, _ = family
+    cases = [
+        (["clusters", "--base", str(base_dir), "--finetuned", str(ft_dirs[0])], "at least two"),
+        (["clusters", "--base", str(base_dir), "--finetuned", str(ft_dirs[0]),
+          "--finetuned", str(ft_dirs[1]), "--groups", "0"], "num_groups"),
+        (["clusters", "--base", str(tmp_path / "nope"), "--finetuned", str(ft_dirs[0]),
+          "--finetuned", str(ft_dirs[1])], "nope"),
+        (["incompatibility", str(base_dir), str(tmp_path / "missing")], "missing"),
+        (["incompatibility", str(base_dir), str(ft_dirs[0]), "--task", "bogus"], "bogus"),
+        (["incompatibility", str(base_dir), str(ft_dirs[0]), "--base-a", str(base_dir)], "both bases"),
+    ]
+    for argv, needle in cases:
+        code, out, err = _run(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 2 and out == "", argv
+        assert lines[-1].startswith("error: ") and needle in lines[-1], (argv, err)
+        assert "Traceback" not in err
+
+
+def test_incompatibility_command_on_two_zoo_widths(tmp_path, capsys, monkeypatch):
+    """Two models of different width and depth: the JSON is incompatibility_maps' result, a
+    model against itself has CKA 1 on the diagonal, and the text view prints both maps."""
+    from engine.analysis.incompatibility import IncompatibilityParams, incompatibility_maps
+    from engine.zoo.build import new_model, write_model as write_zoo_model
+    from engine.zoo.plan import Arch
+    from engine.zoo.tokenizer import tokenizer_files
+
+    monkeypatch.setenv("DELTA_WORKBENCH_CACHE", str(tmp_path / "c.duckdb"))
+    tok = tokenizer_files(tmp_path / "tok")
+    small, large = tmp_path / "small", tmp_path / "large"
+    write_zoo_model(small, new_model(Arch(16, 2, 2, 32), seed=1), tok, {})
+    write_zoo_model(large, new_model(Arch(24, 3, 2, 48), seed=2), tok, {})
+    code, out, _ = _run(capsys, "incompatibility", str(small), str(large), "--n-per-task", "2",
+                        "--task", "reverse", "--json")
+    assert code == 0
+    result = json.loads(out)
+    direct = incompatibility_maps(small, large, IncompatibilityParams(n_per_task=2, tasks=["reverse"]))
+    np.testing.assert_allclose(result["activation"]["cka"], direct["activation"]["cka"], rtol=1e-12)
+    np.testing.assert_allclose(result["parameters"]["mean_abs"], direct["parameters"]["mean_abs"],
+                               rtol=1e-12)
+    code, out, _ = _run(capsys, "incompatibility", str(small), str(small), "--n-per-task", "2",
+                        "--task", "shift", "--no-cache", "--json")
+    cka = json.loads(out)["activation"]["cka"]
+    assert all(abs(cka[i][i] - 1.0) < 1e-9 for i in range(len(cka)))
+    code, out, _ = _run(capsys, "incompatibility", str(small), str(large), "--n-per-task", "2",
+                        "--task", "reverse")
+    assert code == 0 and "activation CKA" in out and "parameter similarity" in out
