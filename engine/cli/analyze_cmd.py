@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 
 
 def register(subparsers) -> None:
@@ -37,21 +38,43 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def build_params(args: argparse.Namespace):
+def validated(params_class, **given):
+    """``params_class(**given)`` with the options left unset (None) dropped; a validation error
+    becomes a one-line ParameterError naming the option."""
     from pydantic import ValidationError
 
-    from engine.analysis import AnalysisParams
     from engine.errors import ParameterError
 
-    spectrum = {k: v for k, v in {"top_k": args.top_k, "method": args.spectrum}.items() if v is not None}
-    pairs = {k: v for k, v in {"density": args.density, "subspace_rank": args.subspace_rank}.items()
-             if v is not None}
     try:
-        return AnalysisParams(spectrum=spectrum, pairs=pairs)
+        return params_class(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise ParameterError(f"invalid option {where}: {first.get('msg')}") from None
+
+
+@contextmanager
+def metric_store(args: argparse.Namespace):
+    """The DuckDB metric store of ``--cache`` (None with ``--no-cache``), closed on exit."""
+    if args.no_cache:
+        yield None
+        return
+    from cache import MetricStore
+
+    store = MetricStore(args.cache)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def build_params(args: argparse.Namespace):
+    from engine.analysis import AnalysisParams
+
+    spectrum = {k: v for k, v in {"top_k": args.top_k, "method": args.spectrum}.items() if v is not None}
+    pairs = {k: v for k, v in {"density": args.density, "subspace_rank": args.subspace_rank}.items()
+             if v is not None}
+    return validated(AnalysisParams, spectrum=spectrum, pairs=pairs)
 
 
 class _Progress:
@@ -115,19 +138,13 @@ def run(args: argparse.Namespace) -> int:
 
     params = build_params(args)
     device = _device(args.device) if args.device else compute_device()
-    store = None
-    if not args.no_cache:
-        from cache import MetricStore
-
-        store = MetricStore(args.cache)
     progress = _Progress(not args.quiet)
-    try:
-        result = analyze(args.base, args.finetuned, params, cache=store, progress=progress,
-                         device=device, with_pairs=not args.no_pairs)
-    finally:
-        progress.close()
-        if store is not None:
-            store.close()
+    with metric_store(args) as store:
+        try:
+            result = analyze(args.base, args.finetuned, params, cache=store, progress=progress,
+                             device=device, with_pairs=not args.no_pairs)
+        finally:
+            progress.close()
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:

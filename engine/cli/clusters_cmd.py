@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from engine.cli.analyze_cmd import _device, _fmt, _Progress
+from engine.cli.analyze_cmd import _device, _fmt, _Progress, metric_store, validated
 
 
 def register(subparsers) -> None:
@@ -32,35 +32,21 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from engine.analysis import ClusterParams, analyze_clusters
     from engine.device import compute_device
     from engine.errors import ParameterError
 
     if len(args.finetuned) < 2:
         raise ParameterError("clusters needs at least two --finetuned models")
-    given = {k: v for k, v in {"num_groups": args.groups, "clustering": args.clustering}.items()
-             if v is not None}
-    try:
-        params = ClusterParams(**given)
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ParameterError(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    params = validated(ClusterParams, num_groups=args.groups, clustering=args.clustering)
     device = _device(args.device) if args.device else compute_device()
-    store = None
-    if not args.no_cache:
-        from cache import MetricStore
-
-        store = MetricStore(args.cache)
     progress = _Progress(not args.quiet)
-    try:
-        result = analyze_clusters(args.base, args.finetuned, params, cache=store, progress=progress,
-                                  device=device, include_labels=args.labels)
-    finally:
-        progress.close()
-        if store is not None:
-            store.close()
+    with metric_store(args) as store:
+        try:
+            result = analyze_clusters(args.base, args.finetuned, params, cache=store,
+                                      progress=progress, device=device, include_labels=args.labels)
+        finally:
+            progress.close()
     if args.json:
         print(json.dumps(result, allow_nan=False))
         return 0

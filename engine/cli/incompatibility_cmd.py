@@ -32,28 +32,13 @@ def _row(values) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from engine.analysis.incompatibility import IncompatibilityParams, incompatibility_maps
-    from engine.errors import ParameterError
+    from engine.cli.analyze_cmd import metric_store, validated
 
-    given = {k: v for k, v in {"n_per_task": args.n_per_task, "tasks": args.tasks}.items() if v is not None}
-    try:
-        params = IncompatibilityParams(**given)
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ParameterError(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    store = None
-    if not args.no_cache:
-        from cache import MetricStore
-
-        store = MetricStore(args.cache)
-    try:
+    params = validated(IncompatibilityParams, n_per_task=args.n_per_task, tasks=args.tasks)
+    with metric_store(args) as store:
         result = incompatibility_maps(args.model_a, args.model_b, params, base_a=args.base_a,
                                       base_b=args.base_b, cache=store)
-    finally:
-        if store is not None:
-            store.close()
     if args.json:
         print(json.dumps(result, allow_nan=False))
         return 0
