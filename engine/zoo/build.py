@@ -83,7 +83,7 @@ def _arch_dict(arch: Arch) -> dict:
             "intermediate_size": arch.intermediate_size}
 
 
-def _load_model(folder: Path):
+def load_trained_model(folder: Path):
     """A finished model of an interrupted build, read back through ``engine.io``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -205,7 +205,7 @@ def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
                             "arch": _arch_dict(arch)}
                 entry = _reusable(staging, item, expected)
                 if entry is not None:
-                    model = _load_model(staging / item.path)
+                    model = load_trained_model(staging / item.path)
                     models[item.path], done_steps = model, done_steps + item.spec.steps
                     entries.append(entry)
                     resumed.append(item.path)
