@@ -84,7 +84,8 @@ def _arch_dict(arch: Arch) -> dict:
 
 
 def load_trained_model(folder: Path):
-    """A finished model of an interrupted build, read back through ``engine.io``."""
+    """A model folder the zoo build wrote (a finished model of an interrupted build, or a zoo
+    model to train further), read back through ``engine.io``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from engine.io import ModelFolder
