@@ -19,13 +19,20 @@ names, or ``all``) or else from the ``zoo.json`` of the zoo the model folder bel
 base, which has no task, is calibrated on all tasks). Settings: the recipe's
 ``parameters: {calibration: {n: 64, seed: 0, batch_size: 16}}``.
 
-Statistics live in RAM (one model-sized Fisher per model; one Gram per linear layer per
-model); models are loaded one at a time, in fp32, through ``engine.io.ModelFolder``.
+Models are loaded one at a time, in fp32. For a streamed merge (``stats_provider_for_plan``)
+each model's statistics are written to a safetensors file in a private temporary folder as soon
+as the model is done, and read back one tensor at a time while the merge streams, so memory
+holds one model and its statistics, never N models' (a model-sized Fisher per model, a Gram per
+linear layer per model); the folder is removed when the merge ends. The in-memory what-if keeps
+them in RAM (it holds every model anyway).
 """
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -258,6 +265,49 @@ def model_statistics(kind: str, folder: str | Path, task, settings: CalibrationS
     raise ValueError(f"unknown statistics kind {kind!r}")
 
 
+class StatsFile:
+    """One model's statistics in a safetensors file, read back per tensor name.
+
+    Same ``get(name)`` as the in-memory dict: a tensor (fisher) or ``(gram, transposed)``.
+    A statistic shared under several names (a tied head) is stored once and aliased in the
+    file's metadata."""
+
+    def __init__(self, path: Path, kind: str):
+        from safetensors import safe_open
+
+        self.path, self.kind = Path(path), kind
+        self._file = safe_open(str(self.path), framework="pt")
+        meta = self._file.metadata() or {}
+        self._alias = json.loads(meta.get("alias", "{}"))
+        self._transposed = set(json.loads(meta.get("transposed", "[]")))
+
+    @classmethod
+    def write(cls, stats: dict, path: Path, kind: str) -> "StatsFile":
+        from safetensors.torch import save_file
+
+        tensors, alias, transposed, seen = {}, {}, [], {}
+        for name, value in stats.items():
+            tensor, flag = value if kind == "gram" else (value, False)
+            key = (tensor.data_ptr(), tuple(tensor.shape))
+            if key in seen:
+                alias[name] = seen[key]
+            else:
+                seen[key] = name
+                tensors[name] = tensor.contiguous()
+            if flag:
+                transposed.append(name)
+        save_file(tensors, str(path), metadata={"alias": json.dumps(alias),
+                                                "transposed": json.dumps(transposed)})
+        return cls(path, kind)
+
+    def get(self, name: str, default=None):
+        stored = self._alias.get(name, name)
+        if stored not in self._file.keys():
+            return default
+        tensor = self._file.get_tensor(stored)
+        return (tensor, name in self._transposed) if self.kind == "gram" else tensor
+
+
 class CalibrationStats:
     """Per-model statistics, served per tensor name as a merge method's ``stats``.
 
@@ -266,13 +316,24 @@ class CalibrationStats:
     weights, None for everything else (the method then takes the weighted mean).
     """
 
-    def __init__(self, kind: str, per_model: Sequence[dict]):
+    def __init__(self, kind: str, per_model: Sequence, *, shape_of: Callable | None = None,
+                 folder: Path | None = None):
         if kind not in ("fisher", "gram"):
             raise ValueError(f"unknown statistics kind {kind!r}")
         self.kind = kind
-        self.per_model = list(per_model)
+        self.per_model = list(per_model)  # dicts, or StatsFile (anything with .get(name))
+        self.shape_of = shape_of  # name -> something with .shape (buffers: equal Fishers)
+        self.folder = folder  # the temporary folder of the StatsFiles, removed by close()
+
+    def close(self) -> None:
+        self.per_model = []
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
     def __call__(self, name: str, like: torch.Tensor | None = None):
+        if like is None and self.shape_of is not None:
+            like = self.shape_of(name)
         if self.kind == "fisher":
             found = [stats.get(name) for stats in self.per_model]
             if all(f is not None for f in found):
@@ -286,24 +347,39 @@ class CalibrationStats:
         return GramStats(grams=tuple(g for g, _ in found), transposed=found[0][1])
 
 
-def compute_stats(kind: str, folders: Sequence[str | Path], tasks: Sequence, settings) -> CalibrationStats:
+def compute_stats(kind: str, folders: Sequence[str | Path], tasks: Sequence, settings, *,
+                  spill: bool = False, shape_of: Callable | None = None) -> CalibrationStats:
+    """Every model's statistics; ``spill``: each written to disk as soon as it is computed
+    (a private temporary folder that ``CalibrationStats.close()`` removes)."""
     settings = parse_settings(settings)
-    return CalibrationStats(kind, [model_statistics(kind, f, t, settings) for f, t in zip(folders, tasks)])
+    if not spill:
+        return CalibrationStats(kind, [model_statistics(kind, f, t, settings)
+                                       for f, t in zip(folders, tasks)], shape_of=shape_of)
+    folder = Path(tempfile.mkdtemp(prefix="delta-workbench-calibration-"))
+    try:
+        files = []
+        for i, (f, t) in enumerate(zip(folders, tasks)):
+            stats = model_statistics(kind, f, t, settings)
+            files.append(StatsFile.write(stats, folder / f"model-{i:03d}.safetensors", kind))
+            del stats  # only this model's statistics were ever in memory
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return CalibrationStats(kind, files, shape_of=shape_of, folder=folder)
 
 
-def stats_provider_for_plan(plan) -> Callable[[str], object]:
+def stats_provider_for_plan(plan) -> CalibrationStats:
     """The executor's ``stats_provider`` for a fisher/regmean plan: calibrates every input
-    model (tasks from the recipe or the zoo manifest; settings from ``calibration``)."""
+    model (tasks from the recipe or the zoo manifest; settings from ``calibration``), spilling
+    each model's statistics to disk; the executor calls ``close()`` when the merge ends."""
     spec = plan.spec
     settings = parse_settings(spec.calibration)
     folders = [m.path for m in plan.models]
     tasks = resolve_tasks(folders, spec.calibration_tasks or [None] * len(folders))
-    stats = compute_stats(spec.method.stats, folders, tasks, settings)
-    if stats.kind == "fisher":
-        return lambda name: stats(name, like=plan.layout.info(name))
-    return stats
+    return compute_stats(spec.method.stats, folders, tasks, settings, spill=True,
+                         shape_of=plan.layout.info)
 
 
-__all__ = ["CalibrationSettings", "CalibrationStats", "calibration_examples", "compute_stats",
+__all__ = ["CalibrationSettings", "CalibrationStats", "StatsFile", "calibration_examples", "compute_stats",
            "encode", "fisher_diagonal", "gram_matrices", "model_statistics", "resolve_tasks",
            "stats_provider_for_plan", "zoo_task_of"]

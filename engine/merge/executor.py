@@ -236,13 +236,14 @@ def run_merge(
     started = time.perf_counter()
     device = torch.device(device) if device is not None else compute_device()
     plan = plan_merge(recipe, recipe_dir=recipe_dir)
+    own_stats = None  # statistics calibrated here are closed (their spill folder removed) here
     if plan.method.stats is not None and stats_provider is None:
         # fisher / regmean: calibrate every input model on its task's prompts (before any
         # output exists, so a calibration error leaves nothing behind)
         from engine.merge.calibration import stats_provider_for_plan
 
         try:
-            stats_provider = stats_provider_for_plan(plan)
+            stats_provider = own_stats = stats_provider_for_plan(plan)
         except BaseException:
             plan.close()
             raise
@@ -288,6 +289,8 @@ def run_merge(
                     pending_write.exception()
     finally:
         plan.close()
+        if own_stats is not None:
+            own_stats.close()
     return MergeResult(out=Path(out), tensors=len(layout), seconds=time.perf_counter() - started,
                        device=str(device), warnings=plan.warnings)
 

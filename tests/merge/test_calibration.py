@@ -208,3 +208,57 @@ def test_run_merge_calibrates_outside_a_zoo_with_explicit_tasks(tmp_path, tok):
     with pytest.raises(ParameterError, match="calibration: n"):
         run_merge(parse_recipe({**data, "parameters": {"calibration": {"n": 0}}}), tmp_path / "refused",
                   device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["fisher", "gram"])
+def test_spilled_statistics_equal_the_in_memory_ones(tmp_path, tok, kind):
+    """Streamed merges spill each model's statistics to disk: what comes back per tensor is
+    bit-identical to the in-memory statistics, for a tied GPT-2 (Conv1D, head = embedding) and a
+    Llama; the temporary folder is gone after close()."""
+    from engine.merge.calibration import compute_stats
+
+    folders = [_folder(tmp_path, "g", tiny_gpt2(seed=5)), _folder(tmp_path, "l", tiny_llama(seed=6))]
+    for folder in folders:
+        in_ram = compute_stats(kind, [folder, folder], ["reverse", "upper"], {"n": 3})
+        spilled = compute_stats(kind, [folder, folder], ["reverse", "upper"], {"n": 3}, spill=True)
+        spill_dir = spilled.folder
+        assert spill_dir is not None and len(list(spill_dir.iterdir())) == 2
+        names = list(in_ram.per_model[0])
+        assert names and all(spilled.per_model[0].get(n) is not None for n in names)
+        for name in names:
+            a, b = in_ram(name), spilled(name)
+            if kind == "fisher":
+                for x, y in zip(a, b):
+                    assert torch.equal(x, y), name
+            else:
+                assert a.transposed == b.transposed
+                for x, y in zip(a.grams, b.grams):
+                    assert torch.equal(x, y), name
+        if kind == "fisher" and "transformer.wte.weight" in names:  # GPT-2, tied: stored once, aliased
+            assert spilled.per_model[0]._alias == {"lm_head.weight": "transformer.wte.weight"}
+            assert torch.equal(spilled("lm_head.weight")[0], spilled("transformer.wte.weight")[0])
+        spilled.close()
+        assert not spill_dir.exists()
+
+
+def test_run_merge_removes_its_calibration_spill_even_when_the_merge_fails(tmp_path, tok, monkeypatch):
+    import tempfile
+
+    from engine.merge import executor
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    a, b = _folder(tmp_path, "a", tiny_llama(seed=3)), _folder(tmp_path, "b", tiny_llama(seed=4))
+    data = {"merge_method": "fisher", "parameters": {"calibration": {"n": 3}},
+            "models": [{"model": str(a), "parameters": {"calibration_task": "reverse", "weight": 1.0}},
+                       {"model": str(b), "parameters": {"calibration_task": "upper", "weight": 1.0}}]}
+    run_merge(parse_recipe(data), tmp_path / "out", device="cpu")
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(executor, "_read_inputs", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_merge(parse_recipe(data), tmp_path / "out2", device="cpu")
+    assert list((tmp_path / "tmp").iterdir()) == [] and not (tmp_path / "out2").exists()
