@@ -291,7 +291,7 @@ def markdown(rows, methods, ratios, table, args, seconds) -> str:
 
     models = sorted({r["model"] for r in rows})
     lines = [
-        "## Compression quality vs ratio",
+        "## Compression quality vs ratio" + (f" ({args.label})" if args.label else ""),
         "",
         "Own-task exact-match accuracy of each zoo fine-tune rebuilt from its compressed artifact, "
         "as a share of the uncompressed fine-tune's accuracy: mean over the fine-tunes "
@@ -330,10 +330,15 @@ def markdown(rows, methods, ratios, table, args, seconds) -> str:
     if errors:
         lines += ["", "Failures: " + "; ".join(f"{r['model']} {r['method']} x{r['target_ratio']}: {r['error']}"
                                                 for r in errors)]
-    lines += ["", NOTES.strip()]
-    lines += ["", f"Measured with `python bench/compress_quality.py --zoo ZOO` ({len(rows)} runs, "
+    stem = SECTION if not args.label else f"{SECTION}_{slug(args.label)}"
+    command = "python bench/compress_quality.py --zoo ZOO"
+    if args.label:  # a second measurement: the method notes are in the main section
+        command += f" --label '{args.label}' --methods ... --ratios {' '.join(map(str, ratios))}"
+    else:
+        lines += ["", NOTES.strip()]
+    lines += ["", f"Measured with `{command}` ({len(rows)} runs, "
               f"{seconds / 60:.1f} min, {args.n} held-out examples per task, 1 CPU thread, "
-              f"torch {torch.__version__}). Figure: `bench/results/compress_quality.json` (plotly)."]
+              f"torch {torch.__version__}). Figure: `bench/results/{stem}.json` (plotly)."]
     return "\n".join(lines)
 
 
@@ -456,6 +461,10 @@ def findings(table, methods, ratios, args) -> str:
     return " ".join(out)
 
 
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+
+
 def parse_params(items: list[str]) -> dict:
     import yaml
 
@@ -480,6 +489,9 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", type=Path, default=REPO / "bench" / "README.md")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--label", default=None,
+                        help="a second measurement (e.g. 'zoo seed 1'): its own README section and "
+                             "results files, the main ones untouched")
     parser.add_argument("--from-rows", type=Path, default=None,
                         help="re-render the table and figure from a saved compress_quality_rows.json")
     args = parser.parse_args(argv)
@@ -506,11 +518,12 @@ def main(argv=None) -> int:
     print(text)
     if not args.no_write:
         args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / "compress_quality.json").write_text(
+        stem = SECTION if not args.label else f"{SECTION}_{slug(args.label)}"
+        (args.results / f"{stem}.json").write_text(
             json.dumps(figure(rows, args.methods, args.ratios, table)))
-        (args.results / "compress_quality_rows.json").write_text(
+        (args.results / f"{stem}_rows.json").write_text(
             json.dumps({"rows": rows, "seconds": seconds, "n": args.n}, separators=(",", ":")))
-        replace_section(args.readme, SECTION, text)
+        replace_section(args.readme, stem, text)
     return 0
 
 
