@@ -71,7 +71,10 @@ NOTES = """
 ### What each compressor stores, the papers' choices, and our adaptations to tiny models
 
 Rows without braces use each paper's defaults; rows with braces are the variants we tuned for
-the zoo (parameters as given). Every artifact is a real folder: `manifest.json`,
+the zoo (parameters as given); the tuned rows of delta_dct, impart, delta_come, dbms and
+bitdelta ship as each method's `small-models` preset (`python -m engine compress ...
+--preset small-models`, or the compression lab's "Parameters" choice; a test keeps presets and
+rows the same). Every artifact is a real folder: `manifest.json`,
 `delta.safetensors` (section offsets, the 1-D deltas in fp16, the packed sections) and the
 fine-tune's config/tokenizer files unless byte-identical to the base's (then referenced by one
 sha256 and copied from the base at rebuild: on these 0.1-0.4 M-parameter models the tokenizer

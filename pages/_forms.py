@@ -9,6 +9,7 @@ X behind an "unset" check. The returned dict is keyed by each field's alias (``l
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from typing import Any
@@ -51,6 +52,16 @@ def field_widget(label: str, annotation, default: Any, field, key: str) -> Any:
         choices = list(typing.get_args(annotation))
         index = choices.index(default) if default in choices else 0
         return st.selectbox(label, choices, index=index, key=key, help=help_text)
+    if origin in (tuple, list, dict) or annotation in (tuple, list, dict):
+        # containers (ImPart's qt_counts, DBMS's inner_params ...): JSON in a text box
+        text = st.text_input(f"{label} (JSON)", value="" if default is None else json.dumps(default),
+                             key=key, help=help_text)
+        if not text.strip():
+            return None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text  # the method's validation then names the field
     low, high = _bounds(field)
     if annotation is int:
         return int(st.number_input(label, value=int(default if default is not None else low or 0),

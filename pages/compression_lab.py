@@ -40,8 +40,14 @@ method_name = top[1].selectbox("Method", names, index=names.index("delta_dct")
 ratio = top[2].select_slider("Target ratio", [2, 4, 8, 16, 32, 64], value=8, key="cl_ratio")
 method = get_method(method_name)
 st.caption(method.paper)
+PAPER_DEFAULTS = "paper defaults"
+preset = st.radio("Parameters", [PAPER_DEFAULTS, *method.presets], horizontal=True,
+                  key=f"cl_preset.{method_name}",
+                  help="A preset is a parameter set measured in bench/README.md (e.g. tuned for "
+                       "small models); the form below starts from it.")
 with st.expander("Method parameters (those the ratio solves are left out)"):
-    params = params_form(method.params_class, key=f"cl.{method_name}", skip=tuple(method.solved))
+    params = params_form(method.params_class, key=f"cl.{method_name}.{preset}",
+                         defaults=method.presets.get(preset), skip=tuple(method.solved))
 params = {k: v for k, v in params.items() if v not in ("", None)}
 
 

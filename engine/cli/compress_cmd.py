@@ -1,7 +1,7 @@
 """``python -m engine compress --base B --finetuned F --method M --ratio R --out ART``.
 
 Writes a compressed-delta artifact (see ``engine.compress.artifact``) atomically. Method
-parameters: ``--param key=value`` (repeatable; values are YAML scalars, lists or mappings;
+parameters: ``--preset NAME`` (a parameter set the bench measured) and/or ``--param key=value`` (repeatable; values are YAML scalars, lists or mappings;
 ``a.b=v`` sets a nested key, e.g. ``--param inner=impart --param inner_params.C=1``).
 """
 
@@ -23,6 +23,9 @@ def register(subparsers) -> None:
                         help="target ratio: 2 bytes x delta entries / bytes of the artifact folder")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="method parameter (repeatable)")
+    parser.add_argument("--preset", default=None,
+                        help="a named parameter set of the method (e.g. small-models; see "
+                             "bench/README.md); --param values override it")
     parser.add_argument("--out", required=True, help="artifact folder (must not exist or be empty)")
     parser.add_argument("--side-files", choices=("dedup", "embed"), default="dedup",
                         help="config/tokenizer files identical to the base's: reference (dedup) or store")
@@ -56,9 +59,11 @@ def parse_params(items: list[str]) -> dict:
 
 
 def run(args) -> int:
-    from engine.compress import compress
+    from engine.compress import compress, get_method
 
     params = parse_params(args.param)
+    if args.preset:
+        params = {**get_method(args.method).preset(args.preset), **params}
 
     def progress(fraction: float, name: str) -> None:
         if not args.quiet:

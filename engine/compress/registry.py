@@ -107,6 +107,18 @@ class CompressMethod:
         return params
 
     @property
+    def presets(self) -> dict[str, dict[str, Any]]:
+        """Named parameter sets the bench measured (``PRESETS`` of the method's module)."""
+        return dict(getattr(self.module, "PRESETS", {}))
+
+    def preset(self, name: str) -> dict[str, Any]:
+        presets = self.presets
+        if name not in presets:
+            known = ", ".join(presets) or "none"
+            raise ParameterError(f"{self.name}: unknown preset {name!r} (known: {known})")
+        return dict(presets[name])
+
+    @property
     def has_allocation(self) -> bool:
         return hasattr(self.module, "allocate")
 
@@ -120,6 +132,7 @@ class CompressMethod:
             "paper": self.paper,
             "randomized": self.randomized,
             "solved_by_ratio": list(self.solved),
+            "presets": self.presets,
             "params_schema": self.params_class.model_json_schema(by_alias=True),
         }
 

@@ -36,6 +36,10 @@ MAX_PLANES = 8
 UNIFORM_TOLERANCE = 0.08
 
 
+# Parameter sets measured in bench/README.md: BitDelta with its stage 2 (scale distillation).
+PRESETS = {"small-models": {"distill": True}}
+
+
 class Params(CompressParams):
     planes: int | None = Field(None, ge=1, le=MAX_PLANES,
                                description="Sign planes per matrix (1 = BitDelta; solved from --ratio).")

@@ -30,6 +30,10 @@ PAPER = "Huang et al., Dynamic Base Model Shift for Delta Compression, 2025 (arX
 SOLVED = ()
 
 
+# Parameter sets measured in bench/README.md: DBMS over Delta-CoMe with groups of 32.
+PRESETS = {"small-models": {"inner": "delta_come", "inner_params": {"group_size": 32}}}
+
+
 class Params(CompressParams):
     inner: str = Field("delta_dct", description="The compressor DBMS wraps.")
     inner_params: dict[str, Any] = Field(default_factory=dict, description="Its parameters.")

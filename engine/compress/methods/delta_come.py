@@ -38,6 +38,10 @@ SOLVED = ("n2",)
 BITS = (8, 3, 2)
 
 
+# Parameter sets measured in bench/README.md: groups of 32 for singular vectors 128-320 long.
+PRESETS = {"small-models": {"group_size": 32}}
+
+
 class Params(CompressParams):
     n8: int = Field(2, ge=0, description="Singular vector pairs at 8 bits (paper: 2).")
     n3: int = Field(32, ge=0, description="Pairs at 3 bits after them (paper: 32).")

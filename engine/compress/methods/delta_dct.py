@@ -61,6 +61,11 @@ RD_WIDTHS = (0, 1, 2, 3, 4, 5, 6, 8)
 STEP_BITS = 16
 
 
+# Parameter sets measured in bench/README.md ("Compression quality vs ratio"): the name says
+# what they are tuned for; the papers' defaults are the Params defaults.
+PRESETS = {"small-models": {"rescale": "projection", "patch_size": 32}}
+
+
 class Params(CompressParams):
     mean_bits: float | None = Field(None, gt=0.0, le=2 * MAX_C,
                                     description="Mean bits per delta entry (solved from --ratio).")

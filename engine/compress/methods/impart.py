@@ -41,6 +41,11 @@ SOLVED = ("sparsity",)
 RANDOMIZED = True
 
 
+# Parameter sets measured in bench/README.md: ImPart-Qt (the authors' quantised variant) with
+# beta 0.9 and groups of 32 for matrices 128-320 wide.
+PRESETS = {"small-models": {"quant": True, "preprune": 0.9, "group_size": 32}}
+
+
 class Params(CompressParams):
     sparsity: float | None = Field(None, ge=0.0, lt=1.0,
                                    description="Target sparsity alpha of U and V (solved from --ratio).")
