@@ -10,6 +10,7 @@ X behind an "unset" check. The returned dict is keyed by each field's alias (``l
 from __future__ import annotations
 
 import json
+import math
 import types
 import typing
 from typing import Any
@@ -20,13 +21,15 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 
-def _bounds(field) -> tuple[float | None, float | None]:
+def _bounds(field, annotation=float) -> tuple[float | None, float | None]:
     low = high = None
     for meta in field.metadata:
         if isinstance(meta, annotated_types.Ge):
             low = meta.ge
         elif isinstance(meta, annotated_types.Gt):
-            low = meta.gt + 0.01  # widgets have closed ranges: the smallest step above
+            # widgets have closed ranges: the smallest value above (a learning rate of 1e-6
+            # must stay reachable, so no fixed step here)
+            low = meta.gt + 1 if annotation is int else math.nextafter(meta.gt, math.inf)
         elif isinstance(meta, annotated_types.Le):
             high = meta.le
         elif isinstance(meta, annotated_types.Lt):
@@ -62,7 +65,7 @@ def field_widget(label: str, annotation, default: Any, field, key: str) -> Any:
             return json.loads(text)
         except json.JSONDecodeError:
             return text  # the method's validation then names the field
-    low, high = _bounds(field)
+    low, high = _bounds(field, annotation)
     if annotation is int:
         return int(st.number_input(label, value=int(default if default is not None else low or 0),
                                    min_value=None if low is None else int(low),
@@ -73,10 +76,13 @@ def field_widget(label: str, annotation, default: Any, field, key: str) -> Any:
         if low is not None and high is not None and 0.0 <= low and high <= 1.0:
             return st.slider(label, float(low), float(high), value, step=0.01, key=key,
                              help=help_text)
+        small = 0 < abs(value) < 1e-2  # learning rates, ridges: steps and digits to match
+        step = 10.0 ** math.floor(math.log10(abs(value))) if small else 0.05
         return float(st.number_input(label, value=value,
                                      min_value=None if low is None else float(low),
                                      max_value=None if high is None else float(high),
-                                     step=0.05, format="%.4f", key=key, help=help_text))
+                                     step=step, format="%.2e" if small else "%.4f", key=key,
+                                     help=help_text))
     return st.text_input(label, value="" if default is None else str(default), key=key,
                          help=help_text)
 

@@ -54,3 +54,19 @@ def test_every_preset_and_the_paper_defaults_run(lab, method):
     for values in presets.values():
         assert any(all(m["params"].get(k) == (list(v) if isinstance(v, tuple) else v)
                        for k, v in values.items()) for m in manifests if m["method"] == method)
+
+
+def test_every_compression_method_runs_with_its_form_defaults(lab):
+    """Each compressor, as its pydantic form renders it (paper defaults), compresses a quick-zoo
+    fine-tune from the page and meets the ratio on disk within 10%."""
+    from engine.compress import list_methods
+
+    failures = {}
+    for name in list_methods():
+        lab.selectbox(key="cl_method").set_value(name).run(timeout=120)
+        if lab.exception or lab.error:
+            failures[name] = [e.value for e in lab.exception] + [e.value for e in lab.error]
+            continue
+        ratio = next(m.value for m in lab.metric if m.label == "Ratio on disk")
+        assert 7.2 <= float(ratio.rstrip("x")) <= 8.8, name
+    assert not failures, failures

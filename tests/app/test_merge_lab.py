@@ -62,3 +62,22 @@ def test_merge_lab_queues_the_full_merge(lab, tmp_path):
     assert status.state == "done", manager.get(job.id).log_tail()
     out = tmp_path / "home" / "exports" / "lab-out"
     assert (out / "config.json").is_file() and (out / "merge_recipe.yml").is_file()
+
+
+def test_every_merge_method_runs_with_its_form_defaults(lab):
+    """Each method of the registry, as its pydantic form renders it, merges and scores the
+    quick zoo's fine-tunes without an error (a form that cannot express a parameter type is
+    caught here, not by a user)."""
+    from engine.merge import list_methods
+
+    names = [m if isinstance(m, str) else m.name for m in list_methods()]
+    assert len(names) >= 18
+    failures = {}
+    for name in names:
+        lab.selectbox(key="ml_method").set_value(name).run(timeout=60)
+        if lab.exception or lab.error:
+            failures[name] = [e.value for e in lab.exception] + [e.value for e in lab.error]
+            continue
+        recipe = yaml.safe_load(lab.code[-1].value)
+        assert recipe["merge_method"] == name
+    assert not failures, failures
