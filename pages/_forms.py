@@ -108,3 +108,18 @@ def params_form(params_class: type[BaseModel], key: str, *, defaults: dict | Non
                 continue
         values[alias] = field_widget(alias, annotation, default, field, widget_key)
     return values
+
+
+def float_fields(params_class: type[BaseModel]) -> list[tuple[str, float | None, float | None, float | None]]:
+    """``(alias, low, high, default)`` of every float parameter (for sweeps); bounds as the
+    widgets use them, None where open."""
+    out = []
+    for name, field in params_class.model_fields.items():
+        annotation, _ = _unwrap_optional(field.annotation)
+        if annotation is not float:
+            continue
+        low, high = _bounds(field, float)
+        default = field.default if isinstance(field.default, (int, float)) else None
+        out.append((field.alias or name, low, high, default))
+    return out
+

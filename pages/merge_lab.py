@@ -15,7 +15,7 @@ from engine.jobs import JobSpec
 from engine.merge import get_method, list_methods
 from engine.merge.whatif import get_session
 from engine.recipe import parse_recipe
-from pages._forms import params_form
+from pages._forms import float_fields, params_form
 from pages._shared import (require_app, job_manager, new_export_folder, require_selection, short_name,
                            show_error)
 
@@ -114,6 +114,62 @@ figure.add_scatter(name="best fine-tune", x=tasks, y=[best[t] for t in tasks], m
 figure.update_layout(barmode="group", yaxis={"range": [0, 1.05], "title": "exact match"},
                      height=380, margin={"t": 20, "b": 20})
 st.plotly_chart(figure, width="stretch", key="ml_chart")
+
+# -- sweep one parameter -----------------------------------------------------------------------
+SWEEP_POINTS = 9
+
+
+def sweep_values(low, high, default) -> list[float]:
+    """Nine values across a bounded range, else multiples of the default (or of 1)."""
+    if low is not None and high is not None:
+        return [low + (high - low) * i / (SWEEP_POINTS - 1) for i in range(SWEEP_POINTS)]
+    centre = default if default not in (None, 0) else 1.0
+    return [centre * f for f in (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)]
+
+
+with st.expander("Sweep one parameter"):
+    choices = {f"{alias}": ("global", alias, low, high, default)
+               for alias, low, high, default in float_fields(method.params_class)}
+    choices.update({f"{alias} (every model)": ("model", alias, low, high, default)
+                    for alias, low, high, default in float_fields(method.model_params_class)})
+    if not choices:
+        st.caption(f"{method_name} has no numeric parameter to sweep.")
+    else:
+        sweep_label = st.selectbox("Parameter", list(choices), key=f"ml_sweep_param.{method_name}")
+        scope, alias, low, high, default = choices[sweep_label]
+        values = sweep_values(low, high, default)
+        st.caption("Values: " + ", ".join(f"{v:.3g}" for v in values) + " (everything else as set above).")
+        sweep_key = f"ml_sweep.{method_name}.{sweep_label}"
+        if st.button("Run the sweep", key="ml_sweep_run"):
+            rows = []
+            try:
+                with st.spinner(f"{len(values)} merges in memory..."):
+                    for value in values:
+                        if scope == "global":
+                            p_, mp_ = {**params, alias: value}, model_params
+                        else:
+                            p_, mp_ = params, [{**m, alias: value} for m in model_params]
+                        scores = _accuracies(_evaluate(base, tuple(finetunes), method_name,
+                                                       json.dumps(mp_), json.dumps(p_), int(n_eval)))
+                        rows.append({"value": value, **scores})
+                st.session_state[sweep_key] = rows
+            except (DeltaWorkbenchError, ValueError) as err:
+                show_error(err, "The sweep stopped")
+        rows = st.session_state.get(sweep_key)
+        if rows:
+            sweep = go.Figure()
+            shown = own_tasks or [t for t in rows[0] if t != "value"]
+            for task in shown:
+                sweep.add_scatter(x=[r["value"] for r in rows], y=[r[task] for r in rows],
+                                  mode="lines+markers", name=task)
+            sweep.add_scatter(x=[r["value"] for r in rows],
+                              y=[sum(r[t] for t in shown) / len(shown) for r in rows],
+                              mode="lines", name="mean", line={"width": 4, "dash": "dot"})
+            sweep.update_layout(xaxis={"title": sweep_label}, yaxis={"range": [0, 1.05],
+                                "title": "exact match"}, height=340, margin={"t": 20, "b": 20})
+            st.plotly_chart(sweep, width="stretch", key="ml_sweep_chart")
+            best_row = max(rows, key=lambda r: sum(r[t] for t in shown))
+            st.caption(f"Best mean at {sweep_label} = {best_row['value']:.3g}.")
 
 # -- compare runs ------------------------------------------------------------------------------
 runs = st.session_state.setdefault(RUNS_KEY, [])

@@ -81,3 +81,24 @@ def test_every_merge_method_runs_with_its_form_defaults(lab):
         recipe = yaml.safe_load(lab.code[-1].value)
         assert recipe["merge_method"] == name
     assert not failures, failures
+
+
+def test_merge_lab_sweeps_lambda_and_a_per_model_weight(lab):
+    """The sweep merges at nine values and plots them; lambda = 1 with weights 1 and weight = 1
+    with lambda 1 are the same merge, so both sweeps score it the same."""
+    lab.selectbox(key="ml_method").set_value("task_arithmetic").run()
+    assert not lab.exception and not lab.error
+    lab.selectbox(key="ml_sweep_param.task_arithmetic").set_value("lambda").run()
+    lab.button(key="ml_sweep_run").click().run(timeout=180)
+    assert not lab.exception and not lab.error
+    rows = lab.session_state["ml_sweep.task_arithmetic.lambda"]
+    assert len(rows) == 9 and rows[0]["value"] != rows[-1]["value"]
+    chart_keys = [c.proto.id for c in lab.get("plotly_chart")]
+    assert any("ml_sweep_chart" in k for k in chart_keys)
+    lab.selectbox(key="ml_sweep_param.task_arithmetic").set_value("weight (every model)").run()
+    lab.button(key="ml_sweep_run").click().run(timeout=180)
+    assert not lab.exception and not lab.error
+    by_weight = lab.session_state["ml_sweep.task_arithmetic.weight (every model)"]
+    assert [r["value"] for r in by_weight][:2] == [0.1, 0.25]
+    at_one = [r for r in rows if r["value"] == 1.0]
+    assert at_one and at_one[0] == next(r for r in by_weight if r["value"] == 1.0)
