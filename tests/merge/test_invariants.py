@@ -116,3 +116,20 @@ def test_inputs_are_not_modified(name):
     merge(name, base, fts, mps, params, stats)
     for a, b in zip([base] + fts + list(stats or []), before):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_merge_never_writes_into_its_inputs(name):
+    """The readers may hand out tensors that share storage between calls, so a method must
+    treat base, fine-tunes and statistics as read-only: every input is bit-identical after."""
+    mps, params = generic(name)
+    base, fts = inputs_for(name, seed=7)
+    stats = stats_for(name, fts)
+    before = ([base.clone()] + [f.clone() for f in fts],
+              None if stats is None else [s.clone() for s in (stats if isinstance(stats, list) else stats.grams)])
+    merge(name, base, fts, mps, params, stats=stats)
+    for old, new in zip(before[0], [base] + fts):
+        assert torch.equal(old, new), name
+    if before[1] is not None:
+        now = stats if isinstance(stats, list) else stats.grams
+        assert all(torch.equal(a, b) for a, b in zip(before[1], now)), name
