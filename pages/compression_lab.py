@@ -31,7 +31,7 @@ if chosen is None:
     st.stop()
 base = chosen["base"]
 
-names = [m if isinstance(m, str) else m.name for m in list_methods()]
+names = list_methods()
 top = st.columns([2, 2, 1])
 finetuned = top[0].selectbox("Fine-tune", chosen["finetunes"], format_func=short_name,
                              key="cl_finetune")

@@ -28,7 +28,7 @@ if chosen is None:
     st.stop()
 base, finetunes = chosen["base"], list(chosen["finetunes"])
 
-names = [m if isinstance(m, str) else m.name for m in list_methods()]
+names = list_methods()
 top = st.columns([2, 1])
 method_name = top[0].selectbox("Method", names, index=names.index("ties") if "ties" in names
                                else 0, key="ml_method")

@@ -17,20 +17,15 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _registry(kind: str):
+    """The package whose get_method/list_methods serve ``kind``."""
+    import importlib
+
+    return importlib.import_module("engine.merge" if kind == "merge" else "engine.compress")
+
+
 def _describe(kind: str, name: str) -> dict:
-    if kind == "merge":
-        from engine.merge import get_method
-    else:
-        from engine.compress import get_method
-    return {"kind": kind, **get_method(name).describe()}
-
-
-def _names(kind: str) -> list[str]:
-    if kind == "merge":
-        from engine.merge import list_methods
-    else:
-        from engine.compress import list_methods
-    return [m if isinstance(m, str) else m.name for m in list_methods()]
+    return {"kind": kind, **_registry(kind).get_method(name).describe()}
 
 
 def _param_lines(schema: dict) -> list[str]:
@@ -57,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             raise ParameterError("give the registry too: methods merge NAME or methods compress NAME")
         described = [_describe(args.kind, args.name)]
     else:
-        described = [_describe(kind, name) for kind in kinds for name in _names(kind)]
+        described = [_describe(kind, name) for kind in kinds for name in _registry(kind).list_methods()]
     if args.json:
         print(json.dumps(described))
         return 0

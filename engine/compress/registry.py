@@ -20,10 +20,8 @@ fine-tune is not simply ``base + delta_hat``.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cache
 from types import ModuleType
 from typing import Any
 
@@ -31,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.errors import ParameterError
+from engine.registry import MethodTable, format_validation_error, load_method_module
 
 METHOD_MODULES: tuple[str, ...] = (
     "magnitude",
@@ -62,14 +61,6 @@ class TensorContext:
     index: int = 0
     setting: Any = None  # this tensor's share from allocate(), when the method has one
     info: dict = field(default_factory=dict)  # what encode chose (for reports)
-
-
-def format_validation_error(prefix: str, err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "parameters"
-        parts.append(f"{where}: {e['msg']}")
-    return f"{prefix}: " + "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -138,20 +129,13 @@ class CompressMethod:
 
 
 def _load(module_name: str) -> CompressMethod:
-    module = importlib.import_module(f"engine.compress.methods.{module_name}")
-    missing = [a for a in _REQUIRED if not hasattr(module, a)]
-    if missing:
-        raise TypeError(f"compress method module {module_name} lacks {', '.join(missing)}")
-    if module.NAME != module_name:
-        raise TypeError(f"compress method module {module_name} declares NAME {module.NAME!r}")
+    module = load_method_module("engine.compress.methods", module_name, _REQUIRED, "compress")
     return CompressMethod(name=module.NAME, paper=module.PAPER, params_class=module.Params,
                           solved=tuple(module.SOLVED), randomized=bool(getattr(module, "RANDOMIZED", False)),
                           module=module)
 
 
-@cache
-def _table() -> dict[str, CompressMethod]:
-    return {name: _load(name) for name in METHOD_MODULES}
+_TABLE = MethodTable(METHOD_MODULES, _load, "compression")
 
 
 def list_methods() -> list[str]:
@@ -159,7 +143,4 @@ def list_methods() -> list[str]:
 
 
 def get_method(name: str) -> CompressMethod:
-    table = _table()
-    if name not in table:
-        raise ParameterError(f"unknown compression method {name!r}; known: {', '.join(METHOD_MODULES)}")
-    return table[name]
+    return _TABLE.get(name)

@@ -9,10 +9,8 @@ so a new method needs no page change: add a module and one line here.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
 from types import ModuleType
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from engine.errors import ParameterError
+from engine.registry import MethodTable, format_validation_error, load_method_module
 
 METHOD_MODULES: tuple[str, ...] = (
     "linear",
@@ -43,14 +42,6 @@ METHOD_MODULES: tuple[str, ...] = (
 )
 
 _REQUIRED = ("NAME", "PAPER", "Params", "ModelParams", "REQUIRES_BASE", "merge_tensor")
-
-
-def format_validation_error(prefix: str, err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "parameters"
-        parts.append(f"{where}: {e['msg']}")
-    return f"{prefix}: " + "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -126,12 +117,7 @@ class MergeMethod:
 
 
 def _load(module_name: str) -> MergeMethod:
-    module = importlib.import_module(f"engine.merge.methods.{module_name}")
-    missing = [a for a in _REQUIRED if not hasattr(module, a)]
-    if missing:
-        raise TypeError(f"merge method module {module_name} lacks {', '.join(missing)}")
-    if module.NAME != module_name:
-        raise TypeError(f"merge method module {module_name} declares NAME {module.NAME!r}")
+    module = load_method_module("engine.merge.methods", module_name, _REQUIRED, "merge")
     return MergeMethod(
         name=module.NAME,
         paper=module.PAPER,
@@ -144,9 +130,7 @@ def _load(module_name: str) -> MergeMethod:
     )
 
 
-@cache
-def _table() -> dict[str, MergeMethod]:
-    return {name: _load(name) for name in METHOD_MODULES}
+_TABLE = MethodTable(METHOD_MODULES, _load, "merge")
 
 
 def list_methods() -> list[str]:
@@ -154,7 +138,4 @@ def list_methods() -> list[str]:
 
 
 def get_method(name: str) -> MergeMethod:
-    table = _table()
-    if name not in table:
-        raise ParameterError(f"unknown merge method {name!r}; known: {', '.join(METHOD_MODULES)}")
-    return table[name]
+    return _TABLE.get(name)
