@@ -19,7 +19,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -136,6 +136,20 @@ def metrics_or_job(compute: Callable[[Any], dict], *, job_params: dict, n_params
         return None
 
 
+def metrics_of(paths: Sequence[str | None], compute: Callable[[Any], dict], *, job_params: dict,
+               title: str, key: str, spinner: str, failed: str) -> dict:
+    """``metrics_or_job`` for the models at ``paths`` (their size picks here or a job), with
+    bad input shown on the page; stops the page when there is no result (yet)."""
+    n_params = guarded("The models cannot be read", lambda: model_parameters(*paths))
+    if n_params is None:
+        st.stop()
+    result = guarded(failed, lambda: metrics_or_job(compute, job_params=job_params, n_params=n_params,
+                                                    title=title, key=key, spinner=spinner))
+    if result is None:
+        st.stop()
+    return result
+
+
 # --------------------------------------------------------------------------- analysis jobs
 def analysis_of_selection(base: str, finetunes: list[str], params, *, title: str, key: str,
                           spinner: str) -> dict:
@@ -143,15 +157,10 @@ def analysis_of_selection(base: str, finetunes: list[str], params, *, title: str
     warnings shown; stops the page with a message when it cannot be had."""
     from engine.analysis.run import analyze
 
-    n_params = guarded("The selected models cannot be read", lambda: model_parameters(base, *finetunes))
-    if n_params is None:
-        st.stop()
-    result = guarded("The analysis failed", lambda: metrics_or_job(
-        lambda cache: analyze(base, finetunes, params, cache=cache),
-        job_params={"base": base, "finetuned": finetunes, "analysis": params.model_dump(mode="json")},
-        n_params=n_params, title=title, key=key, spinner=spinner))
-    if result is None:
-        st.stop()
+    result = metrics_of([base, *finetunes], lambda cache: analyze(base, finetunes, params, cache=cache),
+                        job_params={"base": base, "finetuned": finetunes,
+                                    "analysis": params.model_dump(mode="json")},
+                        title=title, key=key, spinner=spinner, failed="The analysis failed")
     for warning in result.get("warnings", []):
         st.warning(warning)
     return result

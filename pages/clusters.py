@@ -8,8 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine.analysis import ClusterParams, analyze_clusters
-from pages._analysis import (guarded, matrix_heatmap, metrics_or_job, model_parameters, split_name,
-                             tensor_label, tensor_order)
+from pages._analysis import guarded, matrix_heatmap, metrics_of, split_name, tensor_label, tensor_order
 from pages._shared import require_app, human_bytes, require_selection, short_name
 
 require_app("pages/clusters.py")
@@ -31,16 +30,11 @@ groups = cols[0].number_input("Groups per channel (G)", 1, max(1, n), min(2, n),
 clustering = cols[1].selectbox("Clustering", ["agglomerative", "kmeans"], key="cl_method")
 params = ClusterParams(num_groups=int(groups), clustering=clustering)
 
-n_params = guarded("The selected models cannot be read", lambda: model_parameters(base, *finetunes))
-if n_params is None:
-    st.stop()
-result = guarded("The channel clustering failed", lambda: metrics_or_job(
-    lambda cache: analyze_clusters(base, finetunes, params, cache=cache),
-    job_params={"base": base, "finetuned": finetunes, "clusters": params.model_dump(mode="json")},
-    n_params=n_params, title=f"Channel clusters of {short_name(base)} + {n} fine-tunes",
-    key="cl", spinner="Clustering channels..."))
-if result is None:
-    st.stop()
+result = metrics_of([base, *finetunes], lambda cache: analyze_clusters(base, finetunes, params, cache=cache),
+                    job_params={"base": base, "finetuned": finetunes,
+                                "clusters": params.model_dump(mode="json")},
+                    title=f"Channel clusters of {short_name(base)} + {n} fine-tunes", key="cl",
+                    spinner="Clustering channels...", failed="The channel clustering failed")
 order = tensor_order(layer["name"] for layer in result["layers"])
 layers = sorted(result["layers"], key=lambda layer: order.index(layer["name"]))
 if not layers:

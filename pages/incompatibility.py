@@ -9,7 +9,7 @@ import streamlit as st
 
 from engine import settings
 from engine.analysis.incompatibility import IncompatibilityParams, incompatibility_maps
-from pages._analysis import guarded, matrix_heatmap, metrics_or_job, model_parameters
+from pages._analysis import matrix_heatmap, metrics_of
 from pages._shared import require_app, selection, short_name, zoo_manifest
 
 require_app("pages/incompatibility.py")
@@ -61,18 +61,14 @@ if path_a == path_b:
 params = IncompatibilityParams(n_per_task=int(n_per_task))
 base_a = str(zoo / parent_a) if use_deltas else None
 base_b = str(zoo / parent_b) if use_deltas else None
-n_params = guarded("The models cannot be read", lambda: model_parameters(path_a, path_b))
-if n_params is None:
-    st.stop()
 job_spec = {"model_a": path_a, "model_b": path_b, "base_a": base_a, "base_b": base_b,
             "params": params.model_dump(mode="json")}
-maps = guarded("The incompatibility maps failed", lambda: metrics_or_job(
+maps = metrics_of(
+    [path_a, path_b],
     lambda cache: incompatibility_maps(path_a, path_b, params, base_a=base_a, base_b=base_b, cache=cache),
-    job_params={"incompatibility": job_spec}, n_params=n_params,
+    job_params={"incompatibility": job_spec},
     title=f"Incompatibility maps {short_name(path_a)} vs {short_name(path_b)}", key="ni",
-    spinner="Running the probe prompts through both models..."))
-if maps is None:
-    st.stop()
+    spinner="Running the probe prompts through both models...", failed="The incompatibility maps failed")
 
 name_a, name_b = short_name(path_a), short_name(path_b)
 act, par = maps["activation"], maps["parameters"]
