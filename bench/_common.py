@@ -1,4 +1,4 @@
-"""Pieces the benchmark scripts share: the README section writer and the Llama tensor layout
+"""Pieces the benchmark scripts share: the README section writers and the Llama tensor layout
 of the generated ~270M-parameter models."""
 
 from __future__ import annotations
@@ -20,6 +20,23 @@ def write_readme_section(section: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block
     README.write_text(text)
+
+
+def write_marked_section(name: str, body: str, readme: Path = README) -> None:
+    """Write ``body`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``readme``
+    (replacing what is there, else appending): for sections whose body has ``## `` headings of
+    its own or that sit among other generated sections."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}\n"
+    text = readme.read_text() if readme.exists() else "# Benchmarks\n\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail.lstrip("\n")
+    else:
+        text = text.rstrip() + "\n\n" + block
+    readme.parent.mkdir(parents=True, exist_ok=True)
+    readme.write_text(text)
 
 
 def llama_shapes(c: dict) -> dict[str, tuple[int, ...]]:

@@ -34,6 +34,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from bench._common import write_marked_section  # noqa: E402
+
 from engine.compress import compress, rebuild_state_dict  # noqa: E402
 from engine.evaluate import evaluate_state_dict  # noqa: E402
 from engine.io import ModelFolder  # noqa: E402
@@ -130,21 +132,6 @@ def parse_method(entry: str) -> tuple[str, dict]:
     if not isinstance(params, dict):
         raise SystemExit(f"method entry {entry!r}: parameters must be a mapping")
     return name.strip(), params
-
-
-def replace_section(readme: Path, name: str, body: str) -> None:
-    """Write ``body`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``readme``."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}\n"
-    text = readme.read_text() if readme.exists() else "# Benchmarks\n\n"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = head + block + tail.lstrip("\n")
-    else:
-        text = text.rstrip() + "\n\n" + block
-    readme.parent.mkdir(parents=True, exist_ok=True)
-    readme.write_text(text)
 
 
 def fine_tunes(manifest: dict, only: list[str] | None) -> list[dict]:
@@ -526,7 +513,7 @@ def main(argv=None) -> int:
             json.dumps(figure(rows, args.methods, args.ratios, table)))
         (args.results / f"{stem}_rows.json").write_text(
             json.dumps({"rows": rows, "seconds": seconds, "n": args.n}, separators=(",", ":")))
-        replace_section(args.readme, stem, text)
+        write_marked_section(stem, text, args.readme)
     return 0
 
 

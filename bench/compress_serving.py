@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.compress_quality import replace_section  # noqa: E402
+from bench._common import write_marked_section  # noqa: E402
 from engine.compress import DeltaServer, compress  # noqa: E402
 from engine.evaluate import Evaluator  # noqa: E402
 from engine.evaluate.loading import load_tokenizer, model_from_config  # noqa: E402
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        replace_section(args.readme, "compress_serving", text)
+        write_marked_section("compress_serving", text, args.readme)
     return 0
 
 

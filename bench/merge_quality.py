@@ -65,19 +65,17 @@ MULTITASK_STEPS = 600  # two fine-tunes' worth of steps, all five tasks in every
 def multitask_reference(zoo: Path, n: int) -> dict[str, float]:
     """What merging is measured against in the papers: ONE fine-tune of small/base on all five
     tasks at once (the zoo's recipe: same learning rate, replay, batch size), scored per task."""
-    from engine.evaluate import evaluate_state_dict
-    from engine.io import ModelFolder
+    from engine.evaluate import Evaluator
     from engine.zoo.build import load_trained_model
     from engine.zoo.plan import FINETUNE_LR, with_replay
+    from engine.zoo.tokenizer import build_tokenizer
     from engine.zoo.train import TrainSpec, train
 
     model = load_trained_model(zoo / "small" / "base")
     spec = TrainSpec(steps=MULTITASK_STEPS, lr=FINETUNE_LR, batch_size=64,
                      mixture=with_replay({t: 1.0 / len(TASKS) for t in TASKS}), warmup=10)
     train(model, spec, seed=0)
-    with ModelFolder(zoo / "small" / "base") as base:
-        config = base.config
-    result = evaluate_state_dict(model.state_dict(), config, tasks=TASKS, n_per_task=n, n_generic=0)
+    result = Evaluator(model, build_tokenizer(), TASKS, n, 0).evaluate()  # the trained model itself
     return {t: result["tasks"][t]["accuracy"] for t in TASKS}
 
 

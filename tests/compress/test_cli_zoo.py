@@ -129,7 +129,7 @@ def test_calibrated_methods_learn_their_scalars(zoo, tmp_path):
                       params={"distill": True, **small}, device="cpu")
     report = result.calibration["distill"]
     assert report["kl_after"] <= report["kl_before"]
-    plain = compress(base, ft, tmp_path / "bd0", "bitdelta", ratio=16, device="cpu")
+    compress(base, ft, tmp_path / "bd0", "bitdelta", ratio=16, device="cpu")
     # distilled scales replace the fp16 scales in place: same sections, same sizes
     assert ((tmp_path / "bd0" / "delta.safetensors").stat().st_size
             == (tmp_path / "bd" / "delta.safetensors").stat().st_size)
