@@ -191,11 +191,15 @@ def _flat_cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float((a.reshape(-1) @ b.reshape(-1)) / (na * nb))
 
 
+def _check_bases(base_a, base_b) -> None:
+    if (base_a is None) != (base_b is None):
+        raise ParameterError("give both bases (task vectors) or neither (weights)")
+
+
 def parameter_similarity(path_a: str | Path, path_b: str | Path, *, base_a: str | Path | None = None,
                          base_b: str | Path | None = None) -> dict:
     """``{"modules": {suffix: La x Lb cosines}, "mean_abs": La x Lb}`` (see module docstring)."""
-    if (base_a is None) != (base_b is None):
-        raise ParameterError("give both bases (task vectors) or neither (weights)")
+    _check_bases(base_a, base_b)
     with ModelFolder(path_a) as fa, ModelFolder(path_b) as fb:
         ba = ModelFolder(base_a) if base_a is not None else None
         bb = ModelFolder(base_b) if base_b is not None else None
@@ -274,8 +278,7 @@ def incompatibility_maps(path_a: str | Path, path_b: str | Path,
     """Both maps between models A and B (A is usually the smaller), with summaries; read from
     and written to ``cache`` (a ``cache.MetricStore``) when given."""
     params = params or IncompatibilityParams()
-    if (base_a is None) != (base_b is None):  # before any model is loaded
-        raise ParameterError("give both bases (task vectors) or neither (weights)")
+    _check_bases(base_a, base_b)  # before any model is loaded
     key = _maps_key([path_a, path_b, base_a, base_b], params) if cache is not None else None
     if key is not None:
         hit = cache.get_many([key]).get(key)

@@ -332,12 +332,12 @@ class CalibrationStats:
             self.folder = None
 
     def __call__(self, name: str, like: torch.Tensor | None = None):
-        if like is None and self.shape_of is not None:
-            like = self.shape_of(name)
         if self.kind == "fisher":
             found = [stats.get(name) for stats in self.per_model]
             if all(f is not None for f in found):
                 return found
+            if like is None and self.shape_of is not None:  # a buffer: its shape, from the layout
+                like = self.shape_of(name)
             if like is None:
                 return None
             return [torch.ones(like.shape, dtype=torch.float32)] * len(self.per_model)

@@ -128,11 +128,8 @@ class WhatIfSession:
                 _load_strict(model, state)
                 per_model.append(model_statistics(kind, folder, task, settings, model=model,
                                                   tokenizer=self.tokenizer))
-            self._stats[key] = CalibrationStats(kind, per_model)
-        stats = self._stats[key]
-        if kind == "fisher":
-            return lambda name: stats(name, like=self.base[name])
-        return stats
+            self._stats[key] = CalibrationStats(kind, per_model, shape_of=self.base.__getitem__)
+        return self._stats[key]
 
     # ------------------------------------------------------------------ scoring
     def evaluate_state(self, state: Mapping[str, torch.Tensor]) -> dict:
