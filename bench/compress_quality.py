@@ -187,13 +187,15 @@ def run(args) -> list[dict]:
                 base_acc = evaluate(base_sd, config, model["task"], args.n)
                 rel = sorted(float((ft_sd[k] - base_sd[k]).norm() / base_sd[k].norm())
                              for k in base_sd if base_sd[k].ndim == 2)
-                args.delta_norms[model["path"]] = rel[len(rel) // 2]
-                args.scale_curves[model["path"]] = {
-                    str(scale): evaluate({k: base_sd[k] + scale * (ft_sd[k] - base_sd[k]) for k in base_sd},
-                                         config, model["task"], args.n) for scale in SCALES}
-                args.noise_curves[model["path"]] = {
-                    str(c): evaluate(with_noise(ft_sd, base_sd, c), config, model["task"], args.n)
-                    for c in NOISES}
+                profile = {  # of the fine-tune itself; stored with each of its rows
+                    "delta_norm_median": rel[len(rel) // 2],
+                    "scale_curve": {
+                        str(scale): evaluate({k: base_sd[k] + scale * (ft_sd[k] - base_sd[k])
+                                              for k in base_sd}, config, model["task"], args.n)
+                        for scale in SCALES},
+                    "noise_curve": {
+                        str(c): evaluate(with_noise(ft_sd, base_sd, c), config, model["task"], args.n)
+                        for c in NOISES}}
             print(f"{model['path']}: fine-tune {ft_acc:.3f}, base {base_acc:.3f} on {model['task']}",
                   flush=True)
             for label in args.methods:
@@ -220,10 +222,7 @@ def run(args) -> list[dict]:
                         "accuracy": acc, "finetune_accuracy": ft_acc, "base_accuracy": base_acc,
                         "retained": acc / ft_acc if ft_acc > 0 else None,
                         "compress_seconds": round(seconds, 2), "warnings": result.warnings,
-                        "delta_norm_median": args.delta_norms.get(model["path"]),
-                        "calibration": result.calibration, **fidelity,
-                        "scale_curve": args.scale_curves.get(model["path"]),
-                        "noise_curve": args.noise_curves.get(model["path"])})
+                        "calibration": result.calibration, **fidelity, **profile})
                     print(f"  {label:>10} x{ratio:<3} ratio {result.ratio:6.2f} acc {acc:.3f} "
                           f"along {fidelity['along']:.2f} ({seconds:.1f}s)", flush=True)
                     shutil.rmtree(art, ignore_errors=True)
@@ -311,16 +310,16 @@ def markdown(rows, methods, ratios, table, args, seconds) -> str:
             cells.append("n/a" if row is None else f"{row['accuracy']:.2f}")
         lines.append(f"| {model} | {sample['task']} | {sample['finetune_accuracy']:.2f} | "
                      f"{sample['base_accuracy']:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", findings(table, methods, ratios, args)]
+    lines += ["", findings(rows, table, methods, ratios)]
     lines += [""] + fidelity_table(rows, methods)
-    scales = scale_table(args)
+    scales = scale_table(rows)
     if scales:
         lines += [""] + scales
     errors = [r for r in rows if "error" in r]
     if errors:
         lines += ["", "Failures: " + "; ".join(f"{r['model']} {r['method']} x{r['target_ratio']}: {r['error']}"
                                                 for r in errors)]
-    stem = SECTION if not args.label else f"{SECTION}_{slug(args.label)}"
+    stem = section_stem(args.label)
     command = "python bench/compress_quality.py --zoo ZOO"
     if args.label:  # a second measurement: the method notes are in the main section
         command += f" --label '{args.label}' --methods ... --ratios {' '.join(map(str, ratios))}"
@@ -330,6 +329,16 @@ def markdown(rows, methods, ratios, table, args, seconds) -> str:
               f"{seconds / 60:.1f} min, {args.n} held-out examples per task, 1 CPU thread, "
               f"torch {torch.__version__}). Figure: `bench/results/{stem}.json` (plotly)."]
     return "\n".join(lines)
+
+
+def per_model(rows: list[dict], key: str) -> dict:
+    """``{fine-tune: value}`` of a per-fine-tune field that every row of it carries."""
+    return {r["model"]: r[key] for r in rows if r.get(key) is not None}
+
+
+def section_stem(label: str | None) -> str:
+    """README section and results file name of a run (a labelled run has its own)."""
+    return SECTION if not label else f"{SECTION}_{slug(label)}"
 
 
 def _cell(table, method, ratio):
@@ -363,28 +372,29 @@ def fidelity_table(rows, methods) -> list[str]:
     return lines
 
 
-def scale_table(args) -> list[str]:
-    if not args.scale_curves:
+def scale_table(rows: list[dict]) -> list[str]:
+    scale_curves, noise_curves = per_model(rows, "scale_curve"), per_model(rows, "noise_curve")
+    if not scale_curves:
         return []
-    scales = list(next(iter(args.scale_curves.values())))
-    noises = list(next(iter(args.noise_curves.values()), {})) if args.noise_curves else []
+    scales = list(next(iter(scale_curves.values())))
+    noises = list(next(iter(noise_curves.values()), {}))
     lines = ["How much of its delta each fine-tune needs, and how much dense noise it tolerates: "
              "own-task accuracy of `base + s x delta`, and of the fine-tune plus Gaussian noise of "
              "norm `c x ||delta||` in every matrix (no compression).", "",
              "| fine-tune | " + " | ".join(f"s = {s}" for s in scales) + " | s = 1 | "
              + "".join(f"noise c = {c} | " for c in noises),
              "|---|" + "---|" * (len(scales) + 1 + len(noises))]
-    for model, curve in sorted(args.scale_curves.items()):
-        full = next((r["finetune_accuracy"] for r in args.rows if r["model"] == model), None)
-        noise = args.noise_curves.get(model, {})
+    for model, curve in sorted(scale_curves.items()):
+        full = per_model(rows, "finetune_accuracy").get(model)
+        noise = noise_curves.get(model, {})
         lines.append(f"| {model} | " + " | ".join(f"{curve[s]:.2f}" for s in scales)
                      + f" | {'n/a' if full is None else f'{full:.2f}'} | "
                      + "".join(f"{noise[c]:.2f} | " if c in noise else "n/a | " for c in noises))
     return lines
 
 
-def findings(table, methods, ratios, args) -> str:
-    rows = args.rows
+def findings(rows, table, methods, ratios) -> str:
+    scale_curves, noise_curves = per_model(rows, "scale_curve"), per_model(rows, "noise_curve")
     out = ["**Findings.**"]
     if 16 in ratios:
         for family in ("delta_dct", "impart"):
@@ -409,9 +419,9 @@ def findings(table, methods, ratios, args) -> str:
         out.append(f"`impart` beats `dare` at {', '.join(wins) or 'no ratio'}"
                    + (f"; they tie (within a point) at {', '.join(ties)}" if ties else "")
                    + (f"; `dare` is better at {', '.join(losses)}" if losses else "") + ".")
-    if args.scale_curves and rows:
+    if scale_curves:
         def mean_at(scale):
-            return _mean([c.get(scale) for c in args.scale_curves.values()])
+            return _mean([c.get(scale) for c in scale_curves.values()])
 
         def along(method):
             vals = [r["along"] for r in rows if r["method"] == method and r["target_ratio"] == 16
@@ -420,13 +430,13 @@ def findings(table, methods, ratios, args) -> str:
 
         parts = [f"`{m}` {along(m):.2f}" for m in ("delta_dct", "impart", "bitdelta", "dare")
                  if m in methods and along(m) is not None]
-        norms = sorted(args.delta_norms.values())
+        norms = sorted(per_model(rows, "delta_norm_median").values())
         out.append(
             "What decides it on the zoo: the fine-tunes' deltas are moderate (median matrix "
             f"||delta|| / ||W_base|| {norms[0]:.2f} to {norms[-1]:.2f}; LLM fine-tunes: about 0.01)"
             + (f" and tolerate dense noise (Gaussian noise of norm ||delta|| in every matrix keeps "
-               f"{100 * _mean([c.get('1.0') for c in args.noise_curves.values()]):.0f}% on average)"
-               if args.noise_curves else "")
+               f"{100 * _mean([c.get('1.0') for c in noise_curves.values()]):.0f}% on average)"
+               if noise_curves else "")
             + ", but each needs most of its delta's length: `base + s x delta` keeps on average "
             f"{100 * mean_at('0.5'):.0f}% of the own-task accuracy at s = 0.5, "
             f"{100 * mean_at('0.7'):.0f}% at 0.7 and {100 * mean_at('0.85'):.0f}% at 0.85 (table below). "
@@ -487,28 +497,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.zoo = args.zoo or default_zoo_dir()
     args.params = parse_params(args.param)
-    args.delta_norms, args.scale_curves, args.noise_curves = {}, {}, {}
     torch.set_num_threads(1)
     started = time.perf_counter()
     if args.from_rows:
         saved = json.loads(args.from_rows.read_text())
         rows, seconds = saved["rows"], saved["seconds"]
         args.n = saved.get("n", args.n)
-        args.delta_norms = {r["model"]: r["delta_norm_median"] for r in rows if r.get("delta_norm_median")}
-        args.scale_curves = {r["model"]: r["scale_curve"] for r in rows if r.get("scale_curve")}
-        args.noise_curves = {r["model"]: r["noise_curve"] for r in rows if r.get("noise_curve")}
         args.methods = list(dict.fromkeys(r["method"] for r in rows))
         args.ratios = sorted({r["target_ratio"] for r in rows})
     else:
         rows = run(args)
         seconds = time.perf_counter() - started
-    args.rows = rows
     table = summarize(rows, args.methods, args.ratios)
     text = markdown(rows, args.methods, args.ratios, table, args, seconds)
     print(text)
     if not args.no_write:
         args.results.mkdir(parents=True, exist_ok=True)
-        stem = SECTION if not args.label else f"{SECTION}_{slug(args.label)}"
+        stem = section_stem(args.label)
         (args.results / f"{stem}.json").write_text(
             json.dumps(figure(rows, args.methods, args.ratios, table)))
         (args.results / f"{stem}_rows.json").write_text(
