@@ -86,9 +86,8 @@ def zoo_plan(quick: bool = False) -> list[ModelPlan]:
                          warmup=30, weight_decay=0.01)
 
     def finetune(n: int, mixture: dict[str, float]) -> TrainSpec:
-        lr = FINETUNE_LR
-        return TrainSpec(steps=steps(n), lr=lr, batch_size=batch, mixture=with_replay(mixture),
-                         warmup=10)
+        return TrainSpec(steps=steps(n), lr=FINETUNE_LR, batch_size=batch,
+                         mixture=with_replay(mixture), warmup=10)
 
     plan = [ModelPlan("small/base", "small", "base", None, None, "small", pretrain(2500))]
     for task in SMALL_FINETUNE_TASKS:

@@ -228,7 +228,7 @@ def encode(delta: torch.Tensor, budget: int | None, params: Params, ctx) -> byte
         q, step = quantize_groups(coeffs[idx], int(w))
         steps[idx.cpu().numpy()] = step.cpu().numpy()
         streams.append(bits.pack_uint(q.cpu().numpy(), int(w)))
-        along += float((dequantize(q, step.to(torch.float16).float(), int(w)) * coeffs[idx]).sum())
+        along += float((dequantize(q, step, int(w)) * coeffs[idx]).sum())  # steps are fp16-exact
     if extra:
         total = float((coeffs.double() ** 2).sum())
         scale = total / along if along > 0 else 1.0
