@@ -108,22 +108,6 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _device(text: str):
-    import torch
-
-    from engine.errors import ParameterError
-
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ParameterError(f"unknown device {text!r} (use cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ParameterError("--device cuda asked for, but no CUDA device is available")
-    if device.type not in ("cpu", "cuda"):
-        raise ParameterError(f"unsupported device {text!r} (use cpu or cuda)")
-    return device
-
-
 def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -134,10 +118,10 @@ def _fmt(value, digits: int = 4) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from engine.analysis import analyze
-    from engine.device import compute_device
+    from engine.device import resolve_device
 
     params = build_params(args)
-    device = _device(args.device) if args.device else compute_device()
+    device = resolve_device(args.device)
     progress = _Progress(not args.quiet)
     with metric_store(args) as store:
         try:

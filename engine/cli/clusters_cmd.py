@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from engine.cli.analyze_cmd import _device, _fmt, _Progress, metric_store, validated
+from engine.cli.analyze_cmd import _fmt, _Progress, metric_store, validated
 
 
 def register(subparsers) -> None:
@@ -33,13 +33,13 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from engine.analysis import ClusterParams, analyze_clusters
-    from engine.device import compute_device
+    from engine.device import resolve_device
     from engine.errors import ParameterError
 
     if len(args.finetuned) < 2:
         raise ParameterError("clusters needs at least two --finetuned models")
     params = validated(ClusterParams, num_groups=args.groups, clustering=args.clustering)
-    device = _device(args.device) if args.device else compute_device()
+    device = resolve_device(args.device)
     progress = _Progress(not args.quiet)
     with metric_store(args) as store:
         try:

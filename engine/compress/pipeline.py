@@ -37,7 +37,7 @@ from engine.compress.artifact import (FORMAT, FORMAT_VERSION, TENSORS_NAME, Arti
 from engine.compress.bits import SectionReader
 from engine.compress.masks import derive_seed
 from engine.compress.registry import CompressMethod, TensorContext, get_method
-from engine.device import compute_device
+from engine.device import resolve_device
 from engine.errors import (ArtifactError, ConfigError, IncompatibleModelsError, NonFiniteError,
                            ParameterError)
 from engine.io import ModelFolder, ModelWriter
@@ -231,7 +231,7 @@ def compress(
         raise ParameterError("side_files must be 'dedup' or 'embed'")
     spec = get_method(method)
     p = spec.parse_params(params, ratio)
-    device = torch.device(device) if device is not None else compute_device()
+    device = resolve_device(device)
     base, ft = _open_pair(base_path, finetuned_path)
     warnings: list[str] = []
     try:
@@ -399,7 +399,7 @@ def open_checked(artifact_path, base: ModelFolder, *, verify: bool = True) -> tu
 def iter_rebuilt(artifact: Artifact, spec: CompressMethod, params, base: ModelFolder,
                  device=None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, rebuilt fine-tune tensor in float32 on ``device``), tensor by tensor."""
-    device = torch.device(device) if device is not None else compute_device()
+    device = resolve_device(device)
     vectors = artifact.vectors()
     cursor, index = 0, 0
     for name in base.tensor_names:

@@ -19,7 +19,7 @@ import torch
 
 from engine.compress.pipeline import (decode_section, is_matrix, open_checked, rebuild_tensor)
 from engine.compress.registry import CompressMethod
-from engine.device import compute_device
+from engine.device import resolve_device
 from engine.errors import ParameterError
 from engine.io import ModelFolder
 
@@ -43,7 +43,7 @@ class DeltaServer:
 
     def __init__(self, base_dir: str | Path, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32, verify: bool = True):
-        self.device = torch.device(device) if device is not None else compute_device()
+        self.device = resolve_device(device)
         self.dtype = dtype
         self.verify = verify
         self.folder = ModelFolder(base_dir)

@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel
 
 from engine.compat import embed_head_names, is_tied, require_compatible
-from engine.device import compute_device
+from engine.device import resolve_device
 from engine.errors import ConfigError, ParameterError
 from engine.io import ModelFolder, ModelWriter
 from engine.merge.registry import MergeMethod, get_method
@@ -234,7 +234,7 @@ def run_merge(
     they are calibrated here (``engine.merge.calibration``, settings from the recipe's
     ``calibration`` parameter, tasks from ``calibration_task`` or the zoo manifest)."""
     started = time.perf_counter()
-    device = torch.device(device) if device is not None else compute_device()
+    device = resolve_device(device)
     plan = plan_merge(recipe, recipe_dir=recipe_dir)
     own_stats = None  # statistics calibrated here are closed (their spill folder removed) here
     if plan.method.stats is not None and stats_provider is None:
@@ -321,7 +321,7 @@ def merge_state_dicts(
     if len(spec.model_scopes) != len(finetunes):
         raise ParameterError(f"{spec.method.name}: {len(spec.model_scopes)} per-model parameter "
                              f"sets for {len(finetunes)} models")
-    device = torch.device(device) if device is not None else compute_device()
+    device = resolve_device(device)
     layout = base if base is not None else finetunes[0]
     out = {}
     for name, ref in layout.items():

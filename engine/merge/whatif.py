@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from engine.compat import embed_head_names, is_tied, require_compatible
-from engine.device import compute_device
+from engine.device import resolve_device
 from engine.errors import ConfigError, ParameterError
 from engine.io import ModelFolder
 from engine.merge.executor import merge_state_dicts
@@ -69,7 +69,7 @@ class WhatIfSession:
             raise ParameterError("a what-if merge needs at least one fine-tuned model")
         self.base_dir = Path(base_dir)
         self.finetune_dirs = [Path(d) for d in finetune_dirs]
-        self.device = torch.device(device) if device is not None else compute_device()
+        self.device = resolve_device(device)
         with ModelFolder(self.base_dir) as base:
             finetunes = [ModelFolder(d) for d in self.finetune_dirs]
             try:
