@@ -77,7 +77,7 @@ def build_params(args: argparse.Namespace):
     return validated(AnalysisParams, spectrum=spectrum, pairs=pairs)
 
 
-class _Progress:
+class ProgressBar:
     """tqdm on stderr when installed, else a plain counter line."""
 
     def __init__(self, enabled: bool):
@@ -108,7 +108,7 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _fmt(value, digits: int = 4) -> str:
+def fmt_value(value, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
     params = build_params(args)
     device = resolve_device(args.device)
-    progress = _Progress(not args.quiet)
+    progress = ProgressBar(not args.quiet)
     with metric_store(args) as store:
         try:
             result = analyze(args.base, args.finetuned, params, cache=store, progress=progress,
@@ -143,14 +143,14 @@ def run(args: argparse.Namespace) -> int:
           f"{'eff_rank':>9} {'stable':>8} {'k90':>6} {'sparsity':>8}")
     for t in result["tensors"]:
         s1 = t["top_singular_values"][0] if t.get("top_singular_values") else None
-        print(f"{t['name']:<{width}}  {t['model']:>2} {_fmt(t['fro_norm']):>10} {_fmt(t['rel_norm']):>10} "
-              f"{_fmt(s1):>10} {_fmt(t['effective_rank']):>9} {_fmt(t['stable_rank']):>8} "
-              f"{_fmt(t['energy_k_90']):>6} {_fmt(t['sparsity'], 3):>8}")
+        print(f"{t['name']:<{width}}  {t['model']:>2} {fmt_value(t['fro_norm']):>10} {fmt_value(t['rel_norm']):>10} "
+              f"{fmt_value(s1):>10} {fmt_value(t['effective_rank']):>9} {fmt_value(t['stable_rank']):>8} "
+              f"{fmt_value(t['energy_k_90']):>6} {fmt_value(t['sparsity'], 3):>8}")
     cos = result["models"]["cosine"]
     if len(names) > 1:
         print("task vector cosine:")
         for i, row in enumerate(cos):
-            print(f"  [{i}] " + " ".join(f"{_fmt(v, 3):>7}" for v in row))
+            print(f"  [{i}] " + " ".join(f"{fmt_value(v, 3):>7}" for v in row))
     c = result["cache"]
     print(f"cache: {c['status']} ({c['hits']} hits, {c['misses']} computed) in {result['seconds']:.2f}s")
     return 0

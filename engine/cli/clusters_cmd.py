@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from engine.cli.analyze_cmd import _fmt, _Progress, metric_store, validated
+from engine.cli.analyze_cmd import fmt_value, ProgressBar, metric_store, validated
 
 
 def register(subparsers) -> None:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         raise ParameterError("clusters needs at least two --finetuned models")
     params = validated(ClusterParams, num_groups=args.groups, clustering=args.clustering)
     device = resolve_device(args.device)
-    progress = _Progress(not args.quiet)
+    progress = ProgressBar(not args.quiet)
     with metric_store(args) as store:
         try:
             result = analyze_clusters(args.base, args.finetuned, params, cache=store,
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     for layer in layers:
         split = next(iter(layer["size_patterns"]), "-")
         print(f"{layer['name']:<{width}}  {layer['storage_fraction']:>7.3f} "
-              f"{_fmt(layer['within_group_cosine'], 3):>7} {_fmt(layer['between_group_cosine'], 3):>7}  {split}")
+              f"{fmt_value(layer['within_group_cosine'], 3):>7} {fmt_value(layer['between_group_cosine'], 3):>7}  {split}")
     c = result["cache"]
     print(f"cache: {c['hits']} hits, {c['misses']} computed", file=sys.stderr)
     return 0
