@@ -91,13 +91,13 @@ def selection() -> dict:
     return st.session_state[SELECTION_KEY]
 
 
-def require_selection(min_finetunes: int = 1) -> dict | None:
-    """The selection, or a message and None when it does not have enough models."""
+def require_selection(min_finetunes: int = 1) -> dict:
+    """The selection; when it does not have enough models, a message and the page stops."""
     chosen = selection()
     if not chosen.get("base") or len(chosen.get("finetunes", [])) < min_finetunes:
         st.info(f"Pick a base and at least {min_finetunes} fine-tune(s) on the Models page "
                 "(or build the demo zoo there).")
-        return None
+        st.stop()
     return chosen
 
 

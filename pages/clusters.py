@@ -18,8 +18,6 @@ st.caption("For every channel (output row) of a layer, the experts' rows are clu
            "index per expert channel, and rebuilds each expert from them.")
 
 chosen = require_selection(2)
-if chosen is None:
-    st.stop()
 base, finetunes = chosen["base"], list(chosen["finetunes"])
 labels = [short_name(p) for p in finetunes]
 n = len(finetunes)

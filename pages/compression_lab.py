@@ -27,8 +27,6 @@ IN_PROCESS_LIMIT = 50_000_000  # parameters: bigger models are compressed as a j
 require_app("pages/compression_lab.py")
 st.title("Compression lab")
 chosen = require_selection(1)
-if chosen is None:
-    st.stop()
 base = chosen["base"]
 
 names = list_methods()

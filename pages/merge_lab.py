@@ -24,8 +24,6 @@ RUNS_KEY = "merge_runs"
 require_app("pages/merge_lab.py")
 st.title("Merge lab")
 chosen = require_selection(1)
-if chosen is None:
-    st.stop()
 base, finetunes = chosen["base"], list(chosen["finetunes"])
 
 names = list_methods()

@@ -20,8 +20,6 @@ st.caption("Task vectors that point the same way merge well; opposite signs on t
            "merges lose accuracy.")
 
 chosen = require_selection(2)
-if chosen is None:
-    st.stop()
 base, finetunes = chosen["base"], list(chosen["finetunes"])
 labels = [short_name(p) for p in finetunes]
 

@@ -30,8 +30,6 @@ st.caption("Each fine-tune's task vector Δ = W_ft − W_base, tensor by tensor:
            "how many directions carry its energy, and where in the network it sits.")
 
 chosen = require_selection(1)
-if chosen is None:
-    st.stop()
 base, finetunes = chosen["base"], list(chosen["finetunes"])
 labels = [short_name(p) for p in finetunes]
 params = AnalysisParams()
