@@ -83,9 +83,9 @@ def test_plan_bases_learn_skills_and_fine_tunes_replay_them():
                 assert item.task in own or item.family == "safety", item.path
     # the "skills" source draws every skill, under upper-case tags only
     sampler = BatchSampler({SKILLS: 1.0}, random.Random(0))
-    tags = set()
+    tags, char_of = set(), {i: c for c, i in VOCAB.items()}
     for _ in range(300):
-        ids, labels = sampler.example()
-        text = "".join({i: c for c, i in VOCAB.items()}[i] for i in ids[1:])
+        ids, _ = sampler.example()
+        text = "".join(char_of[i] for i in ids[1:])
         tags.add(text.split(":", 1)[0])
     assert tags == {"REV", "UPP", "SFT", "SRT", "INC"}
