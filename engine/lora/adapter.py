@@ -25,6 +25,8 @@ with a one-line error naming the key; every tensor must map to a base tensor of 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -102,6 +104,8 @@ class LoraAdapter:
         if not self.path.is_dir():
             raise CheckpointFormatError("not a folder", path=given)
         self.config = self._load_config()
+        self.config_digest = hashlib.sha256(
+            json.dumps(self.config, sort_keys=True).encode()).hexdigest()
         self.weights_path = self._weights_file()
         self.header = read_header(self.weights_path)
         self._handle = None

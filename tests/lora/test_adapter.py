@@ -75,3 +75,24 @@ def test_rank_and_alpha_patterns_set_each_modules_scale(tmp_path):
     embed = adapter.modules["model.embed_tokens.weight"]
     assert embed.embedding and embed.transpose
     assert "lm_head.weight" in adapter.whole
+
+
+def test_adapter_finetune_reads_like_the_merged_folder(tmp_path):
+    """Every engine reader sees base + adapter as PEFT's merged model, tensor by tensor."""
+    from engine.lora.finetune import AdapterFinetune, open_finetune, split_reference
+
+    model, merged = _base_and_adapter(tmp_path, "llama-rslora-patterns")
+    with ModelFolder(tmp_path / "base") as base:
+        ft = open_finetune(tmp_path / "adapter", base)
+        assert isinstance(ft, AdapterFinetune)
+        assert ft.tensor_names == base.tensor_names and ft.config == base.config
+        for name in ft.tensor_names:
+            torch.testing.assert_close(ft.read_tensor(name).float(), merged[name].float(),
+                                       rtol=0, atol=2e-6, msg=name)
+        untouched = next(n for n in base.tensor_names if n not in ft.adapter.targets)
+        assert ft.read_tensor(untouched).data_ptr() != 0 and ft.delta(untouched) is None
+        prints = ft.file_fingerprints()
+        assert any(k.startswith("adapter/") for k in prints) and any(k.startswith("base/") for k in prints)
+    assert split_reference(f"{tmp_path}/base+{tmp_path}/adapter") == (f"{tmp_path}/base",
+                                                                    f"{tmp_path}/adapter")
+    assert split_reference(str(tmp_path / "base")) == (str(tmp_path / "base"), None)
