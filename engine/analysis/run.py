@@ -37,6 +37,7 @@ from engine.analysis.spectra import SpectrumParams, as_matrix, compute_spectrum,
 from engine.delta import iter_task_vectors, plan_deltas, read_tensors
 from engine.errors import IncompatibleModelsError
 from engine.io import ModelFolder
+from engine.lora.finetune import AdapterFinetune, open_finetune
 
 ANALYSIS_VERSION = "1"  # bump when a metric's definition or numerics change
 ENGINE_VERSION = f"{engine.__version__}+analysis.{ANALYSIS_VERSION}"
@@ -79,10 +80,12 @@ def _sanitize(value: Any) -> Any:
     return value
 
 
-def _open(stack: ExitStack, ref) -> ModelFolder:
-    """``ref`` itself when it is already a ModelFolder (its caller closes it), else opened here
-    and closed with ``stack``."""
-    return ref if isinstance(ref, ModelFolder) else stack.enter_context(ModelFolder(ref))
+def _open(stack: ExitStack, ref, base: ModelFolder | None = None):
+    """``ref`` itself when it is already opened (its caller closes it), else opened here and
+    closed with ``stack``: a model folder, or (given the opened ``base``) a LoRA adapter."""
+    if isinstance(ref, (ModelFolder, AdapterFinetune)):
+        return ref
+    return stack.enter_context(open_finetune(ref, base) if base is not None else ModelFolder(ref))
 
 
 def _make_key(fingerprint: str, tensor: str, metric: str, params: str) -> tuple:
@@ -107,7 +110,7 @@ def analyze(
     sp, pp = params.spectrum, params.pairs
     with ExitStack() as stack:
         base_f = _open(stack, base)
-        fts = [_open(stack, f) for f in finetuned]
+        fts = [_open(stack, f, base_f) for f in finetuned]
         plan = plan_deltas(base_f, fts, names)
         n = len(fts)
         pair_list = [(i, j) for i in range(n) for j in range(i + 1, n)] if with_pairs else []
@@ -250,7 +253,7 @@ def analyze_clusters(
     params = params or ClusterParams()
     with ExitStack() as stack:
         base_f = _open(stack, base)
-        fts = [_open(stack, f) for f in finetuned]
+        fts = [_open(stack, f, base_f) for f in finetuned]
         plan = plan_deltas(base_f, fts, names)
         matrices = [n for n in plan.names if len(base_f.info(n).shape) >= 2]
         base_prints = base_f.file_fingerprints()
@@ -288,7 +291,8 @@ def tensor_spectrum(base: str | Path | ModelFolder, finetuned: str | Path | Mode
     ``values`` is complete for "exact"/"gram", the top q for "randomized"."""
     params = params or SpectrumParams()
     with ExitStack() as stack:
-        base_f, ft_f = _open(stack, base), _open(stack, finetuned)
+        base_f = _open(stack, base)
+        ft_f = _open(stack, finetuned, base_f)
         plan = plan_deltas(base_f, [ft_f], [name])
         if not plan.names:
             raise IncompatibleModelsError("tensor is not floating point", path=base_f.path, tensor=name)

@@ -72,14 +72,14 @@ class AdapterFinetune:
         return name in self.base
 
     def file_fingerprints(self) -> dict[str, dict]:
-        """The adapter's weights and config plus the base's files: a change to any of them is a
-        different fine-tune (cache keys)."""
+        """Per file, as ``ModelFolder`` keys them (the file a tensor's ``info`` names): the base's
+        shards (tensors the adapter leaves alone) and the adapter's weights with its config's
+        digest (the tensors it changes), so editing either is a different fine-tune."""
         h = self.adapter.header
-        prints = {f"adapter/{self.adapter.weights_path.name}": {
-            "size": h.file_size, "mtime_ns": h.mtime_ns, "header_sha256": h.header_sha256,
-            "config": self.adapter.config_digest}}
-        prints.update({f"base/{k}": v for k, v in self.base.file_fingerprints().items()})
-        return prints
+        return {**self.base.file_fingerprints(),
+                self.adapter.weights_path.name: {
+                    "size": h.file_size, "mtime_ns": h.mtime_ns, "header_sha256": h.header_sha256,
+                    "config_sha256": self.adapter.config_digest}}
 
     # ------------------------------------------------------------------ tensors
     def read_tensor(self, name: str) -> torch.Tensor:

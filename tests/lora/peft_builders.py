@@ -50,3 +50,13 @@ def make_adapter(model, folder: Path, seed: int = 1, **lora_kwargs):
     peft_model.save_pretrained(folder)
     merged = peft_model.merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def save_merged(model, merged_state: dict, folder: Path) -> Path:
+    """PEFT's merged weights saved as a full model folder (the reference a LoRA path is held to)."""
+    import copy
+
+    full = copy.deepcopy(model)
+    full.load_state_dict(merged_state)
+    full.save_pretrained(folder)
+    return folder

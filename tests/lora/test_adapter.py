@@ -92,7 +92,10 @@ def test_adapter_finetune_reads_like_the_merged_folder(tmp_path):
         untouched = next(n for n in base.tensor_names if n not in ft.adapter.targets)
         assert ft.read_tensor(untouched).data_ptr() != 0 and ft.delta(untouched) is None
         prints = ft.file_fingerprints()
-        assert any(k.startswith("adapter/") for k in prints) and any(k.startswith("base/") for k in prints)
+        assert set(prints) == {"adapter_model.safetensors", *base.file_fingerprints()}
+        changed = ft.adapter.targets[0]
+        assert ft.info(changed).file.name == "adapter_model.safetensors"
+        assert ft.info(untouched).file == base.info(untouched).file
     assert split_reference(f"{tmp_path}/base+{tmp_path}/adapter") == (f"{tmp_path}/base",
                                                                     f"{tmp_path}/adapter")
     assert split_reference(str(tmp_path / "base")) == (str(tmp_path / "base"), None)
