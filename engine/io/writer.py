@@ -162,8 +162,12 @@ class ModelWriter:
         input_folders: list[str | Path] | tuple = (),
         verify: bool = True,
         plan: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None,
+        weights_name: str = SINGLE_NAME,
+        config_name: str = CONFIG_NAME,
     ):
         self.dest = Path(dest).absolute()
+        # A PEFT adapter is one adapter_model.safetensors beside adapter_config.json.
+        self.weights_name, self.config_name = weights_name, config_name
         self.config = config
         self.extra_files = dict(extra_files or {})
         self.max_shard_bytes = int(max_shard_bytes)
@@ -265,7 +269,7 @@ class ModelWriter:
         clash = RESERVED_MANIFEST_KEYS & set(self.manifest_extra)
         if clash:
             raise ExportError(f"manifest_extra uses reserved keys {sorted(clash)}", path=self.dest)
-        reserved = {CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, LOCK_NAME}
+        reserved = {self.config_name, INDEX_NAME, MANIFEST_NAME, self.weights_name, LOCK_NAME}
         for name, source in self.extra_files.items():
             if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
                     or "\\" in name or name in reserved or name.endswith(".safetensors")):
@@ -402,10 +406,13 @@ class ModelWriter:
         if not self._shards:
             raise ExportError("no tensors were added", path=self.dest)
         count = len(self._shards)
+        if count > 1 and self.weights_name != SINGLE_NAME:
+            raise ExportError(f"{self.weights_name} must be one file; raise max_shard_bytes",
+                              path=self.dest)
         weight_map: dict[str, str] = {}
         final_names = []
         for i, (tmp_path, names) in enumerate(self._shards, start=1):
-            final = SINGLE_NAME if count == 1 else shard_name(i, count)
+            final = self.weights_name if count == 1 else shard_name(i, count)
             os.rename(tmp_path, staging / final)
             final_names.append(final)
             weight_map.update({n: final for n in names})
@@ -414,7 +421,7 @@ class ModelWriter:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             _write_bytes(staging / INDEX_NAME, json.dumps(index, indent=2).encode())
         if self.config is not None:
-            _write_bytes(staging / CONFIG_NAME, json.dumps(self.config, indent=2, sort_keys=True).encode())
+            _write_bytes(staging / self.config_name, json.dumps(self.config, indent=2, sort_keys=True).encode())
         for name, source in self.extra_files.items():
             _write_bytes(staging / name, self._extra_bytes(name, source))
 
