@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import torch
 
 from engine.compat import embed_head_names, is_tied
-from engine.errors import IncompatibleModelsError
+from engine.errors import IncompatibleModelsError, NonFiniteError
 from engine.io import ModelFolder
 
 WORK_DTYPE = torch.float32
@@ -103,9 +103,15 @@ def _read(folder: ModelFolder, name: str) -> torch.Tensor:
 def read_tensors(plan: DeltaPlan, name: str, device: torch.device | str | None = None,
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``(base, [delta_i])`` of one tensor, float32, on ``device`` (CPU by default). The base
-    tensor may share storage with the reader's: never modify it in place."""
+    tensor may share storage with the reader's: never modify it in place.
+
+    A NaN/Inf in a fine-tune is its delta's (counted by the metrics); one in the base would
+    show in every fine-tune's delta, blaming them, so it is refused naming the base."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     base = _read(plan.base, name).to(device=device, dtype=WORK_DTYPE)
+    if not bool(torch.isfinite(base).all()):
+        raise NonFiniteError(f"{int((~torch.isfinite(base)).sum())} NaN/Inf value(s) in the base "
+                             "(or beyond float32's range); refused", path=plan.base.path, tensor=name)
     deltas = []
     for i, ft in enumerate(plan.finetuned):
         stored = _read(ft, plan.source_name(i, name))

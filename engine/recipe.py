@@ -9,6 +9,12 @@ cover the same layer range, ``base_model``, ``merge_method``, ``parameters``, ``
 ``out_dtype``, ``tokenizer_source`` ("base" or one of the input models), ``tokenizer``
 (``source`` only), ``name``, ``chat_template`` (kept in the manifest). LoRA references
 (``model+adapter``), hub ids and frankenmerge slices are refused with a clear message.
+
+Our extensions: ``vocab_policy``, ``seed``, and ``overflow``: what happens when a merged value
+does not fit the output dtype (a float32 result of 3e38 cast to float16 is Inf). ``refuse``
+(the default) stops the merge naming the tensor, nothing written; ``clamp`` writes the dtype's
+largest finite value of that sign instead. ``dtype``/``out_dtype`` apply to floating-point
+tensors only: integer and bool tensors keep their own dtype (and are copied, never mixed).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
+OVERFLOW_POLICIES = ("refuse", "clamp")
 
 
 class InputModel(BaseModel):
@@ -72,6 +79,8 @@ class MergeRecipe(BaseModel):
     vocab_policy: str = "refuse"
     # Our extension: seed for the randomized methods (dare, della, sotu).
     seed: int = 0
+    # Our extension: a merged value beyond the output dtype's range ("refuse" | "clamp").
+    overflow: str = "refuse"
 
     @model_validator(mode="after")
     def _check(self) -> "MergeRecipe":
@@ -83,6 +92,8 @@ class MergeRecipe(BaseModel):
                 raise ValueError(f"{key} {value!r} is not one of {sorted(set(DTYPES))}")
         if self.vocab_policy not in ("refuse", "truncate", "pad_from_base"):
             raise ValueError("vocab_policy must be 'refuse', 'truncate' or 'pad_from_base'")
+        if self.overflow not in OVERFLOW_POLICIES:
+            raise ValueError("overflow must be 'refuse' or 'clamp'")
         return self
 
     def input_models(self) -> list[InputModel]:
@@ -117,10 +128,11 @@ class MergeRecipe(BaseModel):
         return tuple(self.slices[0].sources[0].layer_range)
 
     def output_dtype(self, fallback: torch.dtype) -> torch.dtype:
-        # Arithmetic is always fp32 (bf16 subtraction cancels); `dtype` (or `out_dtype`) is
-        # only the dtype the result is cast to, once, at write.
+        # Arithmetic is fp32 (fp64 for fp64 inputs; bf16 subtraction cancels); `dtype` (or
+        # `out_dtype`) is only the dtype a float result is cast to, once, at write. An integer
+        # or bool tensor (``fallback``, the layout's) is copied and keeps its dtype.
         name = self.out_dtype or self.dtype
-        return DTYPES[name] if name else fallback
+        return DTYPES[name] if name and fallback.is_floating_point else fallback
 
     def tokenizer_model(self) -> str:
         source = (self.tokenizer.source if self.tokenizer else None) or self.tokenizer_source or "base"
@@ -130,7 +142,7 @@ class MergeRecipe(BaseModel):
 
     def to_yaml(self) -> str:
         data = self.model_dump(exclude_none=True, exclude_defaults=False)
-        for key in ("vocab_policy", "seed"):
+        for key in ("vocab_policy", "seed", "overflow"):
             if data.get(key) == MergeRecipe.model_fields[key].default:
                 data.pop(key)
         if not data.get("parameters"):

@@ -157,7 +157,8 @@ def decode_section(method: CompressMethod, params, data: bytes, name: str, shape
 
 def rebuild_tensor(method: CompressMethod, params, base_t: torch.Tensor, delta_hat: torch.Tensor,
                    name: str, index: int, device) -> torch.Tensor:
-    base32 = base_t.to(device=device, dtype=torch.float32)
+    # float32 at least; a float64 base stays float64 (float32 would round the base's values)
+    base32 = base_t.to(device=device, dtype=torch.promote_types(base_t.dtype, torch.float32))
     hook = getattr(method.module, "rebuild", None)
     if hook is None:
         return base32 + delta_hat
@@ -165,6 +166,30 @@ def rebuild_tensor(method: CompressMethod, params, base_t: torch.Tensor, delta_h
 
 
 # ---------------------------------------------------------------- compress
+def _delta(base: ModelFolder, ft: ModelFolder, name: str, device) -> torch.Tensor | None:
+    """``ft - base`` of one tensor, float32 on ``device``; NaN/Inf refused naming the folder
+    that holds them (a NaN in the base is not the fine-tune's). None for an integer or bool
+    tensor: it has no delta to compress, so it must equal the base's (rebuilt as its copy)."""
+    base_t, ft_t = base.get_tensor(name), ft.get_tensor(name)
+    if not base_t.is_floating_point() or not ft_t.is_floating_point():
+        if base_t.dtype != ft_t.dtype or not torch.equal(base_t, ft_t):
+            raise IncompatibleModelsError(
+                f"this {ft_t.dtype} tensor differs from the base's {base_t.dtype} one: integer and "
+                "bool tensors are rebuilt as the base's copy, never compressed", path=ft.path,
+                tensor=name)
+        return None
+    for folder, t in ((base, base_t), (ft, ft_t)):
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteError(f"{bad} NaN/Inf value(s); compression refused", path=folder.path,
+                                 tensor=name)
+    delta = ft_t.to(device, torch.float32) - base_t.to(device, torch.float32)
+    if not bool(torch.isfinite(delta).all()):  # finite inputs beyond float32's range
+        raise NonFiniteError("the delta overflows float32; compression refused", path=ft.path,
+                             tensor=name)
+    return delta
+
+
 def _side_files(base: ModelFolder, ft: ModelFolder, mode: str) -> tuple[dict, dict[str, bytes]]:
     """The manifest entry and the files to store; with "dedup", files byte-identical to the
     base's copies are referenced (by one digest) instead of stored."""
@@ -260,12 +285,14 @@ def compress(
             carry = 0
             choices: dict[str, dict] = {}
             for i, (name, shape) in enumerate(layout):
-                delta = (ft.get_tensor(name).to(device, torch.float32)
-                         - base.get_tensor(name).to(device, torch.float32))
-                if not torch.isfinite(delta).all():
-                    raise NonFiniteError("delta has NaN/Inf values; refused", path=ft.path, tensor=name)
+                delta = _delta(base, ft, name, device)
                 if not is_matrix(shape):
-                    writer.add_vector(delta)
+                    try:
+                        writer.add_vector(delta if delta is not None else torch.zeros(shape))
+                    except ArtifactError as err:  # name the tensor and the fine-tune
+                        raise ArtifactError(err.reason, path=ft.path, tensor=name) from None
+                elif delta is None:  # integer/bool: an empty section, rebuilt as the base's copy
+                    writer.add_section(b"")
                 else:
                     index = len(writer.offsets) - 1
                     ctx = _context(spec, p, name, index, device)
@@ -329,8 +356,9 @@ def _allocate(spec, params, base, ft, matrices, budgets, device):
         return None
     stats = []
     for index, (name, shape) in enumerate(matrices):
-        delta = (ft.get_tensor(name).to(device, torch.float32)
-                 - base.get_tensor(name).to(device, torch.float32))
+        delta = _delta(base, ft, name, device)
+        if delta is None:
+            delta = torch.zeros(shape, device=device)
         stats.append(module.prepass(delta.reshape(as_matrix_shape(shape)), params,
                                     _context(spec, params, name, index, device)))
     return module.allocate(stats, budgets, params)
@@ -398,14 +426,21 @@ def open_checked(artifact_path, base: ModelFolder, *, verify: bool = True) -> tu
 
 def iter_rebuilt(artifact: Artifact, spec: CompressMethod, params, base: ModelFolder,
                  device=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, rebuilt fine-tune tensor in float32 on ``device``), tensor by tensor."""
+    """(name, rebuilt fine-tune tensor in float32 (float64 for a float64 base tensor) on
+    ``device``), tensor by tensor; an integer or bool tensor is the base's, exactly."""
     device = resolve_device(device)
     vectors = artifact.vectors()
     cursor, index = 0, 0
     for name in base.tensor_names:
         shape = tuple(base.info(name).shape)
         base_t = base.get_tensor(name)
-        if is_matrix(shape):
+        if not base_t.is_floating_point():  # stored as a zero delta; never through float32
+            if is_matrix(shape):
+                index += 1
+            else:
+                cursor += int(np.prod(shape))
+            yield name, base_t.to(device)
+        elif is_matrix(shape):
             d_hat = decode_section(spec, params, artifact.section(index), name, shape, index, device)
             yield name, rebuild_tensor(spec, params, base_t, d_hat, name, index, device)
             index += 1
@@ -413,7 +448,22 @@ def iter_rebuilt(artifact: Artifact, spec: CompressMethod, params, base: ModelFo
             count = int(np.prod(shape))
             d = torch.from_numpy(vectors[cursor:cursor + count].copy()).reshape(shape)
             cursor += count
-            yield name, base_t.to(device, torch.float32) + d.to(device)
+            yield name, base_t.to(device, torch.promote_types(base_t.dtype, torch.float32)) + d.to(device)
+
+
+def _cast_checked(tensor: torch.Tensor, dtype: torch.dtype | None, artifact: Artifact,
+                  name: str) -> torch.Tensor:
+    """A rebuilt tensor in the dtype it is written or handed out in, checked after the cast: a
+    rebuilt value beyond float16's range is Inf there, and a corrupt section can decode to NaN.
+    Integer and bool tensors (the base's copies) keep their dtype."""
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteError(f"{bad} rebuilt value(s) are NaN/Inf in "
+                             f"{str(tensor.dtype).removeprefix('torch.')} (beyond its range); refused",
+                             path=artifact.path, tensor=name)
+    return tensor
 
 
 @dataclass
@@ -446,7 +496,8 @@ def decompress(artifact_path: str | Path, base_path: str | Path, out: str | Path
         with ModelWriter(out, config=config, extra_files=extra, manifest_extra=manifest_extra,
                          input_folders=[base.path, artifact.path]) as writer:
             for i, (name, tensor) in enumerate(iter_rebuilt(artifact, spec, params, base, device)):
-                writer.add_tensor(name, tensor.to(_tensor_dtype(artifact.manifest, name)))
+                writer.add_tensor(name, _cast_checked(tensor, _tensor_dtype(artifact.manifest, name),
+                                                      artifact, name))
                 if progress is not None:
                     progress((i + 1) / len(names), name)
     finally:
@@ -461,7 +512,7 @@ def rebuild_state_dict(artifact_path, base_path, *, device=None, verify: bool = 
     base = ModelFolder(base_path)
     try:
         artifact, spec, params = open_checked(artifact_path, base, verify=verify)
-        return {name: (t if dtype is None else t.to(dtype)).cpu()
+        return {name: _cast_checked(t, dtype, artifact, name).cpu()
                 for name, t in iter_rebuilt(artifact, spec, params, base, device)}
     finally:
         base.close()

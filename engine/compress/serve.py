@@ -49,7 +49,9 @@ class DeltaServer:
         self.folder = ModelFolder(base_dir)
         self.names = list(self.folder.tensor_names)
         self.shapes = {n: tuple(self.folder.info(n).shape) for n in self.names}
-        self.base = {n: self.folder.get_tensor(n).to(self.device, dtype) for n in self.names}
+        # integer and bool tensors keep their dtype: they are served as the base's copy
+        self.base = {n: t.to(self.device, dtype) if t.is_floating_point() else t.to(self.device)
+                     for n, t in ((n, self.folder.get_tensor(n)) for n in self.names)}
         self._deltas: dict[str, _Loaded] = {}
         self.last_switch_s: float | None = None
 
@@ -80,6 +82,13 @@ class DeltaServer:
         for tensor_name in self.names:
             shape = self.shapes[tensor_name]
             base_t = self.base[tensor_name]
+            if not base_t.is_floating_point():  # no delta is stored for it (see compress)
+                if is_matrix(shape):
+                    index += 1
+                else:
+                    cursor += int(np.prod(shape))
+                yield tensor_name, base_t
+                continue
             if is_matrix(shape):
                 begin, end = int(loaded.offsets[index]), int(loaded.offsets[index + 1])
                 d_hat = decode_section(loaded.method, loaded.params, loaded.payload[begin:end],

@@ -1,8 +1,9 @@
 """Pieces every merge method shares: parameter base classes, input checks, seeded randomness.
 
 A method works on one tensor at a time. Inputs arrive in any float dtype; they are checked
-(count, shape, finiteness) and converted to float32 once here, and the result is checked for
-NaN/Inf before it is handed back. The caller casts to the output dtype.
+(count, shape, finiteness) and converted once here to the work dtype: float32, or float64 when
+an input is float64 (float32 would round its values). The result is checked for NaN/Inf before
+it is handed back. The caller casts to the output dtype (and checks that cast).
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ def prepare_inputs(
     min_models: int = 1,
     max_models: int | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """Check counts, shapes and finiteness; return float32 tensors on the first tensor's device
-    (the caller's own tensor when it already is float32 there: methods never write in place)."""
+    """Check counts, shapes and finiteness; return tensors of the work dtype (``work_dtype``) on
+    the first tensor's device (the caller's own tensor when it already is that dtype there:
+    methods never write in place)."""
     n = len(tensors)
     if n < min_models:
         raise ParameterError(f"{method} needs at least {min_models} fine-tuned tensor(s), got {n}", tensor=name or None)
@@ -89,10 +91,11 @@ def prepare_inputs(
         reasons.append(f"base has shape {tuple(base.shape)}, input 0 has {shape}")
     if reasons:
         raise IncompatibleModelsError(f"{method}: shapes differ", reasons=reasons, tensor=name or None)
+    dtype = work_dtype([*tensors, *([base] if base is not None else [])])
     out = []
     for i, t in enumerate(tensors):
-        out.append(_finite_fp32(t, device, f"input {i}", name))
-    base32 = _finite_fp32(base, device, "base", name) if base is not None else None
+        out.append(_finite_work(t, device, dtype, f"input {i}", name))
+    base32 = _finite_work(base, device, dtype, "base", name) if base is not None else None
     return base32, out
 
 
@@ -105,15 +108,17 @@ def prepare_stats(
     *,
     name: str,
     what: str,
+    dtype: torch.dtype = WORK_DTYPE,
 ) -> list[torch.Tensor]:
-    """Per-model statistics (Fisher, Gram): one per model, of `shape`, finite, as float32."""
+    """Per-model statistics (Fisher, Gram): one per model, of `shape`, finite, as `dtype` (the
+    inputs' work dtype: float64 statistics against float32 weights cannot be multiplied)."""
     if stats is None or len(stats) != count:
         got = "none" if stats is None else str(len(stats))
         raise ParameterError(f"{method} needs one {what} per model ({count}), got {got}", tensor=name or None)
     bad = [f"{what} {i} has shape {tuple(s.shape)}, expected {shape}" for i, s in enumerate(stats) if tuple(s.shape) != shape]
     if bad:
         raise ParameterError(f"{method}: " + "; ".join(bad), tensor=name or None)
-    return [_finite_fp32(s, device, f"{what} {i}", name) for i, s in enumerate(stats)]
+    return [_finite_work(s, device, dtype, f"{what} {i}", name) for i, s in enumerate(stats)]
 
 
 def count_nonfinite(t: torch.Tensor) -> int:
@@ -125,10 +130,16 @@ def count_nonfinite(t: torch.Tensor) -> int:
     return int((~torch.isfinite(t)).sum())
 
 
-def _finite_fp32(t: torch.Tensor, device: torch.device, label: str, name: str) -> torch.Tensor:
+def work_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """float64 when any input is float64 (its values do not fit float32), else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else WORK_DTYPE
+
+
+def _finite_work(t: torch.Tensor, device: torch.device, dtype: torch.dtype, label: str,
+                 name: str) -> torch.Tensor:
     if not t.is_floating_point():
         raise ParameterError(f"{label} is {t.dtype}, not a floating-point tensor", tensor=name or None)
-    t = t.to(device=device, dtype=WORK_DTYPE)
+    t = t.to(device=device, dtype=dtype)
     bad = count_nonfinite(t)
     if bad:
         raise NonFiniteError(f"{label} has {bad} non-finite value(s); refusing to merge", tensor=name or None)
@@ -144,8 +155,9 @@ def finish(result: torch.Tensor, method: str, name: str) -> torch.Tensor:
 
 
 def weights_column(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    """Weights shaped (N, 1, 1, ...) to broadcast against a stack of N tensors shaped like `like`."""
-    w = torch.tensor(list(weights), dtype=WORK_DTYPE, device=like.device)
+    """Weights shaped (N, 1, 1, ...) to broadcast against a stack of N tensors shaped like `like`
+    (in its dtype: float32 weights would round a float64 merge's weights)."""
+    w = torch.tensor(list(weights), dtype=like.dtype, device=like.device)
     return w.view(-1, *([1] * like.dim()))
 
 

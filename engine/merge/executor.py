@@ -1,4 +1,5 @@
-"""Run a merge recipe tensor by tensor: read, merge in fp32 (on CUDA when present), cast, write.
+"""Run a merge recipe tensor by tensor: read, merge in fp32 (fp64 for fp64 tensors; on CUDA
+when present), cast, check the cast values, write. Integer and bool tensors are copied.
 
 Memory stays at about one tensor per input model plus the writer's shard buffer: inputs are
 opened lazily (``ModelFolder``) and only the tensor being merged, and the next one (read by a
@@ -171,7 +172,7 @@ def _input_tensor(plan: MergePlan, folder: ModelFolder, name: str) -> torch.Tens
 
 def merge_one(plan: MergePlan, name: str, inputs: tuple[torch.Tensor | None, list[torch.Tensor]],
               device: torch.device, stats=None) -> torch.Tensor:
-    """Merge one tensor: fp32 on `device`, returned on the CPU in fp32."""
+    """Merge one tensor: fp32 (fp64 for fp64 inputs) on `device`, returned on the CPU."""
     base_t, model_ts = inputs
     return plan.spec.merge_tensor(name, base_t, model_ts, device=device, stats=stats)
 
@@ -274,7 +275,7 @@ def run_merge(
                     stats = stats_provider(name) if stats_provider is not None else None
                     merged = torch.empty(shape, dtype=out_dtype)
                     plan.spec.merge_into(name, inputs[0], inputs[1], merged, device=device, stats=stats,
-                                         labels=labels)
+                                         labels=labels, overflow=plan.recipe.overflow)
                     del inputs
                     if pending_write is not None:
                         pending_write.result()
@@ -308,10 +309,12 @@ def merge_state_dicts(
     stats_provider: Callable[[str], list[torch.Tensor] | None] | None = None,
     out_dtype: torch.dtype | None = None,
     spec: MergeSpec | None = None,
+    overflow: str = "refuse",
 ) -> dict[str, torch.Tensor]:
     """In-memory merge of state dicts (for what-if tuning): the same per-tensor path as
     run_merge (``MergeSpec.merge_into``). Results keep each layout tensor's dtype unless
-    ``out_dtype`` is given. A prebuilt ``spec`` skips parameter parsing (what-if reuse)."""
+    ``out_dtype`` is given (for float tensors: integer and bool ones keep theirs). A prebuilt
+    ``spec`` skips parameter parsing (what-if reuse); ``overflow`` as the recipe's key."""
     if spec is None:
         spec = MergeSpec.build(method_name, [dict(params or {})], model_params,
                                num_layers=num_layers, seed=seed)
@@ -326,9 +329,11 @@ def merge_state_dicts(
     out = {}
     for name, ref in layout.items():
         stats = stats_provider(name) if stats_provider is not None else None
-        merged = torch.empty(ref.shape, dtype=out_dtype or ref.dtype)
+        dtype = out_dtype if out_dtype is not None and ref.is_floating_point() else ref.dtype
+        merged = torch.empty(ref.shape, dtype=dtype)
         out[name] = spec.merge_into(name, base[name] if base is not None else None,
-                                    [ft[name] for ft in finetunes], merged, device=device, stats=stats)
+                                    [ft[name] for ft in finetunes], merged, device=device, stats=stats,
+                                    overflow=overflow)
     return out
 
 

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from engine.errors import NonFiniteError, ParameterError
+from engine.errors import IncompatibleModelsError, NonFiniteError, ParameterError
 from engine.merge import fast
-from engine.merge.common import count_nonfinite
+from engine.merge.common import count_nonfinite, work_dtype
 from engine.merge.params import layer_index_of, resolve_all
 from engine.merge.registry import MergeMethod, get_method, list_methods
 
@@ -220,15 +220,17 @@ class MergeSpec:
         device: torch.device | str = "cpu",
         stats=None,
     ) -> torch.Tensor:
-        """Merge one tensor in fp32 on ``device``; the result comes back fp32 on the CPU.
+        """Merge one tensor in fp32 (fp64 when an input is fp64) on ``device``; the result
+        comes back in that dtype on the CPU.
 
-        Inputs already fp32 on ``device`` are used as they are (no copy); methods never write
-        into their inputs. The method checks its result for NaN/Inf.
+        Inputs already of that dtype on ``device`` are used as they are (no copy); methods never
+        write into their inputs. The method checks its result for NaN/Inf.
         """
         params, model_params = self.tensor_params(name)
         device = torch.device(device)
-        base32 = base.to(device=device, dtype=torch.float32) if base is not None else None
-        models32 = [t.to(device=device, dtype=torch.float32) for t in models]
+        dtype = work_dtype([*models, *([base] if base is not None else [])])
+        base32 = base.to(device=device, dtype=dtype) if base is not None else None
+        models32 = [t.to(device=device, dtype=dtype) for t in models]
         out = self.method.merge(base32, models32, model_params, params, name=name,
                                 generator=self.generator(name), stats=stats)
         return out.to("cpu")
@@ -243,25 +245,50 @@ class MergeSpec:
         device: torch.device | str = "cpu",
         stats=None,
         labels: tuple[str | None, Sequence[str]] | None = None,
+        overflow: str = "refuse",
     ) -> torch.Tensor:
         """Merge one tensor into ``out`` (a CPU tensor of the output dtype and shape).
+
+        Integer and bool tensors are never mixed arithmetically: they are copied from the base
+        (the first model without one) when every input equals it, else refused. When every
+        input is the same tensor (a model merged with itself), the result is that tensor, bit
+        for bit, for every method whose result is then its input.
 
         On the CPU, linear and the deterministic task-vector methods run as chunked kernels
         (``engine.merge.fast``: the same arithmetic, bitwise, several times faster, no fp32 copy
         of whole tensors); everything else goes through ``merge_tensor`` and is cast once.
+        The values written are checked after that cast: one that overflows the output dtype
+        (3e38 in float16 is Inf) is refused naming the tensor, or clamped to the dtype's finite
+        range with ``overflow="clamp"`` (the recipe's ``overflow`` key).
         ``labels`` = (base label, model labels) name inputs in NaN/Inf errors."""
         params, model_params = self.tensor_params(name)
         device = torch.device(device)
+        named = _labelled(base, models, labels)
+        if not out.is_floating_point() or not all(t.is_floating_point() for _, t in named):
+            return _copy_exact(name, named, out)
+        if models and _all_equal([t for _, t in named]) and (
+                base is not None if self.method.requires_base else getattr(params, "normalize", True)):
+            # zero task vectors (or a normalised mean of copies): the input itself, exactly,
+            # which float32 arithmetic (a weighted mean, an SVD) would only approximate
+            label, ref = named[0]
+            bad = count_nonfinite(ref)
+            if bad:
+                raise NonFiniteError(f"{bad} NaN/Inf value(s) in an input; merge refused",
+                                     path=label, tensor=name)
+            out.copy_(ref)
+            return _check_cast(name, out, overflow)
         use_base = base if self.method.requires_base else None
         if (device.type == "cpu" and stats is None and fast.supports(self.method.name, params)
-                and all(t.is_floating_point() for t in [*models, *([use_base] if use_base is not None else [])])
+                and all(t.is_floating_point() and t.dtype != torch.float64  # fast is fp32 only
+                        for t in [*models, *([use_base] if use_base is not None else [])])
                 and all(tuple(t.shape) == tuple(out.shape) for t in models)
                 and (use_base is None or tuple(use_base.shape) == tuple(out.shape))):
             names = None
             if labels is not None:
                 names = ([labels[0] or "base"] if use_base is not None else []) + list(labels[1])
-            return fast.merge_into(self.method.name, use_base, models, model_params, params, out,
-                                   labels=names, name=name)
+            fast.merge_into(self.method.name, use_base, models, model_params, params, out,
+                            labels=names, name=name)
+            return _check_cast(name, out, overflow)
         try:
             merged = self.merge_tensor(name, base, models, device=device, stats=stats)
         except NonFiniteError:
@@ -276,7 +303,62 @@ class MergeSpec:
             raise ParameterError(f"merged shape {tuple(merged.shape)} differs from the output's "
                                  f"{tuple(out.shape)}", tensor=name)
         out.copy_(merged)
+        return _check_cast(name, out, overflow)
+
+
+def _labelled(base: torch.Tensor | None, models: Sequence[torch.Tensor],
+              labels: tuple[str | None, Sequence[str]] | None) -> list[tuple[str, torch.Tensor]]:
+    """(label, tensor) of every input, the base first when there is one."""
+    base_label = (labels[0] if labels is not None else None) or "base"
+    model_labels = list(labels[1]) if labels is not None else [f"input {i}" for i in range(len(models))]
+    return ([(base_label, base)] if base is not None else []) + list(zip(model_labels, models))
+
+
+def _all_equal(tensors: Sequence[torch.Tensor]) -> bool:
+    first = tensors[0]
+    return all(t is first or (t.dtype == first.dtype and torch.equal(t, first)) for t in tensors[1:])
+
+
+def _copy_exact(name: str, named: list[tuple[str, torch.Tensor]], out: torch.Tensor) -> torch.Tensor:
+    """An integer or bool tensor: the base's (first input's) copy when every input equals it.
+    Averaging token ids or masks in float32 gives nonsense (slerp of bool masks is True
+    everywhere; int64 beyond 2**24 is rounded), so a difference is refused, naming the input."""
+    ref_label, ref = named[0]
+    for label, t in named:
+        if t.dtype != out.dtype:
+            raise IncompatibleModelsError(
+                f"{t.dtype} here, {out.dtype} in the output: integer and bool tensors are copied, "
+                "never converted or merged", path=label, tensor=name)
+        if t is not ref and not torch.equal(t, ref):
+            raise IncompatibleModelsError(
+                f"this {t.dtype} tensor differs from the one in {ref_label}: integer and bool "
+                "tensors are copied from the base, never merged arithmetically", path=label,
+                tensor=name)
+    out.copy_(ref)
+    return out
+
+
+def _check_cast(name: str, out: torch.Tensor, overflow: str) -> torch.Tensor:
+    """Check the values written, after the cast to the output dtype: a finite float32 result
+    beyond float16's range is Inf there. One pass over the tensor already in memory."""
+    if out.numel() == 0 or bool(torch.isfinite(out).all()):
         return out
+    info = torch.finfo(out.dtype)
+    if overflow == "clamp":
+        out.clamp_(min=info.min, max=info.max)  # Inf -> the largest finite value; NaN stays
+        if bool(torch.isfinite(out).all()):
+            return out
+    elif overflow != "refuse":
+        raise ParameterError(f"overflow must be 'refuse' or 'clamp', got {overflow!r}", tensor=name)
+    nan = int(torch.isnan(out).sum())
+    if nan:
+        raise NonFiniteError(f"the merge produced {nan} NaN value(s); refused", tensor=name)
+    inf = int(torch.isinf(out).sum())
+    dtype = str(out.dtype).removeprefix("torch.")
+    raise NonFiniteError(
+        f"{inf} merged value(s) overflow the output dtype {dtype} (beyond ±{info.max:g}); "
+        "refused (set `overflow: clamp` in the recipe to write the largest finite value "
+        "instead)", tensor=name)
 
 
 __all__ = ["CALIBRATION_KEY", "CALIBRATION_TASK_KEY", "IgnoredParameterWarning",

@@ -24,7 +24,7 @@ import torch
 
 from engine.compat import embed_head_names, is_tied, require_compatible
 from engine.device import resolve_device
-from engine.errors import ConfigError, ParameterError
+from engine.errors import ConfigError, NonFiniteError, ParameterError
 from engine.io import ModelFolder
 from engine.merge.executor import merge_state_dicts
 from engine.merge.registry import get_method
@@ -47,7 +47,8 @@ def _load_fp32(folder: ModelFolder, names: Sequence[str]) -> dict[str, torch.Ten
             continue
         tensor = tensor.to(torch.float32)
         if not torch.isfinite(tensor).all():
-            raise ConfigError("NaN/Inf values; what-if refused", path=folder.path, tensor=name)
+            raise NonFiniteError("NaN/Inf values (or beyond float32's range); what-if refused",
+                                 path=folder.path, tensor=name)
         out[name] = tensor
     return out
 

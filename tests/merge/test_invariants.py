@@ -133,3 +133,22 @@ def test_a_merge_never_writes_into_its_inputs(name):
     if before[1] is not None:
         now = stats if isinstance(stats, list) else stats.grams
         assert all(torch.equal(a, b) for a, b in zip(before[1], now)), name
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_float64_self_merge_is_computed_in_float64(name):
+    """float64 inputs stay float64 through the method (float32 would round them at 1e-8)."""
+    mps, params = identity(name)
+    base = rand(6, 5, seed=1).double()
+    if name == "tsv":
+        delta = rand(6, 1, seed=2).double() @ rand(1, 5, seed=3).double() * 0.1
+    else:
+        delta = rand(6, 5, seed=2, scale=0.1).double() * (1 + 2**-40)
+    model = base + delta
+    fts = [model] if name == "slerp" else [model] * len(mps)
+    stats = stats_for(name, fts)
+    stats = [s.double() for s in stats] if stats else stats
+    out = get_method(name).merge(model if name == "slerp" else base, fts, mps, params, name=NAME,
+                                 stats=stats)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, model, rtol=1e-12, atol=1e-12)

@@ -83,7 +83,8 @@ def emr_rebuild(base: torch.Tensor, decomposition: EmrDecomposition, task: int, 
     if not 0 <= task < len(decomposition.packed_masks):
         raise ParameterError(f"{NAME}: task {task} out of range for {len(decomposition.packed_masks)} tasks")
     lam = float(decomposition.scales[task]) if scale is None else float(scale)
-    return base.to(torch.float32) + lam * (decomposition.mask(task) * decomposition.unified)
+    # float32 at least; a float64 base stays float64 (float32 would round it)
+    return base.to(torch.promote_types(base.dtype, torch.float32)) + lam * (decomposition.mask(task) * decomposition.unified)
 
 
 def merge_tensor(

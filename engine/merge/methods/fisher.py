@@ -47,7 +47,8 @@ def merge_tensor(
 ) -> torch.Tensor:
     validate(params, model_params)
     _, inputs = prepare_inputs(NAME, None, tensors, model_params, name=name, requires_base=False)
-    fishers = prepare_stats(NAME, stats, len(inputs), tuple(inputs[0].shape), inputs[0].device, name=name, what="Fisher")
+    fishers = prepare_stats(NAME, stats, len(inputs), tuple(inputs[0].shape), inputs[0].device, name=name, what="Fisher",
+                           dtype=inputs[0].dtype)
     if any(bool((f < 0).any()) for f in fishers):
         raise ParameterError(f"{NAME}: a Fisher has negative entries (it is a mean of squares)", tensor=name or None)
     w = weights_column([mp.weight for mp in model_params], inputs[0])

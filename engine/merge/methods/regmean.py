@@ -111,6 +111,7 @@ def merge_tensor(
     if transposed:
         inputs = [t.T for t in inputs]
     n_in = inputs[0].shape[1]
-    grams = prepare_stats(NAME, grams_in, len(inputs), (n_in, n_in), inputs[0].device, name=name, what="Gram matrix")
+    grams = prepare_stats(NAME, grams_in, len(inputs), (n_in, n_in), inputs[0].device, name=name, what="Gram matrix",
+                          dtype=inputs[0].dtype)
     out = regmean_matrix(inputs, grams, weights, params.alpha, params.ridge)
     return finish(out.T.contiguous() if transposed else out, NAME, name)
