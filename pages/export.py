@@ -14,7 +14,7 @@ from engine import settings
 from engine.errors import DeltaWorkbenchError
 from engine.jobs import JobSpec
 from engine.compress import folder_bytes
-from engine.recipe import parse_recipe_text
+from engine.recipe import check_recipe_paths, parse_recipe_text
 from pages._shared import require_app, human_bytes, job_manager, new_export_folder, show_error
 
 DOWNLOAD_LIMIT = 64 * 2**20  # folders up to this size are offered as a zip download
@@ -37,7 +37,9 @@ with st.form("export_merge_form"):
 if submitted:
     try:
         out = new_export_folder(out_name)
-        parse_recipe_text(recipe_text)  # refuse a bad recipe here, not in the worker
+        # refused here, not in the worker: a bad recipe, or a model folder outside the allowed
+        # roots (the job checks again)
+        check_recipe_paths(parse_recipe_text(recipe_text), settings.allowed_roots())
         job_id = job_manager().submit(JobSpec(kind="merge", title=f"export {out_name}", params={
             "recipe_yaml": recipe_text, "out": str(out)}))
         st.success(f"Queued job {job_id}: follow it on the Jobs page.")
