@@ -14,7 +14,7 @@ import sys
 from engine.errors import DeltaWorkbenchError
 
 COMMAND_MODULES = ["inspect", "zoo", "eval", "merge", "analyze", "clusters", "incompatibility",
-                   "compress", "decompress", "methods"]
+                   "compress", "decompress", "methods", "app"]
 
 
 def build_parser() -> argparse.ArgumentParser:
