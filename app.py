@@ -14,12 +14,25 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import streamlit as st  # noqa: E402
+from streamlit import config as st_config  # noqa: E402
 
 from engine import settings  # noqa: E402
+from engine.settings import ALLOW_REMOTE_ENV, is_loopback  # noqa: E402
 from engine.device import describe_device  # noqa: E402
 from pages._shared import APP_RAN_KEY, DEEP_LINK_KEY, human_bytes, job_manager, startup_sweep  # noqa: E402
 
 st.set_page_config(page_title="Delta Workbench", layout="wide")
+
+# .streamlit/config.toml pins the address only when streamlit starts in the project folder;
+# from anywhere else (or with --server.address) it may listen on every interface, and this app
+# reads and writes local files for whoever connects. So it serves only on loopback unless told.
+_address = st_config.get_option("server.address")
+if not is_loopback(_address) and os.environ.get(ALLOW_REMOTE_ENV) != "1":
+    st.error(f"Delta Workbench serves on the loopback interface only, and this server listens on "
+             f"{_address or 'every interface'}. Start it with `python run_app.py` (or "
+             f"`python -m engine app`), which binds 127.0.0.1 from any folder; to serve beyond "
+             f"this machine anyway, set {ALLOW_REMOTE_ENV}=1.")
+    st.stop()
 
 pages = [
     st.Page("pages/models.py", title="Models", icon=":material/folder_open:", default=True),

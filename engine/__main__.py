@@ -14,7 +14,7 @@ import sys
 from engine.errors import DeltaWorkbenchError
 
 COMMAND_MODULES = ["inspect", "zoo", "eval", "merge", "analyze", "clusters", "incompatibility",
-                   "compress", "decompress", "methods", "extract_lora"]
+                   "compress", "decompress", "methods", "extract_lora", "app"]
 
 
 def build_parser() -> argparse.ArgumentParser:

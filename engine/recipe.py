@@ -19,14 +19,16 @@ tensors only: integer and bool tensors keep their own dtype (and are copied, nev
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePath
+from typing import Any, Iterable
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from engine.errors import ConfigError, ParameterError
+from engine.errors import ConfigError, ParameterError, PathNotAllowedError
+from engine.paths import resolve_user_path
+from engine.textparse import MAX_TEXT_BYTES, parse_yaml
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -140,6 +142,18 @@ class MergeRecipe(BaseModel):
             raise ParameterError("tokenizer_source 'union' is not supported: choose 'base' or one input model")
         return source
 
+    def model_refs(self) -> list[tuple[str, str]]:
+        """Every model folder the recipe names, with the key that names it
+        (``base_model``, ``models[1].model``, ``slices[0].sources[2].model``, the tokenizer's)."""
+        refs = [("base_model", self.base_model)] if self.base_model is not None else []
+        refs += [(f"models[{i}].model", m.model) for i, m in enumerate(self.models or [])]
+        for i, piece in enumerate(self.slices or []):
+            refs += [(f"slices[{i}].sources[{j}].model", s.model) for j, s in enumerate(piece.sources)]
+        source = (self.tokenizer.source if self.tokenizer else None) or self.tokenizer_source
+        if source not in (None, "base", "union"):
+            refs.append(("tokenizer.source" if self.tokenizer else "tokenizer_source", source))
+        return refs
+
     def to_yaml(self) -> str:
         data = self.model_dump(exclude_none=True, exclude_defaults=False)
         for key in ("vocab_policy", "seed", "overflow"):
@@ -162,19 +176,59 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> MergeRecipe:
         raise ConfigError(f"invalid merge recipe: {problems}", path=source) from None
 
 
-def parse_recipe_text(text: str, *, source: str = "recipe") -> MergeRecipe:
-    """A recipe from YAML text (a file's content, a page's text area, a job's spec)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"recipe is not valid YAML: {err}", path=source) from None
-    return parse_recipe(data, source=source)
+def parse_recipe_text(text: str | bytes, *, source: str = "recipe") -> MergeRecipe:
+    """A recipe from YAML text (a file's content, a page's text area, a job's spec), read by
+    the strict loader of ``engine.textparse``: no anchors or aliases, no duplicate keys,
+    bounded depth and size."""
+    return parse_recipe(parse_yaml(text, source=source), source=source)
 
 
 def load_recipe(path: str | Path) -> MergeRecipe:
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_TEXT_BYTES + 1)  # never more: the size check refuses it
     except OSError as err:
         raise ConfigError(f"cannot read recipe: {err.strerror or err}", path=path) from None
-    return parse_recipe_text(text, source=str(path))
+    return parse_recipe_text(raw, source=str(path))
+
+
+def resolve_model_ref(ref: str, *, key: str = "model", recipe_dir: str | Path | None = None,
+                      allowed_roots: Iterable[str | Path] | None = None) -> Path:
+    """The local folder a recipe's model reference names (nothing is expanded or downloaded).
+
+    With ``allowed_roots`` (the app and its jobs) the reference passes the same check as a
+    typed path (``engine.paths.resolve_user_path``): absolute or relative to ``recipe_dir``, no
+    ``~`` or ``..``, inside a root once symlinks are resolved. Without (the command line: the
+    user's own shell and files) a relative reference is tried in ``recipe_dir``, then here.
+    Errors name the recipe key."""
+    if "+" in ref and not Path(ref).exists():
+        raise ConfigError("LoRA references (model+adapter) are not supported; merge the adapter first",
+                          path=ref)
+    if ref.strip().startswith("~"):
+        raise PathNotAllowedError(f"recipe key {key}: '~' is not expanded; write the full path",
+                                  path=ref)
+    relative = not PurePath(ref).is_absolute()
+    if allowed_roots is not None:
+        text = str(Path(recipe_dir) / ref) if relative and recipe_dir is not None else ref
+        try:
+            return resolve_user_path(text, allowed_roots, kind="dir")
+        except PathNotAllowedError as err:
+            raise PathNotAllowedError(f"recipe key {key}: {err.reason}", path=ref) from None
+    candidates = [Path(ref)]
+    if recipe_dir is not None and relative:
+        candidates.insert(0, Path(recipe_dir) / ref)
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"recipe key {key}: no such local model folder (only local folders are "
+                      "read; nothing is downloaded)", path=ref)
+
+
+def check_recipe_paths(recipe: MergeRecipe, allowed_roots: Iterable[str | Path], *,
+                       recipe_dir: str | Path | None = None) -> dict[str, Path]:
+    """Every model folder of ``recipe`` resolved inside ``allowed_roots`` (``{key: folder}``);
+    the first that is not raises PathNotAllowedError naming its recipe key."""
+    roots = list(allowed_roots)
+    return {key: resolve_model_ref(ref, key=key, recipe_dir=recipe_dir, allowed_roots=roots)
+            for key, ref in recipe.model_refs()}

@@ -9,6 +9,7 @@ without code changes:
 - ``DELTA_WORKBENCH_EXPORT_DIR``: where exports go (default ``~/.cache/delta_workbench/exports``).
 - ``DELTA_WORKBENCH_CACHE``: the DuckDB metric cache file (default
   ``~/.cache/delta_workbench/metrics.duckdb``, i.e. under ``DELTA_WORKBENCH_HOME``).
+- ``DELTA_WORKBENCH_ALLOW_REMOTE=1``: let the app serve on an address other than loopback.
 """
 
 from __future__ import annotations
@@ -50,3 +51,20 @@ def model_roots() -> list[Path]:
 def allowed_roots() -> list[Path]:
     """Folders under which user-typed model paths are accepted (zoo, exports, configured roots)."""
     return [zoo_dir(), export_dir(), *model_roots()]
+
+
+ALLOW_REMOTE_ENV = "DELTA_WORKBENCH_ALLOW_REMOTE"
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether a server address binds the loopback interface only (an empty address binds
+    every interface)."""
+    import ipaddress
+
+    address = (address or "").strip().strip("[]")
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # empty, or a host name that may resolve to any interface

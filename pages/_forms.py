@@ -20,6 +20,9 @@ import streamlit as st
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from engine.errors import DeltaWorkbenchError
+from engine.textparse import parse_json
+
 
 def _bounds(field, annotation=float) -> tuple[float | None, float | None]:
     low = high = None
@@ -61,9 +64,9 @@ def field_widget(label: str, annotation, default: Any, field, key: str) -> Any:
                              key=key, help=help_text)
         if not text.strip():
             return None
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
+        try:  # bounded: a deeply nested value must not end the page in a RecursionError
+            return parse_json(text, source=label)
+        except DeltaWorkbenchError:
             return text  # the method's validation then names the field
     low, high = _bounds(field, annotation)
     if annotation is int:

@@ -4,21 +4,25 @@ what is there, and download small ones as a zip."""
 from __future__ import annotations
 
 import io
-import json
+import os
+import shutil
+import stat
 import zipfile
 from pathlib import Path
 
 import streamlit as st
 
 from engine import settings
-from engine.errors import DeltaWorkbenchError
+from engine.errors import ConfigError, DeltaWorkbenchError
 from engine.jobs import JobSpec
 from engine.compress import folder_bytes
-from engine.recipe import parse_recipe_text
+from engine.recipe import check_recipe_paths, parse_recipe_text
+from engine.textparse import parse_json
 from pages._shared import require_app, human_bytes, job_manager, new_export_folder, show_error
 
 DOWNLOAD_LIMIT = 64 * 2**20  # folders up to this size are offered as a zip download
 MANIFEST = "delta_workbench_manifest.json"
+MANIFEST_LIMIT = 16 * 2**20
 
 require_app("pages/export.py")
 st.title("Export")
@@ -37,7 +41,9 @@ with st.form("export_merge_form"):
 if submitted:
     try:
         out = new_export_folder(out_name)
-        parse_recipe_text(recipe_text)  # refuse a bad recipe here, not in the worker
+        # refused here, not in the worker: a bad recipe, or a model folder outside the allowed
+        # roots (the job checks again)
+        check_recipe_paths(parse_recipe_text(recipe_text), settings.allowed_roots())
         job_id = job_manager().submit(JobSpec(kind="merge", title=f"export {out_name}", params={
             "recipe_yaml": recipe_text, "out": str(out)}))
         st.success(f"Queued job {job_id}: follow it on the Jobs page.")
@@ -71,16 +77,50 @@ if rebuild:
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _zip(folder: str, size: int, mtime: float) -> bytes:  # noqa: ARG001 - cache keys
+    """The folder's regular files as a zip. Symlinks (to files or folders) are never followed:
+    the walk does not descend into them and each file is opened with O_NOFOLLOW relative to its
+    folder's descriptor, so a link swapped in after the listing is not read either."""
     buffer = io.BytesIO()
+    top = Path(folder).name
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for path in sorted(Path(folder).rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                archive.write(path, Path(folder).name + "/" + str(path.relative_to(folder)))
+        for dirpath, dirnames, filenames, dirfd in os.fwalk(folder, follow_symlinks=False):
+            dirnames.sort()
+            relative = Path(dirpath).relative_to(folder)
+            for name in sorted(filenames):
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dirfd)
+                except OSError:
+                    continue  # a symlink (ELOOP), or gone since the listing
+                with os.fdopen(fd, "rb") as handle:
+                    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                        continue  # FIFOs, sockets, devices
+                    with archive.open(f"{top}/{(relative / name).as_posix()}", "w") as entry:
+                        shutil.copyfileobj(handle, entry)
     return buffer.getvalue()
 
 
+def _manifest(folder: Path):
+    """The folder's manifest, or None when it has none: read like any file of a folder, never
+    through a symlink, bounded in size and depth."""
+    try:
+        fd = os.open(folder / MANIFEST, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as err:  # ELOOP: a symlink
+        raise ConfigError(f"not a regular file ({err.strerror})", path=folder / MANIFEST) from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MANIFEST_LIMIT:
+            raise ConfigError("not a regular file of at most "
+                              f"{human_bytes(MANIFEST_LIMIT)}", path=folder / MANIFEST)
+        raw = handle.read(MANIFEST_LIMIT + 1)
+    return parse_json(raw, source=str(folder / MANIFEST), max_bytes=MANIFEST_LIMIT)
+
+
 st.subheader("Exported folders")
-folders = sorted((p for p in exports.iterdir() if p.is_dir() and not p.name.startswith(".")),
+# Only real folders: an entry that is a symlink is not listed (nor zipped) whatever it points to.
+folders = sorted((p for p in exports.iterdir()
+                  if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")),
                  key=lambda p: p.stat().st_mtime, reverse=True) if exports.is_dir() else []
 if not folders:
     st.info("Nothing exported yet.")
@@ -88,15 +128,15 @@ for folder in folders:
     size = folder_bytes(folder)
     with st.container(border=True):
         st.markdown(f"**{folder.name}** · {human_bytes(size)}")
-        manifest_path = folder / MANIFEST
-        if manifest_path.is_file():
-            try:
-                manifest = json.loads(manifest_path.read_text())
-                kind = manifest.get("kind") or manifest.get("extra", {}).get("kind")
-                st.caption(f"kind: {kind or 'model'} · shards: "
-                           f"{len(manifest.get('shards', manifest.get('files', [])))}")
-            except ValueError:
-                st.warning("its manifest is not valid JSON")
+        try:
+            manifest = _manifest(folder)
+        except DeltaWorkbenchError as err:
+            st.warning(f"its manifest cannot be read: {err.reason}")
+            manifest = None
+        if isinstance(manifest, dict):
+            kind = manifest.get("kind") or (manifest.get("extra") or {}).get("kind")
+            st.caption(f"kind: {kind or 'model'} · shards: "
+                       f"{len(manifest.get('shards', manifest.get('files', [])))}")
         if size <= DOWNLOAD_LIMIT:
             st.download_button("Download as zip", _zip(str(folder), size,
                                                         folder.stat().st_mtime),

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 
 def parse_params(items: list[str]) -> dict:
-    import yaml
+    from engine.textparse import parse_yaml
 
     out: dict = {}
     for item in items:
@@ -44,10 +44,8 @@ def parse_params(items: list[str]) -> dict:
         key = key.strip()
         if not sep or not key:
             raise ParameterError(f"--param {item!r}: expected KEY=VALUE")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise ParameterError(f"--param {key}: cannot parse {raw!r}: {err}") from None
+        # the recipes' strict loader: a value is YAML too, and can be an alias bomb as well
+        value = parse_yaml(raw, source=f"--param {key}", error=ParameterError) if raw.strip() else ""
         target = out
         parts = key.split(".")
         for part in parts[:-1]:

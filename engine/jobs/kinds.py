@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from engine.errors import ParameterError
 
@@ -26,6 +26,18 @@ class MergeJobParams(_Params):
     out: str  # destination folder (must not exist)
     recipe_dir: str | None = None  # where relative model paths in the recipe resolve
 
+    @model_validator(mode="after")
+    def _check_recipe(self) -> "MergeJobParams":
+        # Jobs are the app's: the recipe is parsed strictly and every model folder it names must
+        # lie in the allowed roots, like a typed path, at submit (nothing queued) and again in
+        # the worker (a spec.json edited on disk gets no further).
+        from engine import settings
+        from engine.recipe import check_recipe_paths, parse_recipe_text
+
+        check_recipe_paths(parse_recipe_text(self.recipe_yaml), settings.allowed_roots(),
+                           recipe_dir=self.recipe_dir)
+        return self
+
 
 class EvalJobParams(_Params):
     model_dir: str
@@ -40,11 +52,13 @@ class ZooBuildJobParams(_Params):
 
 
 def _merge(params: MergeJobParams, progress: Progress) -> dict:
+    from engine import settings
     from engine.merge.executor import run_merge
     from engine.recipe import parse_recipe_text
 
     recipe = parse_recipe_text(params.recipe_yaml)
-    result = run_merge(recipe, params.out, recipe_dir=params.recipe_dir, progress=progress)
+    result = run_merge(recipe, params.out, recipe_dir=params.recipe_dir, progress=progress,
+                       allowed_roots=settings.allowed_roots())
     return {"out": str(result.out), "tensors": result.tensors,
             "seconds": round(result.seconds, 3), "device": result.device,
             "warnings": list(result.warnings)}

@@ -68,3 +68,5 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read job file: {exc}", path=path) from None
+    except RecursionError:  # a damaged or hand-edited file must stay a one-line error
+        raise ConfigError("cannot read job file: nested too deeply", path=path) from None

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from pydantic import BaseModel
@@ -27,7 +27,7 @@ from engine.errors import ConfigError, ParameterError
 from engine.io import ModelFolder, ModelWriter
 from engine.merge.registry import MergeMethod, get_method
 from engine.merge.spec import MergeSpec
-from engine.recipe import DTYPES, MergeRecipe
+from engine.recipe import DTYPES, MergeRecipe, check_recipe_paths, resolve_model_ref
 
 # Files copied from the tokenizer source next to the merged weights (when present).
 TOKENIZER_FILES = (
@@ -69,26 +69,22 @@ class MergeResult:
     warnings: list[str]
 
 
-def _resolve_model_path(ref: str, recipe_dir: Path | None) -> Path:
-    if "+" in ref and not Path(ref).exists():
-        raise ConfigError("LoRA references (model+adapter) are not supported; merge the adapter first",
-                          path=ref)
-    candidates = [Path(ref).expanduser()]
-    if recipe_dir is not None and not Path(ref).is_absolute():
-        candidates.insert(0, recipe_dir / ref)
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise ConfigError("no such local model folder (only local folders are read; nothing is "
-                      "downloaded)", path=ref)
+def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
+               allowed_roots: Iterable[str | Path] | None = None) -> MergePlan:
+    """Open and check everything a merge needs; raise before any work on any problem.
 
-
-def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None) -> MergePlan:
-    """Open and check everything a merge needs; raise before any work on any problem."""
+    ``allowed_roots``: where the recipe's model folders must lie (the app and its jobs give
+    ``settings.allowed_roots()``; the command line reads what its user names)."""
     method = get_method(recipe.merge_method)
-    recipe_dir = Path(recipe_dir) if recipe_dir is not None else None
+    roots = list(allowed_roots) if allowed_roots is not None else None
+
+    def _resolve_model_path(ref: str, key: str) -> Path:
+        return resolve_model_ref(ref, key=key, recipe_dir=recipe_dir, allowed_roots=roots)
+
+    if roots is not None:
+        check_recipe_paths(recipe, roots, recipe_dir=recipe_dir)  # every key, before any is opened
     entries = recipe.input_models()
-    base_path = _resolve_model_path(recipe.base_model, recipe_dir) if recipe.base_model else None
+    base_path = _resolve_model_path(recipe.base_model, "base_model") if recipe.base_model else None
     if method.requires_base and base_path is None:
         raise ParameterError(f"{method.name} needs a base_model")
 
@@ -103,8 +99,9 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None) -> 
     try:
         base = open_folder(base_path) if base_path is not None else None
         models, settings = [], []
-        for entry in entries:
-            path = _resolve_model_path(entry.model, recipe_dir)
+        entry_keys = [key for key, _ in recipe.model_refs() if key.endswith(".model")]
+        for entry, key in zip(entries, entry_keys):
+            path = _resolve_model_path(entry.model, key)
             if base_path is not None and path.resolve() == base_path.resolve() and method.requires_base:
                 continue  # mergekit lists the base among the models; it contributes as the base
             models.append(open_folder(path))
@@ -126,7 +123,8 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None) -> 
         if tok_ref == "base":
             tokenizer_folder = layout
         else:
-            tokenizer_folder = open_folder(_resolve_model_path(tok_ref, recipe_dir))
+            tok_key = "tokenizer.source" if recipe.tokenizer else "tokenizer_source"
+            tokenizer_folder = open_folder(_resolve_model_path(tok_ref, tok_key))
 
         spec = MergeSpec.build(method, recipe.parameter_scopes(), settings,
                                num_layers=num_layers, seed=recipe.seed)
@@ -228,6 +226,7 @@ def run_merge(
     progress: Progress | None = None,
     max_shard_bytes: int = 2**30,
     stats_provider: Callable[[str], list[torch.Tensor]] | None = None,
+    allowed_roots: Iterable[str | Path] | None = None,
 ) -> MergeResult:
     """Merge per ``recipe`` into a new model folder ``out`` (atomic: all or nothing).
 
@@ -236,7 +235,7 @@ def run_merge(
     ``calibration`` parameter, tasks from ``calibration_task`` or the zoo manifest)."""
     started = time.perf_counter()
     device = resolve_device(device)
-    plan = plan_merge(recipe, recipe_dir=recipe_dir)
+    plan = plan_merge(recipe, recipe_dir=recipe_dir, allowed_roots=allowed_roots)
     own_stats = None  # statistics calibrated here are closed (their spill folder removed) here
     if plan.method.stats is not None and stats_provider is None:
         # fisher / regmean: calibrate every input model on its task's prompts (before any
