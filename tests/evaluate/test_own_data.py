@@ -89,3 +89,20 @@ def test_split_is_stable_and_covers_both_halves():
     first = [split_of(p) for p in prompts]
     assert first == [split_of(p) for p in prompts]
     assert 60 < first.count("dev") < 140
+
+
+def test_eval_command_scores_own_files_as_json(quick_zoo, tmp_path, capsys):
+    from engine.__main__ import main
+
+    examples = heldout_examples(TASKS["upper"], 6)
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps({"prompt": p, "answer": a})
+                                                   for p, a in examples) + "\n")
+    (tmp_path / "docs.txt").write_text("hello world\nthe lazy dog\n")
+    code = main(["eval", str(quick_zoo / "small" / "upper"), "--data", str(tmp_path / "mine.jsonl"),
+                 "--text", str(tmp_path / "docs.txt"), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["tasks"]["mine"]["n"] == 6 and 0 <= out["tasks"]["mine"]["accuracy"] <= 1
+    assert set(out["perplexity"]) == {"docs"} and out["perplexity"]["docs"] > 1
+    model, tokenizer = load_model_folder(quick_zoo / "small" / "upper")
+    assert out["tasks"]["mine"]["accuracy"] == pytest.approx(_reference_accuracy(model, tokenizer, examples))
