@@ -32,9 +32,11 @@ def export_dir() -> Path:
 
 
 def cache_path() -> Path:
-    """The metric cache database file: ``$DELTA_WORKBENCH_CACHE`` or ``<home>/metrics.duckdb``."""
+    """The metric cache database file: ``$DELTA_WORKBENCH_CACHE`` or ``<home>/metrics.duckdb``.
+
+    Taken as written (``~`` is not expanded); the store checks it (``cache.store.cache_file_path``)."""
     value = os.environ.get("DELTA_WORKBENCH_CACHE", "").strip()
-    return Path(value).expanduser() if value else workbench_home() / "metrics.duckdb"
+    return Path(value) if value else workbench_home() / "metrics.duckdb"
 
 
 def jobs_dir() -> Path:
