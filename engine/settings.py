@@ -39,6 +39,11 @@ def cache_path() -> Path:
     return Path(value) if value else workbench_home() / "metrics.duckdb"
 
 
+def artifacts_dir() -> Path:
+    """Where the Compression lab writes its artifacts."""
+    return workbench_home() / "artifacts"
+
+
 def jobs_dir() -> Path:
     """Where background jobs keep their folders (spec, status, log, result)."""
     return workbench_home() / "jobs"
