@@ -8,7 +8,7 @@ gone is an orphan left by a crash or a kill; ``sweep_orphan_staging`` removes th
 Every staging folder is also recorded, while it is in progress, in a small registry under the
 workbench home (``<home>/staging-registry``), because a destination may be anywhere on disk.
 ``sweep_all_staging`` sweeps every staging area the workbench owns (exports, artifacts, jobs,
-the zoo's folder, the home, and every registered folder); each entry point (the CLI, the app,
+the zoo's folder, the home, its scratch folder, and every registered folder); each entry point (the CLI, the app,
 the job worker) calls it when it starts. Only folders with our staging name whose owner is
 dead are removed, never a live writer's, never anything else.
 """
@@ -118,6 +118,18 @@ def make_staging_dir(dest: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
     write_owner_lock(staging, dest)
     return staging
+
+
+def make_scratch_dir(label: str) -> Path:
+    """A private working folder (``<home>/scratch/.<label>.staging-*``) that follows the staging
+    convention, owner lock and registry included, so that what a run killed hard leaves there
+    (calibration statistics as big as the models) is swept at the next start like any staging
+    folder. Remove it with :func:`discard_staging`."""
+    from engine.settings import workbench_home
+
+    parent = workbench_home() / "scratch"
+    parent.mkdir(parents=True, exist_ok=True)
+    return make_staging_dir(parent / label)
 
 
 def is_inside(child: Path, folder: Path) -> bool:
@@ -287,8 +299,9 @@ def staging_areas() -> list[Path]:
     """The folders the workbench's own writers put staging folders in."""
     from engine import settings
 
+    home = settings.workbench_home()
     areas = [settings.export_dir(), settings.artifacts_dir(), settings.jobs_dir(),
-             settings.zoo_dir().parent, settings.workbench_home()]
+             settings.zoo_dir().parent, home, home / "scratch"]
     return list(dict.fromkeys(Path(a).absolute() for a in areas))
 
 

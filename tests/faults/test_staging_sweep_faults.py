@@ -199,3 +199,48 @@ def test_app_start_sweeps_every_area(tmp_path, env):
     far = _orphan(tmp_path / "far" / "b")
     assert sorted(startup_sweep()) == sorted([str(in_artifacts), str(far)])
     assert not in_artifacts.exists() and not far.exists()
+
+
+# Beyond the list: a fisher/regmean merge spills every model's statistics (as big as the
+# model) to a scratch folder; killed hard, it used to stay in the temporary folder forever.
+PAUSED_CALIBRATION = textwrap.dedent("""
+    import time, torch
+    import engine.merge.calibration as calibration
+
+    calls = []
+
+    def fake_statistics(kind, folder, task, settings):
+        calls.append(1)
+        if len(calls) == 2:  # the first model's statistics are on disk
+            print("READY", flush=True)
+            time.sleep(600)
+        return {"w": torch.ones(1024)}
+
+    calibration.model_statistics = fake_statistics
+    calibration.compute_stats("fisher", ["a", "b"], [None, None], None, spill=True)
+""")
+
+
+def test_killed_calibration_leaves_no_statistics_behind(tmp_path, env):
+    tmp = tmp_path / "tmp"  # the child's temporary folder, where the spill used to go
+    tmp.mkdir()
+    child_env = {**env, "TMPDIR": str(tmp)}
+    scratch = Path(env["DELTA_WORKBENCH_HOME"]) / "scratch"
+
+    def leftovers():
+        return [p for root in (tmp, scratch) if root.is_dir() for p in root.iterdir()]
+
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_CALIBRATION], cwd=REPO_ROOT,
+                            env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 300)
+        assert ready and proc.stdout.readline().strip() == b"READY", proc.stderr.read1().decode()
+        spilled = leftovers()
+        assert len(spilled) == 1 and any(spilled[0].iterdir())
+        assert _engine(child_env, "methods").returncode == 0
+        assert spilled[0].is_dir()  # alive: kept
+    finally:
+        _kill(proc)
+    after = _engine(child_env, "methods")
+    assert after.returncode == 0, after.stderr
+    assert leftovers() == [] and _registry(env) == []
