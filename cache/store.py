@@ -18,7 +18,10 @@ not wait long and never fails: the store is *disabled* (every read misses, write
 and ``warning`` names the holder; the caller computes without the cache. A file that DuckDB
 cannot open or read (garbage, bad checksum, failed WAL replay) is moved aside as
 ``<name>.corrupt-<timestamp>`` (its ``.wal`` too) and rebuilt empty, with a warning; never
-fatal. ``read_only=True`` opens for reading only (possible when no process holds it
+fatal. Only a file that is a DuckDB database (its magic bytes) or empty is ever moved aside: a
+path that names anything else (a model file, a folder, a FIFO, a device) is refused with a
+:class:`~engine.errors.CacheError` before anything is opened, and ``~`` is never expanded
+(as for every path a user types, see engine.paths). ``read_only=True`` opens for reading only (possible when no process holds it
 read-write; it then blocks writers while open).
 """
 
@@ -29,6 +32,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from pathlib import Path
@@ -36,12 +40,17 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import duckdb
 
+from engine.errors import CacheError
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1"
 _ROWS_PER_STATEMENT = 500
 _LOCK_MARKERS = ("could not set lock", "conflicting lock")
 _HOLDER_RE = re.compile(r"Conflicting lock is held in (.+?) \(PID (\d+)\)")
+# Every DuckDB database file carries this magic at byte 8 (checked on duckdb 2.0.1).
+DUCKDB_MAGIC = b"DUCK"
+DUCKDB_MAGIC_OFFSET = 8
 
 
 class CacheKey(NamedTuple):
@@ -70,6 +79,51 @@ def default_path() -> Path:
     return cache_path()
 
 
+def cache_file_path(path: str | Path) -> Path:
+    """The absolute path of a metric cache file, refused (CacheError) when it cannot be ours.
+
+    ``~`` is not expanded (type the full path). What exists there must be a regular file that
+    is empty or a DuckDB database: a folder, a FIFO, a socket or a device (found with stat,
+    which never blocks on a FIFO) or any other file (a model, a document) is refused, so the
+    cache never opens, moves aside or overwrites something that is not its own."""
+    raw = str(path)
+    if raw.startswith("~"):
+        raise CacheError("'~' is not expanded; type the full path of the metric cache file",
+                         path=raw)
+    if not raw.strip() or "\x00" in raw:
+        raise CacheError("not a usable metric cache path", path=repr(raw))
+    resolved = Path(raw).absolute()
+    for candidate in (resolved, resolved.with_name(resolved.name + ".wal")):
+        _check_cache_file(candidate, is_wal=candidate is not resolved)
+    return resolved
+
+
+def _check_cache_file(path: Path, *, is_wal: bool) -> None:
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # absent: created later (a parent that cannot be made is reported then)
+    except OSError as err:
+        raise CacheError(f"metric cache file cannot be checked ({err.strerror or err})",
+                         path=path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CacheError("is a folder, not a metric cache file; refused", path=path)
+    if not stat.S_ISREG(st.st_mode):
+        raise CacheError("not a regular file (FIFO, socket or device); refused as the metric "
+                         "cache", path=path)
+    if is_wal or st.st_size == 0:
+        return  # a WAL has no magic; an empty file holds nothing to lose
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(DUCKDB_MAGIC_OFFSET + len(DUCKDB_MAGIC))
+    except OSError as err:
+        raise CacheError(f"metric cache file cannot be read ({err.strerror or err})",
+                         path=path) from None
+    if head[DUCKDB_MAGIC_OFFSET:] != DUCKDB_MAGIC:
+        raise CacheError("exists and is not a DuckDB database (not a metric cache); refused, "
+                         "nothing was changed", path=path)
+
+
 def _is_lock_error(err: BaseException) -> bool:
     text = str(err).lower()
     return any(marker in text for marker in _LOCK_MARKERS)
@@ -87,7 +141,7 @@ class MetricStore:
 
     def __init__(self, path: str | Path | None = None, *, read_only: bool = False,
                  lock_wait_s: float = 0.5):
-        self.path = Path(path if path is not None else default_path()).expanduser().absolute()
+        self.path = cache_file_path(path if path is not None else default_path())
         self.read_only = read_only
         self.lock_wait_s = lock_wait_s
         self.status = "closed"  # "ok" | "read-only" | "locked" | "unavailable" | "closed"
@@ -125,8 +179,24 @@ class MetricStore:
                     raise
                 time.sleep(0.05)
 
+    @classmethod
+    def refused(cls, path: str | Path, error: CacheError) -> "MetricStore":
+        """A disabled store for a path that :func:`cache_file_path` refused (the app computes
+        without the cache and shows ``error``); nothing is opened."""
+        store = cls.__new__(cls)
+        store.path = Path(str(path))
+        store.read_only = True
+        store.lock_wait_s = 0.0
+        store.status = "refused"
+        store.warnings = [str(error)]
+        store.quarantined = []
+        store._con = None
+        store._lock = threading.RLock()
+        return store
+
     def _open(self) -> None:
         with self._lock:
+            cache_file_path(self.path)  # the file may have been replaced since
             if self.read_only and not self.path.exists():
                 self.status = "unavailable"
                 self._warn(f"metric cache {self.path} does not exist yet; reading without the cache")
@@ -208,8 +278,14 @@ class MetricStore:
         self._drop_connection()
         stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}-{time.monotonic_ns() % 10**6}"
         moved = []
+        try:
+            cache_file_path(self.path)  # never move aside what is not a database of ours
+        except CacheError as refusal:
+            self.status = "refused"
+            self._warn(str(refusal))
+            raise
         for source in (self.path, self.path.with_name(self.path.name + ".wal")):
-            if source.exists():
+            if source.is_file():
                 target = source.with_name(f"{source.name}.corrupt-{stamp}")
                 try:
                     os.replace(source, target)
@@ -410,7 +486,7 @@ _STORES_LOCK = threading.Lock()
 def open_store(path: str | Path | None = None) -> MetricStore:
     """The process's store for ``path`` (default: ``DELTA_WORKBENCH_CACHE``), opened once and
     shared; a closed one is reopened."""
-    resolved = Path(path if path is not None else default_path()).expanduser().absolute()
+    resolved = cache_file_path(path if path is not None else default_path())
     with _STORES_LOCK:
         store = _STORES.get(resolved)
         if store is None or store.status == "closed":

@@ -26,9 +26,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sweep_staging(args: argparse.Namespace) -> None:
+    """Remove the staging folders of runs that were killed (every command does this first;
+    a command may name destinations whose staging it adopts, via ``keep_staging_for``)."""
+    from engine.io.staging import sweep_all_staging
+
+    keep = args.keep_staging_for(args) if hasattr(args, "keep_staging_for") else []
+    removed = sweep_all_staging(keep_for=keep)
+    if removed:
+        print(f"note: removed {len(removed)} staging folder(s) left by interrupted runs",
+              file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    sweep_staging(args)
     try:
         return int(args.func(args) or 0)
     except DeltaWorkbenchError as err:

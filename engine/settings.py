@@ -33,9 +33,16 @@ def export_dir() -> Path:
 
 
 def cache_path() -> Path:
-    """The metric cache database file: ``$DELTA_WORKBENCH_CACHE`` or ``<home>/metrics.duckdb``."""
+    """The metric cache database file: ``$DELTA_WORKBENCH_CACHE`` or ``<home>/metrics.duckdb``.
+
+    Taken as written (``~`` is not expanded); the store checks it (``cache.store.cache_file_path``)."""
     value = os.environ.get("DELTA_WORKBENCH_CACHE", "").strip()
-    return Path(value).expanduser() if value else workbench_home() / "metrics.duckdb"
+    return Path(value) if value else workbench_home() / "metrics.duckdb"
+
+
+def artifacts_dir() -> Path:
+    """Where the Compression lab writes its artifacts."""
+    return workbench_home() / "artifacts"
 
 
 def jobs_dir() -> Path:

@@ -42,10 +42,16 @@ MODULE_ORDER = ["q", "k", "v", "o", "gate", "up", "down"]
 def metric_store():
     """The process's metric store for the configured cache file (one per path, opened once;
     reopened when it was closed)."""
-    path = str(settings.cache_path().expanduser().absolute())
-    store = _metric_store_for(path)
-    if store.status == "closed":
-        store.reopen()
+    from cache import MetricStore
+    from engine.errors import CacheError
+
+    path = str(settings.cache_path())
+    try:
+        store = _metric_store_for(path)
+        if store.status == "closed":
+            store.reopen()
+    except CacheError as err:  # a path that is not a cache file: the page computes without one
+        return MetricStore.refused(path, err)
     return store
 
 
@@ -66,7 +72,8 @@ def cache_notice(store, key: str) -> None:
     reason = store.warning or f"the metric cache is {store.status}"
     st.info(f"{reason}. Metrics are computed on each visit until the cache is free again.")
     if st.button("Retry the metric cache", key=f"{key}_retry_cache"):
-        store.reopen()
+        if store.status != "refused":  # a refused path is checked again on the rerun
+            store.reopen()
         st.rerun()
 
 

@@ -41,21 +41,16 @@ def _job_manager_for(jobs_dir: str):
 
 
 def startup_sweep() -> list[str]:
-    return _sweep_once(str(settings.export_dir()), str(settings.zoo_dir().parent))
+    return _sweep_once(str(settings.workbench_home()))
 
 
 @st.cache_resource
-def _sweep_once(*parents: str) -> list[str]:
-    """Once per server process: remove staging folders orphaned by a crash or a kill."""
-    from engine.io import sweep_orphan_staging
+def _sweep_once(home: str) -> list[str]:  # noqa: ARG001 - keyed by home: once per home and process
+    """Once per server process: remove staging folders orphaned by a crash or a kill, in
+    every staging area (the same sweep as the CLI's and the job worker's)."""
+    from engine.io.staging import sweep_all_staging
 
-    removed = []
-    for parent in parents:
-        try:
-            removed += [str(p) for p in sweep_orphan_staging(parent)]
-        except OSError:
-            continue
-    return removed
+    return [str(p) for p in sweep_all_staging()]
 
 
 def zoo_manifest() -> dict | None:

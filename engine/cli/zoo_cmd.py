@@ -23,12 +23,19 @@ def register(subparsers) -> None:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice)")
-    build.set_defaults(func=run_build)
+    build.set_defaults(func=run_build, keep_staging_for=_resumed_destination)
 
     listing = sub.add_parser("list", help="list the models of a zoo")
     listing.add_argument("dir", nargs="?", default=None, help="zoo folder (default: the default zoo)")
     listing.add_argument("--json", action="store_true", help="print the manifest as JSON")
     listing.set_defaults(func=run_list)
+
+
+def _resumed_destination(args: argparse.Namespace) -> list:
+    """A resumed build adopts its interrupted staging folder: the start-up sweep keeps it."""
+    from engine.zoo import default_zoo_dir
+
+    return [args.out or default_zoo_dir()] if args.resume else []
 
 
 def run_build(args: argparse.Namespace) -> int:

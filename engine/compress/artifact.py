@@ -39,7 +39,7 @@ import engine
 from engine.errors import ArtifactError, DeltaWorkbenchError, ExportError
 from engine.io.header import loads_strict_json, read_header
 from engine.io.staging import (LOCK_NAME, check_destination, discard_staging,
-                                make_staging_with_parents)
+                                make_staging_with_parents, unregister_staging)
 from engine.io.writer import _fsync_dir, _write_bytes, sha256_file
 
 FORMAT = "delta-workbench/compressed-delta"
@@ -231,6 +231,7 @@ class ArtifactWriter:
         self._check_destination()
         os.rename(staging, self.dest)
         self.staging = None
+        unregister_staging(staging)
         _fsync_dir(self.dest.parent)
         self._created_parents.clear()
         return self.dest

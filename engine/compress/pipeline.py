@@ -5,6 +5,8 @@
 and hands every matrix to the compressor with its byte budget, appending the section to the
 artifact's payload file. Nothing model-sized is held, except by the compressors that learn
 scalars on calibration prompts (BitDelta with ``distill``, DBMS), which need a forward pass.
+A CUDA out-of-memory while encoding one matrix is retried on the CPU; the result's warnings
+and the manifest (``cpu_fallback``) name those matrices.
 
 Byte budget for ``--ratio R``: the whole folder may take ``2 N / R`` bytes (``N`` delta entries).
 Fixed costs come first (manifest, safetensors header, section offsets, 1-D tensors, embedded
@@ -284,6 +286,7 @@ def compress(
             settings = _allocate(spec, p, base, ft, matrices, budgets, device)
             carry = 0
             choices: dict[str, dict] = {}
+            cpu_fallback: list[str] = []  # matrices encoded on the CPU after a CUDA out-of-memory
             for i, (name, shape) in enumerate(layout):
                 delta = _delta(base, ft, name, device)
                 if not is_matrix(shape):
@@ -295,13 +298,11 @@ def compress(
                     writer.add_section(b"")
                 else:
                     index = len(writer.offsets) - 1
-                    ctx = _context(spec, p, name, index, device)
-                    if settings is not None:
-                        ctx.setting = settings[index]
                     budget = None
                     if budgets is not None:
                         budget = max(0, budgets[index] + carry)
-                    section = spec.module.encode(delta.reshape(as_matrix_shape(shape)), budget, p, ctx)
+                    section, ctx = _encode_matrix(spec, p, name, index, delta.reshape(as_matrix_shape(shape)),
+                                                  budget, settings, device, cpu_fallback)
                     if budget is not None:
                         carry = budget - len(section)
                     writer.add_section(section)
@@ -310,6 +311,10 @@ def compress(
                 if progress is not None:
                     progress((i + 1) / len(layout), name)
             calibration = _calibrate(spec, p, writer, base, ft, matrices, vectors, device, manifest)
+            if cpu_fallback:
+                manifest["cpu_fallback"] = list(cpu_fallback)
+                warnings.extend(f"tensor {n!r}: CUDA out of memory; encoded on the CPU instead"
+                                for n in cpu_fallback)
             writer.finalize(manifest, side_stored)
     finally:
         base.close()
@@ -348,6 +353,27 @@ def _budgets(manifest, matrices, n_entries, ratio, n_vec, side_stored, spec, war
     counts = [int(np.prod(s)) for _, s in matrices]
     n_mat = max(1, sum(counts))
     return [int(available * c / n_mat) for c in counts]
+
+
+def _encode_matrix(spec, params, name: str, index: int, delta: torch.Tensor, budget, settings,
+                   device, cpu_fallback: list[str]):
+    """One matrix's section and its context; a CUDA out-of-memory is retried on the CPU with a
+    fresh context (nothing of the failed attempt kept) and ``name`` appended to ``cpu_fallback``."""
+    def attempt(on, matrix):
+        ctx = _context(spec, params, name, index, on)
+        if settings is not None:
+            ctx.setting = settings[index]
+        return spec.module.encode(matrix, budget, params, ctx), ctx
+
+    try:
+        return attempt(device, delta)  # delta is on ``device`` already
+    except torch.OutOfMemoryError:
+        if torch.device(device).type != "cuda":
+            raise
+    if torch.cuda.is_available():  # outside the handler: the failed attempt is released first
+        torch.cuda.empty_cache()
+    cpu_fallback.append(name)
+    return attempt(torch.device("cpu"), delta.cpu())
 
 
 def _allocate(spec, params, base, ft, matrices, budgets, device):

@@ -44,7 +44,7 @@ import engine
 from engine.errors import DeltaWorkbenchError, ExportError
 from engine.io.header import TORCH_TO_SAFETENSORS, read_header
 from engine.io.staging import (LOCK_NAME, check_destination, discard_staging,
-                                make_staging_with_parents)
+                                make_staging_with_parents, unregister_staging)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -457,6 +457,7 @@ class ModelWriter:
         self._check_destination()  # someone may have filled dest meanwhile
         os.rename(staging, self.dest)
         self.staging = None
+        unregister_staging(staging)
         _fsync_dir(self.dest.parent)
         self._created_parents.clear()
 

@@ -5,16 +5,26 @@ what a page calls on each refresh: it marks dead workers failed and starts queue
 there is room (``max_running`` CPU jobs; at most one GPU job when CUDA is present, the GPU
 semaphore). Workers are fresh interpreters in their own session (process group), so cancel
 can signal the worker and anything it started, and closing the browser tab does not stop them.
+
+A job is identified by its kind and validated parameters (canonical JSON): submitting a job
+identical to one that is queued or running returns that job's id instead of queueing a
+second run (two sessions pressing the same button see one job). The check and the queueing
+hold a file lock in the jobs folder, so managers in several threads or processes agree. A
+finished job (done, failed, cancelled) submitted again runs again: its outputs may have been
+moved or removed since, and a failed one may succeed now.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +32,7 @@ from engine.errors import ParameterError
 from engine.io.staging import _pid_alive, _process_start_ticks
 from engine.jobs.spec import JobSpec, JobStatus, read_json, write_json_atomic
 
+SUBMIT_LOCK = ".submit.lock"
 CANCEL_GRACE_S = 10.0  # after SIGTERM, how long a worker has to clean up before SIGKILL
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,11 +84,17 @@ class JobManager:
         kind.params_class.model_validate(spec.params)  # bad params fail here, not in a worker
         spec = spec.model_copy(update={"uses_gpu": bool(self.gpu and kind.may_use_gpu),
                                        "title": spec.title or spec.kind})
-        job_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-        folder = self.root / job_id
-        folder.mkdir()
-        write_json_atomic(folder / "spec.json", spec.model_dump())
-        write_json_atomic(folder / "status.json", JobStatus().model_dump())
+        identity = job_identity(spec)
+        with self._submit_lock():
+            for job in self.jobs():
+                if job.status.state in ("queued", "running") and job_identity(job.spec) == identity:
+                    return job.id  # the same work is already under way: one run, both see it
+            job_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+            folder = self.root / job_id
+            folder.mkdir()
+            # status first: a job folder is listed once spec.json exists, and then it is queued
+            write_json_atomic(folder / "status.json", JobStatus().model_dump())
+            write_json_atomic(folder / "spec.json", spec.model_dump())
         self.poll()
         return job_id
 
@@ -162,6 +179,16 @@ class JobManager:
         self._set(job_id, ingested=True)
 
     # -- internals ----------------------------------------------------------------------------
+    @contextmanager
+    def _submit_lock(self):
+        """Serialise submissions over this jobs folder (threads and processes alike)."""
+        fd = os.open(self.root / SUBMIT_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def _folder(self, job_id: str) -> Path:
         if not job_id or "/" in job_id or job_id.startswith(".") or "\x00" in job_id:
             raise ParameterError(f"invalid job id {job_id!r}")
@@ -220,3 +247,16 @@ class JobManager:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+
+def job_identity(spec: JobSpec) -> str:
+    """What makes two jobs the same work: the kind and its validated parameters (defaults
+    filled in), as canonical JSON. Title and GPU flag do not count."""
+    from engine.jobs.kinds import get_kind
+
+    try:
+        params = get_kind(spec.kind).params_class.model_validate(spec.params).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - an old job of a removed kind: only its raw spec identifies it
+        params = spec.params
+    return json.dumps({"kind": spec.kind, "params": params}, sort_keys=True,
+                      separators=(",", ":"), default=str)

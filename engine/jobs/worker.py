@@ -19,7 +19,7 @@ from pathlib import Path
 
 from engine.errors import DeltaWorkbenchError
 from engine.jobs.spec import JobSpec, JobStatus, read_json, write_json_atomic
-from engine.io.staging import _process_start_ticks
+from engine.io.staging import _process_start_ticks, sweep_all_staging
 
 STATUS_INTERVAL_S = 0.25  # progress is written at most this often (the last write always)
 
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _raise_cancelled)
     signal.signal(signal.SIGINT, _raise_cancelled)
+    sweep_all_staging()  # a worker killed before this one left its staging behind
     return run_job(Path(argv[0]))
 
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.errors import ConfigError, ParameterError
 from engine.evaluate.tasks import MAIN_TASKS, TASKS, train_stream
+from engine.io.staging import discard_staging, make_scratch_dir
 from engine.merge.common import derive_seed
 from engine.merge.methods.regmean import GramStats
 
@@ -328,7 +327,7 @@ class CalibrationStats:
     def close(self) -> None:
         self.per_model = []
         if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            discard_staging(self.folder, [])
             self.folder = None
 
     def __call__(self, name: str, like: torch.Tensor | None = None):
@@ -355,7 +354,9 @@ def compute_stats(kind: str, folders: Sequence[str | Path], tasks: Sequence, set
     if not spill:
         return CalibrationStats(kind, [model_statistics(kind, f, t, settings)
                                        for f, t in zip(folders, tasks)], shape_of=shape_of)
-    folder = Path(tempfile.mkdtemp(prefix="delta-workbench-calibration-"))
+    # A staging-convention scratch folder (owner lock, registry), not a bare temporary folder:
+    # a run killed hard would otherwise leave model-sized statistics behind forever.
+    folder = make_scratch_dir("calibration")
     try:
         files = []
         for i, (f, t) in enumerate(zip(folders, tasks)):
@@ -363,7 +364,7 @@ def compute_stats(kind: str, folders: Sequence[str | Path], tasks: Sequence, set
             files.append(StatsFile.write(stats, folder / f"model-{i:03d}.safetensors", kind))
             del stats  # only this model's statistics were ever in memory
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        discard_staging(folder, [])
         raise
     return CalibrationStats(kind, files, shape_of=shape_of, folder=folder)
 

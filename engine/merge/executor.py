@@ -8,6 +8,9 @@ prefetch thread while the current one is computed), are in RAM.
 Everything that can be checked before work starts is checked first: the recipe, every model
 folder, the compatibility report (all mismatches at once), and the parameters resolved for
 every tensor (gradients and filters), so a bad value fails in a second, not after an hour.
+
+A CUDA out-of-memory on one tensor is retried on the CPU; the merge finishes, says so in its
+warnings and lists those tensors in the manifest (``cpu_fallback``).
 """
 
 from __future__ import annotations
@@ -175,6 +178,27 @@ def merge_one(plan: MergePlan, name: str, inputs: tuple[torch.Tensor | None, lis
     return plan.spec.merge_tensor(name, base_t, model_ts, device=device, stats=stats)
 
 
+def _merge_into(spec: MergeSpec, name: str, base_t, model_ts, out: torch.Tensor, *,
+                device: torch.device, stats=None, labels=None, cpu_fallback: list[str],
+                overflow: str = "refuse") -> torch.Tensor:
+    """``spec.merge_into`` for one tensor; a CUDA out-of-memory on it is retried on the CPU
+    (the same arithmetic, ``out`` rewritten whole) and the tensor's name is appended to
+    ``cpu_fallback``, so one oversized tensor does not fail a merge of thousands."""
+    try:
+        return spec.merge_into(name, base_t, model_ts, out, device=device, stats=stats, labels=labels,
+                               overflow=overflow)
+    except torch.OutOfMemoryError:
+        if device.type != "cuda":
+            raise
+    # Retried outside the handler: the failed attempt's GPU tensors (held by the traceback)
+    # are released before the cache is emptied.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    cpu_fallback.append(name)
+    return spec.merge_into(name, base_t, model_ts, out, device=torch.device("cpu"), stats=stats,
+                           labels=labels, overflow=overflow)
+
+
 def _read_inputs(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """One tensor of every input, read without memory maps (NaN/Inf are caught by the merge,
     which names the folder)."""
@@ -259,6 +283,7 @@ def run_merge(
     # knows the whole layout up front, so nothing is buffered). At most one tensor waits
     # at each stage, so memory stays at a few tensors.
     pending_write = None
+    cpu_fallback: list[str] = []  # tensors merged on the CPU after a CUDA out-of-memory
     try:
         with ModelWriter(out, config=output_config(plan), extra_files=extra,
                          max_shard_bytes=max_shard_bytes, manifest_extra=manifest,
@@ -273,17 +298,27 @@ def run_merge(
                         pending = reader.submit(_read_inputs, plan, layout[i + 1][0])
                     stats = stats_provider(name) if stats_provider is not None else None
                     merged = torch.empty(shape, dtype=out_dtype)
-                    plan.spec.merge_into(name, inputs[0], inputs[1], merged, device=device, stats=stats,
-                                         labels=labels, overflow=plan.recipe.overflow)
+                    before = len(cpu_fallback)
+                    _merge_into(plan.spec, name, inputs[0], inputs[1], merged, device=device,
+                                stats=stats, labels=labels, cpu_fallback=cpu_fallback,
+                                overflow=plan.recipe.overflow)
+                    on_cpu = len(cpu_fallback) > before
+                    if on_cpu:
+                        plan.warnings.append(f"tensor {name!r}: CUDA out of memory; merged on the "
+                                             "CPU instead")
                     del inputs
                     if pending_write is not None:
                         pending_write.result()
                     pending_write = writing.submit(writer.add_tensor, name, merged)
                     del merged
                     if progress is not None:
-                        progress((i + 1) / len(layout), name)
+                        progress((i + 1) / len(layout),
+                                 name + (" (on the CPU: CUDA out of memory)" if on_cpu else ""))
                 if pending_write is not None:
                     pending_write.result()
+                if cpu_fallback:  # the manifest is written when the writer closes, below
+                    writer.manifest_extra.update(cpu_fallback=list(cpu_fallback),
+                                                 warnings=list(plan.warnings))
             finally:  # never leave the writer (or its abort) racing the write thread
                 if pending_write is not None and not pending_write.done():
                     pending_write.exception()
@@ -330,9 +365,9 @@ def merge_state_dicts(
         stats = stats_provider(name) if stats_provider is not None else None
         dtype = out_dtype if out_dtype is not None and ref.is_floating_point() else ref.dtype
         merged = torch.empty(ref.shape, dtype=dtype)
-        out[name] = spec.merge_into(name, base[name] if base is not None else None,
-                                    [ft[name] for ft in finetunes], merged, device=device, stats=stats,
-                                    overflow=overflow)
+        out[name] = _merge_into(spec, name, base[name] if base is not None else None,
+                                [ft[name] for ft in finetunes], merged, device=device, stats=stats,
+                                cpu_fallback=[], overflow=overflow)
     return out
 
 

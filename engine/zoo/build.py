@@ -25,7 +25,8 @@ from engine.errors import ExportError
 from engine.evaluate.scoring import Evaluator
 from engine.evaluate.tasks import TASKS
 from engine.io import ModelWriter
-from engine.io.staging import LOCK_NAME, make_staging_dir, owner_alive, write_owner_lock
+from engine.io.staging import (LOCK_NAME, make_staging_dir, owner_alive, unregister_staging,
+                                write_owner_lock)
 from engine.zoo.plan import FULL_ARCHS, QUICK_ARCHS, Arch, ModelPlan, zoo_plan
 from engine.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer, tokenizer_files
 from engine.zoo.train import train
@@ -186,8 +187,8 @@ def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
     done_steps = 0
     started = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Same staging convention as ModelWriter (owner lock inside), so a build killed hard is
-    # swept like any orphan export by engine.io.sweep_orphan_staging.
+    # Same staging convention as ModelWriter (owner lock inside, registered), so a build killed
+    # hard is swept like any orphan export by engine.io.staging.sweep_all_staging.
     staging = (_adopt_staging(out) if resume else None) or make_staging_dir(out)
     resumed: list[str] = []
     try:
@@ -260,5 +261,7 @@ def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        unregister_staging(staging)
     report(1.0, f"zoo written to {out}")
     return out

@@ -114,7 +114,7 @@ def test_corrupt_cache_file_is_a_warning_not_an_error(family, tmp_path, capsys):
     base_dir, ft_dirs, _, _ = family
     db = tmp_path / "cache" / "m.duckdb"
     db.parent.mkdir(parents=True, exist_ok=True)
-    db.write_bytes(b"\x00garbage" * 500)
+    db.write_bytes(b"\x00" * 8 + b"DUCK" + b"\x00garbage" * 500)  # a damaged database
     code, out, err = _run(capsys, "analyze", "--base", str(base_dir), "--finetuned", str(ft_dirs[0]),
                           "--json", "--quiet")
     assert code == 0

@@ -60,7 +60,9 @@ def test_env_var_chooses_the_file(tmp_path, monkeypatch):
 
 def test_garbage_file_is_moved_aside_and_rebuilt(tmp_path):
     path = tmp_path / "m.duckdb"
-    path.write_bytes(os.urandom(3000))
+    # a damaged database of ours: DuckDB's magic at byte 8, garbage after it (a file without
+    # the magic is not ours and is refused: tests/faults/test_cache_path_faults.py)
+    path.write_bytes(os.urandom(8) + b"DUCK" + os.urandom(3000))
     (tmp_path / "m.duckdb.wal").write_bytes(b"junk")
     with MetricStore(path) as store:
         assert store.status == "ok" and store.enabled

@@ -94,8 +94,11 @@ def test_dead_worker_is_marked_failed_and_a_new_manager_sees_jobs(tmp_path, quic
 def test_gpu_semaphore_runs_one_gpu_job_at_a_time(tmp_path, quick_zoo, quick_zoo_manifest):
     manager = JobManager(tmp_path / "jobs", max_running=2, gpu=True)
     model = _small_model(quick_zoo, quick_zoo_manifest)
-    spec = JobSpec(kind="eval", params={"model_dir": model, "tasks": ["upper"], "n_per_task": 2})
-    first, second = manager.submit(spec), manager.submit(spec)
+    # two different jobs (identical ones would be one job: tests/faults/test_job_faults.py)
+    first = manager.submit(JobSpec(kind="eval", params={"model_dir": model, "tasks": ["upper"],
+                                                        "n_per_task": 2}))
+    second = manager.submit(JobSpec(kind="eval", params={"model_dir": model, "tasks": ["reverse"],
+                                                         "n_per_task": 2}))
     states = {j.id: j.status.state for j in manager.jobs()}
     assert states == {first: "running", second: "queued"}
     assert manager.get(first).spec.uses_gpu
@@ -106,8 +109,11 @@ def test_gpu_semaphore_runs_one_gpu_job_at_a_time(tmp_path, quick_zoo, quick_zoo
 def test_cancel_a_queued_job(tmp_path, quick_zoo, quick_zoo_manifest):
     manager = JobManager(tmp_path / "jobs", max_running=1, gpu=False)
     model = _small_model(quick_zoo, quick_zoo_manifest)
-    spec = JobSpec(kind="eval", params={"model_dir": model, "tasks": ["upper"], "n_per_task": 2})
-    first, second = manager.submit(spec), manager.submit(spec)
+    first = manager.submit(JobSpec(kind="eval", params={"model_dir": model, "tasks": ["upper"],
+                                                        "n_per_task": 2}))
+    second = manager.submit(JobSpec(kind="eval", params={"model_dir": model, "tasks": ["reverse"],
+                                                         "n_per_task": 2}))
+    assert first != second
     assert manager.cancel(second).state == "cancelled"
     assert manager.wait(first, timeout_s=300).state == "done"
     assert manager.get(second).status.state == "cancelled"
