@@ -126,3 +126,12 @@ def test_error_messages_escape_control_characters_in_paths(tmp_path, capsys):
     assert "bad\\x1b[2J\\nname" in message
     err = one_line_error(capsys, ["inspect", str(folder)], "bad\\x1b[2J\\nname", "config.json")
     assert "\x1b" not in err
+
+
+def test_pages_show_names_escaped(tmp_path):
+    from pages._analysis import tensor_label
+    from pages._shared import short_name
+
+    assert tensor_label("model.layers.3.self_attn.q_proj\x1b[2J.weight").isprintable()
+    assert "\\x1b[2J" in tensor_label("head\x1b[2J")
+    assert short_name(tmp_path / "evil\u202eblah") == "evil\\u202eblah"
