@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from engine.errors import DeltaWorkbenchError
@@ -43,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sweep_staging(args)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so a reader that went away is seen inside the try
+        return code
+    except BrokenPipeError:
+        # ``inspect | head``: the reader has what it wanted. Point stdout at /dev/null so the
+        # interpreter's own flush at exit does not fail again; 141 is 128 + SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except DeltaWorkbenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

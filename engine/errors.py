@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.text import printable
+
 
 class DeltaWorkbenchError(Exception):
     """Base class: every error the workbench raises on purpose."""
@@ -23,7 +25,9 @@ class DeltaWorkbenchError(Exception):
         if tensor is not None:
             parts.append(f"tensor {tensor!r}")
         prefix = ": ".join(parts)
-        super().__init__(f"{prefix}: {message}" if prefix else message)
+        # Paths, names and reasons can come from hostile files: the printed line is escaped
+        # (no terminal escapes, no forged second line).
+        super().__init__(printable(f"{prefix}: {message}" if prefix else message))
 
 
 class CheckpointFormatError(DeltaWorkbenchError):

@@ -27,6 +27,7 @@ import streamlit as st
 
 from engine import settings
 from engine.errors import DeltaWorkbenchError
+from engine.text import printable
 from pages._shared import job_manager, short_name, show_error
 
 IN_PROCESS_MAX_PARAMS = 50_000_000  # above this, a page computes nothing itself: it offers a job
@@ -300,9 +301,10 @@ def tensor_order(names) -> list[str]:
 
 
 def tensor_label(name: str) -> str:
-    """``L3 q`` for a per-layer tensor, the name without ``.weight`` otherwise."""
+    """``L3 q`` for a per-layer tensor, the name without ``.weight`` otherwise (escaped: names
+    come from the checkpoint's header)."""
     layer, module = split_name(name)
-    return f"L{layer} {module}" if layer is not None else module
+    return printable(f"L{layer} {module}" if layer is not None else module)
 
 
 def tensor_frame(result: dict) -> pd.DataFrame:

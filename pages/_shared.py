@@ -9,6 +9,7 @@ import streamlit as st
 
 from engine import settings
 from engine.errors import DeltaWorkbenchError
+from engine.text import printable
 
 SELECTION_KEY = "selection"  # {"base": str | None, "finetunes": [str, ...]} (plain, serialisable)
 APP_RAN_KEY = "_app_ran"  # set by app.py on every run, before the page runs
@@ -97,12 +98,13 @@ def require_selection(min_finetunes: int = 1) -> dict:
 
 
 def short_name(path: str | Path) -> str:
-    """``family/model`` for zoo folders, the folder name otherwise."""
+    """``family/model`` for zoo folders, the folder name otherwise (escaped: a folder name can
+    hold control or bidi characters)."""
     path = Path(path)
     try:
-        return str(path.relative_to(settings.zoo_dir()))
+        return printable(path.relative_to(settings.zoo_dir()))
     except ValueError:
-        return path.name
+        return printable(path.name)
 
 
 def human_bytes(n: float) -> str:

@@ -9,6 +9,7 @@ import streamlit as st
 
 from engine.analysis import AnalysisParams
 from engine.analysis.similarity import PairParams
+from engine.text import printable
 from pages._analysis import (analysis_of_selection, layer_module_heatmap, matrix_heatmap, pair_frame,
                              per_layer_lines, tensor_order)
 from pages._shared import require_app, require_selection, short_name
@@ -98,7 +99,7 @@ with tabs[3]:
     if fig is not None:
         st.plotly_chart(fig, key="si_subspace_heat")
     names = tensor_order(matrices["name"])
-    name = st.selectbox("Tensor", names, key="si_tensor")
+    name = st.selectbox("Tensor", names, key="si_tensor", format_func=printable)
     angles = matrices[matrices["name"] == name]["angles_deg"].iloc[0]
     fig = go.Figure(go.Bar(x=list(range(1, len(angles) + 1)), y=angles))
     fig.update_layout(title=f"Principal angles between the top-{rank} subspaces of {name}",

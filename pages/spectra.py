@@ -7,6 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine.analysis import AnalysisParams, tensor_spectrum
+from engine.text import printable
 from pages._analysis import (analysis_of_selection, guarded, layer_module_heatmap, module_order,
                              per_layer_lines, tensor_frame, tensor_order)
 from pages._shared import require_app, require_selection, short_name
@@ -122,7 +123,7 @@ if st.session_state.get("sp_tensor") not in names:
 if st.session_state.get("sp_tensor_ft") not in labels:
     st.session_state.pop("sp_tensor_ft", None)
 cols = st.columns([3, 1])
-name = cols[0].selectbox("Tensor", names, key="sp_tensor",
+name = cols[0].selectbox("Tensor", names, key="sp_tensor", format_func=printable,
                          help="Or click a cell of the heatmap above.")
 which = cols[1].selectbox("Fine-tune", labels, key="sp_tensor_ft")
 folder = finetunes[labels.index(which)]

@@ -15,6 +15,8 @@ import json
 import sys
 from contextlib import contextmanager
 
+from engine.text import printable
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("analyze", help="delta metrics of fine-tunes against a base")
@@ -97,9 +99,9 @@ class ProgressBar:
                 self.bar = False
         if self.bar:
             self.bar.update(done - self.bar.n)
-            self.bar.set_postfix_str(name[-48:], refresh=False)
+            self.bar.set_postfix_str(printable(name)[-48:], refresh=False)
         else:
-            print(f"\r[{done:>5}/{total}] {name[-60:]:<60}", end="", file=sys.stderr, flush=True)
+            print(f"\r[{done:>5}/{total}] {printable(name)[-60:]:<60}", end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar:
@@ -130,20 +132,20 @@ def run(args: argparse.Namespace) -> int:
         finally:
             progress.close()
     for warning in result["warnings"]:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"warning: {printable(warning)}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, allow_nan=False))
         return 0
     names = result["finetuned"]
-    width = max((len(t["name"]) for t in result["tensors"]), default=4)
-    print(f"base: {result['base']}")
+    width = max((len(printable(t["name"])) for t in result["tensors"]), default=4)
+    print(f"base: {printable(result['base'])}")
     for i, name in enumerate(names):
-        print(f"[{i}] {name}")
+        print(f"[{i}] {printable(name)}")
     print(f"{'tensor':<{width}}  {'m':>2} {'fro_norm':>10} {'rel_norm':>10} {'s1':>10} "
           f"{'eff_rank':>9} {'stable':>8} {'k90':>6} {'sparsity':>8}")
     for t in result["tensors"]:
         s1 = t["top_singular_values"][0] if t.get("top_singular_values") else None
-        print(f"{t['name']:<{width}}  {t['model']:>2} {fmt_value(t['fro_norm']):>10} {fmt_value(t['rel_norm']):>10} "
+        print(f"{printable(t['name']):<{width}}  {t['model']:>2} {fmt_value(t['fro_norm']):>10} {fmt_value(t['rel_norm']):>10} "
               f"{fmt_value(s1):>10} {fmt_value(t['effective_rank']):>9} {fmt_value(t['stable_rank']):>8} "
               f"{fmt_value(t['energy_k_90']):>6} {fmt_value(t['sparsity'], 3):>8}")
     cos = result["models"]["cosine"]

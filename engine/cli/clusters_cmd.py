@@ -11,6 +11,7 @@ import json
 import sys
 
 from engine.cli.analyze_cmd import fmt_value, ProgressBar, metric_store, validated
+from engine.text import printable
 
 
 def register(subparsers) -> None:
@@ -51,14 +52,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, allow_nan=False))
         return 0
     layers = result["layers"]
-    width = max((len(layer["name"]) for layer in layers), default=6)
-    print(f"base: {result['base']}")
+    width = max((len(printable(layer["name"])) for layer in layers), default=6)
+    print(f"base: {printable(result['base'])}")
     for i, name in enumerate(result["finetuned"]):
-        print(f"[{i}] {name}")
+        print(f"[{i}] {printable(name)}")
     print(f"{'tensor':<{width}}  {'storage':>7} {'within':>7} {'between':>7}  most common split")
     for layer in layers:
         split = next(iter(layer["size_patterns"]), "-")
-        print(f"{layer['name']:<{width}}  {layer['storage_fraction']:>7.3f} "
+        print(f"{printable(layer['name']):<{width}}  {layer['storage_fraction']:>7.3f} "
               f"{fmt_value(layer['within_group_cosine'], 3):>7} {fmt_value(layer['between_group_cosine'], 3):>7}  {split}")
     c = result["cache"]
     print(f"cache: {c['hits']} hits, {c['misses']} computed", file=sys.stderr)

@@ -11,6 +11,7 @@ import json
 import sys
 
 from engine.errors import ParameterError
+from engine.text import printable
 
 
 def register(subparsers) -> None:
@@ -65,7 +66,7 @@ def run(args) -> int:
 
     def progress(fraction: float, name: str) -> None:
         if not args.quiet:
-            print(f"\r[{fraction:6.1%}] {name[:60]:<60}", end="", file=sys.stderr, flush=True)
+            print(f"\r[{fraction:6.1%}] {printable(name)[:60]:<60}", end="", file=sys.stderr, flush=True)
 
     result = compress(args.base, args.finetuned, args.out, args.method, ratio=args.ratio,
                       params=params, device=args.device, side_files=args.side_files,
@@ -73,7 +74,7 @@ def run(args) -> int:
     if not args.quiet:
         print(file=sys.stderr)
     for warning in result.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"warning: {printable(warning)}", file=sys.stderr)
     summary = {"out": str(result.out), "method": result.method, "params": result.params,
                "target_ratio": result.target_ratio, "ratio": round(result.ratio, 4),
                "bytes": result.bytes, "delta_entries": result.delta_entries,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
+from engine.text import printable
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("decompress", help="rebuild a fine-tune from an artifact and its base")
@@ -26,7 +28,7 @@ def run(args) -> int:
 
     def progress(fraction: float, name: str) -> None:
         if not args.quiet:
-            print(f"\r[{fraction:6.1%}] {name[:60]:<60}", end="", file=sys.stderr, flush=True)
+            print(f"\r[{fraction:6.1%}] {printable(name)[:60]:<60}", end="", file=sys.stderr, flush=True)
 
     result = decompress(args.artifact, args.base, args.out, device=args.device, progress=progress)
     if not args.quiet:

@@ -9,6 +9,8 @@ import argparse
 import json
 from collections import Counter
 
+from engine.text import printable
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("inspect", help="validate a model folder and list its tensors")
@@ -59,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(inv, indent=2))
         return 0
-    arch = ", ".join(inv["architectures"] or []) or "?"
-    print(f"folder:      {inv['folder']}")
-    print(f"model:       {arch} ({inv['model_type'] or '?'})")
+    # Names come from the folder's own files: escaped, so they cannot drive the terminal.
+    arch = printable(", ".join(map(str, inv["architectures"] or [])) or "?")
+    print(f"folder:      {printable(inv['folder'])}")
+    print(f"model:       {arch} ({printable(inv['model_type'] or '?')})")
     print(f"tensors:     {inv['tensor_count']}")
     print(f"parameters:  {inv['parameter_count']} ({_human(inv['parameter_count'])})")
     print(f"bytes:       {inv['total_bytes']} ({_human(inv['total_bytes'], 'B')})")
@@ -70,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
         print("finite:      yes (every tensor scanned)")
     print("shards:")
     for shard in inv["shards"]:
-        print(f"  {shard['file']}  {shard['size']} bytes")
-    width = max((len(t["name"]) for t in inv["tensors"]), default=0)
+        print(f"  {printable(shard['file'])}  {shard['size']} bytes")
+    names = [printable(t["name"]) for t in inv["tensors"]]
+    width = max(map(len, names), default=0)
     print("tensors:")
-    for t in inv["tensors"]:
-        print(f"  {t['name']:<{width}}  {str(tuple(t['shape'])):<16} {t['dtype']}")
+    for name, t in zip(names, inv["tensors"]):
+        print(f"  {name:<{width}}  {str(tuple(t['shape'])):<16} {t['dtype']}")
     return 0

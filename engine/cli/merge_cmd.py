@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from engine.recipe import load_recipe
+from engine.text import printable
 
 
 def register(subparsers) -> None:
@@ -32,14 +33,14 @@ def run(args) -> int:
 
     def progress(fraction: float, name: str) -> None:
         if not args.quiet:
-            print(f"\r[{fraction:6.1%}] {name[:60]:<60}", end="", file=sys.stderr, flush=True)
+            print(f"\r[{fraction:6.1%}] {printable(name)[:60]:<60}", end="", file=sys.stderr, flush=True)
 
     result = run_merge(recipe, args.out, recipe_dir=Path(args.recipe).parent, device=args.device,
                        progress=progress, max_shard_bytes=int(args.max_shard_gb * 2**30))
     if not args.quiet:
         print(file=sys.stderr)
     for warning in result.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"warning: {printable(warning)}", file=sys.stderr)
     summary = {"out": str(result.out), "tensors": result.tensors, "seconds": round(result.seconds, 3),
                "device": result.device, "method": recipe.merge_method}
     print(json.dumps(summary) if args.json else

@@ -38,6 +38,7 @@ import torch
 import engine
 from engine.errors import ArtifactError, DeltaWorkbenchError, ExportError
 from engine.io.header import loads_strict_json, read_header
+from engine.io.side_files import SIDE_FILES, read_side_file
 from engine.io.staging import (LOCK_NAME, check_destination, discard_staging,
                                 make_staging_with_parents, unregister_staging)
 from engine.io.writer import _fsync_dir, _write_bytes, sha256_file
@@ -393,8 +394,10 @@ class Artifact:
             raise ArtifactError("manifest has a bad side_files entry", path=self.path / MANIFEST_NAME)
         out = []
         for name in stored + from_base:
-            if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
-                raise ArtifactError(f"manifest has a bad side-file name {name!r}",
+            # only the known side files: an artifact never restores a .py file or anything else
+            if not isinstance(name, str) or name not in SIDE_FILES:
+                raise ArtifactError(f"manifest has a bad side-file name {name!r} (not one of the "
+                                    "config/tokenizer files an artifact may carry)",
                                     path=self.path / MANIFEST_NAME)
         for name in stored:
             listed = self.manifest["files"].get(f"{FILES_DIR}/{name}")
@@ -410,13 +413,15 @@ class Artifact:
         copies of the others (checked together against the manifest's digest)."""
         out, referenced = {}, []
         for side in self.side_files():
-            source = self.path / FILES_DIR / side.name if side.stored else Path(base_path) / side.name
-            try:
-                out[side.name] = source.read_bytes()
-            except OSError:
+            # the artifact and the base are hostile too: read and vetted as a model folder's
+            # side files are (inside, regular, bounded, no config asking for code)
+            folder = self.path / FILES_DIR if side.stored else Path(base_path)
+            data = read_side_file(folder, side.name)
+            if data is None:
                 where = "in the artifact" if side.stored else \
                     "in the base (the artifact references the base's copy; wrong base?)"
-                raise ArtifactError(f"{side.name} not found {where}", path=source) from None
+                raise ArtifactError(f"{side.name} not found {where}", path=folder / side.name)
+            out[side.name] = data
             if not side.stored:
                 referenced.append((side.name, out[side.name]))
         digest = side_files_digest(referenced)

@@ -12,7 +12,6 @@ distillation and the "low-cost learning" of DBMS's two scalars. It needs the mod
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from engine.errors import ParameterError
+from engine.errors import DeltaWorkbenchError, ParameterError
 
 
 @dataclass
@@ -43,19 +42,19 @@ class CalibrationJob:
 
 def zoo_task_of(folder: str | Path) -> str | None:
     """The task of a zoo fine-tune (from the zoo.json of an enclosing zoo), or None."""
+    from engine.zoo import MANIFEST_NAME, load_manifest
+
     folder = Path(folder).resolve()
     for parent in list(folder.parents)[:4]:
-        manifest = parent / "zoo.json"
-        if manifest.is_file():
-            try:
-                data = json.loads(manifest.read_text())
-            except (OSError, ValueError):
+        if (parent / MANIFEST_NAME).is_file():
+            try:  # the zoo's own checked reader: bounded, strict, entries inside the zoo
+                data = load_manifest(parent)
+            except DeltaWorkbenchError:
                 return None
-            for entry in data.get("models", []) if isinstance(data, dict) else []:
-                if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-                    if (parent / entry["path"]).resolve() == folder:
-                        task = entry.get("task")
-                        return task if isinstance(task, str) else None
+            for entry in data["models"]:
+                if Path(entry["abs_path"]) == folder:
+                    task = entry.get("task")
+                    return task if isinstance(task, str) else None
             return None
     return None
 

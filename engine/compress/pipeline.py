@@ -44,13 +44,9 @@ from engine.errors import (ArtifactError, ConfigError, IncompatibleModelsError, 
                            ParameterError)
 from engine.io import ModelFolder, ModelWriter
 from engine.io.header import DTYPES, TORCH_TO_SAFETENSORS
+from engine.io.side_files import SIDE_FILES, read_side_file
 from engine.io.writer import sha256_file
 
-SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-    "chat_template.jinja",
-)
 CALIBRATION_RESERVE = 48  # manifest bytes kept free for learned scalars
 MANIFEST_SLACK = 24
 
@@ -197,13 +193,11 @@ def _side_files(base: ModelFolder, ft: ModelFolder, mode: str) -> tuple[dict, di
     base's copies are referenced (by one digest) instead of stored."""
     stored, referenced = {}, []
     for name in SIDE_FILES:
-        path = ft.path / name
-        if not path.is_file() or path.is_symlink():
+        # vetted as the weights are: inside the folder, a regular file, no remote code
+        data = read_side_file(ft.path, name)
+        if data is None:
             continue
-        data = path.read_bytes()
-        base_copy = base.path / name
-        same = (mode == "dedup" and base_copy.is_file() and not base_copy.is_symlink()
-                and base_copy.read_bytes() == data)
+        same = mode == "dedup" and read_side_file(base.path, name) == data
         if same:
             referenced.append((name, data))
         else:

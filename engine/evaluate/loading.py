@@ -3,6 +3,8 @@
 Weights come only through ``engine.io.ModelFolder`` (validated safetensors); the module is
 built by ``from_config`` from the folder's config.json (no remote code: the reader refuses
 configs that ask for it, and ``AutoConfig.for_model`` only knows built-in architectures).
+The tokenizer is loaded from a private copy of the folder's vetted side files
+(``engine.io.side_files.transformers_view``), never from the folder itself.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DeltaWorkbenchError
 from engine.evaluate.scoring import Evaluator, _load_strict
 from engine.io import ModelFolder
+from engine.io.reader import refuse_unsafe_config
+from engine.io.side_files import TOKENIZER_FILES, transformers_view
 
 _TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
 _CACHE_LOCK = threading.Lock()
@@ -23,21 +27,27 @@ _EVALUATORS: dict[str, Evaluator] = {}
 _MAX_CACHED = 4
 
 
-def model_from_config(config: dict, dtype: torch.dtype = torch.float32):
-    """An untrained causal LM of the architecture ``config`` describes, in ``dtype``."""
+def model_from_config(config: dict, dtype: torch.dtype = torch.float32, *, path: Path | None = None):
+    """An untrained causal LM of the architecture ``config`` describes, in ``dtype``
+    (``path``: the config's file, named in errors)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    # configs also come from artifacts and callers, not only from a vetted folder
+    refuse_unsafe_config(config, path, "config")
     fields = dict(config)
     model_type = fields.pop("model_type", None)
     if not model_type:
-        raise ConfigError("config.json has no model_type")
+        raise ConfigError("config.json has no model_type", path=path)
     for key in ("architectures", "transformers_version", "torch_dtype", "dtype", "auto_map"):
         fields.pop(key, None)
     try:
         cfg = AutoConfig.for_model(model_type, **fields)
-        model = AutoModelForCausalLM.from_config(cfg)
-    except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"cannot build a causal LM from config ({model_type}): {err}") from None
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as err:
+        reason = " ".join(str(err).split())  # transformers' messages span several lines
+        raise ConfigError(f"cannot build a causal LM from config ({model_type}): {reason}",
+                          path=path) from None
     return model.to(dtype).eval()
 
 
@@ -49,8 +59,18 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None):
     from engine.zoo.tokenizer import VOCAB_SIZE, build_tokenizer
 
     folder = Path(path)
-    if any((folder / name).is_file() for name in _TOKENIZER_MARKERS):
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    with transformers_view(folder) as view:
+        present = [name for name in TOKENIZER_FILES if (view / name).exists()]
+        if any(name in present for name in _TOKENIZER_MARKERS):
+            try:
+                return AutoTokenizer.from_pretrained(view, local_files_only=True,
+                                                     trust_remote_code=False)
+            except DeltaWorkbenchError:
+                raise
+            except Exception as err:  # the tokenizers library raises bare Exception on bad data
+                reason = " ".join(str(err).split()) or type(err).__name__
+                raise ConfigError(f"the tokenizer files ({', '.join(present)}) cannot be loaded: "
+                                  f"{reason[:300]}", path=folder) from None
     if vocab_size == VOCAB_SIZE:
         return build_tokenizer()
     raise ConfigError("no tokenizer in the model folder", path=folder)
@@ -59,8 +79,8 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None):
 def load_model_folder(path: str | Path, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` from a safetensors model folder."""
     with ModelFolder(path) as folder:
-        model = model_from_config(folder.config, dtype)
-        _load_strict(model, dict(folder.iter_tensors()))
+        model = model_from_config(folder.config, dtype, path=folder.path / "config.json")
+        _load_strict(model, dict(folder.iter_tensors()), path=folder.path)
         vocab_size = folder.config.get("vocab_size")
     return model, load_tokenizer(path, vocab_size)
 

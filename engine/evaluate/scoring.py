@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from engine.errors import ParameterError
+from engine.errors import ConfigError, ParameterError
 from engine.evaluate.decode import greedy_decode
 from engine.evaluate.tasks import TASK_NAMES, TASKS, heldout_examples, heldout_generic
 
@@ -139,15 +139,25 @@ class Evaluator:
         return self.evaluate()
 
 
-def _load_strict(model, state_dict) -> None:
-    expected = set(model.state_dict())
+def _load_strict(model, state_dict, path=None) -> None:
+    """Load ``state_dict`` into ``model``; names and shapes must fit (``path``: the folder the
+    weights came from, named in the error)."""
+    own = model.state_dict()
+    expected = set(own)
     # Tied or buffer-only names may be absent from a checkpoint; everything else must be there.
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = sorted(expected - set(state_dict) - tied)
     unexpected = sorted(set(state_dict) - expected)
     if missing or unexpected:
         raise ParameterError(f"state dict does not fit the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+                             f"unexpected {unexpected[:5]}", path=path)
+    # A config that disagrees with its weights (hidden_size edited, say): named here, instead
+    # of torch's multi-line size-mismatch traceback from load_state_dict.
+    for name, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise ConfigError(f"the config describes shape {tuple(own[name].shape)} but the weights "
+                              f"hold {tuple(tensor.shape)} (config.json disagrees with its tensors)",
+                              path=path, tensor=name)
     model.load_state_dict(state_dict, strict=False)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ TORCH_TO_SAFETENSORS = {dtype: name for name, (dtype, _) in DTYPES.items()}
 
 # safetensors refuses headers above 100 MB; so do we (a bigger length is a corrupt or hostile file).
 MAX_HEADER_BYTES = 100_000_000
+INT64_MAX = 2**63 - 1  # torch sizes are int64
 PICKLE_PROTOCOL_BYTE = 0x80
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -173,7 +173,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
 
     data_start = 8 + header_len
     data_len = file_size - data_start
-    entries = {name: _entry(path, name, spec) for name, spec in parsed.items()}
+    entries = {name: _entry(path, name, spec, file_size, data_len) for name, spec in parsed.items()}
 
     # Offsets must tile the data area exactly: no overlap, no gap, nothing after the last tensor.
     order = sorted(entries.values(), key=lambda e: (e.begin, e.end))
@@ -208,7 +208,20 @@ def _foreign(path: Path, what: str) -> CheckpointFormatError:
                        "(pickle data can run code)")
 
 
-def _entry(path: Path, name: str, spec) -> HeaderEntry:
+def _bounded_nbytes(shape: list[int], itemsize: int, limit: int) -> int | None:
+    """Bytes of a tensor of ``shape``, or None once they pass ``limit``: the product is cut
+    short, so a header listing a million dimensions cannot build one huge integer."""
+    if 0 in shape:
+        return 0
+    total = itemsize
+    for dim in shape:
+        total *= dim
+        if total > limit:
+            return None
+    return total
+
+
+def _entry(path: Path, name: str, spec, file_size: int, data_len: int) -> HeaderEntry:
     if not name:
         raise _fail(path, "empty tensor name in header")
     if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
@@ -220,6 +233,12 @@ def _entry(path: Path, name: str, spec) -> HeaderEntry:
     shape = spec["shape"]
     if not isinstance(shape, list) or any(_as_int(d) is None or d < 0 for d in shape):
         raise _fail(path, f"shape {shape!r} is not a list of non-negative integers", tensor=name)
+    # No real dimension exceeds the file's byte size, even of an empty tensor ([0, 2**64] has
+    # no data, but torch overflows allocating it). Checked before anything multiplies them.
+    too_big = next((d for d in shape if d > file_size), None)
+    if too_big is not None:
+        raise _fail(path, f"shape dimension {too_big} is larger than the whole {file_size}-byte file",
+                    tensor=name)
     offsets = spec["data_offsets"]
     if (not isinstance(offsets, list) or len(offsets) != 2
             or any(_as_int(o) is None or o < 0 for o in offsets)):
@@ -227,7 +246,11 @@ def _entry(path: Path, name: str, spec) -> HeaderEntry:
     begin, end = offsets
     if end < begin:
         raise _fail(path, f"data_offsets [{begin}, {end}] end before they begin", tensor=name)
-    expected = math.prod(shape) * itemsize
+    expected = _bounded_nbytes(shape, itemsize, INT64_MAX)
+    if expected is None or expected > data_len:
+        needs = "more than 2**63" if expected is None else expected
+        raise _fail(path, f"shape {tuple(shape)} of {dtype_name} needs {needs} bytes but the "
+                          f"file's data area holds {data_len}", tensor=name)
     if end - begin != expected:
         raise _fail(path, f"shape {tuple(shape)} of {dtype_name} needs {expected} bytes but "
                           f"data_offsets span {end - begin}", tensor=name)

@@ -8,6 +8,7 @@ configs asking for remote code are refused; nothing is ever imported from the fo
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import stat
@@ -67,9 +68,16 @@ def _read_small_json(path: Path, error_cls, what: str):
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
             raise error_cls(f"{what} is {size} bytes, too large", path=path)
-        text = path.read_bytes().decode("utf-8")
+        raw = path.read_bytes()
     except OSError as err:
         raise error_cls(f"cannot read {what}: {err.strerror or err}", path=path) from None
+    return _parse_small_json(raw, path, error_cls, what)
+
+
+def _parse_small_json(raw: bytes, path: Path, error_cls, what: str):
+    """Strict JSON (no duplicate keys, no NaN) from bytes; every failure is ``error_cls``."""
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise error_cls(f"{what} is not UTF-8 text", path=path) from None
     try:
@@ -97,6 +105,60 @@ def _remote_code_keys(config) -> list[str]:
         elif isinstance(node, list):
             stack.extend((f"{trail}[{i}]", value) for i, value in enumerate(node))
     return sorted(found)
+
+
+# attn_implementation values naming attention built into transformers/torch; anything else (a
+# hub kernel repo such as "kernels-community/flash-attn") makes transformers fetch and run code.
+BUILTIN_ATTENTION = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3",
+                               "flex_attention"})
+ATTENTION_KEYS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal")
+
+
+@functools.lru_cache(maxsize=1)
+def _known_tokenizer_classes() -> frozenset[str]:
+    """Tokenizer class names transformers itself defines (its registry, read as data: nothing is
+    imported from any folder), without the legacy "Fast" suffix."""
+    from transformers.models.auto import tokenization_auto as auto
+
+    names = {n for n in auto.TOKENIZER_MAPPING_NAMES.values() if isinstance(n, str)}
+    names |= set(auto.REGISTERED_TOKENIZER_CLASSES) | set(auto.REGISTERED_FAST_ALIASES)
+    names |= {"TokenizersBackend", "PythonBackend", "SentencePieceBackend", "MistralCommonBackend",
+              "PreTrainedTokenizer", "PreTrainedTokenizerFast"}
+    return frozenset(n.removesuffix("Fast") for n in names)
+
+
+def unsafe_config_reasons(config) -> list[str]:
+    """Why a config-like JSON (config.json, tokenizer_config.json, generation_config.json, ...)
+    could make transformers run code that is not its own: remote-code keys anywhere, a
+    tokenizer class transformers does not define, an attention implementation that is a hub
+    kernel. Empty when there is none."""
+    reasons = [f"{key} (remote code)" for key in _remote_code_keys(config)]
+    stack = [("", config)]  # iterative, as in _remote_code_keys
+    while stack:
+        trail, node = stack.pop()
+        if isinstance(node, list):
+            stack.extend((f"{trail}[{i}]", value) for i, value in enumerate(node))
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            here = f"{trail}.{key}" if trail else key
+            stack.append((here, value))
+            if value is None:
+                continue
+            if key in ATTENTION_KEYS and value not in BUILTIN_ATTENTION:
+                reasons.append(f"{here}={value!r} (not a built-in attention implementation)")
+            elif key == "tokenizer_class" and (not isinstance(value, str) or value.removesuffix(
+                    "Fast") not in _known_tokenizer_classes()):
+                reasons.append(f"{here}={value!r} (not a tokenizer class of transformers)")
+    return sorted(reasons)
+
+
+def refuse_unsafe_config(config, path: Path, what: str) -> None:
+    """UnsafeFormatError naming ``what`` if ``unsafe_config_reasons`` finds anything."""
+    reasons = unsafe_config_reasons(config)
+    if reasons:
+        raise UnsafeFormatError(f"{what} asks for code outside transformers ({', '.join(reasons)}); "
+                                "refused, nothing imported", path=path)
 
 
 def _plain_basename(value) -> bool:
@@ -144,10 +206,7 @@ class ModelFolder:
         config = _read_small_json(real, ConfigError, "config.json")
         if not isinstance(config, dict):
             raise ConfigError("config.json must hold a JSON object", path=config_path)
-        remote = _remote_code_keys(config)
-        if remote:
-            raise UnsafeFormatError(f"config.json asks for remote code ({', '.join(remote)}); "
-                                    "refused, nothing imported", path=config_path)
+        refuse_unsafe_config(config, config_path, "config.json")
         return config
 
     def _load_weights(self) -> None:

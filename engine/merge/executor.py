@@ -28,15 +28,14 @@ from engine.compat import embed_head_names, is_tied, require_compatible
 from engine.device import resolve_device
 from engine.errors import ConfigError, ParameterError
 from engine.io import ModelFolder, ModelWriter
+from engine.io.side_files import TOKENIZER_FILES as SIDE_TOKENIZER_FILES
+from engine.io.side_files import read_side_files
 from engine.merge.registry import MergeMethod, get_method
 from engine.merge.spec import MergeSpec
 from engine.recipe import DTYPES, MergeRecipe, check_recipe_paths, resolve_model_ref
 
 # Files copied from the tokenizer source next to the merged weights (when present).
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
-)
+TOKENIZER_FILES = (*SIDE_TOKENIZER_FILES, "generation_config.json")
 RECIPE_FILE = "merge_recipe.yml"
 
 Progress = Callable[[float, str], None]
@@ -231,14 +230,10 @@ def output_config(plan: MergePlan) -> dict:
     return config
 
 
-def tokenizer_files(folder: ModelFolder) -> dict[str, Path]:
-    files = {}
-    root = folder.path.resolve()
-    for name in TOKENIZER_FILES:
-        path = folder.path / name
-        if path.is_file() and not path.is_symlink() and root in path.resolve().parents:
-            files[name] = path
-    return files
+def tokenizer_files(folder: ModelFolder) -> dict[str, bytes]:
+    """The tokenizer source's side files, vetted and read once (a symlink out of the folder, a
+    FIFO or a config asking for code is refused, not copied)."""
+    return read_side_files(folder.path, TOKENIZER_FILES)
 
 
 def run_merge(

@@ -126,7 +126,7 @@ class WhatIfSession:
             model = model_from_config(self.config)
             per_model = []
             for state, folder, task in zip(self.finetunes, self.finetune_dirs, tasks):
-                _load_strict(model, state)
+                _load_strict(model, state, path=folder)
                 per_model.append(model_statistics(kind, folder, task, settings, model=model,
                                                   tokenizer=self.tokenizer))
             self._stats[key] = CalibrationStats(kind, per_model, shape_of=self.base.__getitem__)

@@ -6,11 +6,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DeltaWorkbenchError
 
 MANIFEST_NAME = "zoo.json"
 ENV_VAR = "DELTA_WORKBENCH_ZOO"
@@ -35,10 +34,15 @@ def load_manifest(zoo_dir: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError("not a zoo: no zoo.json (build it with `python -m engine zoo build`)",
                           path=root)
+    # read as a model folder's side files are: a regular file inside the zoo, bounded, strict
+    # JSON (a deeply nested or huge zoo.json is a named error, not a crash)
+    from engine.io.reader import _read_small_json, _regular_file_inside  # here: keeps torch out
+
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"unreadable zoo manifest: {err}", path=path) from None
+        real = _regular_file_inside(root.resolve(), MANIFEST_NAME, "zoo manifest")
+    except DeltaWorkbenchError as err:
+        raise ConfigError(f"unreadable zoo manifest: {err.reason}", path=path) from None
+    manifest = _read_small_json(real, ConfigError, "zoo manifest")
     models = manifest.get("models") if isinstance(manifest, dict) else None
     if not isinstance(models, list) or not models:
         raise ConfigError("zoo manifest has no model list", path=path)

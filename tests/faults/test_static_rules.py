@@ -1,5 +1,8 @@
 """reliability.md item 26: no torch.load without weights_only=True, no trust_remote_code=True,
-no pickle.load(s), anywhere in the shipped code (engine/, cache/, pages/, app.py).
+no pickle.load(s), anywhere in the shipped code (engine/, cache/, pages/, app.py). Every
+transformers loader call (``*.from_pretrained``, ``Auto*.*``, ``pipeline``) passes
+``trust_remote_code=False`` literally: leaving it out leaves the choice to transformers (which
+asks on stdin, and a "y" runs the folder's Python file).
 
 The check parses the code (ast), so multi-line calls and aliases like ``from torch import load``
 are seen, and mentions in strings or comments are not mistaken for calls.
@@ -35,6 +38,19 @@ def _dotted(node: ast.AST) -> str:
     return ""
 
 
+# Auto* class methods that read no folder and take no trust_remote_code: for_model maps a
+# model_type to a built-in config class, register adds an in-process class.
+AUTO_METHODS_WITHOUT_FOLDER = {"for_model", "register"}
+
+
+def _is_transformers_loader(full: str) -> bool:
+    parts = full.split(".")
+    if parts[-1] == "from_pretrained" or full in ("pipeline", "transformers.pipeline"):
+        return True
+    return (len(parts) >= 2 and parts[-2].startswith("Auto")
+            and parts[-1] not in AUTO_METHODS_WITHOUT_FOLDER)
+
+
 def violations(source: str, filename: str = "<src>") -> list[str]:
     """Every forbidden loading call in ``source``, as 'file:line: what'."""
     tree = ast.parse(source, filename=filename)
@@ -63,6 +79,8 @@ def violations(source: str, filename: str = "<src>") -> list[str]:
         value = keywords.get("trust_remote_code")
         if value is not None and not (isinstance(value, ast.Constant) and value.value is False):
             found.append(f"{filename}:{node.lineno}: trust_remote_code not literally False")
+        elif value is None and _is_transformers_loader(full):
+            found.append(f"{filename}:{node.lineno}: {full} without trust_remote_code=False")
     for node in ast.walk(tree):  # {"trust_remote_code": True} built as a dict for **kwargs
         if isinstance(node, ast.Dict):
             for key, value in zip(node.keys, node.values):
@@ -70,6 +88,31 @@ def violations(source: str, filename: str = "<src>") -> list[str]:
                         and not (isinstance(value, ast.Constant) and value.value is False)):
                     found.append(f"{filename}:{node.lineno}: trust_remote_code in a dict")
     return found
+
+
+def test_the_checker_catches_a_loader_that_leaves_trust_remote_code_out():
+    bad = """
+import transformers
+from transformers import AutoTokenizer, AutoConfig as AC, pipeline
+AutoTokenizer.from_pretrained(p, local_files_only=True)
+AC.from_pretrained(p)
+transformers.AutoModelForCausalLM.from_config(cfg)
+transformers.GenerationConfig.from_pretrained(p)
+pipeline("text-generation", model=p)
+AutoTokenizer.from_pretrained(p, **options)
+"""
+    found = violations(bad)
+    assert len(found) == 6, found
+    assert all("without trust_remote_code=False" in f for f in found)
+    good = """
+from transformers import AutoTokenizer, AutoConfig, AutoModelForCausalLM, pipeline
+AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=False)
+AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+pipeline("text-generation", model=p, trust_remote_code=False)
+AutoConfig.for_model("llama", hidden_size=8)
+tokenizer.save_pretrained(p)
+"""
+    assert violations(good) == []
 
 
 def test_the_checker_catches_what_it_should():
@@ -86,7 +129,7 @@ pk.loads(b"")
 AutoModel.from_pretrained(p, trust_remote_code=True)
 AutoModel.from_pretrained(p, **{"trust_remote_code": True})
 """
-    assert len(violations(bad)) == 6
+    assert len(violations(bad)) == 7  # the **{...} call counts twice: the dict, and no keyword
     good = """
 import torch
 torch.load(p, map_location="cpu", weights_only=True)
