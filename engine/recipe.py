@@ -7,8 +7,10 @@ filter conditions; they are resolved per tensor by ``engine.merge.params``.
 Supported mergekit keys: ``models`` (``model`` + ``parameters``), ``slices`` whose sources all
 cover the same layer range, ``base_model``, ``merge_method``, ``parameters``, ``dtype``,
 ``out_dtype``, ``tokenizer_source`` ("base" or one of the input models), ``tokenizer``
-(``source`` only), ``name``, ``chat_template`` (kept in the manifest). LoRA references
-(``model+adapter``), hub ids and frankenmerge slices are refused with a clear message.
+(``source`` only), ``name``, ``chat_template`` (kept in the manifest). A model may be a PEFT
+LoRA adapter: mergekit's ``BASE+ADAPTER`` reference, or an adapter folder alone (its base is
+the recipe's ``base_model``); its task vector is read module by module (``engine.lora``). Hub
+ids and frankenmerge slices are refused with a clear message.
 
 Our extensions: ``vocab_policy``, ``seed``, and ``overflow``: what happens when a merged value
 does not fit the output dtype (a float32 result of 3e38 cast to float16 is Inf). ``refuse``
@@ -144,7 +146,9 @@ class MergeRecipe(BaseModel):
 
     def model_refs(self) -> list[tuple[str, str]]:
         """Every model folder the recipe names, with the key that names it
-        (``base_model``, ``models[1].model``, ``slices[0].sources[2].model``, the tokenizer's)."""
+        (``base_model``, ``models[1].model``, ``slices[0].sources[2].model``, the tokenizer's).
+        A ``BASE+ADAPTER`` reference gives two folders: the base under the key, the adapter
+        under ``<key>+adapter``."""
         refs = [("base_model", self.base_model)] if self.base_model is not None else []
         refs += [(f"models[{i}].model", m.model) for i, m in enumerate(self.models or [])]
         for i, piece in enumerate(self.slices or []):
@@ -152,7 +156,13 @@ class MergeRecipe(BaseModel):
         source = (self.tokenizer.source if self.tokenizer else None) or self.tokenizer_source
         if source not in (None, "base", "union"):
             refs.append(("tokenizer.source" if self.tokenizer else "tokenizer_source", source))
-        return refs
+        out = []
+        for key, ref in refs:
+            base, adapter = split_lora_ref(ref)
+            out.append((key, base))
+            if adapter is not None:
+                out.append((f"{key}+adapter", adapter))
+        return out
 
     def to_yaml(self) -> str:
         data = self.model_dump(exclude_none=True, exclude_defaults=False)
@@ -193,6 +203,17 @@ def load_recipe(path: str | Path) -> MergeRecipe:
     return parse_recipe_text(raw, source=str(path))
 
 
+def split_lora_ref(ref: str) -> tuple[str, str | None]:
+    """mergekit's ``BASE+ADAPTER`` model reference -> ``(base, adapter)``; a plain reference ->
+    ``(ref, None)``. A path that itself contains '+' and exists is taken as it is."""
+    if "+" not in ref or Path(ref).exists():
+        return ref, None
+    base, _, adapter = ref.rpartition("+")
+    if not base.strip() or not adapter.strip():
+        raise ConfigError("a LoRA reference is BASE+ADAPTER, both parts non-empty", path=ref)
+    return base, adapter
+
+
 def resolve_model_ref(ref: str, *, key: str = "model", recipe_dir: str | Path | None = None,
                       allowed_roots: Iterable[str | Path] | None = None) -> Path:
     """The local folder a recipe's model reference names (nothing is expanded or downloaded).
@@ -201,10 +222,7 @@ def resolve_model_ref(ref: str, *, key: str = "model", recipe_dir: str | Path | 
     typed path (``engine.paths.resolve_user_path``): absolute or relative to ``recipe_dir``, no
     ``~`` or ``..``, inside a root once symlinks are resolved. Without (the command line: the
     user's own shell and files) a relative reference is tried in ``recipe_dir``, then here.
-    Errors name the recipe key."""
-    if "+" in ref and not Path(ref).exists():
-        raise ConfigError("LoRA references (model+adapter) are not supported; merge the adapter first",
-                          path=ref)
+    Errors name the recipe key. A ``BASE+ADAPTER`` reference is split first (split_lora_ref)."""
     if ref.strip().startswith("~"):
         raise PathNotAllowedError(f"recipe key {key}: '~' is not expanded; write the full path",
                                   path=ref)

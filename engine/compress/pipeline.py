@@ -46,6 +46,7 @@ from engine.io import ModelFolder, ModelWriter
 from engine.io.header import DTYPES, TORCH_TO_SAFETENSORS
 from engine.io.side_files import SIDE_FILES, read_side_file
 from engine.io.writer import sha256_file
+from engine.lora.finetune import AdapterFinetune, open_finetune
 
 CALIBRATION_RESERVE = 48  # manifest bytes kept free for learned scalars
 MANIFEST_SLACK = 24
@@ -195,6 +196,8 @@ def _side_files(base: ModelFolder, ft: ModelFolder, mode: str) -> tuple[dict, di
     for name in SIDE_FILES:
         # vetted as the weights are: inside the folder, a regular file, no remote code
         data = read_side_file(ft.path, name)
+        if data is None and isinstance(ft, AdapterFinetune):  # an adapter is its base's model
+            data = read_side_file(base.path, name)
         if data is None:
             continue
         same = mode == "dedup" and read_side_file(base.path, name) == data
@@ -212,8 +215,13 @@ def _side_files(base: ModelFolder, ft: ModelFolder, mode: str) -> tuple[dict, di
 
 
 def _open_pair(base_path, ft_path) -> tuple[ModelFolder, ModelFolder]:
+    """The base and the fine-tune (a model folder, or a LoRA adapter read over the base)."""
     base = ModelFolder(base_path)
-    ft = ModelFolder(ft_path)
+    try:
+        ft = open_finetune(ft_path, base)
+    except BaseException:
+        base.close()
+        raise
     require_compatible(base, [ft])
     extra = [n for n in ft.tensor_names if n not in base]
     missing = [n for n in base.tensor_names if n not in ft]

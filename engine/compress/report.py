@@ -10,6 +10,7 @@ import torch
 
 from engine.compress.pipeline import iter_rebuilt, open_checked
 from engine.io import ModelFolder
+from engine.lora.finetune import open_finetune
 
 
 def _rel_error(rebuilt: torch.Tensor, base: torch.Tensor, finetuned: torch.Tensor) -> tuple[float, float]:
@@ -29,7 +30,7 @@ def measure_rebuilt(artifact: str | Path, base: str | Path, finetuned: str | Pat
     from engine.evaluate.loading import load_tokenizer
 
     errors, state = [], {}
-    with ModelFolder(base) as base_folder, ModelFolder(finetuned) as ft_folder:
+    with ModelFolder(base) as base_folder, open_finetune(finetuned, base_folder) as ft_folder:
         config = dict(base_folder.config)
         found, spec, params = open_checked(artifact, base_folder)
         for name, tensor in iter_rebuilt(found, spec, params, base_folder):
