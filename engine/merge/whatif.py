@@ -26,6 +26,7 @@ from engine.compat import embed_head_names, is_tied, require_compatible
 from engine.device import resolve_device
 from engine.errors import ConfigError, NonFiniteError, ParameterError
 from engine.io import ModelFolder
+from engine.lora.finetune import open_finetune
 from engine.merge.executor import merge_state_dicts
 from engine.merge.registry import get_method
 from engine.merge.spec import MergeSpec
@@ -57,12 +58,17 @@ class WhatIfSession:
     """Base + fine-tunes held in RAM as fp32 state dicts, and a reusable evaluator.
 
     ``tasks``, ``n_per_task``, ``n_generic``: what the evaluator scores (defaults: every zoo
-    task, the evaluator's default sizes; ``n_generic=0`` skips perplexity).
+    task, the evaluator's default sizes; ``n_generic=0`` skips perplexity; ``tasks=[]`` scores no
+    zoo task). ``eval_files``: the user's own JSONL/text files (``engine.evaluate.own_data``),
+    scored on their held-out half beside the zoo tasks: a JSONL file's accuracy under its stem
+    in ``tasks``, a text file's perplexity under its stem in ``perplexity_sets``. A fine-tune
+    may be a LoRA adapter folder (read over the base).
     """
 
     def __init__(self, base_dir: str | Path, finetune_dirs: Sequence[str | Path], *,
                  tasks: list[str] | None = None, n_per_task: int | None = None,
-                 n_generic: int | None = None, device: torch.device | str | None = None):
+                 n_generic: int | None = None, device: torch.device | str | None = None,
+                 eval_files: Sequence[str | Path] = ()):
         from engine.evaluate.loading import load_tokenizer, model_from_config
         from engine.evaluate.scoring import Evaluator
 
@@ -71,9 +77,11 @@ class WhatIfSession:
         self.base_dir = Path(base_dir)
         self.finetune_dirs = [Path(d) for d in finetune_dirs]
         self.device = resolve_device(device)
+        self.eval_sets = _read_eval_files(eval_files, tasks)
         with ModelFolder(self.base_dir) as base:
-            finetunes = [ModelFolder(d) for d in self.finetune_dirs]
+            finetunes = []
             try:
+                finetunes.extend(open_finetune(d, base) for d in self.finetune_dirs)
                 require_compatible(base, [f for f in finetunes], vocab_policy="refuse")
                 self.names = list(base.tensor_names)
                 self.config = dict(base.config)
@@ -84,8 +92,12 @@ class WhatIfSession:
                     f.close()
         self.num_layers = self.config.get("num_hidden_layers", self.config.get("n_layer"))
         self.tokenizer = load_tokenizer(self.base_dir, self.config.get("vocab_size"))
-        self.evaluator = Evaluator(model_from_config(self.config), self.tokenizer, tasks,
-                                   n_per_task, n_generic)
+        self.model = model_from_config(self.config)
+        # tasks=[]: no zoo task (a model that is not the zoo's, scored on the user's files only)
+        self.evaluator = (Evaluator(self.model, self.tokenizer, tasks, n_per_task, n_generic)
+                          if tasks is None or len(tasks) > 0 else None)
+        if self.evaluator is None and not self.eval_sets:
+            raise ParameterError("nothing to score: no zoo task and no eval file")
         self._stats: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -134,8 +146,20 @@ class WhatIfSession:
 
     # ------------------------------------------------------------------ scoring
     def evaluate_state(self, state: Mapping[str, torch.Tensor]) -> dict:
+        from engine.evaluate.own_data import score_sets
+        from engine.evaluate.scoring import _load_strict
+
         with self._lock:
-            return self.evaluator.evaluate_state_dict(dict(state))
+            if self.evaluator is not None:
+                result = self.evaluator.evaluate_state_dict(dict(state))
+            else:
+                _load_strict(self.model, dict(state))
+                result = {"tasks": {}, "perplexity": None}
+            if self.eval_sets:
+                own = score_sets(self.model, self.tokenizer, self.eval_sets)
+                result["tasks"].update(own["tasks"])
+                result["perplexity_sets"] = own["perplexity"]
+            return result
 
     def evaluate(self, method: str, model_params: Sequence[Mapping[str, Any] | None] | None = None,
                  params: Mapping[str, Any] | None = None, *, seed: int = 0) -> dict:
@@ -158,6 +182,29 @@ class WhatIfSession:
         return self.evaluate_state(state)
 
 
+def _read_eval_files(paths: Sequence[str | Path], tasks: list[str] | None) -> list:
+    """The held-out half of each own-data file; a stem that names a zoo task being scored, or
+    another file, is refused (results are keyed by it)."""
+    from engine.evaluate.own_data import read_jsonl, read_text
+    from engine.evaluate.tasks import TASK_NAMES
+
+    sets = []
+    zoo = set(TASK_NAMES if tasks is None else tasks)
+    for path in paths:
+        path = Path(path)
+        evalset = (read_text if path.suffix.lower() in (".txt", ".text") else read_jsonl)(path)
+        if evalset.kind == "qa" and evalset.name in zoo:
+            raise ParameterError(f"eval file stem {evalset.name!r} is also a zoo task; rename the file",
+                                 path=path)
+        if any(s.name == evalset.name for s in sets):
+            raise ParameterError(f"two eval files share the stem {evalset.name!r}", path=path)
+        heldout = evalset.split("heldout")
+        if len(heldout) == 0:
+            raise ParameterError("no line falls in the held-out half; add lines", path=path)
+        sets.append(heldout)
+    return sets
+
+
 # ---------------------------------------------------------------------- cached sessions
 _SESSIONS: OrderedDict[str, WhatIfSession] = OrderedDict()
 _SESSIONS_LOCK = threading.Lock()
@@ -170,9 +217,18 @@ def _fingerprint(folder: Path) -> list:
                                             for p in files]
 
 
+def _file_print(path: Path) -> tuple:
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path), None)
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
 def get_session(base_dir: str | Path, finetune_dirs: Sequence[str | Path], **options) -> WhatIfSession:
     """A cached session for these folders (rebuilt when a file changed); keeps the last two."""
-    key = repr([_fingerprint(Path(base_dir)), [_fingerprint(Path(d)) for d in finetune_dirs],
+    files = [_file_print(Path(p)) for p in options.get("eval_files", ())]
+    key = repr([_fingerprint(Path(base_dir)), [_fingerprint(Path(d)) for d in finetune_dirs], files,
                 sorted(options.items(), key=lambda kv: kv[0])])
     with _SESSIONS_LOCK:
         session = _SESSIONS.get(key)
