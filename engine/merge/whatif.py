@@ -146,7 +146,7 @@ class WhatIfSession:
 
     # ------------------------------------------------------------------ scoring
     def evaluate_state(self, state: Mapping[str, torch.Tensor]) -> dict:
-        from engine.evaluate.own_data import score_sets
+        from engine.evaluate.loading import add_eval_sets
         from engine.evaluate.scoring import _load_strict
 
         with self._lock:
@@ -155,11 +155,7 @@ class WhatIfSession:
             else:
                 _load_strict(self.model, dict(state))
                 result = {"tasks": {}, "perplexity": None}
-            if self.eval_sets:
-                own = score_sets(self.model, self.tokenizer, self.eval_sets)
-                result["tasks"].update(own["tasks"])
-                result["perplexity_sets"] = own["perplexity"]
-            return result
+            return add_eval_sets(result, self.model, self.tokenizer, self.eval_sets)
 
     def evaluate(self, method: str, model_params: Sequence[Mapping[str, Any] | None] | None = None,
                  params: Mapping[str, Any] | None = None, *, seed: int = 0) -> dict:

@@ -55,3 +55,26 @@ def test_an_eval_file_named_like_a_zoo_task_is_refused(quick_zoo, zoo_adapter, t
         WhatIfSession(quick_zoo / "small" / "base", [root / "adapter"], eval_files=[clash])
     with pytest.raises(ParameterError, match="nothing to score"):
         WhatIfSession(quick_zoo / "small" / "base", [root / "adapter"], tasks=[])
+
+
+def test_eval_of_an_adapter_over_its_base_equals_eval_of_the_merged_model(quick_zoo, zoo_adapter,
+                                                                         tmp_path, capsys):
+    from engine.__main__ import main
+    from engine.evaluate.loading import evaluate_folder
+    from tests.lora.peft_builders import save_merged
+
+    root, model, tokenizer, merged = zoo_adapter
+    save_merged(model, merged, tmp_path / "merged")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        src = quick_zoo / "small" / "base" / name
+        if src.exists():
+            (tmp_path / "merged" / name).write_bytes(src.read_bytes())
+    capsys.readouterr()
+    code = main(["eval", str(root / "adapter"), "--base", str(quick_zoo / "small" / "base"),
+                 "--data", str(root / "mine.jsonl"), "--json"])
+    ours = json.loads(capsys.readouterr().out)
+    assert code == 0
+    want = evaluate_folder(tmp_path / "merged", tasks=[], eval_sets=[read_jsonl(root / "mine.jsonl")])
+    assert ours["tasks"] == want["tasks"]
+    assert main(["eval", str(root / "adapter"), "--data", str(root / "mine.jsonl")]) == 2
+    assert "give the base model" in capsys.readouterr().err
