@@ -26,6 +26,7 @@ from engine.compat import embed_head_names, is_tied, require_compatible
 from engine.device import resolve_device
 from engine.errors import ConfigError, NonFiniteError, ParameterError
 from engine.io import ModelFolder
+from engine.evaluate.own_data import heldout_sets
 from engine.lora.finetune import open_finetune
 from engine.merge.executor import merge_state_dicts
 from engine.merge.registry import get_method
@@ -77,7 +78,7 @@ class WhatIfSession:
         self.base_dir = Path(base_dir)
         self.finetune_dirs = [Path(d) for d in finetune_dirs]
         self.device = resolve_device(device)
-        self.eval_sets = _read_eval_files(eval_files, tasks)
+        self.eval_sets = heldout_sets(eval_files, tasks)
         with ModelFolder(self.base_dir) as base:
             finetunes = []
             try:
@@ -176,29 +177,6 @@ class WhatIfSession:
         """Score the base (``'base'``) or fine-tune ``which`` unmerged, for comparison."""
         state = self.base if which == "base" else self.finetunes[int(which)]
         return self.evaluate_state(state)
-
-
-def _read_eval_files(paths: Sequence[str | Path], tasks: list[str] | None) -> list:
-    """The held-out half of each own-data file; a stem that names a zoo task being scored, or
-    another file, is refused (results are keyed by it)."""
-    from engine.evaluate.own_data import read_jsonl, read_text
-    from engine.evaluate.tasks import TASK_NAMES
-
-    sets = []
-    zoo = set(TASK_NAMES if tasks is None else tasks)
-    for path in paths:
-        path = Path(path)
-        evalset = (read_text if path.suffix.lower() in (".txt", ".text") else read_jsonl)(path)
-        if evalset.kind == "qa" and evalset.name in zoo:
-            raise ParameterError(f"eval file stem {evalset.name!r} is also a zoo task; rename the file",
-                                 path=path)
-        if any(s.name == evalset.name for s in sets):
-            raise ParameterError(f"two eval files share the stem {evalset.name!r}", path=path)
-        heldout = evalset.split("heldout")
-        if len(heldout) == 0:
-            raise ParameterError("no line falls in the held-out half; add lines", path=path)
-        sets.append(heldout)
-    return sets
 
 
 # ---------------------------------------------------------------------- cached sessions
