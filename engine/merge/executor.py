@@ -32,7 +32,7 @@ from engine.io.side_files import TOKENIZER_FILES as SIDE_TOKENIZER_FILES
 from engine.io.side_files import read_side_files
 from engine.merge.registry import MergeMethod, get_method
 from engine.merge.spec import MergeSpec
-from engine.lora.adapter import is_adapter_folder
+from engine.lora.adapter import LoraAdapter, is_adapter_folder
 from engine.lora.finetune import AdapterFinetune
 from engine.recipe import DTYPES, MergeRecipe, check_recipe_paths, resolve_model_ref, split_lora_ref
 
@@ -123,9 +123,13 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
             adapters.append(AdapterFinetune(open_folder(path), adapter_path))
             return adapters[-1]
         if is_adapter_folder(path):
-            if base is None:
-                raise ConfigError(f"recipe key {key}: a LoRA adapter needs a base (write "
-                                  "BASE+ADAPTER, or give base_model)", path=ref)
+            if base is None:  # the adapter's own base_model_name_or_path, when it is a local folder
+                named = LoraAdapter(path).base_model_path()
+                if named is None or not Path(named).is_absolute() or not Path(named).is_dir():
+                    raise ConfigError(f"recipe key {key}: a LoRA adapter needs a base (write "
+                                      "BASE+ADAPTER, or give base_model)", path=ref)
+                base = open_folder(_resolve_model_path(named, f"{key} (the adapter's "
+                                                              "base_model_name_or_path)"))
             adapters.append(AdapterFinetune(base, path))
             return adapters[-1]
         return open_folder(path)

@@ -75,3 +75,17 @@ def test_an_adapter_without_a_base_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "models[0].model" in err and "needs a base" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_alone_takes_its_base_model_name_or_path_when_local(tmp_path):
+    import json
+
+    model = tiny_llama(tmp_path / "base")
+    reference = make_adapter(model, tmp_path / "adapter", target_modules=["q_proj"])
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "base")
+    config_path.write_text(json.dumps(config))
+    out = _merge(tmp_path, f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'adapter'}\n"
+                           "    parameters: {weight: 1.0}\n")
+    _assert_equal_state(out, reference)
