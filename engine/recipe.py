@@ -17,6 +17,8 @@ does not fit the output dtype (a float32 result of 3e38 cast to float16 is Inf).
 (the default) stops the merge naming the tensor, nothing written; ``clamp`` writes the dtype's
 largest finite value of that sign instead. ``dtype``/``out_dtype`` apply to floating-point
 tensors only: integer and bool tensors keep their own dtype (and are copied, never mixed).
+A calibration data file (fisher/regmean's ``calibration: {data: FILE}``) passes the same path
+rules as a model folder (``resolve_data_ref``).
 """
 
 from __future__ import annotations
@@ -164,6 +166,29 @@ class MergeRecipe(BaseModel):
                 out.append((f"{key}+adapter", adapter))
         return out
 
+    def calibration_data_refs(self) -> list[tuple[str, str]]:
+        """Every calibration data file the recipe names (``calibration: {data: FILE}``, global or
+        per model), with the key that names it (``parameters.calibration.data``,
+        ``models[1].parameters.calibration.data``, ...). A ``data`` that is not a string is
+        refused naming its key."""
+        scopes = [("parameters", self.parameters)]
+        scopes += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models or [])]
+        for i, piece in enumerate(self.slices or []):
+            scopes.append((f"slices[{i}].parameters", piece.parameters))
+            scopes += [(f"slices[{i}].sources[{j}].parameters", s.parameters)
+                       for j, s in enumerate(piece.sources)]
+        refs = []
+        for where, params in scopes:
+            calibration = params.get("calibration")
+            if not isinstance(calibration, dict) or calibration.get("data") is None:
+                continue  # a calibration that is not a mapping is refused by the merge spec
+            key = f"{where}.calibration.data"
+            if not isinstance(calibration["data"], str) or not calibration["data"].strip():
+                raise ConfigError(f"recipe key {key}: a calibration data file is a path (a "
+                                  f"non-empty string), got {calibration['data']!r}")
+            refs.append((key, calibration["data"]))
+        return refs
+
     def to_yaml(self) -> str:
         data = self.model_dump(exclude_none=True, exclude_defaults=False)
         for key in ("vocab_policy", "seed", "overflow"):
@@ -243,10 +268,39 @@ def resolve_model_ref(ref: str, *, key: str = "model", recipe_dir: str | Path | 
                       "read; nothing is downloaded)", path=ref)
 
 
+def resolve_data_ref(ref: str, *, key: str, recipe_dir: str | Path | None = None,
+                     allowed_roots: Iterable[str | Path] | None = None) -> Path:
+    """The local file a recipe's calibration ``data`` names, by the rules of model references
+    (``resolve_model_ref``): with ``allowed_roots`` the typed-path check (absolute or relative to
+    ``recipe_dir``, inside a root, a regular file); without, relative to ``recipe_dir``, then
+    here. Errors name the recipe key."""
+    if ref.strip().startswith("~"):
+        raise PathNotAllowedError(f"recipe key {key}: '~' is not expanded; write the full path",
+                                  path=ref)
+    relative = not PurePath(ref).is_absolute()
+    if allowed_roots is not None:
+        text = str(Path(recipe_dir) / ref) if relative and recipe_dir is not None else ref
+        try:
+            return resolve_user_path(text, allowed_roots, kind="file")
+        except PathNotAllowedError as err:
+            raise PathNotAllowedError(f"recipe key {key}: {err.reason}", path=ref) from None
+    candidates = [Path(ref)]
+    if recipe_dir is not None and relative:
+        candidates.insert(0, Path(recipe_dir) / ref)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"recipe key {key}: no such calibration data file", path=ref)
+
+
 def check_recipe_paths(recipe: MergeRecipe, allowed_roots: Iterable[str | Path], *,
                        recipe_dir: str | Path | None = None) -> dict[str, Path]:
-    """Every model folder of ``recipe`` resolved inside ``allowed_roots`` (``{key: folder}``);
-    the first that is not raises PathNotAllowedError naming its recipe key."""
+    """Every model folder and calibration data file of ``recipe`` resolved inside
+    ``allowed_roots`` (``{key: path}``); the first that is not raises PathNotAllowedError
+    naming its recipe key."""
     roots = list(allowed_roots)
-    return {key: resolve_model_ref(ref, key=key, recipe_dir=recipe_dir, allowed_roots=roots)
-            for key, ref in recipe.model_refs()}
+    found = {key: resolve_model_ref(ref, key=key, recipe_dir=recipe_dir, allowed_roots=roots)
+             for key, ref in recipe.model_refs()}
+    found.update({key: resolve_data_ref(ref, key=key, recipe_dir=recipe_dir, allowed_roots=roots)
+                  for key, ref in recipe.calibration_data_refs()})
+    return found

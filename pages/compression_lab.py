@@ -74,7 +74,8 @@ def _compress_and_measure(base: str, finetuned: str, method: str, ratio: float, 
                           out: str, n_eval: int, scored_on_json: str) -> dict:
     if not (Path(out) / "manifest.json").exists():
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        compress(base, finetuned, out, method, ratio=ratio, params=json.loads(params_json) or None)
+        compress(base, finetuned, out, method, ratio=ratio, params=json.loads(params_json) or None,
+                 allowed_roots=settings.allowed_roots())
     size = folder_bytes(out)
     entries = parameter_count(finetuned, base)
     on = json.loads(scored_on_json)

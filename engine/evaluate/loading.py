@@ -101,6 +101,26 @@ def load_model_folder(path: str | Path, dtype: torch.dtype = torch.float32,
     return model, load_tokenizer(path, vocab_size)
 
 
+def finetune_tokenizer(finetune):
+    """The tokenizer of an opened fine-tune (``ModelFolder`` or LoRA ``AdapterFinetune``): its
+    own folder's; an adapter folder without tokenizer files takes its base's."""
+    folder = Path(finetune.path)
+    if getattr(finetune, "is_adapter", False) and not any(
+            (folder / name).is_file() for name in _TOKENIZER_MARKERS):
+        folder = Path(finetune.base.path)
+    return load_tokenizer(folder, finetune.config.get("vocab_size"))
+
+
+def load_finetune(finetune, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` of an opened fine-tune: a ``ModelFolder``, or a LoRA adapter over
+    its base (``engine.lora.finetune.AdapterFinetune``, whose folder has no config.json): built
+    from the config and loaded tensor by tensor (``base + delta`` where the adapter changes it)."""
+    config_file = Path(getattr(finetune, "base", finetune).path) / "config.json"
+    model = model_from_config(finetune.config, dtype, path=config_file)
+    _load_strict(model, dict(finetune.iter_tensors()), path=finetune.path)
+    return model, finetune_tokenizer(finetune)
+
+
 def cached_evaluator(config: dict, tokenizer=None, tasks: list[str] | None = None,
                      n_per_task: int | None = None, n_generic: int | None = None) -> Evaluator:
     """An Evaluator on a model of this architecture, built once per process and reused.

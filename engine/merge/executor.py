@@ -288,7 +288,8 @@ def run_merge(
 
     ``stats_provider(name)`` gives fisher/regmean their per-tensor statistics; without one
     they are calibrated here (``engine.merge.calibration``, settings from the recipe's
-    ``calibration`` parameter, tasks from ``calibration_task`` or the zoo manifest)."""
+    ``calibration`` parameter, on its ``data`` file, a ``calibration_task`` or the zoo
+    manifest's task)."""
     started = time.perf_counter()
     device = resolve_device(device)
     plan = plan_merge(recipe, recipe_dir=recipe_dir, allowed_roots=allowed_roots)
@@ -299,7 +300,8 @@ def run_merge(
         from engine.merge.calibration import stats_provider_for_plan
 
         try:
-            stats_provider = own_stats = stats_provider_for_plan(plan)
+            stats_provider = own_stats = stats_provider_for_plan(
+                plan, recipe_dir=recipe_dir, allowed_roots=allowed_roots)
         except BaseException:
             plan.close()
             raise

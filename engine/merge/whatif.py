@@ -63,13 +63,16 @@ class WhatIfSession:
     zoo task). ``eval_files``: the user's own JSONL/text files (``engine.evaluate.own_data``),
     scored on their held-out half beside the zoo tasks: a JSONL file's accuracy under its stem
     in ``tasks``, a text file's perplexity under its stem in ``perplexity_sets``. A fine-tune
-    may be a LoRA adapter folder (read over the base).
+    may be a LoRA adapter folder (read over the base). ``allowed_roots``: where calibration
+    data files (``calibration: {data: FILE}``) must lie (the app's roots; None: any file, as on
+    the command line).
     """
 
     def __init__(self, base_dir: str | Path, finetune_dirs: Sequence[str | Path], *,
                  tasks: list[str] | None = None, n_per_task: int | None = None,
                  n_generic: int | None = None, device: torch.device | str | None = None,
-                 eval_files: Sequence[str | Path] = ()):
+                 eval_files: Sequence[str | Path] = (),
+                 allowed_roots: Sequence[str | Path] | None = None):
         from engine.evaluate.loading import load_tokenizer, model_from_config
         from engine.evaluate.scoring import Evaluator
 
@@ -79,6 +82,7 @@ class WhatIfSession:
         self.finetune_dirs = [Path(d) for d in finetune_dirs]
         self.device = resolve_device(device)
         self.eval_sets = heldout_sets(eval_files, tasks)
+        self.allowed_roots = list(allowed_roots) if allowed_roots is not None else None
         with ModelFolder(self.base_dir) as base:
             finetunes = []
             try:
@@ -126,24 +130,32 @@ class WhatIfSession:
                                  out_dtype=torch.float32)
 
     def _stats_provider(self, spec: MergeSpec):
-        from engine.merge.calibration import (CalibrationStats, model_statistics, parse_settings,
-                                              resolve_tasks)
+        from engine.merge.calibration import (CalibrationStats, calibration_sources,
+                                              model_statistics, source_key)
         from engine.evaluate.loading import model_from_config
         from engine.evaluate.scoring import _load_strict
 
-        settings = parse_settings(spec.calibration)
-        tasks = resolve_tasks(self.finetune_dirs, spec.calibration_tasks)
+        sources, settings, notes = calibration_sources(spec, self.finetune_dirs, self._resolve_data)
+        spec.warnings.extend(note for note in notes if note not in spec.warnings)
         kind = spec.method.stats
-        key = repr((kind, settings.model_dump(), tasks))
+        key = repr((kind, [s.model_dump() for s in settings], [source_key(s) for s in sources]))
         if key not in self._stats:
             model = model_from_config(self.config)
             per_model = []
-            for state, folder, task in zip(self.finetunes, self.finetune_dirs, tasks):
+            for state, folder, source, setting in zip(self.finetunes, self.finetune_dirs, sources,
+                                                      settings):
                 _load_strict(model, state, path=folder)
-                per_model.append(model_statistics(kind, folder, task, settings, model=model,
+                per_model.append(model_statistics(kind, folder, source, setting, model=model,
                                                   tokenizer=self.tokenizer))
             self._stats[key] = CalibrationStats(kind, per_model, shape_of=self.base.__getitem__)
         return self._stats[key]
+
+    def _resolve_data(self, ref: str, index: int | None) -> tuple[Path, str]:
+        from engine.recipe import resolve_data_ref
+
+        key = ("parameters.calibration.data" if index is None
+               else f"models[{index}].parameters.calibration.data")
+        return resolve_data_ref(ref, key=key, allowed_roots=self.allowed_roots), f"parameter {key}"
 
     # ------------------------------------------------------------------ scoring
     def evaluate_state(self, state: Mapping[str, torch.Tensor]) -> dict:
