@@ -317,8 +317,10 @@ def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
     published_after: dict[str, float] = {}
     reference = None
     try:
+        listed = set()
         if partial is not None:
             (out / MANIFEST_TMP).unlink(missing_ok=True)  # a rewrite the kill interrupted
+            listed = {m["path"] for m in partial["models"]}
         tokenizer = build_tokenizer()
         shutil.rmtree(staging / TOKENIZER_DIR, ignore_errors=True)
         tok_files = tokenizer_files(staging / TOKENIZER_DIR)
@@ -391,18 +393,21 @@ def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
                 "complete": complete, "pending": pending,
                 "build_seconds": round(time.time() - started, 1),
                 "published_after_seconds": dict(published_after),
-                "resumed_models": resumed,
+                "resumed_models": list(resumed),
                 "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
                 "python": platform.python_version(), "tokenizer": TOKENIZER_DIR,
                 "tasks": {name: task.description for name, task in TASKS.items()},
                 **({"reference_merge": reference} if reference is not None else {}),
-                "models": entries,
+                "models": list(entries),
             }
-            if published:
-                _write_manifest(out, manifest)
-            else:
+            if not published:
                 _publish(staging, out, family, manifest)
+            elif complete or any(m["path"] not in listed for m in manifest["models"]):
+                _write_manifest(out, manifest)  # kept as it was; zoo.json is behind or done
+            else:
+                continue  # a family zoo.json already lists: nothing to rewrite
             partial = manifest
+            listed = {m["path"] for m in manifest["models"]}
             report(min(0.999, done_steps / total_steps) if not complete else 1.0,
                    f"published {family} ({len(items)} models) after "
                    f"{time.time() - started:.0f} s"
