@@ -1,6 +1,7 @@
-"""Models: the demo zoo (built here as a job if missing), the base + fine-tunes selection with
-its compatibility report, any local model folder's or LoRA adapter's inventory, and the eval
-sets (the user's JSONL/text files) the labs score on."""
+"""Models: the demo zoo (built here as a job if missing; while it builds, the families finished
+so far and the job's progress), the base + fine-tunes selection with its compatibility report,
+any local model folder's or LoRA adapter's inventory, and the eval sets (the user's
+JSONL/text files) the labs score on."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from engine.lora import LoraAdapter, is_adapter_folder
 from engine.lora.finetune import open_finetune
 from engine.paths import resolve_user_path
 from engine.text import printable
+from engine.zoo import zoo_complete
 from pages._shared import (EVAL_SETS_KEY, SELECTION_KEY, job_manager, require_app, selection, short_name,
                            zoo_manifest)
 
@@ -33,9 +35,15 @@ def _zoo_build_job():
     return builds[0] if builds else None
 
 
+def _shown(m: dict | None) -> tuple:
+    return (len(m["models"]), zoo_complete(m)) if m else (0, False)
+
+
 @st.fragment(run_every=1.0)
 def zoo_build_progress() -> None:
     manager.poll()
+    if _shown(zoo_manifest()) != _shown(manifest):
+        st.rerun()  # a family was published: the whole page, with its models
     job = _zoo_build_job()
     if job is None:
         return
@@ -43,18 +51,22 @@ def zoo_build_progress() -> None:
         st.progress(job.status.progress, text=job.status.message or job.status.state)
     elif job.status.state == "done":
         st.success("Demo zoo built.")
-        st.rerun()  # whole page: the zoo table appears
     elif job.status.state == "failed":
         st.error(f"Zoo build failed: {job.status.error}")
 
 
+def _build_busy() -> bool:
+    job = _zoo_build_job()
+    return job is not None and job.status.state in ("queued", "running")
+
+
 if manifest is None:
     st.info(f"No demo zoo yet in `{zoo}`. Build it here: it trains a small Llama model family "
-            "on CPU (about 10 minutes; the quick build takes about 2 and learns little).")
+            "on CPU (about 10 minutes; the quick build takes about 2 and learns little). Each "
+            "family appears here as soon as it is trained, the small one first (about 3 "
+            "minutes).")
     quick = st.checkbox("Quick build (structural zoo for a first look)", value=False)
-    job = _zoo_build_job()
-    busy = job is not None and job.status.state in ("queued", "running")
-    if st.button("Build the demo zoo", type="primary", disabled=busy):
+    if st.button("Build the demo zoo", type="primary", disabled=_build_busy()):
         manager.submit(JobSpec(kind="zoo_build", title="Build the demo zoo",
                                params={"out": str(zoo), "quick": quick}))
         st.rerun()
@@ -66,6 +78,23 @@ else:
              "own-task accuracy": (m.get("accuracy") or {}).get(m.get("task") or "", None),
              "parameters": m.get("num_parameters")} for m in manifest["models"]]
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    if not zoo_complete(manifest):
+        pending = [printable(p) for p in manifest.get("pending", [])]
+        st.info(f"Still training: {len(pending)} model(s) ({', '.join(pending)}). The models "
+                "above can be used now; the rest appear as their family is finished.")
+        busy = _build_busy()
+        if not busy and st.button("Continue the zoo build", type="primary"):
+            # the build itself checks that quick and seed are those the zoo was started with
+            seed = manifest.get("seed")
+            try:
+                manager.submit(JobSpec(kind="zoo_build", title="Continue the demo zoo build",
+                                       params={"out": str(zoo), "resume": True,
+                                               "quick": manifest.get("quick") is True,
+                                               "seed": seed if isinstance(seed, int) else 0}))
+                st.rerun()
+            except DeltaWorkbenchError as err:
+                st.error(str(err))
+        zoo_build_progress()
 
 # -- selection ---------------------------------------------------------------------------------
 st.subheader("Base and fine-tunes")

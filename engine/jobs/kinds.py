@@ -49,6 +49,7 @@ class ZooBuildJobParams(_Params):
     out: str
     quick: bool = False
     seed: int = 0
+    resume: bool = False  # continue the unfinished build in ``out``
 
 
 def _merge(params: MergeJobParams, progress: Progress) -> dict:
@@ -74,7 +75,8 @@ def _eval(params: EvalJobParams, progress: Progress) -> dict:
 def _zoo_build(params: ZooBuildJobParams, progress: Progress) -> dict:
     from engine.zoo import build_zoo
 
-    out = build_zoo(params.out, quick=params.quick, seed=params.seed, progress=progress)
+    out = build_zoo(params.out, quick=params.quick, seed=params.seed, progress=progress,
+                    resume=params.resume)
     return {"out": str(out)}
 
 

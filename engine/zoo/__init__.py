@@ -1,7 +1,9 @@
 """The demo zoo: a small Llama family trained offline on CPU from synthetic tasks.
 
-``build_zoo(out, quick=False, seed=0, progress=None)`` trains and writes it;
-``load_manifest(dir)`` reads ``zoo.json``; ``default_zoo_dir()`` is where the app keeps it.
+``build_zoo(out, quick=False, seed=0, progress=None)`` trains and writes it, one family at a
+time; ``load_manifest(dir)`` reads ``zoo.json`` (also of a zoo still being built: it lists the
+models published so far, ``zoo_complete(manifest)`` tells); ``default_zoo_dir()`` is where the
+app keeps it.
 """
 
 from __future__ import annotations
@@ -24,10 +26,17 @@ def default_zoo_dir() -> Path:
     return Path.home() / ".cache" / "delta_workbench" / "zoo"
 
 
+def zoo_complete(manifest: dict) -> bool:
+    """Whether every model of the zoo's plan is built (a zoo written before families were
+    published one by one has no ``complete`` key: it was written whole)."""
+    return manifest.get("complete", True) is True
+
+
 def load_manifest(zoo_dir: str | Path) -> dict:
     """The zoo's manifest, checked: every model entry names a folder inside the zoo.
 
-    Each entry gets ``abs_path`` (absolute folder path) added for convenience.
+    Each entry gets ``abs_path`` (absolute folder path) added for convenience. A zoo still being
+    built is accepted: ``models`` lists what is published, ``pending`` what is to come.
     """
     root = Path(zoo_dir).absolute()
     path = root / MANIFEST_NAME
@@ -46,6 +55,10 @@ def load_manifest(zoo_dir: str | Path) -> dict:
     models = manifest.get("models") if isinstance(manifest, dict) else None
     if not isinstance(models, list) or not models:
         raise ConfigError("zoo manifest has no model list", path=path)
+    pending = manifest.get("pending", [])
+    if not isinstance(manifest.get("complete", True), bool) or not isinstance(pending, list) \
+            or not all(isinstance(p, str) for p in pending):
+        raise ConfigError("zoo manifest has a bad complete/pending field", path=path)
     for entry in models:
         rel = entry.get("path") if isinstance(entry, dict) else None
         if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
@@ -68,4 +81,5 @@ def build_zoo(out, quick: bool = False, seed: int = 0, progress=None, n_eval: in
     return _build(out, quick=quick, seed=seed, progress=progress, n_eval=n_eval, resume=resume)
 
 
-__all__ = ["ENV_VAR", "MANIFEST_NAME", "build_zoo", "default_zoo_dir", "load_manifest"]
+__all__ = ["ENV_VAR", "MANIFEST_NAME", "build_zoo", "default_zoo_dir", "load_manifest",
+           "zoo_complete"]

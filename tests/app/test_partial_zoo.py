@@ -1,0 +1,38 @@
+"""The Models page on a zoo still being built: the published models, what is still training,
+and a button that continues an interrupted build as a resume job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from tests.zoo.partial import partial_zoo
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_models_page_continues_an_interrupted_build(monkeypatch, tmp_path, quick_zoo):
+    from engine import settings
+    from engine.jobs import JobManager
+
+    zoo = partial_zoo(quick_zoo, tmp_path / "zoo", families=("small", "large"))
+    monkeypatch.setenv("DELTA_WORKBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DELTA_WORKBENCH_ZOO", str(zoo))
+    monkeypatch.chdir(ROOT)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    assert not at.exception
+    assert set(at.dataframe[0].value["family"]) == {"small", "large"}
+    assert any("Still training: 2 model(s) (safety/aligned, safety/erased)" in i.value
+               for i in at.info)
+    next(b for b in at.button if "Continue the zoo build" in b.label).click().run()
+    assert not at.exception
+    manager = JobManager(settings.jobs_dir(), gpu=False)
+    jobs = manager.jobs()
+    try:
+        assert [j.spec.kind for j in jobs] == ["zoo_build"]
+        assert jobs[0].spec.params == {"out": str(zoo), "resume": True, "quick": True, "seed": 0}
+        assert not any("Continue the zoo build" in b.label for b in at.button)  # one at a time
+    finally:
+        for job in jobs:
+            manager.cancel(job.id)
