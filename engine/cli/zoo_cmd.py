@@ -16,10 +16,12 @@ def register(subparsers) -> None:
     build = sub.add_parser("build", help="train the zoo offline on CPU")
     build.add_argument("--out", default=None,
                        help="destination folder (default: $DELTA_WORKBENCH_ZOO or "
-                            "~/.cache/delta_workbench/zoo); must not exist or be empty")
+                            "~/.cache/delta_workbench/zoo); must not exist or be empty. Each "
+                            "family appears there as soon as it is trained")
     build.add_argument("--quick", action="store_true", help="small and fast (for tests)")
     build.add_argument("--resume", action="store_true",
-                       help="continue an interrupted build of --out, keeping the models it finished")
+                       help="continue an interrupted build of --out, keeping the families it "
+                            "published and the models it finished")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice)")
@@ -66,7 +68,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from engine.zoo import default_zoo_dir, load_manifest
+    from engine.text import printable
+    from engine.zoo import default_zoo_dir, load_manifest, zoo_complete
 
     manifest = load_manifest(args.dir or default_zoo_dir())
     if args.json:
@@ -81,4 +84,7 @@ def run_list(args: argparse.Namespace) -> int:
         cells = " ".join(f"{accuracy[t]:7.2f}" if t in accuracy else f"{'-':>7}" for t in tasks)
         print(f"{entry['path']:<18} {entry['family']:<7} {entry['role']:<9} "
               f"{str(entry.get('task')):<10} {cells}")
+    if not zoo_complete(manifest):
+        pending = manifest.get("pending", [])
+        print(f"still training ({len(pending)}): {', '.join(printable(p) for p in pending)}")
     return 0

@@ -1,0 +1,38 @@
+"""The readers of zoo.json accept a zoo still being built: they see its published models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from engine.zoo import load_manifest, zoo_complete
+from tests.zoo.partial import partial_zoo
+
+
+def test_calibration_finds_the_tasks_of_published_models(tmp_path, quick_zoo):
+    from engine.compress.calibration import zoo_task_of as compress_task_of
+    from engine.merge.calibration import ALL_TASKS, zoo_task_of
+
+    zoo = partial_zoo(quick_zoo, tmp_path / "zoo")
+    manifest = load_manifest(zoo)
+    assert not zoo_complete(manifest) and zoo_complete(load_manifest(quick_zoo))
+    assert zoo_task_of(zoo / "small" / "upper") == "upper"
+    assert zoo_task_of(zoo / "small" / "base") == ALL_TASKS
+    assert compress_task_of(zoo / "small" / "sort") == "sort"
+    # a family moved in before zoo.json was rewritten is not listed yet: no task from the zoo
+    shutil.copytree(quick_zoo / "large", zoo / "large")
+    assert zoo_task_of(zoo / "large" / "upper") is None
+    assert compress_task_of(zoo / "large" / "upper") is None
+
+
+def test_zoo_list_shows_what_is_still_training(tmp_path, quick_zoo, capsys):
+    from engine.__main__ import main
+
+    zoo = partial_zoo(quick_zoo, tmp_path / "zoo", families=("small", "large"))
+    assert main(["zoo", "list", str(zoo)]) == 0
+    out = capsys.readouterr().out
+    assert "small/upper" in out and "large/base" in out and "safety/aligned" not in out.split(
+        "still training")[0]
+    assert "still training (2): safety/aligned, safety/erased" in out
+    assert main(["zoo", "list", str(zoo), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["complete"] is False
