@@ -42,6 +42,7 @@ from engine.compress.registry import CompressMethod, TensorContext, get_method
 from engine.device import resolve_device
 from engine.errors import (ArtifactError, ConfigError, IncompatibleModelsError, NonFiniteError,
                            ParameterError)
+from engine.export_card import CARD_NAME, rebuild_card
 from engine.io import ModelFolder, ModelWriter
 from engine.io.header import DTYPES, TORCH_TO_SAFETENSORS
 from engine.io.side_files import SIDE_FILES, read_side_file
@@ -512,6 +513,11 @@ def decompress(artifact_path: str | Path, base_path: str | Path, out: str | Path
         manifest_extra = {"kind": "decompressed", "compression": {
             "method": spec.name, "params": artifact.params, "target_ratio": artifact.manifest.get("target_ratio"),
             "artifact_bytes": artifact.total_bytes}}
+        # the card is ours: nothing from the artifact or the base is written under its name
+        extra[CARD_NAME] = rebuild_card(method=spec.name, params=params.model_dump(mode="json"),
+                                        base=base.path, artifact=artifact.path,
+                                        target_ratio=artifact.manifest.get("target_ratio"),
+                                        artifact_bytes=artifact.total_bytes).encode()
         names = base.tensor_names
         with ModelWriter(out, config=config, extra_files=extra, manifest_extra=manifest_extra,
                          input_folders=[base.path, artifact.path]) as writer:
