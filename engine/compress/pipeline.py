@@ -42,7 +42,6 @@ from engine.compress.registry import CompressMethod, TensorContext, get_method
 from engine.device import resolve_device
 from engine.errors import (ArtifactError, ConfigError, IncompatibleModelsError, NonFiniteError,
                            ParameterError)
-from engine.export_card import CARD_NAME, rebuild_card
 from engine.io import ModelFolder, ModelWriter
 from engine.io.header import DTYPES, TORCH_TO_SAFETENSORS
 from engine.io.side_files import SIDE_FILES, read_side_file
@@ -498,7 +497,10 @@ class DecompressResult:
 def decompress(artifact_path: str | Path, base_path: str | Path, out: str | Path, *,
                device: torch.device | str | None = None, verify: bool = True,
                progress: Progress | None = None) -> DecompressResult:
-    """Rebuild the fine-tune as a Hugging Face folder (config and tokenizer files included)."""
+    """Rebuild the fine-tune as a Hugging Face folder (config and tokenizer files included),
+    with its model card (README.md)."""
+    from engine.export_card import CARD_NAME, rebuild_card
+
     started = time.perf_counter()
     base = ModelFolder(base_path)
     try:
