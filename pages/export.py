@@ -39,6 +39,8 @@ with st.form("export_merge_form"):
                                "roots)", height=220, key="export_recipe",
                                value=st.session_state.get("export_recipe_default", ""))
     out_name = st.text_input("Output folder name", key="export_out_name")
+    merge_eval = st.checkbox("Score the merged model on the zoo tasks (the table goes into its "
+                             "model card)", key="export_merge_eval")
     submitted = st.form_submit_button("Export")
 if submitted:
     try:
@@ -47,7 +49,7 @@ if submitted:
         # roots (the job checks again)
         check_recipe_paths(parse_recipe_text(recipe_text), settings.allowed_roots())
         job_id = job_manager().submit(JobSpec(kind="merge", title=f"export {out_name}", params={
-            "recipe_yaml": recipe_text, "out": str(out)}))
+            "recipe_yaml": recipe_text, "out": str(out), "evaluate": bool(merge_eval)}))
         st.success(f"Queued job {job_id}: follow it on the Jobs page.")
     except DeltaWorkbenchError as err:
         show_error(err, "Cannot export")

@@ -122,3 +122,22 @@ def test_extracted_adapter_card_is_written_by_the_engine(tmp_path):
     assert front["tags"] == ["merge", "delta-workbench", "extract-lora", "lora"]
     assert front["delta_workbench"]["parameters"] == options.model_dump(mode="json")
     assert front["delta_workbench"]["inputs"] == [str((tmp_path / "ft").resolve())]
+
+
+def test_the_export_pages_merge_job_can_score_its_output(tmp_path, monkeypatch, quick_zoo):
+    from engine.jobs.kinds import get_kind
+
+    monkeypatch.setenv("DELTA_WORKBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DELTA_WORKBENCH_ZOO", str(quick_zoo))
+    zoo = Path(quick_zoo)
+    recipe = yaml.safe_dump({"merge_method": "linear",
+                             "models": [{"model": str(zoo / "small/sort"), "parameters": {"weight": 1.0}}]})
+    kind = get_kind("merge")
+    out = tmp_path / "home" / "exports" / "sorted"
+    result = kind.run(kind.params_class(recipe_yaml=recipe, out=str(out), evaluate=True), lambda *_: None)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert result["evaluation"] == manifest["evaluation"]
+    card, front = card_of(out)
+    assert "base_model" not in front  # a base-free merge names none
+    sort = manifest["evaluation"]["tasks"]["sort"]["accuracy"]
+    assert f"| {sort:.3f} |" in card.split("## Evaluation")[1]

@@ -25,6 +25,7 @@ class MergeJobParams(_Params):
     recipe_yaml: str  # a mergekit-format recipe (or one of ours)
     out: str  # destination folder (must not exist)
     recipe_dir: str | None = None  # where relative model paths in the recipe resolve
+    evaluate: bool = False  # score the output on the zoo tasks; the table goes into its card
 
     @model_validator(mode="after")
     def _check_recipe(self) -> "MergeJobParams":
@@ -58,10 +59,11 @@ def _merge(params: MergeJobParams, progress: Progress) -> dict:
 
     recipe = parse_recipe_text(params.recipe_yaml)
     result = run_merge(recipe, params.out, recipe_dir=params.recipe_dir, progress=progress,
-                       allowed_roots=settings.allowed_roots())
+                       allowed_roots=settings.allowed_roots(), evaluate=params.evaluate)
     return {"out": str(result.out), "tensors": result.tensors,
             "seconds": round(result.seconds, 3), "device": result.device,
-            "warnings": list(result.warnings)}
+            "warnings": list(result.warnings),
+            **({"evaluation": result.evaluation} if result.evaluation is not None else {})}
 
 
 def _eval(params: EvalJobParams, progress: Progress) -> dict:
