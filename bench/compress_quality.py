@@ -11,7 +11,13 @@ fine-tune's own task (greedy decoding, exact match, held-out examples). Writes:
     python bench/compress_quality.py --zoo ZOO [--methods ...] [--ratios 4 8 16 32 64]
 
 A method entry is a registry name, optionally with parameters as a YAML flow mapping, e.g.
-``'impart{quant: true, preprune: 0.9}'`` (the whole string labels the row).
+``'impart{quant: true, preprune: 0.9}'`` (the whole string labels the row). ``extract-lora``
+(with ``engine.lora.extract.ExtractOptions`` as parameters, the rank excepted) is the LoRA
+adapter ``python -m engine extract-lora`` writes, at the largest rank whose folder fits the
+ratio's byte budget; rebuilt as base + adapter by our adapter reader.
+
+``--add-to ROWS.json`` measures only the given methods and renders them with the rows saved
+there (rows of the same labels replaced), so a new method does not re-measure the table.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import torch  # noqa: E402
 
 from bench._common import write_marked_section  # noqa: E402
 
-from engine.compress import compress, rebuild_state_dict  # noqa: E402
+from engine.compress import compress, folder_bytes, rebuild_state_dict  # noqa: E402
 from engine.evaluate import evaluate_state_dict  # noqa: E402
 from engine.io import ModelFolder  # noqa: E402
 from engine.zoo import default_zoo_dir, load_manifest  # noqa: E402
@@ -53,6 +59,8 @@ DEFAULT_METHODS = [
     "delta_dct{rescale: projection}",
     "delta_dct{rescale: projection, patch_size: 32}",
     "bitdelta{distill: true}",
+    "extract-lora{dtype: float16}",
+    "extract-lora{dtype: float16, embed_lora: true}",
 ]
 SCALES = (0.5, 0.7, 0.85, 1.25, 1.5)  # base + s x delta: how much of its delta a fine-tune needs
 NOISES = (0.5, 1.0)  # fine-tune + Gaussian noise of c x ||delta|| per matrix: dense-noise tolerance
@@ -121,6 +129,14 @@ and config alone would be ~5 KB, more than the whole 64x budget of the small fam
   `(1 + alpha) W_base + lambda d_hat`, alpha and lambda learned with Adam (60 steps, lr 0.02)
   to match the fine-tune's next-token distributions on the answer positions of 32 training
   prompts of its task; the inner compressor is `delta_dct` by default.
+- `extract-lora`: not a delta compressor but the PEFT adapter `python -m engine extract-lora`
+  writes (truncated SVD of each linear layer's task vector, `B = U_r sqrt(S_r)`,
+  `A = sqrt(S_r) V_r^T`, here in fp16), at the largest rank `r` (the same for every module)
+  whose folder fits the budget: `adapter_model.safetensors`, `adapter_config.json`, the model
+  card and the manifest all count, as every file of an artifact does. Rebuilt as base +
+  adapter by our adapter reader. What LoRA cannot carry stays the base's: the norms' deltas
+  always, and the embeddings' and head's unless `embed_lora: true` (mergekit's default is off).
+  The rank in each cell is in `bench/results/compress_quality_rows.json` (`rank`).
 """
 
 
@@ -173,6 +189,63 @@ def delta_fidelity(state: dict, ft_sd: dict, base_sd: dict) -> dict:
     return {"along": _median(along), "rel_error": _median(error)}
 
 
+LORA = "extract-lora"
+
+
+def _extract(model: dict, out: Path, params: dict, rank: int) -> int:
+    """Extract the adapter at ``rank`` into ``out`` (replaced); its bytes on disk."""
+    from engine.lora.extract import ExtractOptions, extract_lora
+
+    shutil.rmtree(out, ignore_errors=True)
+    extract_lora(model["base"], model["abs"], out, ExtractOptions(**params, rank=rank))
+    return folder_bytes(out)
+
+
+def lora_adapter(model: dict, out: Path, params: dict, entries: int, ratio: float) -> tuple[int, int]:
+    """``(rank, bytes)``: the adapter at the largest rank whose folder (weights, adapter config,
+    card, manifest: every file, as for an artifact) fits ``2 * entries / ratio`` bytes, left in
+    ``out``. Bytes grow linearly with the rank (each module stores ``r * (in + out)`` values),
+    so two extractions give the estimate, then it is checked and stepped to the exact fit."""
+    budget = 2.0 * entries / ratio
+    one = _extract(model, out, params, 1)
+    if one > budget:
+        raise ValueError(f"out of reach: rank 1 takes {one} bytes, the budget is {int(budget)}")
+    per_rank = max(1, _extract(model, out, params, 2) - one)
+    rank = max(1, 1 + int((budget - one) // per_rank))
+    size = _extract(model, out, params, rank)
+    while size > budget and rank > 1:
+        rank -= 1
+        size = _extract(model, out, params, rank)
+    while True:  # a rank beyond every module's own (min(in, out)) stores no more: stop there
+        bigger = _extract(model, out, params, rank + 1)
+        if bigger > budget or bigger == size:
+            break
+        rank, size = rank + 1, bigger
+    return rank, _extract(model, out, params, rank)
+
+
+def lora_state(base_path: str, adapter: Path) -> dict:
+    """base + adapter, tensor by tensor, through our reader (``AdapterFinetune``)."""
+    from engine.lora.finetune import AdapterFinetune
+
+    with ModelFolder(base_path) as base, AdapterFinetune(base, adapter) as tuned:
+        return {name: tensor.float() if tensor.is_floating_point() else tensor
+                for name, tensor in tuned.iter_tensors()}
+
+
+def measure_lora(model: dict, params: dict, ratio: float, work: Path, entries: int) -> dict:
+    """The adapter fitting ``ratio``, rebuilt in memory: state, rank, bytes, achieved ratio."""
+    out = work / f"{model['path'].replace('/', '_')}-lora"
+    started = time.perf_counter()
+    rank, size = lora_adapter(model, out, params, entries, ratio)
+    seconds = time.perf_counter() - started
+    state = lora_state(model["base"], out)
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    shutil.rmtree(out, ignore_errors=True)
+    return {"state": state, "rank": rank, "bytes": size, "ratio": 2.0 * entries / size,
+            "seconds": seconds, "files": files}
+
+
 def run(args) -> list[dict]:
     manifest = load_manifest(args.zoo)
     models = fine_tunes(manifest, args.fine_tunes)
@@ -185,9 +258,12 @@ def run(args) -> list[dict]:
                 ft_sd, base_sd = dict(ft.iter_tensors()), dict(base.iter_tensors())
                 ft_acc = evaluate(ft_sd, config, model["task"], args.n)
                 base_acc = evaluate(base_sd, config, model["task"], args.n)
+                entries = sum(t.numel() for t in base_sd.values())
                 rel = sorted(float((ft_sd[k] - base_sd[k]).norm() / base_sd[k].norm())
                              for k in base_sd if base_sd[k].ndim == 2)
-                profile = {  # of the fine-tune itself; stored with each of its rows
+                # of the fine-tune itself, stored with each of its rows (rows added to a saved
+                # table need none: the saved rows carry it)
+                profile = {} if args.add_to else {
                     "delta_norm_median": rel[len(rel) // 2],
                     "scale_curve": {
                         str(scale): evaluate({k: base_sd[k] + scale * (ft_sd[k] - base_sd[k])
@@ -198,10 +274,35 @@ def run(args) -> list[dict]:
                         for c in NOISES}}
             print(f"{model['path']}: fine-tune {ft_acc:.3f}, base {base_acc:.3f} on {model['task']}",
                   flush=True)
+            saved = next((r for r in args.saved_rows if r["model"] == model["path"] and "error" not in r), None)
+            if saved is not None and (saved["finetune_accuracy"], saved["base_accuracy"]) != (ft_acc, base_acc):
+                raise SystemExit(f"{model['path']}: fine-tune/base accuracy {ft_acc}/{base_acc} differ from "
+                                 f"the saved rows' {saved['finetune_accuracy']}/{saved['base_accuracy']}: "
+                                 "not the zoo the table was measured on")
             for label in args.methods:
                 method, params = parse_method(label)
                 params.update(args.params.get(label, {}))
                 for ratio in args.ratios:
+                    if method == LORA:
+                        try:
+                            lora = measure_lora(model, params, ratio, work, entries)
+                        except Exception as err:  # report, keep going
+                            rows.append({"model": model["path"], "task": model["task"], "method": label,
+                                         "target_ratio": ratio, "error": f"{type(err).__name__}: {err}"})
+                            print(f"  {label} x{ratio}: failed: {err}", flush=True)
+                            continue
+                        acc = evaluate(lora["state"], config, model["task"], args.n)
+                        fidelity = delta_fidelity(lora["state"], ft_sd, base_sd)
+                        rows.append({
+                            "model": model["path"], "task": model["task"], "method": label,
+                            "target_ratio": ratio, "ratio": round(lora["ratio"], 3), "bytes": lora["bytes"],
+                            "rank": lora["rank"], "files": lora["files"], "accuracy": acc, "finetune_accuracy": ft_acc,
+                            "base_accuracy": base_acc, "retained": acc / ft_acc if ft_acc > 0 else None,
+                            "compress_seconds": round(lora["seconds"], 2), "warnings": [],
+                            "calibration": {}, **fidelity, **profile})
+                        print(f"  {label:>10} x{ratio:<3} rank {lora['rank']} ratio {lora['ratio']:6.2f} "
+                              f"acc {acc:.3f} along {fidelity['along']:.2f}", flush=True)
+                        continue
                     art = work / f"{model['path'].replace('/', '_')}-{len(rows)}"
                     started = time.perf_counter()
                     try:
@@ -492,17 +593,30 @@ def main(argv=None) -> int:
     parser.add_argument("--label", default=None,
                         help="a second measurement (e.g. 'zoo seed 1'): its own README section and "
                              "results files, the main ones untouched")
+    parser.add_argument("--add-to", type=Path, default=None,
+                        help="measure only --methods and render them with the rows saved in this "
+                             "compress_quality_rows.json (rows of the same labels replaced)")
     parser.add_argument("--from-rows", type=Path, default=None,
                         help="re-render the table and figure from a saved compress_quality_rows.json")
     args = parser.parse_args(argv)
     args.zoo = args.zoo or default_zoo_dir()
     args.params = parse_params(args.param)
+    args.saved_rows = json.loads(args.add_to.read_text())["rows"] if args.add_to else []
     torch.set_num_threads(1)
     started = time.perf_counter()
     if args.from_rows:
         saved = json.loads(args.from_rows.read_text())
         rows, seconds = saved["rows"], saved["seconds"]
         args.n = saved.get("n", args.n)
+        args.methods = list(dict.fromkeys(r["method"] for r in rows))
+        args.ratios = sorted({r["target_ratio"] for r in rows})
+    elif args.add_to:
+        saved = json.loads(args.add_to.read_text())
+        args.n = saved.get("n", args.n)  # the saved rows' sample, or the numbers do not compare
+        new_rows = run(args)
+        new_labels = set(args.methods)
+        rows = [r for r in saved["rows"] if r["method"] not in new_labels] + new_rows
+        seconds = saved["seconds"] + time.perf_counter() - started
         args.methods = list(dict.fromkeys(r["method"] for r in rows))
         args.ratios = sorted({r["target_ratio"] for r in rows})
     else:

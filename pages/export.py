@@ -17,8 +17,10 @@ from engine.errors import ConfigError, DeltaWorkbenchError
 from engine.jobs import JobSpec
 from engine.compress import folder_bytes
 from engine.recipe import check_recipe_paths, parse_recipe_text
+from engine.text import printable
 from engine.textparse import parse_json
-from pages._shared import require_app, human_bytes, job_manager, new_export_folder, show_error
+from pages._shared import (human_bytes, job_manager, new_export_folder, require_app, selection,
+                           show_error)
 
 DOWNLOAD_LIMIT = 64 * 2**20  # folders up to this size are offered as a zip download
 MANIFEST = "delta_workbench_manifest.json"
@@ -37,6 +39,8 @@ with st.form("export_merge_form"):
                                "roots)", height=220, key="export_recipe",
                                value=st.session_state.get("export_recipe_default", ""))
     out_name = st.text_input("Output folder name", key="export_out_name")
+    merge_eval = st.checkbox("Score the merged model on the zoo tasks (the table goes into its "
+                             "model card)", key="export_merge_eval")
     submitted = st.form_submit_button("Export")
 if submitted:
     try:
@@ -45,7 +49,7 @@ if submitted:
         # roots (the job checks again)
         check_recipe_paths(parse_recipe_text(recipe_text), settings.allowed_roots())
         job_id = job_manager().submit(JobSpec(kind="merge", title=f"export {out_name}", params={
-            "recipe_yaml": recipe_text, "out": str(out)}))
+            "recipe_yaml": recipe_text, "out": str(out), "evaluate": bool(merge_eval)}))
         st.success(f"Queued job {job_id}: follow it on the Jobs page.")
     except DeltaWorkbenchError as err:
         show_error(err, "Cannot export")
@@ -73,6 +77,57 @@ if rebuild:
         st.success(f"Queued job {job_id}: follow it on the Jobs page.")
     except DeltaWorkbenchError as err:
         show_error(err, "Cannot rebuild")
+
+
+st.subheader("A fine-tune as a LoRA adapter")
+st.caption("Each linear layer's task vector truncated to its best rank-r approximation (SVD), "
+           "written as a PEFT adapter that `PeftModel.from_pretrained` loads, with its model card.")
+chosen = selection()
+with st.form("export_lora_form"):
+    paths = st.columns(2)
+    lora_base = paths[0].text_input("Base model folder (under the allowed roots)",
+                                    value=chosen.get("base") or "", key="export_lora_base")
+    lora_ft = paths[1].text_input("Fine-tune folder (under the allowed roots)",
+                                  value=next(iter(chosen.get("finetunes") or []), ""),
+                                  key="export_lora_finetuned")
+    knobs = st.columns(4)
+    lora_rank = knobs[0].number_input("Rank", min_value=1, max_value=65536, value=32, step=1,
+                                      key="export_lora_rank",
+                                      help="the most singular triplets kept per module")
+    lora_cutoff = knobs[1].number_input("Singular-value cut-off", min_value=0.0, max_value=0.99,
+                                        value=0.0, step=0.01, key="export_lora_cutoff",
+                                        help="also drop singular values below this fraction of "
+                                             "each module's largest (0: none)")
+    lora_dtype = knobs[2].selectbox("Stored as", ["float32", "float16", "bfloat16"],
+                                    key="export_lora_dtype")
+    lora_embed = knobs[3].checkbox("Embeddings and head as LoRA too", key="export_lora_embed")
+    lora_save = st.text_input("Modules stored whole (comma separated, e.g. lm_head)",
+                              key="export_lora_save")
+    lora_name = st.text_input("Output folder name", key="export_lora_name")
+    extract = st.form_submit_button("Extract and export")
+if extract:
+    from pydantic import ValidationError
+
+    from engine.lora.extract import ExtractOptions
+    from engine.paths import resolve_user_path
+
+    try:
+        out = new_export_folder(lora_name)
+        base_dir = resolve_user_path(lora_base, settings.allowed_roots(), kind="dir")
+        ft_dir = resolve_user_path(lora_ft, settings.allowed_roots(), kind="dir")
+        options = ExtractOptions(rank=int(lora_rank), sv_cutoff=float(lora_cutoff) or None,
+                                 embed_lora=bool(lora_embed), dtype=lora_dtype,
+                                 save_modules=[m.strip() for m in lora_save.split(",") if m.strip()])
+        job_id = job_manager().submit(JobSpec(kind="extract_lora", title=f"extract-lora {lora_name}",
+                                              params={"base": str(base_dir), "finetuned": str(ft_dir),
+                                                      "out": str(out),
+                                                      "options": options.model_dump(mode="json")}))
+        st.success(f"Queued job {job_id}: follow it on the Jobs page.")
+    except ValidationError as err:
+        first = err.errors()[0]
+        st.error(f"Cannot extract: {'.'.join(str(x) for x in first['loc'])}: {first['msg']}")
+    except DeltaWorkbenchError as err:
+        show_error(err, "Cannot extract")
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -127,16 +182,20 @@ if not folders:
 for folder in folders:
     size = folder_bytes(folder)
     with st.container(border=True):
-        st.markdown(f"**{folder.name}** · {human_bytes(size)}")
+        st.markdown(f"**{printable(folder.name)}** · {human_bytes(size)}")
         try:
             manifest = _manifest(folder)
         except DeltaWorkbenchError as err:
             st.warning(f"its manifest cannot be read: {err.reason}")
             manifest = None
         if isinstance(manifest, dict):
-            kind = manifest.get("kind") or (manifest.get("extra") or {}).get("kind")
-            st.caption(f"kind: {kind or 'model'} · shards: "
-                       f"{len(manifest.get('shards', manifest.get('files', [])))}")
+            extra = manifest.get("extra")
+            kind = manifest.get("kind") or (extra.get("kind") if isinstance(extra, dict) else None)
+            files = manifest.get("shards", manifest.get("files"))
+            files = files if isinstance(files, (dict, list)) else []  # the manifest is hostile too
+            st.caption(f"kind: {printable(kind or 'model')} · files: {len(files)}"
+                       + (" · model card: README.md" if isinstance(files, dict) and "README.md" in files
+                          else ""))
         if size <= DOWNLOAD_LIMIT:
             st.download_button("Download as zip", _zip(str(folder), size,
                                                         folder.stat().st_mtime),

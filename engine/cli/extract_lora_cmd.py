@@ -30,7 +30,6 @@ def run(args) -> int:
     from pydantic import ValidationError
 
     from engine.errors import ParameterError
-    from engine.export_card import model_card
     from engine.lora.extract import ExtractOptions, extract_lora
 
     try:
@@ -45,12 +44,7 @@ def run(args) -> int:
         if not args.quiet:
             print(f"\r[{fraction:6.1%}] {name[:60]:<60}", end="", file=sys.stderr, flush=True)
 
-    card = model_card(base=args.base, inputs=[args.finetuned], method="extract-lora",
-                      parameters=options.model_dump(mode="json"), library="peft",
-                      body=f"A LoRA adapter of rank <= {options.rank} extracted from the fine-tune "
-                           "by truncated SVD of each linear layer's task vector.")
-    result = extract_lora(args.base, args.finetuned, args.out, options, progress=progress,
-                          model_card=card)
+    result = extract_lora(args.base, args.finetuned, args.out, options, progress=progress)
     if not args.quiet:
         print(file=sys.stderr)
     for warning in result.warnings:

@@ -16,6 +16,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--max-shard-gb", type=float, default=1.0, help="shard size in GiB")
+    parser.add_argument("--eval", action="store_true",
+                        help="score the merged model on the zoo tasks before it is published; the "
+                             "table goes into its model card (README.md) and manifest")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.set_defaults(func=run)
@@ -36,14 +39,22 @@ def run(args) -> int:
             print(f"\r[{fraction:6.1%}] {printable(name)[:60]:<60}", end="", file=sys.stderr, flush=True)
 
     result = run_merge(recipe, args.out, recipe_dir=Path(args.recipe).parent, device=args.device,
-                       progress=progress, max_shard_bytes=int(args.max_shard_gb * 2**30))
+                       progress=progress, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                       evaluate=args.eval)
     if not args.quiet:
         print(file=sys.stderr)
     for warning in result.warnings:
         print(f"warning: {printable(warning)}", file=sys.stderr)
     summary = {"out": str(result.out), "tensors": result.tensors, "seconds": round(result.seconds, 3),
                "device": result.device, "method": recipe.merge_method}
+    if result.evaluation is not None:
+        summary["evaluation"] = result.evaluation
     print(json.dumps(summary) if args.json else
           f"merged {result.tensors} tensors with {recipe.merge_method} into {result.out} "
           f"in {result.seconds:.1f}s on {result.device}")
+    if result.evaluation is not None and not args.json:
+        from engine.export_card import evaluation_table
+
+        print("evaluation: " + ", ".join(f"{printable(name)} {value:.3f}" for name, value
+                                         in evaluation_table(result.evaluation).items()))
     return 0

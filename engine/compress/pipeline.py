@@ -534,7 +534,10 @@ class DecompressResult:
 def decompress(artifact_path: str | Path, base_path: str | Path, out: str | Path, *,
                device: torch.device | str | None = None, verify: bool = True,
                progress: Progress | None = None) -> DecompressResult:
-    """Rebuild the fine-tune as a Hugging Face folder (config and tokenizer files included)."""
+    """Rebuild the fine-tune as a Hugging Face folder (config and tokenizer files included),
+    with its model card (README.md)."""
+    from engine.export_card import CARD_NAME, rebuild_card
+
     started = time.perf_counter()
     base = ModelFolder(base_path)
     try:
@@ -549,6 +552,11 @@ def decompress(artifact_path: str | Path, base_path: str | Path, out: str | Path
         manifest_extra = {"kind": "decompressed", "compression": {
             "method": spec.name, "params": artifact.params, "target_ratio": artifact.manifest.get("target_ratio"),
             "artifact_bytes": artifact.total_bytes}}
+        # the card is ours: nothing from the artifact or the base is written under its name
+        extra[CARD_NAME] = rebuild_card(method=spec.name, params=params.model_dump(mode="json"),
+                                        base=base.path, artifact=artifact.path,
+                                        target_ratio=artifact.manifest.get("target_ratio"),
+                                        artifact_bytes=artifact.total_bytes).encode()
         names = base.tensor_names
         with ModelWriter(out, config=config, extra_files=extra, manifest_extra=manifest_extra,
                          input_folders=[base.path, artifact.path]) as writer:

@@ -35,6 +35,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -164,12 +165,17 @@ class ModelWriter:
         plan: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None,
         weights_name: str = SINGLE_NAME,
         config_name: str = CONFIG_NAME,
+        late_files: Callable[[Path], dict[str, bytes]] | None = None,
     ):
         self.dest = Path(dest).absolute()
         # A PEFT adapter is one adapter_model.safetensors beside adapter_config.json.
         self.weights_name, self.config_name = weights_name, config_name
         self.config = config
         self.extra_files = dict(extra_files or {})
+        # Files made from the written folder itself (a model card with the output's evaluation):
+        # called with the staging folder once weights, config and extra files are in it, before
+        # anything is hashed, so they are part of the one atomic write and of the manifest.
+        self.late_files = late_files
         self.max_shard_bytes = int(max_shard_bytes)
         self.manifest_extra = dict(manifest_extra or {})
         self.input_folders = [Path(p) for p in input_folders]
@@ -269,18 +275,21 @@ class ModelWriter:
         clash = RESERVED_MANIFEST_KEYS & set(self.manifest_extra)
         if clash:
             raise ExportError(f"manifest_extra uses reserved keys {sorted(clash)}", path=self.dest)
-        reserved = {self.config_name, INDEX_NAME, MANIFEST_NAME, self.weights_name, LOCK_NAME}
         for name, source in self.extra_files.items():
-            if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
-                    or "\\" in name or name in reserved or name.endswith(".safetensors")):
-                raise ExportError(f"extra file name {name!r} is not a plain, free basename",
-                                  path=self.dest)
+            self._check_extra_name(name)
             if isinstance(source, str):
                 raise ExportError(f"extra file {name!r}: pass a Path to copy a file or bytes for "
                                   "content, not a str", path=self.dest)
             if not isinstance(source, (Path, bytes, bytearray, dict, list)):
                 raise ExportError(f"extra file {name!r}: unsupported source "
                                   f"{type(source).__name__}", path=self.dest)
+
+    def _check_extra_name(self, name) -> None:
+        reserved = {self.config_name, INDEX_NAME, MANIFEST_NAME, self.weights_name, LOCK_NAME}
+        if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+                or "\\" in name or name in reserved or name.endswith(".safetensors")):
+            raise ExportError(f"extra file name {name!r} is not a plain, free basename",
+                              path=self.dest)
 
     def _check_destination(self) -> None:
         check_destination(self.dest, self.input_folders)
@@ -424,6 +433,13 @@ class ModelWriter:
             _write_bytes(staging / self.config_name, json.dumps(self.config, indent=2, sort_keys=True).encode())
         for name, source in self.extra_files.items():
             _write_bytes(staging / name, self._extra_bytes(name, source))
+        if self.late_files is not None:
+            for name, data in self.late_files(staging).items():
+                self._check_extra_name(name)
+                if name in self.extra_files or not isinstance(data, (bytes, bytearray)):
+                    raise ExportError(f"late file {name!r} must be new and given as bytes",
+                                      path=self.dest)
+                _write_bytes(staging / name, bytes(data))
 
         files = {}
         read_back: dict[str, tuple] = {}

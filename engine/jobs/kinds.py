@@ -25,6 +25,7 @@ class MergeJobParams(_Params):
     recipe_yaml: str  # a mergekit-format recipe (or one of ours)
     out: str  # destination folder (must not exist)
     recipe_dir: str | None = None  # where relative model paths in the recipe resolve
+    evaluate: bool = False  # score the output on the zoo tasks; the table goes into its card
 
     @model_validator(mode="after")
     def _check_recipe(self) -> "MergeJobParams":
@@ -59,10 +60,11 @@ def _merge(params: MergeJobParams, progress: Progress) -> dict:
 
     recipe = parse_recipe_text(params.recipe_yaml)
     result = run_merge(recipe, params.out, recipe_dir=params.recipe_dir, progress=progress,
-                       allowed_roots=settings.allowed_roots())
+                       allowed_roots=settings.allowed_roots(), evaluate=params.evaluate)
     return {"out": str(result.out), "tensors": result.tensors,
             "seconds": round(result.seconds, 3), "device": result.device,
-            "warnings": list(result.warnings)}
+            "warnings": list(result.warnings),
+            **({"evaluation": result.evaluation} if result.evaluation is not None else {})}
 
 
 def _eval(params: EvalJobParams, progress: Progress) -> dict:
@@ -233,3 +235,39 @@ register_kind(JobKind("compress", CompressJobParams, _compress,
                       "compress a fine-tune's delta into an artifact"))
 register_kind(JobKind("decompress", DecompressJobParams, _decompress,
                       "rebuild a fine-tune from an artifact and its base"))
+
+
+class ExtractLoraJobParams(_Params):
+    """A PEFT LoRA adapter extracted from a fine-tune (``engine.lora.extract``)."""
+
+    base: str
+    finetuned: str
+    out: str
+    options: dict = {}  # engine.lora.extract.ExtractOptions as JSON
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExtractLoraJobParams":
+        # both folders under the allowed roots and the options valid, at submit (nothing queued)
+        # and again in the worker
+        from engine import settings
+        from engine.lora.extract import ExtractOptions
+        from engine.paths import resolve_user_path
+
+        for path in (self.base, self.finetuned):
+            resolve_user_path(path, settings.allowed_roots(), kind="dir")
+        ExtractOptions.model_validate(self.options)
+        return self
+
+
+def _extract_lora(params: ExtractLoraJobParams, progress: Progress) -> dict:
+    from engine.lora.extract import ExtractOptions, extract_lora
+
+    result = extract_lora(params.base, params.finetuned, params.out,
+                          ExtractOptions.model_validate(params.options), progress=progress)
+    return {"out": str(result.out), "modules": result.modules,
+            "ranks": sorted(set(result.ranks.values())), "kept_energy": round(result.kept_energy, 6),
+            "seconds": round(result.seconds, 3), "warnings": list(result.warnings)}
+
+
+register_kind(JobKind("extract_lora", ExtractLoraJobParams, _extract_lora,
+                      "extract a PEFT LoRA adapter from a fine-tune"))

@@ -32,6 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import ConfigError, ParameterError
+from engine.export_card import CARD_NAME, extract_lora_card
 from engine.io import ModelFolder, ModelWriter
 from engine.lora.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 
@@ -113,8 +114,9 @@ def _saved(module: str, save_modules: list[str]) -> bool:
 
 def extract_lora(base_path: str | Path, finetuned_path: str | Path, out: str | Path,
                  options: ExtractOptions | dict | None = None, *,
-                 progress: Progress | None = None, model_card: str | None = None) -> ExtractResult:
-    """Write a PEFT LoRA adapter of ``finetuned - base`` to ``out`` (atomic, verified)."""
+                 progress: Progress | None = None) -> ExtractResult:
+    """Write a PEFT LoRA adapter of ``finetuned - base`` to ``out`` (atomic, verified), with
+    its model card (README.md) in the same write."""
     started = time.perf_counter()
     opts = options if isinstance(options, ExtractOptions) else ExtractOptions(**(options or {}))
     dtype = getattr(torch, opts.dtype)
@@ -197,7 +199,8 @@ def extract_lora(base_path: str | Path, finetuned_path: str | Path, out: str | P
             "base_model_name_or_path": str(base.path),
         }
         energy = kept / total if total else 1.0
-        extra = {"README.md": model_card.encode()} if model_card is not None else {}
+        card = extract_lora_card(base=base.path, finetuned=ft.path, options=opts.model_dump(mode="json"))
+        extra = {CARD_NAME: card.encode()}
         manifest = {"kind": "extract-lora", "base": str(base.path), "finetuned": str(ft.path),
                     "options": opts.model_dump(mode="json"), "ranks": ranks,
                     "kept_energy": energy, "warnings": warnings}

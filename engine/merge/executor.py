@@ -26,7 +26,8 @@ from pydantic import BaseModel
 
 from engine.compat import embed_head_names, is_tied, require_compatible
 from engine.device import resolve_device
-from engine.errors import ConfigError, ParameterError
+from engine.errors import ConfigError, DeltaWorkbenchError, ParameterError
+from engine.export_card import CARD_NAME, merge_card
 from engine.io import ModelFolder, ModelWriter
 from engine.io.side_files import TOKENIZER_FILES as SIDE_TOKENIZER_FILES
 from engine.io.side_files import read_side_files
@@ -81,6 +82,7 @@ class MergeResult:
     seconds: float
     device: str
     warnings: list[str]
+    evaluation: dict | None = None    # the merged model's zoo-task scores (``evaluate=True``)
 
 
 def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
@@ -283,8 +285,11 @@ def run_merge(
     max_shard_bytes: int = 2**30,
     stats_provider: Callable[[str], list[torch.Tensor]] | None = None,
     allowed_roots: Iterable[str | Path] | None = None,
+    evaluate: bool = False,
 ) -> MergeResult:
-    """Merge per ``recipe`` into a new model folder ``out`` (atomic: all or nothing).
+    """Merge per ``recipe`` into a new model folder ``out`` (atomic: all or nothing), with
+    its model card (README.md). ``evaluate``: score the merged model on the zoo tasks before
+    it is published; the table goes into the card and the manifest (``evaluation``).
 
     ``stats_provider(name)`` gives fisher/regmean their per-tensor statistics; without one
     they are calibrated here (``engine.merge.calibration``, settings from the recipe's
@@ -310,6 +315,26 @@ def run_merge(
     labels = (str(plan.base.path) if plan.base is not None else None, [str(m.path) for m in plan.models])
     extra: dict = dict(tokenizer_files(plan.tokenizer_folder))
     extra[RECIPE_FILE] = recipe.to_yaml().encode()
+    evaluation: dict = {}
+
+    def card_files(staging: Path) -> dict[str, bytes]:
+        """The card, made once the weights are in the staging folder (the evaluation, when
+        asked for, scores exactly the files that are then published)."""
+        if evaluate:
+            from engine.evaluate import evaluate_folder
+
+            if progress is not None:
+                progress(1.0, "evaluating the merged model")
+            try:
+                evaluation.update(evaluate_folder(staging))
+            except DeltaWorkbenchError as err:  # named as the output, not its staging folder
+                raise type(err)(f"cannot evaluate the merged model: {err.reason}", path=out,
+                                tensor=err.tensor) from None
+            writer.manifest_extra["evaluation"] = evaluation
+        card = merge_card(recipe, base=plan.base.path if plan.base is not None else None,
+                          inputs=[m.path for m in plan.models], evaluation=evaluation or None)
+        return {CARD_NAME: card.encode()}
+
     manifest = {"kind": "merge", "recipe": recipe.model_dump(mode="json", exclude_none=True),
                 "inputs": [str(f) for f in inputs_folders], "warnings": plan.warnings}
     # Three stages overlap: a thread reads tensor i+1 (pread, no memory map), the caller's
@@ -321,7 +346,8 @@ def run_merge(
     try:
         with ModelWriter(out, config=output_config(plan), extra_files=extra,
                          max_shard_bytes=max_shard_bytes, manifest_extra=manifest,
-                         input_folders=inputs_folders, plan=layout) as writer, \
+                         input_folders=inputs_folders, plan=layout,
+                         late_files=card_files) as writer, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read") as reader, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write") as writing:
             try:
@@ -361,7 +387,7 @@ def run_merge(
         if own_stats is not None:
             own_stats.close()
     return MergeResult(out=Path(out), tensors=len(layout), seconds=time.perf_counter() - started,
-                       device=str(device), warnings=plan.warnings)
+                       device=str(device), warnings=plan.warnings, evaluation=evaluation or None)
 
 
 def merge_state_dicts(

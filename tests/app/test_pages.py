@@ -150,3 +150,38 @@ def test_export_page_rebuilds_a_compressed_fine_tune_as_a_job(workbench_env, mon
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size > 0
+
+
+def test_export_page_extracts_a_lora_adapter_as_a_job(workbench_env, monkeypatch, quick_zoo):
+    import json
+
+    from engine import settings
+    from engine.jobs import JobManager
+
+    monkeypatch.setenv("DELTA_WORKBENCH_ZOO", str(quick_zoo))
+    zoo = Path(quick_zoo)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.switch_page("pages/export.py").run()
+    # the selection's base and first fine-tune are offered
+    assert at.text_input(key="export_lora_base").value == str(zoo / "small" / "base")
+    at.text_input(key="export_lora_finetuned").input("/etc")
+    at.text_input(key="export_lora_name").input("reverse-lora")
+    at.number_input(key="export_lora_rank").set_value(4)
+    at.checkbox(key="export_lora_embed").check()
+    next(b for b in at.button if "Extract and export" in b.label).click().run()
+    assert not at.exception and at.error and "/etc" in at.error[0].value
+    at.text_input(key="export_lora_finetuned").input(str(zoo / "small" / "reverse"))
+    next(b for b in at.button if "Extract and export" in b.label).click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    manager = JobManager(settings.jobs_dir(), gpu=False)
+    (job,) = manager.jobs()
+    assert job.spec.kind == "extract_lora"
+    assert manager.wait(job.id, timeout_s=300).state == "done", manager.get(job.id).log_tail()
+    out = workbench_env / "home" / "exports" / "reverse-lora"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and "model.embed_tokens" in config["target_modules"]
+    assert (out / "README.md").read_text().startswith("---\n")
+    at.run()  # the adapter is listed, with its card, as a zip
+    assert not at.exception
+    assert any("extract-lora" in c.value and "model card" in c.value for c in at.caption)
+    assert any("dl-reverse-lora" in b.proto.id for b in at.get("download_button"))
