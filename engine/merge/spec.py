@@ -34,8 +34,9 @@ from pydantic import BaseModel
 from engine.errors import IncompatibleModelsError, NonFiniteError, ParameterError
 from engine.merge import chunked
 from engine.merge.common import count_nonfinite, work_dtype
-from engine.merge.params import layer_index_of, resolve_all
+from engine.merge.params import resolve_all
 from engine.merge.registry import MergeMethod, get_method, list_methods
+from engine.tensor_names import layer_index_of
 
 # Parameter names of mergekit's merge methods (mergekit/merge_methods/*: parameters() and
 # tensor_parameters(), and the keyword arguments of its easy_define methods). A recipe written

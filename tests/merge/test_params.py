@@ -3,7 +3,8 @@
 import pytest
 
 from engine.errors import ParameterError
-from engine.merge.params import layer_fraction, layer_index_of, resolve, resolve_all
+from engine.merge.params import layer_fraction, resolve, resolve_all
+from engine.tensor_names import layer_index_of
 
 SLERP_T = [
     {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
