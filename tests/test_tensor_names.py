@@ -20,6 +20,7 @@ T5 = "encoder.block.5.layer.1.DenseReluDense.wi.weight"
     ("model.layers.3.", (3, "")),
     ("model.embed_tokens.weight", None),
     ("lm_head.weight", None),
+    ("model.norm.weight", None),
     ("model.layers_extra.3.weight", None),
     ("model.layers.x.weight", None),
     ("graph.3.weight", None),
