@@ -7,14 +7,18 @@ filter conditions; they are resolved per tensor by ``engine.merge.params``.
 Supported mergekit keys: ``models`` (``model`` + ``parameters``), ``slices`` whose sources all
 cover the same layer range, ``base_model``, ``merge_method``, ``parameters``, ``dtype``,
 ``out_dtype``, ``tokenizer_source`` ("base" or one of the input models), ``tokenizer``
-(``source`` only), ``name``, ``chat_template`` (kept in the manifest). LoRA references
-(``model+adapter``), hub ids and frankenmerge slices are refused with a clear message.
+(``source`` only), ``name``, ``chat_template`` (kept in the manifest). A model may be a PEFT
+LoRA adapter: mergekit's ``BASE+ADAPTER`` reference, or an adapter folder alone (its base is
+the recipe's ``base_model``); its task vector is read module by module (``engine.lora``). Hub
+ids and frankenmerge slices are refused with a clear message.
 
 Our extensions: ``vocab_policy``, ``seed``, and ``overflow``: what happens when a merged value
 does not fit the output dtype (a float32 result of 3e38 cast to float16 is Inf). ``refuse``
 (the default) stops the merge naming the tensor, nothing written; ``clamp`` writes the dtype's
 largest finite value of that sign instead. ``dtype``/``out_dtype`` apply to floating-point
 tensors only: integer and bool tensors keep their own dtype (and are copied, never mixed).
+A calibration data file (fisher/regmean's ``calibration: {data: FILE}``) passes the same path
+rules as a model folder (``resolve_data_ref``).
 """
 
 from __future__ import annotations
@@ -144,7 +148,9 @@ class MergeRecipe(BaseModel):
 
     def model_refs(self) -> list[tuple[str, str]]:
         """Every model folder the recipe names, with the key that names it
-        (``base_model``, ``models[1].model``, ``slices[0].sources[2].model``, the tokenizer's)."""
+        (``base_model``, ``models[1].model``, ``slices[0].sources[2].model``, the tokenizer's).
+        A ``BASE+ADAPTER`` reference gives two folders: the base under the key, the adapter
+        under ``<key>+adapter``."""
         refs = [("base_model", self.base_model)] if self.base_model is not None else []
         refs += [(f"models[{i}].model", m.model) for i, m in enumerate(self.models or [])]
         for i, piece in enumerate(self.slices or []):
@@ -152,6 +158,35 @@ class MergeRecipe(BaseModel):
         source = (self.tokenizer.source if self.tokenizer else None) or self.tokenizer_source
         if source not in (None, "base", "union"):
             refs.append(("tokenizer.source" if self.tokenizer else "tokenizer_source", source))
+        out = []
+        for key, ref in refs:
+            base, adapter = split_lora_ref(ref)
+            out.append((key, base))
+            if adapter is not None:
+                out.append((f"{key}+adapter", adapter))
+        return out
+
+    def calibration_data_refs(self) -> list[tuple[str, str]]:
+        """Every calibration data file the recipe names (``calibration: {data: FILE}``, global or
+        per model), with the key that names it (``parameters.calibration.data``,
+        ``models[1].parameters.calibration.data``, ...). A ``data`` that is not a string is
+        refused naming its key."""
+        scopes = [("parameters", self.parameters)]
+        scopes += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models or [])]
+        for i, piece in enumerate(self.slices or []):
+            scopes.append((f"slices[{i}].parameters", piece.parameters))
+            scopes += [(f"slices[{i}].sources[{j}].parameters", s.parameters)
+                       for j, s in enumerate(piece.sources)]
+        refs = []
+        for where, params in scopes:
+            calibration = params.get("calibration")
+            if not isinstance(calibration, dict) or calibration.get("data") is None:
+                continue  # a calibration that is not a mapping is refused by the merge spec
+            key = f"{where}.calibration.data"
+            if not isinstance(calibration["data"], str) or not calibration["data"].strip():
+                raise ConfigError(f"recipe key {key}: a calibration data file is a path (a "
+                                  f"non-empty string), got {calibration['data']!r}")
+            refs.append((key, calibration["data"]))
         return refs
 
     def to_yaml(self) -> str:
@@ -193,6 +228,17 @@ def load_recipe(path: str | Path) -> MergeRecipe:
     return parse_recipe_text(raw, source=str(path))
 
 
+def split_lora_ref(ref: str) -> tuple[str, str | None]:
+    """mergekit's ``BASE+ADAPTER`` model reference -> ``(base, adapter)``; a plain reference ->
+    ``(ref, None)``. A path that itself contains '+' and exists is taken as it is."""
+    if "+" not in ref or Path(ref).exists():
+        return ref, None
+    base, _, adapter = ref.rpartition("+")
+    if not base.strip() or not adapter.strip():
+        raise ConfigError("a LoRA reference is BASE+ADAPTER, both parts non-empty", path=ref)
+    return base, adapter
+
+
 def resolve_model_ref(ref: str, *, key: str = "model", recipe_dir: str | Path | None = None,
                       allowed_roots: Iterable[str | Path] | None = None) -> Path:
     """The local folder a recipe's model reference names (nothing is expanded or downloaded).
@@ -201,10 +247,7 @@ def resolve_model_ref(ref: str, *, key: str = "model", recipe_dir: str | Path | 
     typed path (``engine.paths.resolve_user_path``): absolute or relative to ``recipe_dir``, no
     ``~`` or ``..``, inside a root once symlinks are resolved. Without (the command line: the
     user's own shell and files) a relative reference is tried in ``recipe_dir``, then here.
-    Errors name the recipe key."""
-    if "+" in ref and not Path(ref).exists():
-        raise ConfigError("LoRA references (model+adapter) are not supported; merge the adapter first",
-                          path=ref)
+    Errors name the recipe key. A ``BASE+ADAPTER`` reference is split first (split_lora_ref)."""
     if ref.strip().startswith("~"):
         raise PathNotAllowedError(f"recipe key {key}: '~' is not expanded; write the full path",
                                   path=ref)
@@ -225,10 +268,39 @@ def resolve_model_ref(ref: str, *, key: str = "model", recipe_dir: str | Path | 
                       "read; nothing is downloaded)", path=ref)
 
 
+def resolve_data_ref(ref: str, *, key: str, recipe_dir: str | Path | None = None,
+                     allowed_roots: Iterable[str | Path] | None = None) -> Path:
+    """The local file a recipe's calibration ``data`` names, by the rules of model references
+    (``resolve_model_ref``): with ``allowed_roots`` the typed-path check (absolute or relative to
+    ``recipe_dir``, inside a root, a regular file); without, relative to ``recipe_dir``, then
+    here. Errors name the recipe key."""
+    if ref.strip().startswith("~"):
+        raise PathNotAllowedError(f"recipe key {key}: '~' is not expanded; write the full path",
+                                  path=ref)
+    relative = not PurePath(ref).is_absolute()
+    if allowed_roots is not None:
+        text = str(Path(recipe_dir) / ref) if relative and recipe_dir is not None else ref
+        try:
+            return resolve_user_path(text, allowed_roots, kind="file")
+        except PathNotAllowedError as err:
+            raise PathNotAllowedError(f"recipe key {key}: {err.reason}", path=ref) from None
+    candidates = [Path(ref)]
+    if recipe_dir is not None and relative:
+        candidates.insert(0, Path(recipe_dir) / ref)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"recipe key {key}: no such calibration data file", path=ref)
+
+
 def check_recipe_paths(recipe: MergeRecipe, allowed_roots: Iterable[str | Path], *,
                        recipe_dir: str | Path | None = None) -> dict[str, Path]:
-    """Every model folder of ``recipe`` resolved inside ``allowed_roots`` (``{key: folder}``);
-    the first that is not raises PathNotAllowedError naming its recipe key."""
+    """Every model folder and calibration data file of ``recipe`` resolved inside
+    ``allowed_roots`` (``{key: path}``); the first that is not raises PathNotAllowedError
+    naming its recipe key."""
     roots = list(allowed_roots)
-    return {key: resolve_model_ref(ref, key=key, recipe_dir=recipe_dir, allowed_roots=roots)
-            for key, ref in recipe.model_refs()}
+    found = {key: resolve_model_ref(ref, key=key, recipe_dir=recipe_dir, allowed_roots=roots)
+             for key, ref in recipe.model_refs()}
+    found.update({key: resolve_data_ref(ref, key=key, recipe_dir=recipe_dir, allowed_roots=roots)
+                  for key, ref in recipe.calibration_data_refs()})
+    return found

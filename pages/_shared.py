@@ -12,6 +12,7 @@ from engine.errors import DeltaWorkbenchError
 from engine.text import printable
 
 SELECTION_KEY = "selection"  # {"base": str | None, "finetunes": [str, ...]} (plain, serialisable)
+EVAL_SETS_KEY = "eval_sets"  # [str, ...]: the user's JSONL/text eval files, registered on Models
 APP_RAN_KEY = "_app_ran"  # set by app.py on every run, before the page runs
 DEEP_LINK_KEY = "_deep_link"  # a page asked for before app.py had ever run
 
@@ -95,6 +96,33 @@ def require_selection(min_finetunes: int = 1) -> dict:
                 "(or build the demo zoo there).")
         st.stop()
     return chosen
+
+
+def eval_files() -> tuple[str, ...]:
+    """The eval files registered on the Models page (paths already checked against the roots)."""
+    return tuple(st.session_state.get(EVAL_SETS_KEY, []))
+
+
+def scoring(base: str) -> dict:
+    """What a merge or a rebuild of models over ``base`` is scored on: the zoo's tasks when the
+    base is a zoo model (``tasks=None``), the registered eval files always (their held-out
+    half). A model from outside the zoo with no eval file: a message, and the page stops."""
+    in_zoo = Path(base).resolve().is_relative_to(settings.zoo_dir().resolve())
+    files = eval_files()
+    if not in_zoo and not files:
+        st.info("These models are not the demo zoo's: register an eval set (a JSONL file of "
+                "prompt/answer lines, or a text file) on the Models page to score them.")
+        st.stop()
+    return {"tasks": None if in_zoo else [], "eval_files": files}
+
+
+def parameter_count(path: str, base: str) -> int:
+    """Parameters of a model folder, or of a LoRA adapter's model (its base's)."""
+    from engine.io import ModelFolder
+    from engine.lora import is_adapter_folder
+
+    with ModelFolder(base if is_adapter_folder(path) else path) as folder:
+        return folder.num_parameters
 
 
 def short_name(path: str | Path) -> str:

@@ -16,10 +16,10 @@ from engine import settings
 from engine.compress import compress, folder_bytes, get_method, list_methods
 from engine.compress.report import measure_rebuilt
 from engine.errors import DeltaWorkbenchError
-from engine.io import ModelFolder
 from engine.jobs import JobSpec
 from pages._forms import params_form
-from pages._shared import require_app, human_bytes, job_manager, require_selection, short_name, show_error
+from pages._shared import (require_app, human_bytes, job_manager, parameter_count, require_selection,
+                           scoring, short_name, show_error)
 
 QUALITY_FIGURE = Path(__file__).resolve().parents[1] / "bench" / "results" / "compress_quality.json"
 IN_PROCESS_LIMIT = 50_000_000  # parameters: bigger models are compressed as a job
@@ -28,6 +28,7 @@ require_app("pages/compression_lab.py")
 st.title("Compression lab")
 chosen = require_selection(1)
 base = chosen["base"]
+SCORED_ON = json.dumps(scoring(base))  # zoo tasks and/or the registered eval files
 
 names = list_methods()
 top = st.columns([2, 2, 1])
@@ -56,8 +57,7 @@ def _artifact_dir(base: str, finetuned: str, method: str, ratio: float, params: 
 
 
 out = _artifact_dir(base, finetuned, method_name, float(ratio), params)
-with ModelFolder(finetuned) as folder:
-    n_params = folder.num_parameters
+n_params = parameter_count(finetuned, base)
 if n_params > IN_PROCESS_LIMIT:
     st.info(f"{short_name(finetuned)} has {n_params:,} parameters: compress it as a job.")
     if st.button("Compress as a job", key="cl_job"):
@@ -71,29 +71,39 @@ if n_params > IN_PROCESS_LIMIT:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _compress_and_measure(base: str, finetuned: str, method: str, ratio: float, params_json: str,
-                          out: str, n_eval: int) -> dict:
+                          out: str, n_eval: int, scored_on_json: str) -> dict:
     if not (Path(out) / "manifest.json").exists():
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        compress(base, finetuned, out, method, ratio=ratio, params=json.loads(params_json) or None)
+        compress(base, finetuned, out, method, ratio=ratio, params=json.loads(params_json) or None,
+                 allowed_roots=settings.allowed_roots())
     size = folder_bytes(out)
-    with ModelFolder(finetuned) as folder:
-        entries = folder.num_parameters
+    entries = parameter_count(finetuned, base)
+    on = json.loads(scored_on_json)
     return {"bytes": size, "ratio": 2 * entries / size, "artifact": out,
-            **measure_rebuilt(out, base, finetuned, n_per_task=n_eval)}
+            **measure_rebuilt(out, base, finetuned, tasks=on["tasks"], n_per_task=n_eval,
+                              eval_sets=_eval_sets(on))}
+
+
+def _eval_sets(on: dict):
+    from engine.evaluate.own_data import heldout_sets
+
+    return heldout_sets(on["eval_files"], on["tasks"])
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def _original_accuracy(folder: str, base: str, n_eval: int) -> dict:
+def _original_accuracy(folder: str, base: str, n_eval: int, scored_on_json: str) -> dict:
     from engine.evaluate import evaluate_folder
 
-    return evaluate_folder(folder, n_per_task=n_eval, n_generic=0)
+    on = json.loads(scored_on_json)
+    return evaluate_folder(folder, tasks=on["tasks"], n_per_task=n_eval, n_generic=0, base=base,
+                           eval_sets=_eval_sets(on))
 
 
 try:
     with st.spinner("Compressing, rebuilding and scoring..."):
         measured = _compress_and_measure(base, finetuned, method_name, float(ratio),
-                                         json.dumps(params, sort_keys=True), str(out), 64)
-        original = _original_accuracy(finetuned, base, 64)
+                                         json.dumps(params, sort_keys=True), str(out), 64, SCORED_ON)
+        original = _original_accuracy(finetuned, base, 64, SCORED_ON)
 except DeltaWorkbenchError as err:
     show_error(err, "Compression failed")
     st.stop()

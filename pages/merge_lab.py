@@ -16,8 +16,8 @@ from engine.merge import get_method, list_methods
 from engine.merge.whatif import get_session
 from engine.recipe import parse_recipe
 from pages._forms import float_fields, params_form
-from pages._shared import (require_app, job_manager, new_export_folder, require_selection, short_name,
-                           show_error)
+from pages._shared import (require_app, job_manager, new_export_folder, require_selection, scoring,
+                           short_name, show_error)
 
 RUNS_KEY = "merge_runs"
 
@@ -25,6 +25,7 @@ require_app("pages/merge_lab.py")
 st.title("Merge lab")
 chosen = require_selection(1)
 base, finetunes = chosen["base"], list(chosen["finetunes"])
+SCORED_ON = json.dumps(scoring(base))  # zoo tasks and/or the registered eval files
 
 names = list_methods()
 top = st.columns([2, 1])
@@ -56,16 +57,23 @@ else:
     model_params = [{} for _ in finetunes]
 
 
+def _session(base: str, finetunes: tuple[str, ...], n_eval: int, scored_on_json: str):
+    on = json.loads(scored_on_json)
+    return get_session(base, list(finetunes), n_per_task=n_eval, n_generic=0, tasks=on["tasks"],
+                       eval_files=tuple(on["eval_files"]))
+
+
 @st.cache_data(show_spinner=False, max_entries=256)
 def _evaluate(base: str, finetunes: tuple[str, ...], method: str, model_params_json: str,
-              params_json: str, n_eval: int) -> dict:
-    session = get_session(base, list(finetunes), n_per_task=n_eval, n_generic=0)
+              params_json: str, n_eval: int, scored_on_json: str) -> dict:
+    session = _session(base, finetunes, n_eval, scored_on_json)
     return session.evaluate(method, json.loads(model_params_json), json.loads(params_json))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _evaluate_input(base: str, finetunes: tuple[str, ...], which: str, n_eval: int) -> dict:
-    session = get_session(base, list(finetunes), n_per_task=n_eval, n_generic=0)
+def _evaluate_input(base: str, finetunes: tuple[str, ...], which: str, n_eval: int,
+                    scored_on_json: str) -> dict:
+    session = _session(base, finetunes, n_eval, scored_on_json)
     return session.evaluate_input(which if which == "base" else int(which))
 
 
@@ -76,12 +84,12 @@ def _accuracies(result: dict) -> dict[str, float]:
 try:
     with st.spinner("Merging in memory and scoring..."):
         result = _evaluate(base, tuple(finetunes), method_name, json.dumps(model_params),
-                           json.dumps(params), int(n_eval))
+                           json.dumps(params), int(n_eval), SCORED_ON)
         references = {"base": _accuracies(_evaluate_input(base, tuple(finetunes), "base",
-                                                          int(n_eval)))}
+                                                          int(n_eval), SCORED_ON))}
         for i, folder in enumerate(finetunes):
             references[short_name(folder)] = _accuracies(
-                _evaluate_input(base, tuple(finetunes), str(i), int(n_eval)))
+                _evaluate_input(base, tuple(finetunes), str(i), int(n_eval), SCORED_ON))
 except DeltaWorkbenchError as err:
     show_error(err, "This merge cannot run")
     st.stop()
@@ -148,7 +156,8 @@ with st.expander("Sweep one parameter"):
                         else:
                             p_, mp_ = params, [{**m, alias: value} for m in model_params]
                         scores = _accuracies(_evaluate(base, tuple(finetunes), method_name,
-                                                       json.dumps(mp_), json.dumps(p_), int(n_eval)))
+                                                       json.dumps(mp_), json.dumps(p_), int(n_eval),
+                                                       SCORED_ON))
                         rows.append({"value": value, **scores})
                 st.session_state[sweep_key] = rows
             except (DeltaWorkbenchError, ValueError) as err:

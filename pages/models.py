@@ -1,5 +1,6 @@
 """Models: the demo zoo (built here as a job if missing), the base + fine-tunes selection with
-its compatibility report, and any local model folder's inventory."""
+its compatibility report, any local model folder's or LoRA adapter's inventory, and the eval
+sets (the user's JSONL/text files) the labs score on."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ from engine import settings
 from engine.compat import compatibility_report
 from engine.errors import DeltaWorkbenchError
 from engine.io import ModelFolder
+from engine.evaluate.own_data import read_eval_file
 from engine.jobs import JobSpec
+from engine.lora import LoraAdapter, is_adapter_folder
+from engine.lora.finetune import open_finetune
 from engine.paths import resolve_user_path
-from pages._shared import require_app, SELECTION_KEY, job_manager, selection, short_name, zoo_manifest
+from engine.text import printable
+from pages._shared import (EVAL_SETS_KEY, SELECTION_KEY, job_manager, require_app, selection, short_name,
+                           zoo_manifest)
 
 require_app("pages/models.py")
 st.title("Models")
@@ -83,8 +89,9 @@ with st.form("selection_form"):
 if chosen.get("base") and chosen.get("finetunes"):
     try:
         with ModelFolder(chosen["base"]) as base_folder:
-            folders = [ModelFolder(p) for p in chosen["finetunes"]]
+            folders = []
             try:
+                folders.extend(open_finetune(p, base_folder) for p in chosen["finetunes"])
                 report = compatibility_report(base_folder, folders)
             finally:
                 for f in folders:
@@ -100,25 +107,65 @@ if chosen.get("base") and chosen.get("finetunes"):
         st.error(str(err))
 
 # -- local folders -----------------------------------------------------------------------------
+def _inventory(folder) -> tuple[str, list[dict]]:
+    """A one-line summary and a per-tensor table of a model folder or a LoRA adapter (headers
+    only)."""
+    if is_adapter_folder(folder):
+        with LoraAdapter(folder) as adapter:
+            ranks = sorted({m.rank for m in adapter.modules.values()})
+            summary = (f"**PEFT LoRA adapter** · {len(adapter.modules)} modules · rank "
+                       f"{', '.join(map(str, ranks)) or '-'} · {len(adapter.whole)} tensor(s) saved "
+                       "whole. Pick it as a fine-tune of its base: its task vector is read module "
+                       "by module, never merged into a copy.")
+            return summary, [{"tensor": n, "delta shape": str(adapter.delta_shape(n))}
+                             for n in adapter.targets]
+    with ModelFolder(folder) as model:
+        summary = (f"**{model.config.get('model_type', '?')}** · {len(model.tensor_names)} tensors · "
+                   f"{model.num_parameters:,} parameters · {len(model.shard_files)} shard(s)")
+        return summary, [{"tensor": n, "shape": str(tuple(model.info(n).shape)),
+                          "dtype": str(model.info(n).dtype)} for n in model.tensor_names]
+
+
 st.subheader("Open a local model folder")
 roots = ", ".join(f"`{r}`" for r in settings.allowed_roots())
-st.caption(f"Folders are accepted under the allowed roots: {roots}.")
-typed = st.text_input("Model folder", key="inspect_path")
+st.caption(f"Folders are accepted under the allowed roots: {roots}. A PEFT LoRA adapter folder "
+           "(adapter_config.json + adapter_model.safetensors) is a fine-tune of its base.")
+typed = st.text_input("Model folder or LoRA adapter folder", key="inspect_path")
 if typed:
     try:
         folder = resolve_user_path(typed, settings.allowed_roots())
-        with ModelFolder(folder) as model:
-            st.write(
-                f"**{model.config.get('model_type', '?')}** · {len(model.tensor_names)} tensors · "
-                f"{model.num_parameters:,} parameters · {len(model.shard_files)} shard(s)"
-            )
-            table = [
-                {"tensor": n, "shape": str(tuple(model.info(n).shape)), "dtype": str(model.info(n).dtype)}
-                for n in model.tensor_names
-            ]
+        summary, table = _inventory(folder)
+        st.write(summary)
         st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
         if str(folder) not in options and st.button("Add to the choices above", key="add_folder"):
             extra.append(str(folder))
             st.rerun()
     except DeltaWorkbenchError as err:
         st.error(str(err))
+
+# -- eval sets ---------------------------------------------------------------------------------
+st.subheader("Eval sets")
+st.caption("Your own data for the labs: a JSONL file of `{\"prompt\": ..., \"answer\": ...}` "
+           "lines (exact match of the greedy answer) or a .txt file of documents (perplexity). "
+           "Each line falls in a dev or a held-out half by a stable hash: merges and rebuilds are "
+           "scored on the held-out half, calibration uses the dev half.")
+registered = st.session_state.setdefault(EVAL_SETS_KEY, [])
+typed_set = st.text_input("Eval file (.jsonl or .txt)", key="eval_set_path")
+if typed_set:
+    try:
+        path = resolve_user_path(typed_set, settings.allowed_roots(), kind="file")
+        evalset = read_eval_file(path)
+        dev, held = len(evalset.split("dev")), len(evalset.split("heldout"))
+        st.write(f"**{evalset.name}** · {'prompt/answer' if evalset.kind == 'qa' else 'text'} · "
+                 f"{len(evalset)} lines ({dev} dev, {held} held-out)")
+        if str(path) not in registered and st.button("Register this eval set", key="add_eval_set"):
+            registered.append(str(path))
+            st.rerun()
+    except DeltaWorkbenchError as err:
+        st.error(str(err))
+for i, path in enumerate(list(registered)):
+    cols = st.columns([5, 1])
+    cols[0].write(f"`{printable(path)}`")
+    if cols[1].button("Remove", key=f"remove_eval_set_{i}"):
+        registered.remove(path)
+        st.rerun()

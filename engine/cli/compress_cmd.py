@@ -3,12 +3,16 @@
 Writes a compressed-delta artifact (see ``engine.compress.artifact``) atomically. Method
 parameters: ``--preset NAME`` (a parameter set the bench measured) and/or ``--param key=value`` (repeatable; values are YAML scalars, lists or mappings;
 ``a.b=v`` sets a nested key, e.g. ``--param inner=impart --param inner_params.C=1``).
+``--calibration FILE.jsonl``: the methods that learn scalars (bitdelta with distill, dbms)
+calibrate on the dev split of the user's file instead of the zoo task (their
+``calibration_data`` parameter).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from engine.errors import ParameterError
 from engine.text import printable
@@ -27,6 +31,9 @@ def register(subparsers) -> None:
     parser.add_argument("--preset", default=None,
                         help="a named parameter set of the method (e.g. small-models; see "
                              "bench/README.md); --param values override it")
+    parser.add_argument("--calibration", default=None, metavar="FILE.jsonl",
+                        help="calibrate on the dev split of this JSONL file of {prompt, answer} "
+                             "lines (bitdelta with --param distill=true, dbms)")
     parser.add_argument("--out", required=True, help="artifact folder (must not exist or be empty)")
     parser.add_argument("--side-files", choices=("dedup", "embed"), default="dedup",
                         help="config/tokenizer files identical to the base's: reference (dedup) or store")
@@ -63,6 +70,14 @@ def run(args) -> int:
     params = parse_params(args.param)
     if args.preset:
         params = {**get_method(args.method).preset(args.preset), **params}
+    if args.calibration is not None:
+        if "calibration_data" not in get_method(args.method).params_class.model_fields:
+            raise ParameterError(f"--calibration: {args.method} learns nothing on calibration "
+                                 "data (bitdelta with distill and dbms do)")
+        if "calibration_data" in params:
+            raise ParameterError("give --calibration or --param calibration_data, not both")
+        # absolute: the artifact's manifest records the file it was calibrated on
+        params["calibration_data"] = str(Path(args.calibration).absolute())
 
     def progress(fraction: float, name: str) -> None:
         if not args.quiet:

@@ -14,7 +14,8 @@ import json
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="score a model folder on zoo tasks or your own files (greedy exact match, perplexity)")
-    parser.add_argument("model_dir", help="safetensors model folder")
+    parser.add_argument("model_dir", help="safetensors model folder, or a PEFT LoRA adapter folder")
+    parser.add_argument("--base", default=None, help="the base model of a LoRA adapter")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--tasks", default=None, help="comma-separated zoo task names (default: all)")
     parser.add_argument("-n", "--n-per-task", type=int, default=None,
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
         if args.n_per_task is not None and args.n_per_task < 1:
             raise ParameterError("--n-per-task must be at least 1")
-        result = evaluate_folder(args.model_dir, tasks=tasks, n_per_task=args.n_per_task)
+        result = evaluate_folder(args.model_dir, tasks=tasks, n_per_task=args.n_per_task, base=args.base)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -72,5 +73,5 @@ def _own_data(args) -> dict:
     for s in sets:
         if len(s) == 0:
             raise ConfigError(f"no lines in the {args.split} split", path=s.path)
-    model, tokenizer = load_model_folder(args.model_dir)
+    model, tokenizer = load_model_folder(args.model_dir, base=args.base)
     return score_sets(model, tokenizer, sets, chat_template=args.chat_template)

@@ -2,12 +2,15 @@
 
 Data: a handful of prompts with their answers from the zoo tasks' *training* split
 (``engine.evaluate.tasks.train_stream``; the held-out examples that score the models are never
-used). Objective: the fine-tuned model is the teacher; the rebuilt model (base plus compressed
-delta, as a differentiable function of the learned scalars) is trained to match the teacher's
-next-token distributions (KL divergence) at the positions that produce the answer (on the
-zoo's tasks the prompt positions only predict random text, which the task never asks for). This is BitDelta's logit
-distillation and the "low-cost learning" of DBMS's two scalars. It needs the model in memory
-(forward and backward passes), unlike compression itself, which streams.
+used), or, with the methods' ``calibration_data`` (``--calibration FILE`` on the command line),
+from the dev split of the user's JSONL file (``engine.evaluate.calibration_data``; never its
+held-out half), encoded the same way: prompt, answer, end of sequence. Objective: the
+fine-tuned model is the teacher; the rebuilt model (base plus compressed delta, as a
+differentiable function of the learned scalars) is trained to match the teacher's next-token
+distributions (KL divergence) at the positions that produce the answer (on the zoo's tasks the
+prompt positions only predict random text, which the task never asks for). This is BitDelta's
+logit distillation and the "low-cost learning" of DBMS's two scalars. It needs the model in
+memory (forward and backward passes), unlike compression itself, which streams.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Callable
 import torch
 
 from engine.errors import ParameterError
+from engine.evaluate.calibration_data import CalibrationData
 
 
 @dataclass
@@ -36,6 +40,7 @@ class CalibrationJob:
     decode: Callable[[int], torch.Tensor]       # matrix i's rebuilt delta (float32, device)
     tasks: list[str]
     seed: int = 0
+    data: CalibrationData | None = None         # the user's file: its dev split, not the tasks
     log: list[str] = field(default_factory=list)
 
 
@@ -87,7 +92,8 @@ def distill(job: CalibrationJob, weights: Callable[[], dict[str, torch.Tensor]],
     model = model_from_config(job.config).to(job.device)
     for p in model.parameters():
         p.requires_grad_(False)
-    pairs = calibration_texts(job.tasks, n_prompts, job.seed)
+    pairs = (job.data.draw(n_prompts, job.seed) if job.data is not None
+             else calibration_texts(job.tasks, n_prompts, job.seed))
     ids, mask, keep = calibration_batch(job.tokenizer, pairs, job.device)
 
     def logits(params):

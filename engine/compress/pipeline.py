@@ -4,7 +4,9 @@
 ``ModelFolder``), takes the delta in float32 on the compute device, stores 1-D deltas in fp16
 and hands every matrix to the compressor with its byte budget, appending the section to the
 artifact's payload file. Nothing model-sized is held, except by the compressors that learn
-scalars on calibration prompts (BitDelta with ``distill``, DBMS), which need a forward pass.
+scalars on calibration prompts (BitDelta with ``distill``, DBMS), which need a forward pass;
+their ``calibration_data`` file (the user's JSONL, dev split only) is read and checked before
+anything is opened or written, and must lie in ``allowed_roots`` when those are given (the app).
 A CUDA out-of-memory while encoding one matrix is retried on the CPU; the result's warnings
 and the manifest (``cpu_fallback``) name those matrices.
 
@@ -26,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -41,11 +43,12 @@ from engine.compress.masks import derive_seed
 from engine.compress.registry import CompressMethod, TensorContext, get_method
 from engine.device import resolve_device
 from engine.errors import (ArtifactError, ConfigError, IncompatibleModelsError, NonFiniteError,
-                           ParameterError)
+                           ParameterError, PathNotAllowedError)
 from engine.io import ModelFolder, ModelWriter
 from engine.io.header import DTYPES, TORCH_TO_SAFETENSORS
 from engine.io.side_files import SIDE_FILES, read_side_file
 from engine.io.writer import sha256_file
+from engine.lora.finetune import AdapterFinetune, open_finetune
 
 CALIBRATION_RESERVE = 48  # manifest bytes kept free for learned scalars
 MANIFEST_SLACK = 24
@@ -195,6 +198,8 @@ def _side_files(base: ModelFolder, ft: ModelFolder, mode: str) -> tuple[dict, di
     for name in SIDE_FILES:
         # vetted as the weights are: inside the folder, a regular file, no remote code
         data = read_side_file(ft.path, name)
+        if data is None and isinstance(ft, AdapterFinetune):  # an adapter is its base's model
+            data = read_side_file(base.path, name)
         if data is None:
             continue
         same = mode == "dedup" and read_side_file(base.path, name) == data
@@ -212,8 +217,13 @@ def _side_files(base: ModelFolder, ft: ModelFolder, mode: str) -> tuple[dict, di
 
 
 def _open_pair(base_path, ft_path) -> tuple[ModelFolder, ModelFolder]:
+    """The base and the fine-tune (a model folder, or a LoRA adapter read over the base)."""
     base = ModelFolder(base_path)
-    ft = ModelFolder(ft_path)
+    try:
+        ft = open_finetune(ft_path, base)
+    except BaseException:
+        base.close()
+        raise
     require_compatible(base, [ft])
     extra = [n for n in ft.tensor_names if n not in base]
     missing = [n for n in base.tensor_names if n not in ft]
@@ -245,16 +255,19 @@ def compress(
     device: torch.device | str | None = None,
     side_files: str = "dedup",
     progress: Progress | None = None,
+    allowed_roots: Iterable[str | Path] | None = None,
 ) -> CompressResult:
-    """Compress ``finetuned - base`` with ``method`` into the artifact folder ``out``."""
+    """Compress ``finetuned - base`` with ``method`` into the artifact folder ``out``.
+    ``allowed_roots``: where a ``calibration_data`` file must lie (the app and its jobs)."""
     started = time.perf_counter()
     if side_files not in ("dedup", "embed"):
         raise ParameterError("side_files must be 'dedup' or 'embed'")
     spec = get_method(method)
     p = spec.parse_params(params, ratio)
+    warnings: list[str] = []
+    data = _calibration_data(p, allowed_roots, warnings)
     device = resolve_device(device)
     base, ft = _open_pair(base_path, finetuned_path)
-    warnings: list[str] = []
     try:
         layout = layout_of(base)
         matrices = [(n, s) for n, s in layout if is_matrix(s)]
@@ -304,7 +317,8 @@ def compress(
                 del delta
                 if progress is not None:
                     progress((i + 1) / len(layout), name)
-            calibration = _calibrate(spec, p, writer, base, ft, matrices, vectors, device, manifest)
+            calibration = _calibrate(spec, p, writer, base, ft, matrices, vectors, device, manifest,
+                                     data)
             if cpu_fallback:
                 manifest["cpu_fallback"] = list(cpu_fallback)
                 warnings.extend(f"tensor {n!r}: CUDA out of memory; encoded on the CPU instead"
@@ -392,7 +406,28 @@ def default_tasks(ft_path: Path) -> list[str]:
     return task_list(task) if task else list(MAIN_TASKS)
 
 
-def _calibrate(spec, params, writer, base, ft, matrices, vectors, device, manifest) -> dict:
+def _calibration_data(params, allowed_roots, warnings: list[str]):
+    """The method's ``calibration_data`` file, read and checked (dev split), or None."""
+    ref = getattr(params, "calibration_data", None)
+    if ref is None:
+        return None
+    from engine.evaluate.calibration_data import CalibrationData
+    from engine.paths import resolve_user_path
+
+    path = Path(ref)
+    if allowed_roots is not None:
+        try:
+            path = resolve_user_path(ref, allowed_roots, kind="file")
+        except PathNotAllowedError as err:
+            raise PathNotAllowedError(f"calibration_data: {err.reason}", path=ref) from None
+    data = CalibrationData.read(path, named_by="calibration_data")
+    note = data.shortfall(params.n_prompts)
+    if note is not None:
+        warnings.append(note)
+    return data
+
+
+def _calibrate(spec, params, writer, base, ft, matrices, vectors, device, manifest, data=None) -> dict:
     module = spec.module
     if not hasattr(module, "calibrate"):
         return {}
@@ -400,7 +435,7 @@ def _calibrate(spec, params, writer, base, ft, matrices, vectors, device, manife
     if not wants:
         return {}
     from engine.compress.calibration import CalibrationJob
-    from engine.evaluate.loading import load_tokenizer
+    from engine.evaluate.loading import finetune_tokenizer
 
     base_sd = {n: base.get_tensor(n).to(device, torch.float32) for n in base.tensor_names}
     teacher = {n: ft.get_tensor(n).to(device, torch.float32) for n in ft.tensor_names}
@@ -412,14 +447,14 @@ def _calibrate(spec, params, writer, base, ft, matrices, vectors, device, manife
         cursor += count
     names = [n for n, _ in matrices]
     shapes = dict(matrices)
-    tasks = getattr(params, "tasks", None) or default_tasks(ft.path)
+    tasks = [] if data is not None else getattr(params, "tasks", None) or default_tasks(ft.path)
 
     def decode(i: int) -> torch.Tensor:
         return decode_section(spec, params, writer.read_section(i), names[i], shapes[names[i]], i, device)
 
-    job = CalibrationJob(config=ft.config, tokenizer=load_tokenizer(ft.path, ft.config.get("vocab_size")),
+    job = CalibrationJob(config=ft.config, tokenizer=finetune_tokenizer(ft),
                          device=device, matrices=names, base=base_sd, teacher=teacher, vectors=vec,
-                         section=writer.read_section, decode=decode, tasks=list(tasks))
+                         section=writer.read_section, decode=decode, tasks=list(tasks), data=data)
     outcome = module.calibrate(job, params) or {}
     if "patch" in outcome:
         writer.rewrite_sections(outcome["patch"])
@@ -427,7 +462,9 @@ def _calibrate(spec, params, writer, base, ft, matrices, vectors, device, manife
         manifest["params"].update(outcome["params"])
         for key, value in outcome["params"].items():
             setattr(params, key, value)
-    return {"tasks": list(tasks), **outcome.get("report", {})}
+    used = ({"data": str(data.path), "examples": min(params.n_prompts, len(data))}
+            if data is not None else {"tasks": list(tasks)})
+    return {**used, **outcome.get("report", {})}
 
 
 # ---------------------------------------------------------------- rebuild

@@ -10,6 +10,7 @@ import torch
 
 from engine.compress.pipeline import iter_rebuilt, open_checked
 from engine.io import ModelFolder
+from engine.lora.finetune import open_finetune
 
 
 def _rel_error(rebuilt: torch.Tensor, base: torch.Tensor, finetuned: torch.Tensor) -> tuple[float, float]:
@@ -22,14 +23,14 @@ def _rel_error(rebuilt: torch.Tensor, base: torch.Tensor, finetuned: torch.Tenso
 
 
 def measure_rebuilt(artifact: str | Path, base: str | Path, finetuned: str | Path,
-                    tasks: list[str] | None = None, n_per_task: int = 64) -> dict:
+                    tasks: list[str] | None = None, n_per_task: int = 64, eval_sets=()) -> dict:
     """``{"errors": [{"tensor", "shape", "delta_norm", "rel_error"}], "accuracy": <evaluator
     result>}`` of the fine-tune rebuilt from ``artifact`` (in memory, nothing written)."""
-    from engine.evaluate import evaluate_state_dict
-    from engine.evaluate.loading import load_tokenizer
+    from engine.evaluate.loading import add_eval_sets, cached_evaluator, load_tokenizer, model_from_config
+    from engine.evaluate.scoring import _load_strict
 
     errors, state = [], {}
-    with ModelFolder(base) as base_folder, ModelFolder(finetuned) as ft_folder:
+    with ModelFolder(base) as base_folder, open_finetune(finetuned, base_folder) as ft_folder:
         config = dict(base_folder.config)
         found, spec, params = open_checked(artifact, base_folder)
         for name, tensor in iter_rebuilt(found, spec, params, base_folder):
@@ -39,6 +40,12 @@ def measure_rebuilt(artifact: str | Path, base: str | Path, finetuned: str | Pat
                            "rel_error": rel})
             state[name] = tensor
     tokenizer = load_tokenizer(base, config.get("vocab_size"))
-    accuracy = evaluate_state_dict(state, config, tokenizer, tasks=tasks, n_per_task=n_per_task,
-                                   n_generic=0)
+    if tasks is not None and len(tasks) == 0:  # the user's eval sets only
+        model = model_from_config(config)
+        _load_strict(model, state)
+        accuracy = add_eval_sets({"tasks": {}, "perplexity": None}, model, tokenizer, eval_sets)
+    else:
+        evaluator = cached_evaluator(config, tokenizer, tasks, n_per_task, 0)
+        accuracy = add_eval_sets(evaluator.evaluate_state_dict(state), evaluator.model, tokenizer,
+                                 eval_sets)
     return {"errors": errors, "accuracy": accuracy}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import ConfigError, DeltaWorkbenchError
+from engine.errors import ParameterError, ConfigError, DeltaWorkbenchError
 from engine.evaluate.scoring import Evaluator, _load_strict
 from engine.io import ModelFolder
 from engine.io.reader import refuse_unsafe_config
@@ -76,13 +76,49 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None):
     raise ConfigError("no tokenizer in the model folder", path=folder)
 
 
-def load_model_folder(path: str | Path, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` from a safetensors model folder."""
+def load_model_folder(path: str | Path, dtype: torch.dtype = torch.float32,
+                      base: str | Path | None = None):
+    """``(model, tokenizer)`` from a safetensors model folder, or from a PEFT LoRA adapter
+    folder over ``base`` (its tensors read as base + adapter; the adapter's tokenizer when it
+    ships one, else the base's)."""
+    from engine.lora import is_adapter_folder
+    from engine.lora.finetune import AdapterFinetune
+
+    if is_adapter_folder(path):
+        if base is None:
+            raise ConfigError("a LoRA adapter is evaluated over its base: give the base model",
+                              path=path)
+        with ModelFolder(base) as base_folder, AdapterFinetune(base_folder, path) as folder:
+            model = model_from_config(folder.config, dtype, path=base_folder.path / "config.json")
+            _load_strict(model, dict(folder.iter_tensors()), path=folder.path)
+            vocab_size = folder.config.get("vocab_size")
+        own = any((Path(path) / name).exists() for name in _TOKENIZER_MARKERS)
+        return model, load_tokenizer(path if own else base, vocab_size)
     with ModelFolder(path) as folder:
         model = model_from_config(folder.config, dtype, path=folder.path / "config.json")
         _load_strict(model, dict(folder.iter_tensors()), path=folder.path)
         vocab_size = folder.config.get("vocab_size")
     return model, load_tokenizer(path, vocab_size)
+
+
+def finetune_tokenizer(finetune):
+    """The tokenizer of an opened fine-tune (``ModelFolder`` or LoRA ``AdapterFinetune``): its
+    own folder's; an adapter folder without tokenizer files takes its base's."""
+    folder = Path(finetune.path)
+    if getattr(finetune, "is_adapter", False) and not any(
+            (folder / name).is_file() for name in _TOKENIZER_MARKERS):
+        folder = Path(finetune.base.path)
+    return load_tokenizer(folder, finetune.config.get("vocab_size"))
+
+
+def load_finetune(finetune, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` of an opened fine-tune: a ``ModelFolder``, or a LoRA adapter over
+    its base (``engine.lora.finetune.AdapterFinetune``, whose folder has no config.json): built
+    from the config and loaded tensor by tensor (``base + delta`` where the adapter changes it)."""
+    config_file = Path(getattr(finetune, "base", finetune).path) / "config.json"
+    model = model_from_config(finetune.config, dtype, path=config_file)
+    _load_strict(model, dict(finetune.iter_tensors()), path=finetune.path)
+    return model, finetune_tokenizer(finetune)
 
 
 def cached_evaluator(config: dict, tokenizer=None, tasks: list[str] | None = None,
@@ -118,7 +154,37 @@ def evaluate_state_dict(state_dict: dict[str, torch.Tensor], config: dict, token
 
 
 def evaluate_folder(path: str | Path, tasks: list[str] | None = None,
-                    n_per_task: int | None = None, n_generic: int | None = None) -> dict:
-    """Load a model folder and evaluate it (same result shape as ``evaluate_model``)."""
-    model, tokenizer = load_model_folder(path)
-    return Evaluator(model, tokenizer, tasks, n_per_task, n_generic).evaluate()
+                    n_per_task: int | None = None, n_generic: int | None = None, *,
+                    base: str | Path | None = None, eval_sets=()) -> dict:
+    """Load a model folder (or an adapter over ``base``) and evaluate it: the zoo tasks (none
+    when ``tasks == []``) and the user's ``eval_sets`` (``engine.evaluate.own_data``)."""
+    model, tokenizer = load_model_folder(path, base=base)
+    return score_model(model, tokenizer, tasks, n_per_task, n_generic, eval_sets=eval_sets)
+
+
+def score_model(model, tokenizer, tasks: list[str] | None = None, n_per_task: int | None = None,
+                n_generic: int | None = None, *, eval_sets=()) -> dict:
+    """``{"tasks": {...}, "perplexity": zoo generic or None}``, plus ``perplexity_sets``
+    (``{stem: float}``) when text eval sets are given; an eval set's accuracy is keyed by its
+    stem beside the zoo tasks."""
+    if tasks is not None and len(tasks) == 0:
+        result = {"tasks": {}, "perplexity": None}
+    else:
+        result = Evaluator(model, tokenizer, tasks, n_per_task, n_generic).evaluate()
+    return add_eval_sets(result, model, tokenizer, eval_sets)
+
+
+def add_eval_sets(result: dict, model, tokenizer, eval_sets) -> dict:
+    """``result`` (an evaluator's) with the user's eval sets scored on the same model: each
+    JSONL set's accuracy under its stem in ``tasks``, text perplexities in ``perplexity_sets``."""
+    from engine.evaluate.own_data import score_sets
+
+    if not eval_sets:
+        return result
+    own = score_sets(model, tokenizer, list(eval_sets))
+    clash = set(own["tasks"]) & set(result["tasks"])
+    if clash:
+        raise ParameterError(f"eval file stem {sorted(clash)[0]!r} is also a zoo task; rename the file")
+    result["tasks"].update(own["tasks"])
+    result["perplexity_sets"] = own["perplexity"]
+    return result

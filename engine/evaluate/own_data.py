@@ -123,6 +123,36 @@ def read_text(path: str | Path) -> EvalSet:
     return EvalSet(path.stem, path, "text", documents=[line for _, line in _lines(path)])
 
 
+TEXT_SUFFIXES = (".txt", ".text")
+
+
+def read_eval_file(path: str | Path) -> EvalSet:
+    """A text file (``.txt``: documents) or a JSONL file (anything else: prompt/answer)."""
+    return (read_text if Path(path).suffix.lower() in TEXT_SUFFIXES else read_jsonl)(path)
+
+
+def heldout_sets(paths, zoo_tasks: list[str] | None = None) -> list[EvalSet]:
+    """The held-out half of each file, for scoring merges and rebuilds (the dev half is for
+    calibration and tuning). A stem that names a zoo task being scored (``zoo_tasks``: None =
+    every zoo task), or another file, is refused: results are keyed by it."""
+    from engine.evaluate.tasks import TASK_NAMES
+
+    sets: list[EvalSet] = []
+    zoo = set(TASK_NAMES if zoo_tasks is None else zoo_tasks)
+    for path in paths:
+        evalset = read_eval_file(path)
+        if evalset.kind == "qa" and evalset.name in zoo:
+            raise ParameterError(f"eval file stem {evalset.name!r} is also a zoo task; rename the file",
+                                 path=path)
+        if any(s.name == evalset.name for s in sets):
+            raise ParameterError(f"two eval files share the stem {evalset.name!r}", path=path)
+        heldout = evalset.split("heldout")
+        if len(heldout) == 0:
+            raise ParameterError("no line falls in the held-out half; add lines", path=path)
+        sets.append(heldout)
+    return sets
+
+
 def _context_length(model) -> int:
     config = model.config
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):

@@ -208,10 +208,12 @@ class DecompressJobParams(_Params):
 
 
 def _compress(params: CompressJobParams, progress: Progress) -> dict:
+    from engine import settings
     from engine.compress import compress
 
     result = compress(params.base, params.finetuned, params.out, params.method,
-                      ratio=params.ratio, params=params.params or None, progress=progress)
+                      ratio=params.ratio, params=params.params or None, progress=progress,
+                      allowed_roots=settings.allowed_roots())
     return {"out": str(result.out), "method": result.method, "ratio": result.ratio,
             "bytes": result.bytes, "delta_entries": result.delta_entries,
             "seconds": round(result.seconds, 3), "warnings": list(result.warnings)}

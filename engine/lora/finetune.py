@@ -7,8 +7,8 @@ LoRA rule in one place (``LoraAdapter.delta``). A tensor is read as ``base + del
 one tensor at a time: no merged model is ever built in memory or on disk. Tensors the adapter
 does not change are the base's own (a zero task vector).
 
-``open_finetune(path, base)`` is the one way to open "a fine-tune": a model folder, an adapter
-folder, or mergekit's ``BASE+ADAPTER`` reference.
+``open_finetune(path, base)`` is the one way to open "a fine-tune": a model folder or an adapter
+folder (mergekit's ``BASE+ADAPTER`` recipe reference is split by ``engine.recipe``).
 """
 
 from __future__ import annotations
@@ -126,17 +126,6 @@ class AdapterFinetune:
 
     def __repr__(self) -> str:
         return f"AdapterFinetune({str(self.path)!r} over {str(self.base.path)!r})"
-
-
-def split_reference(ref: str) -> tuple[str, str | None]:
-    """mergekit's ``BASE+ADAPTER`` model reference -> (base, adapter); a plain path -> (path, None).
-    A path that itself contains '+' and exists is taken as it is."""
-    if "+" not in ref or Path(ref).exists():
-        return ref, None
-    base, _, adapter = ref.rpartition("+")
-    if not base or not adapter:
-        raise ConfigError("a LoRA reference is BASE+ADAPTER, both parts non-empty", path=ref)
-    return base, adapter
 
 
 def open_finetune(path: str | Path, base: ModelFolder | None):

@@ -1,8 +1,11 @@
-"""Calibration statistics for ``fisher`` and ``regmean``, computed from the zoo's task prompts.
+"""Calibration statistics for ``fisher`` and ``regmean``, from the zoo's task prompts or the
+user's own JSONL file.
 
 Each model is calibrated on its own task: ``n`` training-split examples of that task
 (``engine.evaluate.tasks.train_stream``, seeded per task, never the held-out split), each a
-prompt followed by its answer and the end-of-sequence token, as the zoo was trained.
+prompt followed by its answer and the end-of-sequence token, as the zoo was trained. Or, given
+``calibration: {data: FILE.jsonl}``, on ``n`` examples of the file's dev split
+(``engine.evaluate.calibration_data``: never its held-out half), encoded the same way.
 
 - **Diagonal Fisher** (``fisher``): for every parameter, the mean over examples of the squared
   gradient of the example's log-likelihood of its answer tokens given the prompt
@@ -14,17 +17,23 @@ prompt followed by its answer and the end-of-sequence token, as the zoo was trai
   model's statistics equally whatever its prompt lengths. Conv1D weights are stored (in, out):
   their statistics say so (``GramStats.transposed``).
 
-A model's task comes from the recipe (per-model ``calibration_task``: a task name, a list of
-names, or ``all``) or else from the ``zoo.json`` of the zoo the model folder belongs to (a zoo
-base, which has no task, is calibrated on all tasks). Settings: the recipe's
-``parameters: {calibration: {n: 64, seed: 0, batch_size: 16}}``.
+What a model is calibrated on, most specific first: its own ``calibration: {data: FILE}``
+(per-model parameters; its other keys override the global ``calibration`` for that model), its
+``calibration_task`` (a task name, a list of names, or ``all``), the recipe's global
+``calibration: {data: FILE}``, else the task in the ``zoo.json`` of the zoo the model folder
+belongs to (a zoo base, which has no task, is calibrated on all tasks). Settings: the recipe's
+``parameters: {calibration: {data: FILE, n: 64, seed: 0, batch_size: 16}}``. A data path passes
+the recipe's path rules (``engine.recipe.resolve_data_ref``: inside the allowed roots for the app
+and its jobs, relative to the recipe's folder on the command line). The tokenizer is the model's
+own (a LoRA adapter without one takes its base's).
 
-Models are loaded one at a time, in fp32. For a streamed merge (``stats_provider_for_plan``)
-each model's statistics are written to a safetensors file in a private temporary folder as soon
-as the model is done, and read back one tensor at a time while the merge streams, so memory
-holds one model and its statistics, never N models' (a model-sized Fisher per model, a Gram per
-linear layer per model); the folder is removed when the merge ends. The in-memory what-if keeps
-them in RAM (it holds every model anyway).
+Models are loaded one at a time, in fp32 (a LoRA adapter as base + adapter, tensor by tensor).
+For a streamed merge (``stats_provider_for_plan``) each model's statistics are written to a
+safetensors file in a private temporary folder as soon as the model is done, and read back one
+tensor at a time while the merge streams, so memory holds one model and its statistics, never N
+models' (a model-sized Fisher per model, a Gram per linear layer per model); the folder is
+removed when the merge ends. The in-memory what-if keeps them in RAM (it holds every model
+anyway).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.errors import DeltaWorkbenchError, ParameterError
+from engine.evaluate.calibration_data import CalibrationData
 from engine.evaluate.tasks import MAIN_TASKS, TASKS, train_stream
 from engine.io.staging import discard_staging, make_scratch_dir
 from engine.merge.common import derive_seed
@@ -52,6 +62,8 @@ class CalibrationSettings(BaseModel):
     """The recipe's ``calibration`` mapping."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    data: str | None = Field(None, description="A JSONL file of {prompt, answer} lines: calibrate "
+                                               "on n examples of its dev split.")
     n: int = Field(64, ge=1, le=100_000, description="Calibration examples per model.")
     seed: int = Field(0, ge=0, description="Seed of the example draw (per task).")
     batch_size: int = Field(16, ge=1, le=4096, description="Examples per forward pass (Gram matrices).")
@@ -246,22 +258,96 @@ def resolve_tasks(folders: Sequence[str | Path], explicit: Sequence[str | list[s
         if task is None:
             raise ParameterError(
                 f"no calibration task for model {folder}: it is not in a zoo (zoo.json); set its "
-                f"per-model parameter calibration_task (one of {', '.join(TASKS)} or {ALL_TASKS!r})")
+                f"per-model parameter calibration_task (one of {', '.join(TASKS)} or {ALL_TASKS!r}) "
+                "or give calibration data (calibration: {data: FILE.jsonl})")
         task_list(task)  # checks the names
         tasks.append(task)
     return tasks
 
 
-# ---------------------------------------------------------------------- per model, provider
-def model_statistics(kind: str, folder: str | Path, task, settings: CalibrationSettings,
-                     *, model=None, tokenizer=None) -> dict:
-    """Fisher (``kind='fisher'``) or Gram (``kind='gram'``) statistics of one model folder
-    (or of an already loaded ``model``/``tokenizer`` pair)."""
-    if model is None or tokenizer is None:
-        from engine.evaluate.loading import load_model_folder
+# ---------------------------------------------------------------------- what each model sees
+def examples_of(source, settings: CalibrationSettings) -> list[Example]:
+    """The examples a model is calibrated on: ``n`` of a zoo task spec's training split, or of a
+    ``CalibrationData``'s dev split (all of it when it holds fewer)."""
+    if isinstance(source, CalibrationData):
+        return source.draw(settings.n, settings.seed)
+    return calibration_examples(source, settings.n, settings.seed)
 
-        model, tokenizer = load_model_folder(folder)
-    encoded = encode(tokenizer, calibration_examples(task, settings.n, settings.seed))
+
+def source_key(source) -> tuple:
+    """A hashable, content-aware key of a calibration source (for caches)."""
+    if isinstance(source, CalibrationData):
+        return ("data", str(source.path), source.digest)
+    return ("task", source if isinstance(source, str) else tuple(source))
+
+
+DataResolver = Callable[[str, int | None], tuple[Path, str]]
+
+
+def calibration_sources(spec, models: Sequence, resolve_data: DataResolver
+                        ) -> tuple[list, list[CalibrationSettings], list[str]]:
+    """Per model (a path or an opened folder): what it is calibrated on (a zoo task spec or a
+    ``CalibrationData``; the order is the module docstring's), its settings (the global
+    ``calibration`` updated by its own), and the warnings (a dev split smaller than ``n``).
+    ``resolve_data(ref, model index, or None for the global key)`` -> (file, what names it).
+    Every data file is read and checked here, before any model is loaded."""
+    count = len(models)
+    tasks = list(spec.calibration_tasks or [None] * count)
+    owns = list(spec.calibration_models or [None] * count)
+    shared = dict(spec.calibration or {})
+    files: dict[Path, CalibrationData] = {}
+    sources, settings, notes = [], [], []
+    for i, (model, task, own) in enumerate(zip(models, tasks, owns)):
+        own = dict(own or {})
+        if task is not None and own.get("data") is not None:
+            raise ParameterError(f"model {i}: give calibration_task or calibration.data, not both")
+        merged = parse_settings({**shared, **own})
+        if task is None and merged.data is not None:
+            path, named_by = resolve_data(merged.data, i if own.get("data") is not None else None)
+            key = Path(path).resolve()
+            if key not in files:
+                files[key] = CalibrationData.read(path, named_by=named_by)
+            source = files[key]
+            note = source.shortfall(merged.n)
+            if note is not None and note not in notes:
+                notes.append(note)
+        else:
+            source = resolve_tasks([Path(getattr(model, "path", model))], [task])[0]
+        sources.append(source)
+        settings.append(merged)
+    return sources, settings, notes
+
+
+def recipe_data_resolver(recipe, recipe_dir=None, allowed_roots=None) -> DataResolver:
+    """``resolve_data`` for a recipe's data references: the recipe's path rules, errors naming
+    the (first) recipe key that names the file."""
+    from engine.recipe import resolve_data_ref
+
+    keys: dict[str, str] = {}
+    for key, ref in recipe.calibration_data_refs():
+        keys.setdefault(ref, key)
+    roots = list(allowed_roots) if allowed_roots is not None else None
+
+    def resolve(ref: str, index: int | None) -> tuple[Path, str]:
+        key = keys.get(ref) or ("parameters.calibration.data" if index is None
+                                else f"models[{index}].parameters.calibration.data")
+        return (resolve_data_ref(ref, key=key, recipe_dir=recipe_dir, allowed_roots=roots),
+                f"recipe key {key}")
+    return resolve
+
+
+# ---------------------------------------------------------------------- per model, provider
+def model_statistics(kind: str, folder, task, settings: CalibrationSettings,
+                     *, model=None, tokenizer=None) -> dict:
+    """Fisher (``kind='fisher'``) or Gram (``kind='gram'``) statistics of one model: a folder
+    path, an opened ``ModelFolder`` or LoRA ``AdapterFinetune``, or an already loaded
+    ``model``/``tokenizer`` pair. ``task``: a zoo task spec or a ``CalibrationData``."""
+    if model is None or tokenizer is None:
+        from engine.evaluate.loading import load_finetune, load_model_folder
+
+        model, tokenizer = (load_model_folder(folder) if isinstance(folder, (str, Path))
+                            else load_finetune(folder))
+    encoded = encode(tokenizer, examples_of(task, settings))
     if kind == "fisher":
         return fisher_diagonal(model, encoded)
     if kind == "gram":
@@ -355,18 +441,21 @@ class CalibrationStats:
 def compute_stats(kind: str, folders: Sequence[str | Path], tasks: Sequence, settings, *,
                   spill: bool = False, shape_of: Callable | None = None) -> CalibrationStats:
     """Every model's statistics; ``spill``: each written to disk as soon as it is computed
-    (a private temporary folder that ``CalibrationStats.close()`` removes)."""
-    settings = parse_settings(settings)
+    (a private temporary folder that ``CalibrationStats.close()`` removes). ``settings``: one
+    for every model, or a list of one per model."""
+    per_model = ([parse_settings(x) for x in settings] if isinstance(settings, (list, tuple))
+                 else [parse_settings(settings)] * len(folders))
     if not spill:
-        return CalibrationStats(kind, [model_statistics(kind, f, t, settings)
-                                       for f, t in zip(folders, tasks)], shape_of=shape_of)
+        return CalibrationStats(kind, [model_statistics(kind, f, t, c)
+                                       for f, t, c in zip(folders, tasks, per_model)],
+                                shape_of=shape_of)
     # A staging-convention scratch folder (owner lock, registry), not a bare temporary folder:
     # a run killed hard would otherwise leave model-sized statistics behind forever.
     folder = make_scratch_dir("calibration")
     try:
         files = []
-        for i, (f, t) in enumerate(zip(folders, tasks)):
-            stats = model_statistics(kind, f, t, settings)
+        for i, (f, t, c) in enumerate(zip(folders, tasks, per_model)):
+            stats = model_statistics(kind, f, t, c)
             files.append(StatsFile.write(stats, folder / f"model-{i:03d}.safetensors", kind))
             del stats  # only this model's statistics were ever in memory
     except BaseException:
@@ -375,18 +464,21 @@ def compute_stats(kind: str, folders: Sequence[str | Path], tasks: Sequence, set
     return CalibrationStats(kind, files, shape_of=shape_of, folder=folder)
 
 
-def stats_provider_for_plan(plan) -> CalibrationStats:
+def stats_provider_for_plan(plan, *, recipe_dir=None, allowed_roots=None) -> CalibrationStats:
     """The executor's ``stats_provider`` for a fisher/regmean plan: calibrates every input
-    model (tasks from the recipe or the zoo manifest; settings from ``calibration``), spilling
-    each model's statistics to disk; the executor calls ``close()`` when the merge ends."""
+    model (on its data file or task, see the module docstring; data paths by the recipe's rules
+    for ``recipe_dir``/``allowed_roots``), spilling each model's statistics to disk; the
+    executor calls ``close()`` when the merge ends. A dev split smaller than ``n`` is a warning
+    of the plan."""
     spec = plan.spec
-    settings = parse_settings(spec.calibration)
-    folders = [m.path for m in plan.models]
-    tasks = resolve_tasks(folders, spec.calibration_tasks or [None] * len(folders))
-    return compute_stats(spec.method.stats, folders, tasks, settings, spill=True,
+    resolver = recipe_data_resolver(plan.recipe, recipe_dir, allowed_roots)
+    sources, settings, notes = calibration_sources(spec, plan.models, resolver)
+    plan.warnings.extend(note for note in notes if note not in plan.warnings)
+    return compute_stats(spec.method.stats, plan.models, sources, settings, spill=True,
                          shape_of=plan.layout.info)
 
 
-__all__ = ["CalibrationSettings", "CalibrationStats", "StatsFile", "calibration_examples", "compute_stats",
-           "encode", "fisher_diagonal", "gram_matrices", "model_statistics", "resolve_tasks",
-           "stats_provider_for_plan", "zoo_task_of"]
+__all__ = ["CalibrationSettings", "CalibrationStats", "StatsFile", "calibration_examples",
+           "calibration_sources", "compute_stats", "encode", "examples_of", "fisher_diagonal",
+           "gram_matrices", "model_statistics", "recipe_data_resolver", "resolve_tasks",
+           "source_key", "stats_provider_for_plan", "zoo_task_of"]

@@ -31,7 +31,9 @@ from engine.io.side_files import TOKENIZER_FILES as SIDE_TOKENIZER_FILES
 from engine.io.side_files import read_side_files
 from engine.merge.registry import MergeMethod, get_method
 from engine.merge.spec import MergeSpec
-from engine.recipe import DTYPES, MergeRecipe, check_recipe_paths, resolve_model_ref
+from engine.lora.adapter import LoraAdapter, is_adapter_folder
+from engine.lora.finetune import AdapterFinetune
+from engine.recipe import DTYPES, MergeRecipe, check_recipe_paths, resolve_model_ref, split_lora_ref
 
 # Files copied from the tokenizer source next to the merged weights (when present).
 TOKENIZER_FILES = (*SIDE_TOKENIZER_FILES, "generation_config.json")
@@ -54,11 +56,21 @@ class MergePlan:
     vocab_target: int | None
     num_layers: int | None
     warnings: list[str] = field(default_factory=list)
+    opened: list = field(default_factory=list)  # everything plan_merge opened (adapters' bases too)
 
     def close(self) -> None:
         for folder in {id(f): f for f in [self.layout, self.tokenizer_folder, *self.models,
-                                           *([self.base] if self.base else [])]}.values():
+                                           *([self.base] if self.base else []), *self.opened]}.values():
             folder.close()
+
+    def input_paths(self) -> list[Path]:
+        """Every folder the merge reads (an adapter's base included): never a destination."""
+        paths = []
+        for model in [self.layout, *self.models]:
+            paths.append(model.path)
+            if isinstance(model, AdapterFinetune):
+                paths.append(model.base.path)
+        return paths
 
 
 @dataclass
@@ -85,7 +97,8 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
     if roots is not None:
         check_recipe_paths(recipe, roots, recipe_dir=recipe_dir)  # every key, before any is opened
     entries = recipe.input_models()
-    base_path = _resolve_model_path(recipe.base_model, "base_model") if recipe.base_model else None
+    base_path = (_resolve_model_path(split_lora_ref(recipe.base_model)[0], "base_model")
+                 if recipe.base_model else None)
     if method.requires_base and base_path is None:
         raise ParameterError(f"{method.name} needs a base_model")
 
@@ -97,15 +110,38 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
             opened[key] = ModelFolder(path)
         return opened[key]
 
+    adapters: list[AdapterFinetune] = []
+
+    def open_model(ref: str, key: str, base: ModelFolder | None):
+        """A model folder, or a LoRA adapter over its base: ``BASE+ADAPTER`` names both, an
+        adapter folder alone takes the recipe's base_model."""
+        base_ref, adapter_ref = split_lora_ref(ref)
+        path = _resolve_model_path(base_ref, key)
+        if adapter_ref is not None:
+            adapter_path = _resolve_model_path(adapter_ref, f"{key}+adapter")
+            adapters.append(AdapterFinetune(open_folder(path), adapter_path))
+            return adapters[-1]
+        if is_adapter_folder(path):
+            if base is None:  # the adapter's own base_model_name_or_path, when it is a local folder
+                named = LoraAdapter(path).base_model_path()
+                if named is None or not Path(named).is_absolute() or not Path(named).is_dir():
+                    raise ConfigError(f"recipe key {key}: a LoRA adapter needs a base (write "
+                                      "BASE+ADAPTER, or give base_model)", path=ref)
+                base = open_folder(_resolve_model_path(named, f"{key} (the adapter's "
+                                                              "base_model_name_or_path)"))
+            adapters.append(AdapterFinetune(base, path))
+            return adapters[-1]
+        return open_folder(path)
+
     try:
-        base = open_folder(base_path) if base_path is not None else None
+        base = open_model(recipe.base_model, "base_model", None) if base_path is not None else None
         models, settings = [], []
         entry_keys = [key for key, _ in recipe.model_refs() if key.endswith(".model")]
         for entry, key in zip(entries, entry_keys):
-            path = _resolve_model_path(entry.model, key)
-            if base_path is not None and path.resolve() == base_path.resolve() and method.requires_base:
+            if (base_path is not None and method.requires_base and split_lora_ref(entry.model)[1] is None
+                    and _resolve_model_path(entry.model, key).resolve() == base_path.resolve()):
                 continue  # mergekit lists the base among the models; it contributes as the base
-            models.append(open_folder(path))
+            models.append(open_model(entry.model, key, base))
             settings.append(entry.parameters)
         if not models:
             raise ParameterError(f"{method.name}: no models to merge besides the base")
@@ -139,9 +175,10 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
         # gradient or filter value fails before any tensor is read.
         spec.check(layout.tensor_names)
     except BaseException:
-        for folder in opened.values():
+        for folder in [*adapters, *opened.values()]:
             folder.close()
         raise
+    plan.opened = [*adapters, *opened.values()]
     return plan
 
 
@@ -238,7 +275,8 @@ def run_merge(
 
     ``stats_provider(name)`` gives fisher/regmean their per-tensor statistics; without one
     they are calibrated here (``engine.merge.calibration``, settings from the recipe's
-    ``calibration`` parameter, tasks from ``calibration_task`` or the zoo manifest)."""
+    ``calibration`` parameter, on its ``data`` file, a ``calibration_task`` or the zoo
+    manifest's task)."""
     started = time.perf_counter()
     device = resolve_device(device)
     plan = plan_merge(recipe, recipe_dir=recipe_dir, allowed_roots=allowed_roots)
@@ -249,12 +287,13 @@ def run_merge(
         from engine.merge.calibration import stats_provider_for_plan
 
         try:
-            stats_provider = own_stats = stats_provider_for_plan(plan)
+            stats_provider = own_stats = stats_provider_for_plan(
+                plan, recipe_dir=recipe_dir, allowed_roots=allowed_roots)
         except BaseException:
             plan.close()
             raise
     layout = output_layout(plan)
-    inputs_folders = [f.path for f in [plan.layout, *plan.models]]
+    inputs_folders = plan.input_paths()
     labels = (str(plan.base.path) if plan.base is not None else None, [str(m.path) for m in plan.models])
     extra: dict = dict(tokenizer_files(plan.tokenizer_folder))
     extra[RECIPE_FILE] = recipe.to_yaml().encode()

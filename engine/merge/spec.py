@@ -47,10 +47,10 @@ MERGEKIT_PARAMETER_NAMES = frozenset({
     "eps", "scale", "select_topk", "r", "alpha",
 })
 # Keys the executor itself reads (calibration of fisher/regmean); never passed to a method.
-CALIBRATION_KEY = "calibration"          # global: {n, seed, batch_size}
+CALIBRATION_KEY = "calibration"          # global: {data, n, seed, batch_size}; per model: overrides
 CALIBRATION_TASK_KEY = "calibration_task"  # per model: the task its statistics are computed on
 EXECUTOR_GLOBAL_KEYS = frozenset({CALIBRATION_KEY})
-EXECUTOR_MODEL_KEYS = frozenset({CALIBRATION_TASK_KEY})
+EXECUTOR_MODEL_KEYS = frozenset({CALIBRATION_TASK_KEY, CALIBRATION_KEY})
 
 
 class IgnoredParameterWarning(UserWarning):
@@ -95,6 +95,7 @@ class MergeSpec:
     seed: int = 0
     calibration: dict | None = None            # raw `calibration` mapping (fisher/regmean)
     calibration_tasks: list[str | None] = field(default_factory=list)
+    calibration_models: list[dict | None] = field(default_factory=list)  # per-model `calibration`
     warnings: list[str] = field(default_factory=list)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -147,14 +148,19 @@ class MergeSpec:
                     raise unknown(key, "in the recipe's parameters")
             globals_out.append(g)
             defaults_out.append(d)
-        models_out, tasks = [], []
+        models_out, tasks, own_calibrations = [], [], []
         for i, scope in enumerate(model_scopes):
-            m, task = {}, None
+            m, task, own = {}, None, None
             for key, value in dict(scope or {}).items():
                 if key in model_names:
                     m[key] = value
-                elif key in EXECUTOR_MODEL_KEYS and takes_stats:
+                elif key == CALIBRATION_TASK_KEY and takes_stats:
                     task = value
+                elif key == CALIBRATION_KEY and takes_stats:
+                    if not isinstance(value, Mapping):
+                        raise ParameterError(f"{method.name}: model {i}'s '{CALIBRATION_KEY}' must "
+                                             f"be a mapping such as {{data: FILE.jsonl}}, got {value!r}")
+                    own = dict(value)
                 elif key in global_names:
                     ignore(key, "a global parameter set per model; mergekit reads it only from "
                                 "the recipe's or the slice's parameters")
@@ -164,6 +170,7 @@ class MergeSpec:
                     raise unknown(key, f"in model {i}'s parameters")
             models_out.append(m)
             tasks.append(task)
+            own_calibrations.append(own)
         if calibration is not None and not isinstance(calibration, Mapping):
             raise ParameterError(f"{method.name}: '{CALIBRATION_KEY}' must be a mapping such as "
                                  f"{{n: 64, seed: 0}}, got {calibration!r}")
@@ -173,7 +180,7 @@ class MergeSpec:
         return cls(method=method, global_scopes=globals_out, model_default_scopes=defaults_out,
                    model_scopes=models_out, num_layers=num_layers, seed=seed,
                    calibration=dict(calibration) if calibration is not None else None,
-                   calibration_tasks=tasks, warnings=notes)
+                   calibration_tasks=tasks, calibration_models=own_calibrations, warnings=notes)
 
     # ------------------------------------------------------------------ per tensor
     def tensor_params(self, name: str) -> tuple[BaseModel, list[BaseModel]]:

@@ -26,6 +26,8 @@ from engine.compat import embed_head_names, is_tied, require_compatible
 from engine.device import resolve_device
 from engine.errors import ConfigError, NonFiniteError, ParameterError
 from engine.io import ModelFolder
+from engine.evaluate.own_data import heldout_sets
+from engine.lora.finetune import open_finetune
 from engine.merge.executor import merge_state_dicts
 from engine.merge.registry import get_method
 from engine.merge.spec import MergeSpec
@@ -57,12 +59,20 @@ class WhatIfSession:
     """Base + fine-tunes held in RAM as fp32 state dicts, and a reusable evaluator.
 
     ``tasks``, ``n_per_task``, ``n_generic``: what the evaluator scores (defaults: every zoo
-    task, the evaluator's default sizes; ``n_generic=0`` skips perplexity).
+    task, the evaluator's default sizes; ``n_generic=0`` skips perplexity; ``tasks=[]`` scores no
+    zoo task). ``eval_files``: the user's own JSONL/text files (``engine.evaluate.own_data``),
+    scored on their held-out half beside the zoo tasks: a JSONL file's accuracy under its stem
+    in ``tasks``, a text file's perplexity under its stem in ``perplexity_sets``. A fine-tune
+    may be a LoRA adapter folder (read over the base). ``allowed_roots``: where calibration
+    data files (``calibration: {data: FILE}``) must lie (the app's roots; None: any file, as on
+    the command line).
     """
 
     def __init__(self, base_dir: str | Path, finetune_dirs: Sequence[str | Path], *,
                  tasks: list[str] | None = None, n_per_task: int | None = None,
-                 n_generic: int | None = None, device: torch.device | str | None = None):
+                 n_generic: int | None = None, device: torch.device | str | None = None,
+                 eval_files: Sequence[str | Path] = (),
+                 allowed_roots: Sequence[str | Path] | None = None):
         from engine.evaluate.loading import load_tokenizer, model_from_config
         from engine.evaluate.scoring import Evaluator
 
@@ -71,9 +81,12 @@ class WhatIfSession:
         self.base_dir = Path(base_dir)
         self.finetune_dirs = [Path(d) for d in finetune_dirs]
         self.device = resolve_device(device)
+        self.eval_sets = heldout_sets(eval_files, tasks)
+        self.allowed_roots = list(allowed_roots) if allowed_roots is not None else None
         with ModelFolder(self.base_dir) as base:
-            finetunes = [ModelFolder(d) for d in self.finetune_dirs]
+            finetunes = []
             try:
+                finetunes.extend(open_finetune(d, base) for d in self.finetune_dirs)
                 require_compatible(base, [f for f in finetunes], vocab_policy="refuse")
                 self.names = list(base.tensor_names)
                 self.config = dict(base.config)
@@ -84,8 +97,12 @@ class WhatIfSession:
                     f.close()
         self.num_layers = self.config.get("num_hidden_layers", self.config.get("n_layer"))
         self.tokenizer = load_tokenizer(self.base_dir, self.config.get("vocab_size"))
-        self.evaluator = Evaluator(model_from_config(self.config), self.tokenizer, tasks,
-                                   n_per_task, n_generic)
+        self.model = model_from_config(self.config)
+        # tasks=[]: no zoo task (a model that is not the zoo's, scored on the user's files only)
+        self.evaluator = (Evaluator(self.model, self.tokenizer, tasks, n_per_task, n_generic)
+                          if tasks is None or len(tasks) > 0 else None)
+        if self.evaluator is None and not self.eval_sets:
+            raise ParameterError("nothing to score: no zoo task and no eval file")
         self._stats: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -113,29 +130,45 @@ class WhatIfSession:
                                  out_dtype=torch.float32)
 
     def _stats_provider(self, spec: MergeSpec):
-        from engine.merge.calibration import (CalibrationStats, model_statistics, parse_settings,
-                                              resolve_tasks)
+        from engine.merge.calibration import (CalibrationStats, calibration_sources,
+                                              model_statistics, source_key)
         from engine.evaluate.loading import model_from_config
         from engine.evaluate.scoring import _load_strict
 
-        settings = parse_settings(spec.calibration)
-        tasks = resolve_tasks(self.finetune_dirs, spec.calibration_tasks)
+        sources, settings, notes = calibration_sources(spec, self.finetune_dirs, self._resolve_data)
+        spec.warnings.extend(note for note in notes if note not in spec.warnings)
         kind = spec.method.stats
-        key = repr((kind, settings.model_dump(), tasks))
+        key = repr((kind, [s.model_dump() for s in settings], [source_key(s) for s in sources]))
         if key not in self._stats:
             model = model_from_config(self.config)
             per_model = []
-            for state, folder, task in zip(self.finetunes, self.finetune_dirs, tasks):
+            for state, folder, source, setting in zip(self.finetunes, self.finetune_dirs, sources,
+                                                      settings):
                 _load_strict(model, state, path=folder)
-                per_model.append(model_statistics(kind, folder, task, settings, model=model,
+                per_model.append(model_statistics(kind, folder, source, setting, model=model,
                                                   tokenizer=self.tokenizer))
             self._stats[key] = CalibrationStats(kind, per_model, shape_of=self.base.__getitem__)
         return self._stats[key]
 
+    def _resolve_data(self, ref: str, index: int | None) -> tuple[Path, str]:
+        from engine.recipe import resolve_data_ref
+
+        key = ("parameters.calibration.data" if index is None
+               else f"models[{index}].parameters.calibration.data")
+        return resolve_data_ref(ref, key=key, allowed_roots=self.allowed_roots), f"parameter {key}"
+
     # ------------------------------------------------------------------ scoring
     def evaluate_state(self, state: Mapping[str, torch.Tensor]) -> dict:
+        from engine.evaluate.loading import add_eval_sets
+        from engine.evaluate.scoring import _load_strict
+
         with self._lock:
-            return self.evaluator.evaluate_state_dict(dict(state))
+            if self.evaluator is not None:
+                result = self.evaluator.evaluate_state_dict(dict(state))
+            else:
+                _load_strict(self.model, dict(state))
+                result = {"tasks": {}, "perplexity": None}
+            return add_eval_sets(result, self.model, self.tokenizer, self.eval_sets)
 
     def evaluate(self, method: str, model_params: Sequence[Mapping[str, Any] | None] | None = None,
                  params: Mapping[str, Any] | None = None, *, seed: int = 0) -> dict:
@@ -170,9 +203,18 @@ def _fingerprint(folder: Path) -> list:
                                             for p in files]
 
 
+def _file_print(path: Path) -> tuple:
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path), None)
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
 def get_session(base_dir: str | Path, finetune_dirs: Sequence[str | Path], **options) -> WhatIfSession:
     """A cached session for these folders (rebuilt when a file changed); keeps the last two."""
-    key = repr([_fingerprint(Path(base_dir)), [_fingerprint(Path(d)) for d in finetune_dirs],
+    files = [_file_print(Path(p)) for p in options.get("eval_files", ())]
+    key = repr([_fingerprint(Path(base_dir)), [_fingerprint(Path(d)) for d in finetune_dirs], files,
                 sorted(options.items(), key=lambda kv: kv[0])])
     with _SESSIONS_LOCK:
         session = _SESSIONS.get(key)

@@ -99,7 +99,8 @@ def test_cli_merge_retries_the_tensor_on_cpu_and_says_so(models, tmp_path, capsy
     assert [p.name for p in tmp_path.iterdir() if "staging" in p.name] == []
 
 
-def test_merge_job_finishes_and_its_result_names_the_tensor(models, tmp_path, fake_cuda):
+def test_merge_job_finishes_and_its_result_names_the_tensor(models, tmp_path, fake_cuda, monkeypatch):
+    monkeypatch.setenv("DELTA_WORKBENCH_MODEL_ROOTS", str(tmp_path))  # a job reads inside the roots only
     kind = get_kind("merge")
     messages: list[str] = []
     out = tmp_path / "job_out"

@@ -79,7 +79,8 @@ def test_rank_and_alpha_patterns_set_each_modules_scale(tmp_path):
 
 def test_adapter_finetune_reads_like_the_merged_folder(tmp_path):
     """Every engine reader sees base + adapter as PEFT's merged model, tensor by tensor."""
-    from engine.lora.finetune import AdapterFinetune, open_finetune, split_reference
+    from engine.lora.finetune import AdapterFinetune, open_finetune
+    from engine.recipe import split_lora_ref as split_reference
 
     model, merged = _base_and_adapter(tmp_path, "llama-rslora-patterns")
     with ModelFolder(tmp_path / "base") as base:

@@ -4,7 +4,8 @@ BitDelta (Liu et al.) stores 1 bit per entry plus one fp16 scale per matrix
 (``alpha = mean |d|``, the L2-optimal scale for a sign matrix), 16x against fp16; its optional
 second stage distils the scales on calibration data by matching the fine-tune's logits
 (``distill=True`` here: Adam on the scales, KL to the fine-tune's next-token distribution,
-prompts from the zoo tasks' training split).
+prompts from the zoo tasks' training split, or from the dev split of ``calibration_data``, a
+JSONL file of the user's).
 
 Other ratios (our extension, reported as such): ``planes`` sign planes fitted greedily to the
 residual (``r <- r - alpha_j sign(r)``, the usual multi-bit binarisation), so 2 planes are 8x,
@@ -45,6 +46,8 @@ class Params(CompressParams):
                                description="Sign planes per matrix (1 = BitDelta; solved from --ratio).")
     distill: bool = Field(False, description="Distil the scales on calibration prompts (BitDelta stage 2).")
     tasks: list[str] | None = Field(None, description="Calibration tasks (default: the fine-tune's zoo task).")
+    calibration_data: str | None = Field(None, description="A JSONL file of {prompt, answer} lines: "
+                                                           "distil on its dev split instead of tasks.")
     n_prompts: int = Field(32, ge=1, le=4096, description="Calibration prompts.")
     steps: int = Field(100, ge=1, le=10000, description="Distillation steps.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of the scales.")
@@ -203,3 +206,9 @@ def calibrate(job, params: Params) -> dict:
 def validate(params: Params, ratio: float | None) -> None:
     if params.distill and params.tasks is not None and not params.tasks:
         raise ParameterError("bitdelta: tasks must not be empty")
+    if params.calibration_data is not None:
+        if not params.distill:
+            raise ParameterError("bitdelta: calibration_data is read only when the scales are "
+                                 "distilled (set distill: true)")
+        if params.tasks is not None:
+            raise ParameterError("bitdelta: give tasks or calibration_data, not both")

@@ -11,7 +11,7 @@ with ``d_hat`` the inner compressor's rebuilt delta; ``alpha`` (init 0) shifts t
 itself, ``lam`` (init 1) rescales the delta. 1-D tensors (stored exactly in fp16) are not
 touched. The scalars are learned after compression with Adam, matching the fine-tune's
 next-token distributions (KL) on ``n_prompts`` prompts of the fine-tune's zoo task (training
-split; ``tasks`` overrides). They are stored in the manifest (8 bytes of information); the
+split; ``tasks`` overrides), or of the dev split of ``calibration_data``, the user's JSONL file. They are stored in the manifest (8 bytes of information); the
 inner compressor gets the whole byte budget.
 """
 
@@ -38,6 +38,8 @@ class Params(CompressParams):
     inner: str = Field("delta_dct", description="The compressor DBMS wraps.")
     inner_params: dict[str, Any] = Field(default_factory=dict, description="Its parameters.")
     tasks: list[str] | None = Field(None, description="Calibration tasks (default: the fine-tune's zoo task).")
+    calibration_data: str | None = Field(None, description="A JSONL file of {prompt, answer} lines: "
+                                                           "learn on its dev split instead of tasks.")
     n_prompts: int = Field(32, ge=1, le=4096, description="Calibration prompts.")
     steps: int = Field(60, ge=1, le=10000, description="Adam steps.")
     lr: float = Field(0.02, gt=0, description="Adam learning rate of the two scalars.")
@@ -63,6 +65,12 @@ def validate(params: Params, ratio: float | None) -> None:
     params._inner = method.parse_params(params.inner_params, ratio)
     if (params.alpha is None) != (params.scale is None):
         raise ParameterError("dbms: give both alpha and scale, or neither (then they are learned)")
+    if params.calibration_data is not None:
+        if params.alpha is not None:
+            raise ParameterError("dbms: calibration_data is read only when alpha and scale are "
+                                 "learned (leave them unset)")
+        if params.tasks is not None:
+            raise ParameterError("dbms: give tasks or calibration_data, not both")
 
 
 def encode(delta, budget, params: Params, ctx) -> bytes:
