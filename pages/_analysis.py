@@ -15,9 +15,7 @@ Where metrics come from:
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,13 +25,13 @@ import streamlit as st
 
 from engine import settings
 from engine.errors import DeltaWorkbenchError
+from engine.tensor_names import split_layer
 from engine.text import printable
 from pages._shared import job_manager, short_name, show_error
 
 IN_PROCESS_MAX_PARAMS = 50_000_000  # above this, a page computes nothing itself: it offers a job
 JOB_KIND = "analyze"
 
-LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.(.+)$")
 MODULE_SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
                 "up_proj": "up", "down_proj": "down"}
 MODULE_ORDER = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -274,16 +272,16 @@ def _follow_job(job_id: str) -> None:
 # --------------------------------------------------------------------------- tables
 def split_name(name: str) -> tuple[int | None, str]:
     """(layer index, short module name) of a tensor name; (None, name) outside the layers."""
-    match = LAYER_RE.search(name)
-    if not match:
+    split = split_layer(name)
+    if split is None or not split[1]:
         return None, name.removesuffix(".weight")
-    suffix = match.group(2)
+    layer, suffix = split
     parts = suffix.split(".")
     if parts[-1] in ("weight", "bias") and len(parts) > 1:
         tail = parts[-2]
         short = MODULE_SHORT.get(tail, tail)
-        return int(match.group(1)), short if parts[-1] == "weight" else f"{short}.bias"
-    return int(match.group(1)), suffix
+        return layer, short if parts[-1] == "weight" else f"{short}.bias"
+    return layer, suffix
 
 
 def module_order(modules) -> list[str]:
@@ -332,10 +330,6 @@ def pair_frame(result: dict) -> pd.DataFrame:
                      "angles_deg": [math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in cosines
                                     if c is not None]})
     return pd.DataFrame(rows)
-
-
-def json_params(model) -> str:
-    return json.dumps(model.model_dump(mode="json"), sort_keys=True)
 
 
 # --------------------------------------------------------------------------- figures

@@ -26,7 +26,6 @@ its best-matching layer of B and that value, and the lowest cells.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -35,8 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import ParameterError
 from engine.io import ModelFolder
+from engine.tensor_names import split_layer
 
-LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.(.+)$")
 
 
 class IncompatibilityParams(BaseModel):
@@ -164,9 +163,10 @@ def layer_tensors(folder: ModelFolder) -> dict[int, dict[str, str]]:
     """{layer index: {suffix: tensor name}} for every 2-D per-layer tensor."""
     out: dict[int, dict[str, str]] = {}
     for name in folder.tensor_names:
-        match = LAYER_RE.search(name)
-        if match and len(folder.info(name).shape) == 2 and folder.info(name).dtype.is_floating_point:
-            out.setdefault(int(match.group(1)), {})[match.group(2)] = name
+        split = split_layer(name)
+        if (split is not None and split[1] and len(folder.info(name).shape) == 2
+                and folder.info(name).dtype.is_floating_point):
+            out.setdefault(split[0], {})[split[1]] = name
     return dict(sorted(out.items()))
 
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from engine.errors import DeltaWorkbenchError, ParameterError
+from engine.errors import ParameterError
 from engine.evaluate.calibration_data import CalibrationData
 
 
@@ -43,25 +42,6 @@ class CalibrationJob:
     seed: int = 0
     data: CalibrationData | None = None         # the user's file: its dev split, not the tasks
     log: list[str] = field(default_factory=list)
-
-
-def zoo_task_of(folder: str | Path) -> str | None:
-    """The task of a zoo fine-tune (from the zoo.json of an enclosing zoo), or None."""
-    from engine.zoo import MANIFEST_NAME, load_manifest
-
-    folder = Path(folder).resolve()
-    for parent in list(folder.parents)[:4]:
-        if (parent / MANIFEST_NAME).is_file():
-            try:  # the zoo's own checked reader: bounded, strict, entries inside the zoo
-                data = load_manifest(parent)
-            except DeltaWorkbenchError:
-                return None
-            for entry in data["models"]:
-                if Path(entry["abs_path"]) == folder:
-                    task = entry.get("task")
-                    return task if isinstance(task, str) else None
-            return None
-    return None
 
 
 def calibration_texts(tasks: list[str], n: int, seed: int) -> list[tuple[str, str]]:

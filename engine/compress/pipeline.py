@@ -399,11 +399,11 @@ def _allocate(spec, params, base, ft, matrices, budgets, device):
 
 
 def default_tasks(ft_path: Path) -> list[str]:
-    from engine.compress.calibration import zoo_task_of
     from engine.evaluate.tasks import MAIN_TASKS
+    from engine.merge.calibration import task_list, zoo_task_of
 
     task = zoo_task_of(ft_path)
-    return [task] if task else list(MAIN_TASKS)
+    return task_list(task) if task else list(MAIN_TASKS)
 
 
 def _calibration_data(params, allowed_roots, warnings: list[str]):

@@ -65,11 +65,6 @@ def quantize_groups(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     return _codes(x, best_step, bits).to(torch.int64), best_step
 
 
-def quantize_with_step(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of ``x`` for given per-row steps (used to re-quantise after a step is fixed)."""
-    return _codes(x.to(torch.float32), step.to(torch.float32), bits).to(torch.int64)
-
-
 def dct_matrix(size: int, device=None) -> torch.Tensor:
     """The orthonormal DCT-II matrix C (size x size): X_dct = C @ X @ C.T, X = C.T @ Y @ C."""
     n = torch.arange(size, dtype=torch.float64)

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engine.errors import ConfigError, ParameterError
+from engine.errors import DeltaWorkbenchError, ParameterError
 from engine.evaluate.calibration_data import CalibrationData
 from engine.evaluate.tasks import MAIN_TASKS, TASKS, train_stream
 from engine.io.staging import discard_staging, make_scratch_dir
@@ -225,22 +225,28 @@ def _alias_tied(model, stats: dict) -> None:
 
 
 # ---------------------------------------------------------------------- tasks of models
-def zoo_task_of(folder: str | Path) -> str | list[str] | None:
-    """The task a zoo model was fine-tuned on ('all' for a zoo base), from the ``zoo.json`` of
-    an enclosing folder; None when the folder belongs to no zoo."""
+def zoo_task_of(folder: str | Path) -> str | None:
+    """The task a zoo model was trained for, from the ``zoo.json`` of an enclosing folder (the
+    one rule for merge and compress calibration): a fine-tune's task; ALL_TASKS for a zoo base
+    without one (it was pretrained on every main task, so its statistics cover them all);
+    None for a folder in no zoo, in a zoo.json this engine cannot read, or an entry whose task
+    is not a name."""
     from engine.zoo import MANIFEST_NAME, load_manifest
 
     folder = Path(folder).resolve()
     for root in list(folder.parents)[:4]:
         if not (root / MANIFEST_NAME).is_file():
             continue
-        try:
+        try:  # the zoo's own checked reader: bounded, strict, entries inside the zoo
             manifest = load_manifest(root)
-        except ConfigError:
+        except DeltaWorkbenchError:
             return None
         for entry in manifest["models"]:
-            if Path(entry["abs_path"]).resolve() == folder:
-                return entry.get("task") or ALL_TASKS
+            if Path(entry["abs_path"]) == folder:  # load_manifest resolved it
+                task = entry.get("task")
+                if isinstance(task, str) and task:
+                    return task
+                return ALL_TASKS if task is None and entry["role"] == "base" else None
         return None
     return None
 

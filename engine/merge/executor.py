@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from pydantic import BaseModel
 
 from engine.compat import embed_head_names, is_tied, require_compatible
 from engine.device import resolve_device
@@ -185,11 +184,6 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
     return plan
 
 
-def params_for_tensor(plan: MergePlan, name: str) -> tuple[BaseModel, list[BaseModel]]:
-    """Global and per-model parameters for one tensor (model scope overrides global scope)."""
-    return plan.spec.tensor_params(name)
-
-
 def _input_tensor(plan: MergePlan, folder: ModelFolder, name: str) -> torch.Tensor:
     """One model's tensor for an output name: tied heads read the embedding; vocab by policy."""
     embed, head = embed_head_names(folder)
@@ -207,13 +201,6 @@ def _input_tensor(plan: MergePlan, folder: ModelFolder, name: str) -> torch.Tens
             base_rows = _input_tensor(plan, plan.layout, name)
             tensor = torch.cat([tensor, base_rows[tensor.shape[0]:target].to(tensor.dtype)])
     return tensor
-
-
-def merge_one(plan: MergePlan, name: str, inputs: tuple[torch.Tensor | None, list[torch.Tensor]],
-              device: torch.device, stats=None) -> torch.Tensor:
-    """Merge one tensor: fp32 (fp64 for fp64 inputs) on `device`, returned on the CPU."""
-    base_t, model_ts = inputs
-    return plan.spec.merge_tensor(name, base_t, model_ts, device=device, stats=stats)
 
 
 def _merge_into(spec: MergeSpec, name: str, base_t, model_ts, out: torch.Tensor, *,
@@ -431,5 +418,5 @@ def merge_state_dicts(
     return out
 
 
-__all__ = ["DTYPES", "MergePlan", "MergeResult", "MergeSpec", "merge_state_dicts",
-           "params_for_tensor", "plan_merge", "run_merge"]
+__all__ = ["DTYPES", "MergePlan", "MergeResult", "MergeSpec", "merge_state_dicts", "plan_merge",
+           "run_merge"]

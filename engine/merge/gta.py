@@ -1,5 +1,9 @@
 """Generalized task arithmetic: the engine behind task_arithmetic, ties, dare_*, breadcrumbs*, della*.
 
+Each of those methods is one ``Variant`` declaration (engine/merge/methods/task_arithmetic_family.py):
+its sparsification, whether signs are elected, its normalize/rescale defaults, its paper, as
+mergekit declares its variants as constructor calls over one GeneralizedTaskArithmeticMerge.
+
 Per tensor, as in mergekit's generalized_task_arithmetic.py:
   1. delta_i = W_i - W0, sparsified per model (density, gamma, epsilon) and optionally rescaled;
   2. weighted_i = w_i * delta_i;
@@ -13,10 +17,12 @@ Per tensor, as in mergekit's generalized_task_arithmetic.py:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
 
 from engine.merge.common import (
     MethodParams,
@@ -34,14 +40,17 @@ from engine.merge.sparsify import RescaleNorm, apply_mask, della_keep_probabilit
 
 Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
 Consensus = Literal["sum", "count"]
+RANDOM_SPARSIFICATIONS = ("random", "della_magprune")
+NORMALIZE_DOC = "Divide the merged task vector by the sum of the weights used."
+RESCALE_DOC = "Rescale sparsified task vectors (see rescale_norm)."
 
 
 class GTAParams(MethodParams):
-    """Global parameters shared by the task-vector family (mergekit names). Subclasses set the
-    method's own defaults for normalize and rescale."""
+    """Global parameters shared by the task-vector family (mergekit names). Each variant's
+    class sets its own defaults for normalize and rescale."""
 
-    normalize: bool = Field(False, description="Divide the merged task vector by the sum of the weights used.")
-    rescale: bool = Field(False, description="Rescale sparsified task vectors (see rescale_norm).")
+    normalize: bool = Field(False, description=NORMALIZE_DOC)
+    rescale: bool = Field(False, description=RESCALE_DOC)
     lambda_: float = Field(1.0, alias="lambda", description="Scale of the merged task vector before adding it to the base.")
     int8_mask: bool = Field(False, description="mergekit memory option (sign mask stored as int8); no effect on the result.")
     rescale_norm: RescaleNorm = Field(
@@ -82,6 +91,16 @@ class DellaModelParams(RandomDensityModelParams):
                 "(keep probabilities range over density - epsilon .. density + epsilon)"
             )
         return self
+
+
+# per-model parameters by sparsification: what each one reads (density, gamma, epsilon, seed)
+MODEL_PARAMS: dict[Sparsification | None, type[RequiredWeight]] = {
+    None: RequiredWeight,
+    "magnitude": DensityModelParams,
+    "random": RandomDensityModelParams,
+    "magnitude_outliers": BreadcrumbsModelParams,
+    "della_magprune": DellaModelParams,
+}
 
 
 def validate(method: str, params: GTAParams, model_params: Sequence[RequiredWeight]) -> None:
@@ -163,7 +182,7 @@ def merge(
 ) -> torch.Tensor:
     validate(method, params, model_params)
     base32, inputs = prepare_inputs(method, base, tensors, model_params, name=name, requires_base=True)
-    random = sparsification in ("random", "della_magprune")
+    random = sparsification in RANDOM_SPARSIFICATIONS
     deltas = []
     for i, (t, mp) in enumerate(zip(inputs, model_params)):
         gen = generator_for(i, getattr(mp, "seed", None), generator, name) if random else None
@@ -177,3 +196,64 @@ def merge(
         lambda_=params.lambda_,
     )
     return finish(out, method, name)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One merge method of the family, declared as data.
+
+    ``sparsification`` trims each task vector (None keeps it whole), ``consensus`` elects signs
+    (the method then takes ``consensus_method``), ``normalize``/``rescale`` are the method's
+    defaults. The registry serves it like a method module: ``params_class`` and
+    ``model_params_class`` are the pydantic classes the pages render, ``merge_tensor`` and
+    ``validate`` the calls."""
+
+    name: str
+    paper: str
+    sparsification: Sparsification | None
+    consensus: bool
+    normalize: bool
+    rescale: bool
+
+    def __post_init__(self):
+        if self.sparsification not in MODEL_PARAMS:
+            raise TypeError(f"merge variant {self.name}: unknown sparsification {self.sparsification!r}")
+
+    @property
+    def randomized(self) -> bool:
+        return self.sparsification in RANDOM_SPARSIFICATIONS
+
+    @cached_property
+    def params_class(self) -> type[BaseModel]:
+        # named "Params" like a method module's class: the schema title the pages and
+        # `methods --json` show stays the same for every method
+        return create_model(
+            "Params",
+            __base__=ConsensusParams if self.consensus else GTAParams,
+            __module__=__name__,
+            normalize=(bool, Field(self.normalize, description=NORMALIZE_DOC)),
+            rescale=(bool, Field(self.rescale, description=RESCALE_DOC)),
+        )
+
+    @property
+    def model_params_class(self) -> type[RequiredWeight]:
+        return MODEL_PARAMS[self.sparsification]
+
+    def validate(self, params: GTAParams, model_params: Sequence[RequiredWeight]) -> None:
+        validate(self.name, params, model_params)
+
+    def merge_tensor(
+        self,
+        base: torch.Tensor | None,
+        tensors: list[torch.Tensor],
+        model_params: list[RequiredWeight],
+        params: GTAParams,
+        *,
+        name: str = "",
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        return merge(
+            self.name, base, tensors, model_params, params, name=name, generator=generator,
+            sparsification=self.sparsification,
+            consensus=params.consensus_method if self.consensus else None,
+        )

@@ -16,20 +16,10 @@ and tensors outside the layer stack (embeddings, final norm, lm_head) get 0.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from engine.errors import ParameterError
-
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
-
-
-def layer_index_of(tensor_name: str) -> int | None:
-    """Index of the transformer block a tensor belongs to ("model.layers.7.mlp..." -> 7), else None."""
-    match = _LAYER_RE.search(tensor_name)
-    return int(match.group(1)) if match else None
-
 
 def layer_fraction(layer_index: int | None, num_layers: int | None) -> float:
     """mergekit's t: 0 outside the layer stack, 1 for a one-layer stack, else i / (L - 1)."""

@@ -1,15 +1,18 @@
 """The table of merge methods and a uniform way to call them.
 
-Every module in METHOD_MODULES defines NAME, PAPER, Params, ModelParams, REQUIRES_BASE and
-merge_tensor(base, tensors, model_params, params, *, name="", generator=None[, stats=None]);
-optionally validate(params, model_params), STATS ("fisher" / "gram": the method takes
-stats=[...]) and RANDOMIZED. Pages render forms from Params/ModelParams (pydantic JSON schema),
-so a new method needs no page change: add a module and one line here.
+Every module in METHOD_MODULES is one method: it defines NAME, PAPER, Params, ModelParams,
+REQUIRES_BASE and merge_tensor(base, tensors, model_params, params, *, name="", generator=None
+[, stats=None]); optionally validate(params, model_params), STATS ("fisher" / "gram": the method
+takes stats=[...]) and RANDOMIZED. A module in FAMILY_MODULES instead declares VARIANTS, several
+methods over one implementation (``engine.merge.gta.Variant``), listed in its place. Pages render
+forms from the parameter classes (pydantic JSON schema), so a new method needs no page change:
+add a module and one line here, or a family variant and no line here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import importlib
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -18,18 +21,13 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from engine.errors import ParameterError
+from engine.merge.gta import Variant
 from engine.registry import MethodTable, format_validation_error, load_method_module
 
+PACKAGE = "engine.merge.methods"
 METHOD_MODULES: tuple[str, ...] = (
     "linear",
-    "task_arithmetic",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
+    "task_arithmetic_family",
     "slerp",
     "model_stock",
     "consensus",
@@ -40,6 +38,8 @@ METHOD_MODULES: tuple[str, ...] = (
     "channel_merging",
     "sotu",
 )
+
+FAMILY_MODULES = frozenset({"task_arithmetic_family"})
 
 _REQUIRED = ("NAME", "PAPER", "Params", "ModelParams", "REQUIRES_BASE", "merge_tensor")
 
@@ -53,7 +53,7 @@ class MergeMethod:
     requires_base: bool
     stats: str | None
     randomized: bool
-    module: ModuleType
+    module: ModuleType | Variant  # what validate / merge_tensor are called on
 
     def parse_params(self, raw: Mapping[str, Any] | BaseModel | None = None) -> BaseModel:
         """Validated global parameters (mergekit names, e.g. 'lambda'); errors become ParameterError."""
@@ -117,7 +117,7 @@ class MergeMethod:
 
 
 def _load(module_name: str) -> MergeMethod:
-    module = load_method_module("engine.merge.methods", module_name, _REQUIRED, "merge")
+    module = load_method_module(PACKAGE, module_name, _REQUIRED, "merge")
     return MergeMethod(
         name=module.NAME,
         paper=module.PAPER,
@@ -130,11 +130,46 @@ def _load(module_name: str) -> MergeMethod:
     )
 
 
-_TABLE = MethodTable(METHOD_MODULES, _load, "merge")
+def from_variant(variant: Variant) -> MergeMethod:
+    """The method a family declaration describes."""
+    return MergeMethod(
+        name=variant.name,
+        paper=variant.paper,
+        params_class=variant.params_class,
+        model_params_class=variant.model_params_class,
+        requires_base=True,
+        stats=None,
+        randomized=variant.randomized,
+        module=variant,
+    )
+
+
+def build_table() -> MethodTable[MergeMethod]:
+    """Every method in METHOD_MODULES order, a family's variants in its place; one-file methods
+    are imported on first use, a family's declarations now (they are data)."""
+    names: list[str] = []
+    variants: dict[str, Variant] = {}
+    for module_name in METHOD_MODULES:
+        if module_name not in FAMILY_MODULES:
+            names.append(module_name)
+            continue
+        for variant in importlib.import_module(f"{PACKAGE}.{module_name}").VARIANTS:
+            if variant.name in variants or variant.name in METHOD_MODULES:
+                raise TypeError(f"merge method {variant.name} is declared twice")
+            variants[variant.name] = variant
+            names.append(variant.name)
+
+    def load(name: str) -> MergeMethod:
+        return from_variant(variants[name]) if name in variants else _load(name)
+
+    return MethodTable(names, load, "merge")
+
+
+_TABLE = build_table()
 
 
 def list_methods() -> list[str]:
-    return list(METHOD_MODULES)
+    return list(_TABLE.names)
 
 
 def get_method(name: str) -> MergeMethod:

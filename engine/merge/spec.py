@@ -32,10 +32,11 @@ import torch
 from pydantic import BaseModel
 
 from engine.errors import IncompatibleModelsError, NonFiniteError, ParameterError
-from engine.merge import fast
+from engine.merge import chunked
 from engine.merge.common import count_nonfinite, work_dtype
-from engine.merge.params import layer_index_of, resolve_all
+from engine.merge.params import resolve_all
 from engine.merge.registry import MergeMethod, get_method, list_methods
+from engine.tensor_names import layer_index_of
 
 # Parameter names of mergekit's merge methods (mergekit/merge_methods/*: parameters() and
 # tensor_parameters(), and the keyword arguments of its easy_define methods). A recipe written
@@ -262,7 +263,7 @@ class MergeSpec:
         for bit, for every method whose result is then its input.
 
         On the CPU, linear and the deterministic task-vector methods run as chunked kernels
-        (``engine.merge.fast``: the same arithmetic, bitwise, several times faster, no fp32 copy
+        (``engine.merge.chunked``: the same arithmetic, bitwise, several times faster, no fp32 copy
         of whole tensors); everything else goes through ``merge_tensor`` and is cast once.
         The values written are checked after that cast: one that overflows the output dtype
         (3e38 in float16 is Inf) is refused naming the tensor, or clamped to the dtype's finite
@@ -285,16 +286,16 @@ class MergeSpec:
             out.copy_(ref)
             return _check_cast(name, out, overflow)
         use_base = base if self.method.requires_base else None
-        if (device.type == "cpu" and stats is None and fast.supports(self.method.name, params)
-                and all(t.is_floating_point() and t.dtype != torch.float64  # fast is fp32 only
+        if (device.type == "cpu" and stats is None and chunked.supports(self.method, params)
+                and all(t.is_floating_point() and t.dtype != torch.float64  # the kernels are fp32 only
                         for t in [*models, *([use_base] if use_base is not None else [])])
                 and all(tuple(t.shape) == tuple(out.shape) for t in models)
                 and (use_base is None or tuple(use_base.shape) == tuple(out.shape))):
             names = None
             if labels is not None:
                 names = ([labels[0] or "base"] if use_base is not None else []) + list(labels[1])
-            fast.merge_into(self.method.name, use_base, models, model_params, params, out,
-                            labels=names, name=name)
+            chunked.merge_into(self.method, use_base, models, model_params, params, out,
+                               labels=names, name=name)
             return _check_cast(name, out, overflow)
         try:
             merged = self.merge_tensor(name, base, models, device=device, stats=stats)

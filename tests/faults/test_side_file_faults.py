@@ -227,7 +227,7 @@ def test_decompress_never_restores_code(tmp_path, artifact, name, data, error_ty
 def test_hostile_zoo_manifest_is_a_named_error(tmp_path, payload, reason):
     """Calibration looks for a zoo.json above every model folder: a deeply nested one was a
     RecursionError traceback (merge) or crashed the compress calibration lookup."""
-    from engine.compress.calibration import zoo_task_of
+    from engine.merge.calibration import zoo_task_of
     from engine.zoo import load_manifest
 
     folder = write_model(tmp_path / "zoo" / "m", tiny_tensors(), config=dict(TINY_CONFIG))

@@ -73,8 +73,17 @@ def test_check_finite_names_tensor_and_counts(tmp_path):
 
 
 def test_check_finite_ignores_integer_tensors(tmp_path):
-    dest = write_model(tmp_path / "m", {"ids": torch.arange(4), "w": torch.ones(2)})
-    ModelFolder(dest, check_finite=True)
+    """Integer and bool tensors have no NaN/Inf: extreme values in them are never counted,
+    while the float tensors beside them still are."""
+    ids = torch.tensor([torch.iinfo(torch.int64).min, -1, 0, torch.iinfo(torch.int64).max])
+    tensors = {"ids": ids, "mask": torch.tensor([True, False]), "w": torch.ones(2)}
+    dest = write_model(tmp_path / "m", tensors)
+    with ModelFolder(dest, check_finite=True) as mf:
+        assert mf.nonfinite_counts() == {}
+        assert torch.equal(mf.read_tensor("ids"), ids)
+    tensors["w"] = torch.tensor([1.0, float("nan")])
+    with pytest.raises(NonFiniteError, match="tensor 'w'"):
+        ModelFolder(write_model(tmp_path / "bad", tensors), check_finite=True)
 
 
 def test_both_single_file_and_index_is_ambiguous(tmp_path):

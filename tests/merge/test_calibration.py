@@ -12,8 +12,8 @@ from engine.errors import ParameterError
 from engine.evaluate.tasks import MAIN_TASKS, TASKS, is_heldout
 from engine.io import ModelFolder, ModelWriter
 from engine.merge import get_method
-from engine.merge.calibration import (CalibrationStats, calibration_examples, encode, fisher_diagonal,
-                                      gram_matrices, resolve_tasks, zoo_task_of)
+from engine.merge.calibration import (ALL_TASKS, CalibrationStats, calibration_examples, encode,
+                                      fisher_diagonal, gram_matrices, resolve_tasks, task_list, zoo_task_of)
 from engine.merge.executor import run_merge
 from engine.merge.methods.regmean import GramStats
 from engine.recipe import load_recipe, parse_recipe
@@ -172,6 +172,31 @@ def test_tasks_come_from_the_zoo_manifest(quick_zoo, tmp_path):
         resolve_tasks([tmp_path], [None])
     with pytest.raises(ParameterError, match="unknown"):
         resolve_tasks([zoo / "small" / "reverse"], ["juggle"])
+
+
+def test_merge_and_compress_calibration_read_one_task_rule(quick_zoo, tmp_path):
+    """One zoo_task_of: a zoo base is calibrated on every main task by both (compress had its
+    own copy, which said None for a base and fell back to the same tasks by another road); an
+    entry without a usable task is None for both."""
+    import json
+
+    from engine.compress.pipeline import default_tasks
+
+    zoo = Path(quick_zoo)
+    assert default_tasks(zoo / "small" / "base") == list(MAIN_TASKS) == task_list(zoo_task_of(zoo / "small" / "base"))
+    assert default_tasks(zoo / "small" / "reverse") == ["reverse"]
+    assert zoo_task_of(zoo / "safety" / "aligned") == "refuse"  # a base trained for a task keeps it
+    assert default_tasks(tmp_path) == list(MAIN_TASKS)  # in no zoo: the compressors' default
+    own = tmp_path / "zoo"
+    entries = [("base", "base", None), ("untasked", "finetune", None), ("odd", "finetune", 7),
+               ("listed", "finetune", ["upper", "sort"])]
+    for path, _, _ in entries:
+        (own / path).mkdir(parents=True)
+    (own / "zoo.json").write_text(json.dumps({"models": [{"path": p, "role": r, "task": t}
+                                                         for p, r, t in entries]}))
+    assert zoo_task_of(own / "base") == ALL_TASKS
+    assert [zoo_task_of(own / p) for p in ("untasked", "odd", "listed")] == [None, None, None]
+    assert zoo_task_of(own / "base" / "..") is None  # the zoo folder itself is no model
 
 
 def _folder(tmp: Path, name: str, model) -> Path:

@@ -11,7 +11,8 @@ import torch
 
 from engine.io import ModelFolder
 from engine.merge.executor import run_merge
-from engine.merge.params import layer_fraction, layer_index_of
+from engine.merge.params import layer_fraction
+from engine.tensor_names import layer_index_of
 from engine.recipe import parse_recipe
 
 N_LAYERS = 2

@@ -3,30 +3,13 @@
 import pytest
 
 from engine.errors import ParameterError
-from engine.merge.params import layer_fraction, layer_index_of, resolve, resolve_all
+from engine.merge.params import layer_fraction, resolve, resolve_all
 
 SLERP_T = [
     {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
     {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
     {"value": 0.5},
 ]
-
-
-@pytest.mark.parametrize(
-    "name, index",
-    [
-        ("model.layers.12.mlp.up_proj.weight", 12),
-        ("transformer.h.3.attn.c_attn.weight", 3),
-        ("encoder.block.5.layer.1.DenseReluDense.wi.weight", 5),
-        ("model.layers.0", 0),
-        ("model.embed_tokens.weight", None),
-        ("lm_head.weight", None),
-        ("model.norm.weight", None),
-        ("model.layers_extra.3.weight", None),
-    ],
-)
-def test_layer_index_of(name, index):
-    assert layer_index_of(name) == index
 
 
 def test_layer_fraction_follows_mergekit_plan():

@@ -5,8 +5,10 @@ import torch
 from pydantic import BaseModel
 
 from engine.errors import ParameterError
-from engine.merge import get_method, list_methods
-from engine.merge.registry import METHOD_MODULES
+from engine.merge import chunked, get_method, list_methods, registry
+from engine.merge.gta import Variant
+from engine.merge.methods import task_arithmetic_family
+from engine.merge.registry import FAMILY_MODULES, METHOD_MODULES
 from tests.merge.helpers import family
 
 EXPECTED = {
@@ -17,7 +19,10 @@ EXPECTED = {
 
 
 def test_every_method_is_listed_and_complete():
-    assert set(list_methods()) == EXPECTED == set(METHOD_MODULES)
+    declared = [v.name for v in task_arithmetic_family.VARIANTS]
+    one_file = [m for m in METHOD_MODULES if m not in FAMILY_MODULES]
+    assert set(list_methods()) == EXPECTED == set(one_file) | set(declared)
+    assert len(list_methods()) == len(one_file) + len(declared)  # nothing listed twice
     for name in list_methods():
         m = get_method(name)
         assert m.name == name and m.paper
@@ -95,3 +100,69 @@ def test_stats_only_for_methods_that_take_them():
     with pytest.raises(ParameterError, match="takes no calibration statistics"):
         get_method("linear").merge(None, fts, [{"weight": 1}] * 2, stats=[base, base])
     assert get_method("fisher").stats == "fisher" and get_method("regmean").stats == "gram"
+
+
+# ---------------------------------------------------------------- the family as data
+@pytest.fixture
+def magnitude_linear(monkeypatch):
+    """A ninth task-arithmetic variant, added as one declaration: TIES' magnitude trim without
+    the sign election, normalised (what the registry, the recipes and the chunked path see)."""
+    variant = Variant("magnitude_linear", "a test declaration", sparsification="magnitude",
+                      consensus=False, normalize=True, rescale=False)
+    monkeypatch.setattr(task_arithmetic_family, "VARIANTS", (*task_arithmetic_family.VARIANTS, variant))
+    monkeypatch.setattr(registry, "_TABLE", registry.build_table())
+    return variant
+
+
+def _magnitude_linear_reference(base, fts, mps):
+    """float64, by hand: keep each task vector's int(density * n) largest |delta|, weighted
+    mean of the kept deltas, plus the base."""
+    base64, acc = base.double(), torch.zeros(base.shape, dtype=torch.float64)
+    for ft, mp in zip(fts, mps):
+        delta = (ft.double() - base64).reshape(-1)
+        k = max(1, int(mp["density"] * delta.numel()))
+        kept = torch.zeros_like(delta)
+        top = delta.abs().argsort(descending=True)[:k]
+        kept[top] = delta[top]
+        acc += mp["weight"] * kept.reshape(base.shape)
+    return base64 + acc / sum(mp["weight"] for mp in mps)
+
+
+def test_a_new_variant_is_one_declaration_and_merges(magnitude_linear, tmp_path):
+    from engine.io import ModelFolder
+    from engine.merge.executor import run_merge
+    from engine.recipe import parse_recipe
+    from tests.io.builders import write_model
+
+    assert list_methods()[-1] == "sotu" and "magnitude_linear" in list_methods()
+    m = get_method("magnitude_linear")
+    assert m.module is magnitude_linear and m.requires_base and not m.randomized
+    assert set(m.model_params_class.model_fields) == {"weight", "density"}
+    assert m.parse_params({}).normalize is True and "consensus_method" not in m.params_class.model_fields
+    assert m.describe()["params_schema"]["title"] == "Params"
+
+    base, fts = family(n=3, shape=(20, 15))
+    mps = [{"weight": 0.6, "density": 0.4}, {"weight": 0.3, "density": 0.7}, {"weight": 0.5, "density": 1.0}]
+    expected = _magnitude_linear_reference(base, fts, mps)
+    got = m.merge(base, fts, mps)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    # the chunked CPU path reads the same declaration: same bits
+    p, parsed = m.parse_params({}), m.parse_model_params(mps)
+    assert chunked.supports(m, p)
+    out = torch.empty(base.shape)
+    chunked.merge_into(m, base, fts, parsed, p, out)
+    assert torch.equal(out, got)
+
+    # and a recipe names it like any other method
+    folders = [write_model(tmp_path / name, {"model.layers.0.mlp.up_proj.weight": t})
+               for name, t in zip(["base", "a", "b", "c"], [base, *fts])]
+    recipe = parse_recipe({"merge_method": "magnitude_linear", "base_model": str(folders[0]),
+                           "models": [{"model": str(f), "parameters": mp} for f, mp in zip(folders[1:], mps)]})
+    with ModelFolder(run_merge(recipe, tmp_path / "out", device="cpu").out) as merged:
+        torch.testing.assert_close(merged.read_tensor("model.layers.0.mlp.up_proj.weight").double(),
+                                   expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_declaration_with_an_unknown_sparsification_is_refused():
+    with pytest.raises(TypeError, match="unknown sparsification 'topk'"):
+        Variant("x", "p", sparsification="topk", consensus=False, normalize=False, rescale=False)

@@ -1,7 +1,9 @@
 """Chunked CPU kernels for the deterministic task-vector methods and linear.
 
-``linear``, ``task_arithmetic``, ``ties``, ``breadcrumbs`` and ``breadcrumbs_ties`` (without
-``rescale``) are elementwise once each model's trim threshold is known. Computed over whole
+``linear`` and every task-arithmetic variant (engine/merge/gta.py's ``Variant`` declarations)
+whose sparsification is none, magnitude or Breadcrumbs' magnitude_outliers, without ``rescale``,
+are elementwise once each model's trim threshold is known; the kernel reads the variant's
+sparsification and consensus from its declaration, so a new such variant runs here unchanged. Computed over whole
 tensors, every step (bf16 -> fp32, subtract, weight, elect, sum, cast back) streams the full
 tensor through memory; computed over slices of ``CHUNK`` entries the fp32 temporaries stay in
 the CPU cache, which is several times faster and never holds an fp32 copy of a whole tensor.
@@ -27,19 +29,15 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import NonFiniteError
+from engine.merge.gta import Variant
+from engine.merge.registry import MergeMethod
 from engine.merge.sparsify import kept_count
 
 CHUNK = 1 << 17
 _SAMPLE = 1 << 15
 
-# method -> (sparsification, uses consensus)
-_GTA = {
-    "task_arithmetic": (None, False),
-    "ties": ("magnitude", True),
-    "breadcrumbs": ("magnitude_outliers", False),
-    "breadcrumbs_ties": ("magnitude_outliers", True),
-}
-SUPPORTED = frozenset({"linear", *_GTA})
+# the deterministic sparsifications the kernels implement (random masks stay whole-tensor)
+SPARSIFICATIONS = (None, "magnitude", "magnitude_outliers")
 
 
 @dataclass(frozen=True)
@@ -152,14 +150,16 @@ def _model_rules(sparsification, n: int, mp, base, model) -> list[tuple[TopK, bo
     return [(select_topk(base, model, n - n_bottom), False), (select_topk(base, model, n_top), True)]
 
 
-def supports(method_name: str, params) -> bool:
+def supports(method: MergeMethod, params) -> bool:
     """Whether ``merge_into`` implements this method with these global parameters."""
-    if method_name not in SUPPORTED:
-        return False
-    return method_name == "linear" or not getattr(params, "rescale", False)
+    if method.name == "linear":
+        return True
+    variant = method.module
+    return (isinstance(variant, Variant) and variant.sparsification in SPARSIFICATIONS
+            and not params.rescale)
 
 
-def merge_into(method_name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor],
+def merge_into(method: MergeMethod, base: torch.Tensor | None, models: Sequence[torch.Tensor],
                model_params, params, out: torch.Tensor, *, labels: Sequence[str] | None = None,
                name: str = "") -> torch.Tensor:
     """Merge one tensor chunk by chunk into ``out`` (any float dtype, the inputs' shape).
@@ -179,12 +179,12 @@ def merge_into(method_name: str, base: torch.Tensor | None, models: Sequence[tor
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        if method_name == "linear":
+        if method.name == "linear":
             _linear(flat_models, model_params, params, flat_out, sums)
         else:
-            sparsification, consensus = _GTA[method_name]
-            consensus_method = params.consensus_method if consensus else None
-            _gta(flat_base, flat_models, model_params, params, flat_out, sums, sparsification,
+            variant = method.module
+            consensus_method = params.consensus_method if variant.consensus else None
+            _gta(flat_base, flat_models, model_params, params, flat_out, sums, variant.sparsification,
                  consensus_method, n)
     finally:
         torch.set_num_threads(threads)
@@ -197,7 +197,7 @@ def merge_into(method_name: str, base: torch.Tensor | None, models: Sequence[tor
                                      path=label, tensor=name or None)
         bad = int((~torch.isfinite(flat_out)).sum())
         if bad:
-            raise NonFiniteError(f"{method_name} produced {bad} non-finite value(s)", tensor=name or None)
+            raise NonFiniteError(f"{method.name} produced {bad} non-finite value(s)", tensor=name or None)
     return out
 
 

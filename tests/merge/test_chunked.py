@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from engine.errors import NonFiniteError
-from engine.merge import fast, get_method
-from engine.merge.fast import TopK, select_topk
+from engine.merge import chunked, get_method
+from engine.merge.chunked import TopK, select_topk
 from engine.merge.sparsify import topk_mask
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(fast, "CHUNK", 1000)  # many chunks even on small tensors
-    monkeypatch.setattr(fast, "_SAMPLE", 256)
+    monkeypatch.setattr(chunked, "CHUNK", 1000)  # many chunks even on small tensors
+    monkeypatch.setattr(chunked, "_SAMPLE", 256)
 
 
 def quantized_family(n_models=3, shape=(37, 53), seed=0, dtype=torch.bfloat16):
@@ -55,13 +55,13 @@ def test_chunked_kernel_equals_the_method(method, mps, params, dtype):
     base, fts = quantized_family(dtype=dtype)
     m = get_method(method)
     p, parsed = m.parse_params(params), m.parse_model_params(mps)
-    assert fast.supports(method, p)
+    assert chunked.supports(m, p)
     expected = m.merge(base, fts, parsed, p)
     out = torch.empty(base.shape, dtype=torch.float32)
-    fast.merge_into(method, base if m.requires_base else None, fts, parsed, p, out)
+    chunked.merge_into(m, base if m.requires_base else None, fts, parsed, p, out)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     out16 = torch.empty(base.shape, dtype=torch.bfloat16)
-    fast.merge_into(method, base if m.requires_base else None, fts, parsed, p, out16)
+    chunked.merge_into(m, base if m.requires_base else None, fts, parsed, p, out16)
     assert torch.equal(out16, expected.to(torch.bfloat16))
 
 
@@ -77,28 +77,28 @@ def test_select_topk_matches_a_full_selection(k):
         assert rule.nothing
         return
     expected = topk_mask(mag, k)
-    cursor = fast._TopKCursor(rule)
-    got = torch.cat([cursor.mask(mag[s:e]) for s, e in fast._chunks(mag.numel())])
+    cursor = chunked._TopKCursor(rule)
+    got = torch.cat([cursor.mask(mag[s:e]) for s, e in chunked._chunks(mag.numel())])
     assert int(got.sum()) == k
     assert torch.equal(got, expected)
 
 
 def test_bracket_miss_falls_back_to_exact_selection(monkeypatch):
-    monkeypatch.setattr(fast, "_SAMPLE", 2)  # a useless sample
+    monkeypatch.setattr(chunked, "_SAMPLE", 2)  # a useless sample
     base, (ft, *_) = quantized_family(shape=(30, 30))
     mag = (ft.float() - base.float()).abs().reshape(-1)
     for k in (1, 100, 450, 899):
         rule = select_topk(base.reshape(-1), ft.reshape(-1), k)
         assert isinstance(rule, TopK)
-        cursor = fast._TopKCursor(rule)
-        assert torch.equal(torch.cat([cursor.mask(mag[s:e]) for s, e in fast._chunks(mag.numel())]),
+        cursor = chunked._TopKCursor(rule)
+        assert torch.equal(torch.cat([cursor.mask(mag[s:e]) for s, e in chunked._chunks(mag.numel())]),
                            topk_mask(mag, k))
 
 
 def test_unsupported_settings_are_declined():
-    assert not fast.supports("dare_ties", get_method("dare_ties").parse_params({}))
-    assert not fast.supports("ties", get_method("ties").parse_params({"rescale": True}))
-    assert not fast.supports("slerp", get_method("slerp").parse_params({"t": 0.5}))
+    for name, params in (("dare_ties", {}), ("ties", {"rescale": True}), ("slerp", {"t": 0.5})):
+        m = get_method(name)
+        assert not chunked.supports(m, m.parse_params(params))
 
 
 def test_nonfinite_inputs_are_named_and_huge_finite_sums_are_not_errors():
@@ -107,10 +107,10 @@ def test_nonfinite_inputs_are_named_and_huge_finite_sums_are_not_errors():
     m = get_method("ties")
     mps = m.parse_model_params([{"weight": 1.0, "density": 0.5}] * 3)
     with pytest.raises(NonFiniteError, match="model-b: tensor 'w': 1 NaN/Inf value\\(s\\) in an input"):
-        fast.merge_into("ties", base, fts, mps, m.parse_params({}), torch.empty(base.shape),
+        chunked.merge_into(m, base, fts, mps, m.parse_params({}), torch.empty(base.shape),
                         labels=["base", "model-a", "model-b", "model-c"], name="w")
     big = [torch.full((50, 50), 3e37), torch.full((50, 50), 3e37)]  # sums overflow fp32, values do not
     lin = get_method("linear")
-    out = fast.merge_into("linear", None, big, lin.parse_model_params([{"weight": 1}, {"weight": 1}]),
+    out = chunked.merge_into(lin, None, big, lin.parse_model_params([{"weight": 1}, {"weight": 1}]),
                           lin.parse_params({}), torch.empty(50, 50))
     torch.testing.assert_close(out, big[0])
