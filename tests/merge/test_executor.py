@@ -185,7 +185,9 @@ def test_nonfinite_input_refused_naming_the_tensor_and_nothing_written(family, t
 
 
 def test_missing_model_folder_and_lora_reference_are_clear(family, tmp_path):
-    for ref, words in (("org/some-hub-model", "no such local model folder"), ("a+lora", "LoRA")):
+    # a LoRA reference is read (BASE+ADAPTER): missing parts are named like any missing folder
+    for ref, words in (("org/some-hub-model", "no such local model folder"),
+                       ("a+lora", "models\\[0\\].model: no such local model folder")):
         recipe = parse_recipe({"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1}}]})
         with pytest.raises(ConfigError, match=words):
             run_merge(recipe, tmp_path / "out", device="cpu")
