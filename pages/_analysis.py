@@ -103,12 +103,14 @@ class CacheOnly:
 
 
 def model_parameters(*paths: str | Path) -> int:
-    """The largest parameter count among the folders (headers only)."""
+    """The largest parameter count among the folders (headers only); a LoRA adapter counts as
+    its base, which is among the paths."""
     from engine.io import ModelFolder
+    from engine.lora import is_adapter_folder
 
     biggest = 0
     for path in paths:
-        if path:
+        if path and not is_adapter_folder(path):
             with ModelFolder(path) as folder:
                 biggest = max(biggest, folder.num_parameters)
     return biggest

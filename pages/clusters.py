@@ -56,7 +56,8 @@ def _stamp(folder: str) -> float:
     return max((p.stat().st_mtime for p in Path(folder).glob("*.safetensors*")), default=0.0)
 
 
-shapes = guarded("The fine-tune cannot be read", lambda: _shapes(finetunes[0], _stamp(finetunes[0])))
+# the layout is the base's (a LoRA adapter among the fine-tunes has no layout of its own)
+shapes = guarded("The base cannot be read", lambda: _shapes(base, _stamp(base)))
 if shapes is None:
     st.stop()
 

@@ -136,10 +136,11 @@ def _spectrum(base: str, finetuned: str, name: str, stamp: tuple) -> dict:  # no
 
 def _stamp(*paths: str) -> tuple:
     from engine.io import ModelFolder
+    from engine.lora import LoraAdapter, is_adapter_folder
 
     prints = []
     for path in paths:
-        with ModelFolder(path) as f:
+        with (LoraAdapter(path) if is_adapter_folder(path) else ModelFolder(path)) as f:
             prints.append(tuple(sorted((k, v["size"], v["mtime_ns"]) for k, v in f.file_fingerprints().items())))
     return tuple(prints)
 

@@ -298,6 +298,14 @@ class LoraAdapter:
             if d is not None:
                 yield name, d
 
+    def file_fingerprints(self) -> dict[str, dict]:
+        """The weights file's size, mtime and header digest, with the config's digest (a
+        changed rank or alpha is a different fine-tune)."""
+        h = self.header
+        return {self.weights_path.name: {"size": h.file_size, "mtime_ns": h.mtime_ns,
+                                         "header_sha256": h.header_sha256,
+                                         "config_sha256": self.config_digest}}
+
     def base_model_path(self) -> str | None:
         value = self.config.get("base_model_name_or_path")
         return value if isinstance(value, str) and value else None

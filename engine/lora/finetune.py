@@ -75,11 +75,7 @@ class AdapterFinetune:
         """Per file, as ``ModelFolder`` keys them (the file a tensor's ``info`` names): the base's
         shards (tensors the adapter leaves alone) and the adapter's weights with its config's
         digest (the tensors it changes), so editing either is a different fine-tune."""
-        h = self.adapter.header
-        return {**self.base.file_fingerprints(),
-                self.adapter.weights_path.name: {
-                    "size": h.file_size, "mtime_ns": h.mtime_ns, "header_sha256": h.header_sha256,
-                    "config_sha256": self.adapter.config_digest}}
+        return {**self.base.file_fingerprints(), **self.adapter.file_fingerprints()}
 
     # ------------------------------------------------------------------ tensors
     def read_tensor(self, name: str) -> torch.Tensor:

@@ -71,3 +71,13 @@ def test_labs_score_the_users_models_on_their_file(user_models, page):
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     assert not any("register an eval set" in i.value for i in at.info)
+
+
+@pytest.mark.parametrize("page", ["pages/spectra.py", "pages/similarity.py", "pages/clusters.py"])
+def test_analysis_pages_take_lora_adapters(user_models, page):
+    selection = {"base": str(user_models / "base"),
+                 "finetunes": [str(user_models / "adapter_a"), str(user_models / "adapter_b")]}
+    at = _app({"selection": selection})
+    at.switch_page(page).run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]

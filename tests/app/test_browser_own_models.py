@@ -1,0 +1,104 @@
+"""A real browser, a user's own models: a folder with a base, two PEFT LoRA adapters and a JSONL
+file, opened through the Models page, gives delta spectra, a what-if merge scored on the file
+(its held-out half), and an exported merge with a model card."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.evaluate.loading import load_model_folder
+from engine.evaluate.tasks import TASKS, heldout_examples
+from tests.app.test_browser import CHROMIUM, _serve, _settle, browser  # noqa: F401 (fixture)
+from tests.lora.peft_builders import make_adapter
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() or shutil.which("chromium") is None,
+                                reason="needs Debian's chromium (.ci/run installs it)")
+
+
+@pytest.fixture
+def served(tmp_path, quick_zoo, monkeypatch):
+    mine = tmp_path / "mine"
+    shutil.copytree(quick_zoo / "small" / "base", mine / "base")
+    model, _ = load_model_folder(mine / "base")
+    make_adapter(model, mine / "adapter_a", seed=1, target_modules=["q_proj"], r=2, lora_alpha=1)
+    make_adapter(model, mine / "adapter_b", seed=2, target_modules=["v_proj"], r=2, lora_alpha=1)
+    examples = heldout_examples(TASKS["upper"], 24)
+    (mine / "qa.jsonl").write_text("\n".join(json.dumps({"prompt": p, "answer": a})
+                                             for p, a in examples) + "\n")
+    monkeypatch.setenv("DELTA_WORKBENCH_MODEL_ROOTS", str(mine))
+    home = tmp_path / "home"
+    # no demo zoo: the user's own folder is all there is
+    proc, url = _serve(home, tmp_path / "no-zoo")
+    yield url, mine, home
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _type(page, label: str, text: str) -> None:
+    field = page.get_by_label(label, exact=True)
+    field.fill(text)
+    field.press("Enter")
+    _settle(page)
+
+
+def _nav(page, title: str) -> None:
+    page.locator('[data-testid="stSidebarNav"]').get_by_text(title, exact=True).click()
+    page.wait_for_function(f"() => [...document.querySelectorAll('[data-testid=\"stMain\"] h1')]"
+                           f".some(h => h.innerText.trim() === {json.dumps(title)})", timeout=180_000)
+    _settle(page)
+
+
+def test_own_base_two_adapters_and_a_jsonl_file(served, browser):  # noqa: F811
+    url, mine, home = served
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url)
+    _settle(page)
+    for name in ("base", "adapter_a", "adapter_b"):
+        _type(page, "Model folder or LoRA adapter folder", str(mine / name))
+        if name != "base":
+            assert "PEFT LoRA adapter" in page.locator('[data-testid="stMain"]').inner_text()
+        page.get_by_role("button", name="Add to the choices above").click()
+        _settle(page)
+    page.locator('[data-testid="stSelectbox"]').filter(has_text="Base model").click()
+    page.get_by_role("option", name="base", exact=True).click()
+    for name in ("adapter_a", "adapter_b"):
+        page.locator('[data-testid="stMultiSelect"]').filter(has_text="Fine-tunes").click()
+        page.get_by_role("option", name=name, exact=True).click()
+        page.keyboard.press("Escape")
+    page.get_by_role("button", name="Use this selection").click()
+    _settle(page)
+    assert "Compatible" in page.locator('[data-testid="stMain"]').inner_text()
+    _type(page, "Eval file (.jsonl or .txt)", str(mine / "qa.jsonl"))
+    page.get_by_role("button", name="Register this eval set").click()
+    _settle(page)
+
+    _nav(page, "Delta spectra")
+    assert page.locator('[data-testid="stException"]').count() == 0
+    page.wait_for_function("() => document.querySelector('.js-plotly-plot')", timeout=180_000)
+
+    _nav(page, "Merge lab")
+    page.wait_for_function("() => document.querySelector('.js-plotly-plot')", timeout=180_000)
+    assert page.locator('[data-testid="stException"]').count() == 0
+    tasks = page.evaluate("() => document.querySelector('.js-plotly-plot').data[0].x")
+    assert tasks == ["qa"]  # scored on the user's file only: these are not zoo models
+
+    out_field = page.get_by_label("Output folder name (under the export folder)", exact=True)
+    out_field.fill("my-merge")
+    page.get_by_role("button", name="Run the full merge as a job").click()
+    _settle(page)
+    card = home / "exports" / "my-merge" / "README.md"
+    deadline = time.time() + 300
+    while not card.exists():
+        assert time.time() < deadline, "the merge job did not export"
+        time.sleep(1)
+    front = yaml.safe_load(card.read_text().split("---")[1])
+    assert "delta-workbench" in front["tags"] and front["base_model"]
+    assert page.locator('[data-testid="stException"]').count() == 0
+    page.close()
