@@ -63,8 +63,8 @@ def _build_busy() -> bool:
 if manifest is None:
     st.info(f"No demo zoo yet in `{zoo}`. Build it here: it trains a small Llama model family "
             "on CPU (about 10 minutes; the quick build takes about 2 and learns little). Each "
-            "family appears here as soon as it is trained, the small one first (about 3 "
-            "minutes).")
+            "family appears here as soon as it is trained, the small one first (about 4 "
+            "minutes in).")
     quick = st.checkbox("Quick build (structural zoo for a first look)", value=False)
     if st.button("Build the demo zoo", type="primary", disabled=_build_busy()):
         manager.submit(JobSpec(kind="zoo_build", title="Build the demo zoo",
