@@ -129,15 +129,18 @@ and config alone would be ~5 KB, more than the whole 64x budget of the small fam
   `(1 + alpha) W_base + lambda d_hat`, alpha and lambda learned with Adam (60 steps, lr 0.02)
   to match the fine-tune's next-token distributions on the answer positions of 32 training
   prompts of its task; the inner compressor is `delta_dct` by default.
-- `extract-lora`: not a delta compressor but the PEFT adapter `python -m engine extract-lora`
+"""
+
+LORA_NOTE = """- `extract-lora`: not a delta compressor but the PEFT adapter `python -m engine extract-lora`
   writes (truncated SVD of each linear layer's task vector, `B = U_r sqrt(S_r)`,
   `A = sqrt(S_r) V_r^T`, here in fp16), at the largest rank `r` (the same for every module)
   whose folder fits the budget: `adapter_model.safetensors`, `adapter_config.json`, the model
   card and the manifest all count, as every file of an artifact does. Rebuilt as base +
   adapter by our adapter reader. What LoRA cannot carry stays the base's: the norms' deltas
   always, and the embeddings' and head's unless `embed_lora: true` (mergekit's default is off).
-  The rank in each cell is in `bench/results/compress_quality_rows.json` (`rank`).
+  The rank of each cell and the size of each file are in the rows file (`rank`, `files`).
 """
+NOTES += LORA_NOTE
 
 
 def parse_method(entry: str) -> tuple[str, dict]:
@@ -424,6 +427,8 @@ def markdown(rows, methods, ratios, table, args, seconds) -> str:
     command = "python bench/compress_quality.py --zoo ZOO"
     if args.label:  # a second measurement: the method notes are in the main section
         command += f" --label '{args.label}' --methods ... --ratios {' '.join(map(str, ratios))}"
+        if any(parse_method(m)[0] == LORA for m in methods):
+            lines += ["", LORA_NOTE.strip()]
     else:
         lines += ["", NOTES.strip()]
     lines += ["", f"Measured with `{command}` ({len(rows)} runs, "
@@ -529,7 +534,7 @@ def findings(rows, table, methods, ratios) -> str:
                     and r.get("along") is not None]
             return sum(vals) / len(vals) if vals else None
 
-        parts = [f"`{m}` {along(m):.2f}" for m in ("delta_dct", "impart", "bitdelta", "dare")
+        parts = [f"`{m}` {along(m):.2f}" for m in ("delta_dct", "impart", "bitdelta", "dare", "svd")
                  if m in methods and along(m) is not None]
         norms = sorted(per_model(rows, "delta_norm_median").values())
         out.append(
@@ -541,14 +546,23 @@ def findings(rows, table, methods, ratios) -> str:
             + ", but each needs most of its delta's length: `base + s x delta` keeps on average "
             f"{100 * mean_at('0.5'):.0f}% of the own-task accuracy at s = 0.5, "
             f"{100 * mean_at('0.7'):.0f}% at 0.7 and {100 * mean_at('0.85'):.0f}% at 0.85 (table below). "
-            "Compressors that shrink the delta lose the task even when their error is moderate; "
-            "the component kept along the delta at 16x is " + ", ".join(parts) + ". "
+            "Compressors that shrink the delta lose the task even when their error is moderate"
+            + ("; the component kept along the delta at 16x is " + ", ".join(parts) if parts else "")
+            + ". "
             "Rows that restore the length do far better at the same bytes: unbiased rescaling "
             "(`delta_dct{rescale: projection}`, one fp16 per matrix), learned scales "
             "(`bitdelta{distill: true}`, DBMS) or dense low-rank codes that keep the top "
             "singular directions nearly exact (Delta-CoMe, ImPart-Qt). LLM fine-tunes sit "
             "further inside their basin, which is why the papers see near-lossless "
             "1-bit-equivalent compression without such corrections.")
+    for method in [m for m in methods if parse_method(m)[0] == LORA]:
+        cell = [r for r in rows if r["method"] == method and r["target_ratio"] == 16 and "rank" in r]
+        if 16 in ratios and cell and _cell(table, method, 16) is not None:
+            ranks = sorted(r["rank"] for r in cell)
+            fixed = sorted(r["bytes"] - r["files"]["adapter_model.safetensors"] for r in cell)
+            out.append(f"`{method}` keeps {100 * _cell(table, method, 16):.0f}% at 16x (rank "
+                       f"{ranks[0]}-{ranks[-1]}; its config, card and manifest take "
+                       f"{fixed[0] / 1024:.1f}-{fixed[-1] / 1024:.1f} KB of each budget).")
     if 32 in ratios or 64 in ratios:
         high = [r for r in (32, 64) if r in ratios]
         tops = []
