@@ -48,6 +48,12 @@ def _type(page, label: str, text: str) -> None:
     _settle(page)
 
 
+def _wait_text(page, text: str, timeout_ms: int = 180_000) -> None:
+    """Wait for ``text`` in the main area (a click's rerun may start after _settle returned)."""
+    page.wait_for_function(f"() => document.querySelector('[data-testid=\"stMain\"]')"
+                           f".innerText.includes({json.dumps(text)})", timeout=timeout_ms)
+
+
 def _nav(page, title: str) -> None:
     page.locator('[data-testid="stSidebarNav"]').get_by_text(title, exact=True).click()
     page.wait_for_function(f"() => [...document.querySelectorAll('[data-testid=\"stMain\"] h1')]"
@@ -63,8 +69,11 @@ def test_own_base_two_adapters_and_a_jsonl_file(served, browser):  # noqa: F811
     for name in ("base", "adapter_a", "adapter_b"):
         _type(page, "Model folder or LoRA adapter folder", str(mine / name))
         if name != "base":
-            assert "PEFT LoRA adapter" in page.locator('[data-testid="stMain"]').inner_text()
+            _wait_text(page, "PEFT LoRA adapter")
         page.get_by_role("button", name="Add to the choices above").click()
+        page.wait_for_function("() => ![...document.querySelectorAll('button')].some("
+                               "b => b.innerText.includes('Add to the choices above'))",
+                               timeout=180_000)
         _settle(page)
     page.locator('[data-testid="stSelectbox"]').filter(has_text="Base model").click()
     page.get_by_role("option", name="base", exact=True).click()
@@ -73,10 +82,12 @@ def test_own_base_two_adapters_and_a_jsonl_file(served, browser):  # noqa: F811
         page.get_by_role("option", name=name, exact=True).click()
         page.keyboard.press("Escape")
     page.get_by_role("button", name="Use this selection").click()
+    _wait_text(page, "Compatible: base + 2 fine-tune(s)")
     _settle(page)
-    assert "Compatible" in page.locator('[data-testid="stMain"]').inner_text()
     _type(page, "Eval file (.jsonl or .txt)", str(mine / "qa.jsonl"))
+    _wait_text(page, "24 lines")
     page.get_by_role("button", name="Register this eval set").click()
+    _wait_text(page, "Remove")
     _settle(page)
 
     _nav(page, "Delta spectra")

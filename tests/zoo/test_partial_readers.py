@@ -10,7 +10,8 @@ from tests.zoo.partial import partial_zoo
 
 
 def test_calibration_finds_the_tasks_of_published_models(tmp_path, quick_zoo):
-    from engine.compress.calibration import zoo_task_of as compress_task_of
+    from engine.compress.pipeline import default_tasks
+    from engine.evaluate.tasks import MAIN_TASKS
     from engine.merge.calibration import ALL_TASKS, zoo_task_of
 
     zoo = partial_zoo(quick_zoo, tmp_path / "zoo")
@@ -18,11 +19,11 @@ def test_calibration_finds_the_tasks_of_published_models(tmp_path, quick_zoo):
     assert not zoo_complete(manifest) and zoo_complete(load_manifest(quick_zoo))
     assert zoo_task_of(zoo / "small" / "upper") == "upper"
     assert zoo_task_of(zoo / "small" / "base") == ALL_TASKS
-    assert compress_task_of(zoo / "small" / "sort") == "sort"
+    assert default_tasks(zoo / "small" / "sort") == ["sort"]  # compression reads the same rule
     # a family moved in before zoo.json was rewritten is not listed yet: no task from the zoo
     shutil.copytree(quick_zoo / "large", zoo / "large")
     assert zoo_task_of(zoo / "large" / "upper") is None
-    assert compress_task_of(zoo / "large" / "upper") is None
+    assert default_tasks(zoo / "large" / "upper") == list(MAIN_TASKS)
 
 
 def test_zoo_list_shows_what_is_still_training(tmp_path, quick_zoo, capsys):
