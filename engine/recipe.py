@@ -239,15 +239,12 @@ def split_lora_ref(ref: str) -> tuple[str, str | None]:
     return base, adapter
 
 
-def resolve_model_ref(ref: str, *, key: str = "model", recipe_dir: str | Path | None = None,
-                      allowed_roots: Iterable[str | Path] | None = None) -> Path:
-    """The local folder a recipe's model reference names (nothing is expanded or downloaded).
-
-    With ``allowed_roots`` (the app and its jobs) the reference passes the same check as a
-    typed path (``engine.paths.resolve_user_path``): absolute or relative to ``recipe_dir``, no
-    ``~`` or ``..``, inside a root once symlinks are resolved. Without (the command line: the
-    user's own shell and files) a relative reference is tried in ``recipe_dir``, then here.
-    Errors name the recipe key. A ``BASE+ADAPTER`` reference is split first (split_lora_ref)."""
+def _resolve_ref(ref: str, *, key: str, kind: str, missing: str, recipe_dir, allowed_roots) -> Path:
+    """A recipe's path reference: with ``allowed_roots`` (the app and its jobs) the typed-path
+    check (``engine.paths.resolve_user_path``: absolute or relative to ``recipe_dir``, no ``~``
+    or ``..``, inside a root once symlinks are resolved, a ``kind``); without (the command line:
+    the user's own shell and files) tried relative to ``recipe_dir``, then here. Nothing is
+    expanded or downloaded; errors name the recipe key."""
     if ref.strip().startswith("~"):
         raise PathNotAllowedError(f"recipe key {key}: '~' is not expanded; write the full path",
                                   path=ref)
@@ -255,42 +252,32 @@ def resolve_model_ref(ref: str, *, key: str = "model", recipe_dir: str | Path | 
     if allowed_roots is not None:
         text = str(Path(recipe_dir) / ref) if relative and recipe_dir is not None else ref
         try:
-            return resolve_user_path(text, allowed_roots, kind="dir")
+            return resolve_user_path(text, allowed_roots, kind=kind)
         except PathNotAllowedError as err:
             raise PathNotAllowedError(f"recipe key {key}: {err.reason}", path=ref) from None
     candidates = [Path(ref)]
     if recipe_dir is not None and relative:
         candidates.insert(0, Path(recipe_dir) / ref)
     for candidate in candidates:
-        if candidate.is_dir():
+        if (candidate.is_dir() if kind == "dir" else candidate.is_file()):
             return candidate
-    raise ConfigError(f"recipe key {key}: no such local model folder (only local folders are "
-                      "read; nothing is downloaded)", path=ref)
+    raise ConfigError(f"recipe key {key}: {missing}", path=ref)
+
+
+def resolve_model_ref(ref: str, *, key: str = "model", recipe_dir: str | Path | None = None,
+                      allowed_roots: Iterable[str | Path] | None = None) -> Path:
+    """The local folder a recipe's model reference names (rules: ``_resolve_ref``). A
+    ``BASE+ADAPTER`` reference is split first (``split_lora_ref``)."""
+    return _resolve_ref(ref, key=key, kind="dir", recipe_dir=recipe_dir, allowed_roots=allowed_roots,
+                        missing="no such local model folder (only local folders are read; nothing "
+                                "is downloaded)")
 
 
 def resolve_data_ref(ref: str, *, key: str, recipe_dir: str | Path | None = None,
                      allowed_roots: Iterable[str | Path] | None = None) -> Path:
-    """The local file a recipe's calibration ``data`` names, by the rules of model references
-    (``resolve_model_ref``): with ``allowed_roots`` the typed-path check (absolute or relative to
-    ``recipe_dir``, inside a root, a regular file); without, relative to ``recipe_dir``, then
-    here. Errors name the recipe key."""
-    if ref.strip().startswith("~"):
-        raise PathNotAllowedError(f"recipe key {key}: '~' is not expanded; write the full path",
-                                  path=ref)
-    relative = not PurePath(ref).is_absolute()
-    if allowed_roots is not None:
-        text = str(Path(recipe_dir) / ref) if relative and recipe_dir is not None else ref
-        try:
-            return resolve_user_path(text, allowed_roots, kind="file")
-        except PathNotAllowedError as err:
-            raise PathNotAllowedError(f"recipe key {key}: {err.reason}", path=ref) from None
-    candidates = [Path(ref)]
-    if recipe_dir is not None and relative:
-        candidates.insert(0, Path(recipe_dir) / ref)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"recipe key {key}: no such calibration data file", path=ref)
+    """The local file a recipe's calibration ``data`` names, by the same rules (a regular file)."""
+    return _resolve_ref(ref, key=key, kind="file", recipe_dir=recipe_dir, allowed_roots=allowed_roots,
+                        missing="no such calibration data file")
 
 
 def check_recipe_paths(recipe: MergeRecipe, allowed_roots: Iterable[str | Path], *,

@@ -63,8 +63,8 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None):
         present = [name for name in TOKENIZER_FILES if (view / name).exists()]
         if any(name in present for name in _TOKENIZER_MARKERS):
             try:
-                return AutoTokenizer.from_pretrained(view, local_files_only=True,
-                                                     trust_remote_code=False)
+                return AutoTokenizer.from_pretrained(view, trust_remote_code=False,
+                                                     local_files_only=True)
             except DeltaWorkbenchError:
                 raise
             except Exception as err:  # the tokenizers library raises bare Exception on bad data
