@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from engine.errors import CheckpointFormatError, ConfigError, IncompatibleModelsError, PathNotAllowedError, UnsafeFormatError
 from engine.io import ModelFolder
 from engine.lora import LoraAdapter
-from tests.io.builders import snapshot
+from tests.faults.refusal import assert_refused
 from tests.lora.peft_builders import make_adapter, tiny_gpt2, tiny_llama
 
 
@@ -40,18 +40,13 @@ def _edit_config(folder, **changes):
 
 
 def refused(tmp_path, folder, error_type, *needles, base=None):
-    before = snapshot(tmp_path)
-    with pytest.raises(error_type) as info:
+    def action():
         adapter = LoraAdapter(folder)
         if base is not None:
             with ModelFolder(base) as b:
                 adapter.check_base({n: b.info(n).shape for n in b.tensor_names}, b.path)
-    message = str(info.value)
-    assert type(info.value) is error_type, f"{type(info.value).__name__}: {message}"
-    for needle in needles:
-        assert needle in message, f"{needle!r} not in {message!r}"
-    assert "\n" not in message
-    assert snapshot(tmp_path) == before
+
+    assert_refused(tmp_path, action, error_type, *needles)
 
 
 def test_dora_is_refused_naming_it(tmp_path, llama_pair):

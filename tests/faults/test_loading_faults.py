@@ -20,6 +20,7 @@ from engine.io.pickle_optin import load_pickle_state_dict
 from tests.io.builders import (TINY_CONFIG, f32_entry, folder_with_file, safetensors_bytes, snapshot,
                                tiny_tensors, write_model)
 from tests.io.test_pickle_optin import malicious_pickle_bytes
+from tests.faults.refusal import assert_refused
 
 
 @pytest.fixture(autouse=True)
@@ -34,16 +35,7 @@ def no_unpickling(monkeypatch):
 
 def refused(tmp_path, folder, error_type, *needles):
     """Open ``folder``; assert the error type, the named things, and no trace on disk."""
-    before = snapshot(tmp_path)
-    with pytest.raises(error_type) as info:
-        ModelFolder(folder)
-    message = str(info.value)
-    assert type(info.value) is error_type, f"{type(info.value).__name__}: {message}"
-    for needle in needles:
-        assert needle in message, f"{needle!r} not in {message!r}"
-    assert "\n" not in message
-    assert snapshot(tmp_path) == before
-    return info.value
+    return assert_refused(tmp_path, lambda: ModelFolder(folder), error_type, *needles)
 
 
 def _sharded(tmp_path, name="m"):

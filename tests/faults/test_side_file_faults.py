@@ -20,7 +20,8 @@ import pytest
 from engine.errors import ArtifactError, ConfigError, PathNotAllowedError, UnsafeFormatError
 from engine.evaluate.loading import load_model_folder, load_tokenizer
 from engine.io import ModelFolder
-from tests.io.builders import TINY_CONFIG, snapshot, tiny_tensors, write_model
+from tests.faults.refusal import assert_refused
+from tests.io.builders import TINY_CONFIG, tiny_tensors, write_model
 
 AUTO_MAP = {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}
 
@@ -51,17 +52,9 @@ def edit_json(path: Path, **changes) -> None:
 def refused(tmp_path, action, error_type, *needles):
     """Run ``action``; assert the error type, the named things, one line, no trace on disk,
     and that no payload ran."""
-    before = snapshot(tmp_path)
-    with pytest.raises(error_type) as info:
-        action()
-    message = str(info.value)
-    assert type(info.value) is error_type, f"{type(info.value).__name__}: {message}"
-    for needle in needles:
-        assert needle in message, f"{needle!r} not in {message!r}"
-    assert "\n" not in message
-    assert snapshot(tmp_path) == before
+    error = assert_refused(tmp_path, action, error_type, *needles)
     assert not (tmp_path / "SENTINEL").exists()
-    return info.value
+    return error
 
 
 # ---------------------------------------------------------------- item 1: no code from the folder

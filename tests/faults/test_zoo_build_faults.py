@@ -10,7 +10,7 @@ import pytest
 
 from engine.errors import ConfigError, ExportError
 from engine.zoo import build_zoo, load_manifest
-from tests.io.builders import snapshot
+from tests.faults.refusal import assert_refused
 from tests.zoo.partial import partial_zoo
 
 
@@ -20,26 +20,14 @@ def _own_home(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("DELTA_WORKBENCH_HOME", str(tmp_path_factory.mktemp("home")))
 
 
-def _refused(tmp_path, call, error_type, *needles):
-    before = snapshot(tmp_path)
-    with pytest.raises(error_type) as info:
-        call()
-    message = str(info.value)
-    assert type(info.value) is error_type, f"{type(info.value).__name__}: {message}"
-    for needle in needles:
-        assert needle in message, f"{needle!r} not in {message!r}"
-    assert "\n" not in message
-    assert snapshot(tmp_path) == before
-
-
 @pytest.mark.parametrize("field", [{"complete": "no"}, {"pending": "large/base"},
                                    {"pending": [1]}, {"complete": None}])
 def test_a_bad_complete_or_pending_field_is_a_named_error(tmp_path, quick_zoo, field):
     zoo = partial_zoo(quick_zoo, tmp_path / "zoo")
     manifest = json.loads((zoo / "zoo.json").read_text())
     (zoo / "zoo.json").write_text(json.dumps({**manifest, **field}))
-    _refused(tmp_path, lambda: load_manifest(zoo), ConfigError, "complete/pending", "zoo.json")
-    _refused(tmp_path, lambda: build_zoo(zoo, quick=True, resume=True), ConfigError,
+    assert_refused(tmp_path, lambda: load_manifest(zoo), ConfigError, "complete/pending", "zoo.json")
+    assert_refused(tmp_path, lambda: build_zoo(zoo, quick=True, resume=True), ConfigError,
              "complete/pending")
 
 
@@ -49,22 +37,22 @@ def test_a_published_model_of_another_plan_is_refused_naming_it(tmp_path, quick_
     record = json.loads(stored.read_text())
     record["zoo"]["steps"] += 1
     stored.write_text(json.dumps(record))
-    _refused(tmp_path, lambda: build_zoo(zoo, quick=True, seed=0, resume=True), ExportError,
+    assert_refused(tmp_path, lambda: build_zoo(zoo, quick=True, seed=0, resume=True), ExportError,
              "small/upper", "another plan")
 
 
-def test_a_partial_zoo_of_other_settings_is_refused(tmp_path, quick_zoo):
+def test_a_partial_zoo_of_other_settings_isassert_refused(tmp_path, quick_zoo):
     zoo = partial_zoo(quick_zoo, tmp_path / "zoo")
-    _refused(tmp_path, lambda: build_zoo(zoo, quick=False, seed=0, resume=True), ExportError,
+    assert_refused(tmp_path, lambda: build_zoo(zoo, quick=False, seed=0, resume=True), ExportError,
              "quick=True", "same settings")
-    _refused(tmp_path, lambda: build_zoo(zoo, quick=True, seed=3, resume=True), ExportError,
+    assert_refused(tmp_path, lambda: build_zoo(zoo, quick=True, seed=3, resume=True), ExportError,
              "seed=0", "same settings")
-    _refused(tmp_path, lambda: build_zoo(zoo, quick=True, seed=0), ExportError,
+    assert_refused(tmp_path, lambda: build_zoo(zoo, quick=True, seed=0), ExportError,
              "unfinished build", "--resume")
 
 
 def test_a_non_empty_folder_without_a_zoo_is_refused_even_on_resume(tmp_path):
     (tmp_path / "zoo").mkdir()
     (tmp_path / "zoo" / "notes.txt").write_text("mine")
-    _refused(tmp_path, lambda: build_zoo(tmp_path / "zoo", quick=True, resume=True),
+    assert_refused(tmp_path, lambda: build_zoo(tmp_path / "zoo", quick=True, resume=True),
              ExportError, "not empty")
