@@ -5,7 +5,6 @@ file, opened through the Models page, gives delta spectra, a what-if merge score
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -13,10 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.evaluate.loading import load_model_folder
-from engine.evaluate.tasks import TASKS, heldout_examples
 from tests.app.test_browser import CHROMIUM, _serve, _settle, browser  # noqa: F401 (fixture)
-from tests.lora.peft_builders import make_adapter
+from tests.lora.peft_builders import user_folder
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() or shutil.which("chromium") is None,
                                 reason="needs Debian's chromium (.ci/run installs it)")
@@ -24,14 +21,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() or shutil.which("chr
 
 @pytest.fixture
 def served(tmp_path, quick_zoo, monkeypatch):
-    mine = tmp_path / "mine"
-    shutil.copytree(quick_zoo / "small" / "base", mine / "base")
-    model, _ = load_model_folder(mine / "base")
-    make_adapter(model, mine / "adapter_a", seed=1, target_modules=["q_proj"], r=2, lora_alpha=1)
-    make_adapter(model, mine / "adapter_b", seed=2, target_modules=["v_proj"], r=2, lora_alpha=1)
-    examples = heldout_examples(TASKS["upper"], 24)
-    (mine / "qa.jsonl").write_text("\n".join(json.dumps({"prompt": p, "answer": a})
-                                             for p, a in examples) + "\n")
+    mine = user_folder(quick_zoo, tmp_path / "mine", 24)
     monkeypatch.setenv("DELTA_WORKBENCH_MODEL_ROOTS", str(mine))
     home = tmp_path / "home"
     # no demo zoo: the user's own folder is all there is

@@ -4,32 +4,19 @@ the file (held-out half); without an eval set they say what to do instead of sco
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine.evaluate.loading import load_model_folder
-from engine.evaluate.tasks import TASKS, heldout_examples
-from tests.lora.peft_builders import make_adapter
+from tests.lora.peft_builders import user_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def user_models(tmp_path, monkeypatch, quick_zoo):
-    mine = tmp_path / "mine"
-    shutil.copytree(quick_zoo / "small" / "base", mine / "base")
-    model, _ = load_model_folder(mine / "base")
-    make_adapter(model, mine / "adapter_a", seed=1, target_modules=["q_proj"], r=2, lora_alpha=1)
-    make_adapter(model, mine / "adapter_b", seed=2, target_modules=["v_proj"], r=2, lora_alpha=1)
-    examples = heldout_examples(TASKS["upper"], 30)
-    (mine / "qa.jsonl").write_text("\n".join(json.dumps({"prompt": p, "answer": a})
-                                             for p, a in examples) + "\n")
-    monkeypatch.setenv("DELTA_WORKBENCH_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("DELTA_WORKBENCH_ZOO", str(quick_zoo))
+    mine = user_folder(quick_zoo, tmp_path / "mine", 30)
     monkeypatch.setenv("DELTA_WORKBENCH_MODEL_ROOTS", str(mine))
     monkeypatch.chdir(ROOT)
     return mine

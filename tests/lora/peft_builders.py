@@ -60,3 +60,22 @@ def save_merged(model, merged_state: dict, folder: Path) -> Path:
     full.load_state_dict(merged_state)
     full.save_pretrained(folder)
     return folder
+
+
+def user_folder(quick_zoo: Path, mine: Path, n_examples: int) -> Path:
+    """A user's own folder: a copy of the zoo's small base (outside the zoo), two LoRA adapters
+    of it and a JSONL file of ``n_examples`` upper-task lines."""
+    import json
+    import shutil
+
+    from engine.evaluate.loading import load_model_folder
+    from engine.evaluate.tasks import TASKS, heldout_examples
+
+    shutil.copytree(quick_zoo / "small" / "base", mine / "base")
+    model, _ = load_model_folder(mine / "base")
+    make_adapter(model, mine / "adapter_a", seed=1, target_modules=["q_proj"], r=2, lora_alpha=1)
+    make_adapter(model, mine / "adapter_b", seed=2, target_modules=["v_proj"], r=2, lora_alpha=1)
+    examples = heldout_examples(TASKS["upper"], n_examples)
+    (mine / "qa.jsonl").write_text("\n".join(json.dumps({"prompt": p, "answer": a})
+                                             for p, a in examples) + "\n")
+    return mine
