@@ -66,6 +66,59 @@ def test_slerp_with_layer_gradient_t():
     assert resolve(setting, "model.layers.10.self_attn.q_proj.weight", 10, 32) == pytest.approx(13.7 / 31)
 
 
+def _fp32_coefficients(t, v0, v1):
+    """The coefficients as computed before float64 accumulation: normalise and sum in float32."""
+    a, b = v0.float().flatten(), v1.float().flatten()
+    dot = float((a / a.norm() * (b / b.norm())).sum())
+    theta = math.acos(dot)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_slerp_near_colinear_large_pair_matches_float64(dtype):
+    """Two fine-tunes at cos ~0.992 over 4M entries: float32 sums move cos by ~1e-4, which acos
+    amplifies; the float64-accumulated coefficients agree with a float64 reference to 1e-6."""
+    from engine.merge.methods.slerp import coefficients
+
+    shape, t = (4096, 1024), 0.3
+    v0 = rand(*shape, seed=11, scale=0.02) + 0.01
+    v1 = (v0 + rand(*shape, seed=12, scale=0.02 * 0.145)).to(dtype)
+    v0 = v0.to(dtype)
+    a, b = v0.double().flatten(), v1.double().flatten()
+    cos = float(a @ b / (a.norm() * b.norm()))
+    assert 0.99 < cos < 0.9995  # slerp proper, not the lerp fallback
+    theta = math.acos(cos)
+    exact = (math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta))
+    ours = coefficients(t, v0.float(), v1.float())
+    for got, want in zip(ours, exact):
+        assert abs(got - want) <= 1e-6 * abs(want)
+    reference = (exact[0] * v0.double() + exact[1] * v1.double())
+    out = get_method("slerp").merge(v0, [v1], [{}], {"t": t})
+    err = float((out.double() - reference).norm() / reference.norm())
+    old = _fp32_coefficients(t, v0, v1)
+    old_out = old[0] * v0.float() + old[1] * v1.float()
+    old_err = float((old_out.double() - reference).norm() / reference.norm())
+    assert err < 1e-6 and err < old_err / 10
+    if dtype == torch.bfloat16:  # after the cast back, nearly every entry is the rounded exact value
+        equal = float((out.to(dtype) == reference.to(dtype)).double().mean())
+        assert equal > 0.999
+
+
+def test_slerp_coefficients_keep_mergekit_semantics():
+    """|cos| above the threshold lerps; a tensor of norm <= eps is not normalised."""
+    from engine.merge.methods.slerp import coefficients
+
+    v0 = rand(300, seed=13)
+    assert coefficients(0.25, v0, 3 * v0) == (0.75, 0.25)
+    assert coefficients(0.25, v0, -2 * v0) == (0.75, 0.25)
+    tiny = torch.full((300,), 1e-12)  # norm 1.7e-11 <= eps: used as is, dot ~0, theta ~pi/2
+    s0, s1 = coefficients(0.5, tiny, v0)
+    dot = float(tiny.double() @ v0.double() / v0.double().norm())
+    theta = math.acos(dot)
+    assert s0 == pytest.approx(math.sin(0.5 * theta) / math.sin(theta), rel=1e-12)
+    assert s1 == pytest.approx(s0, rel=1e-9)
+
+
 def model_stock_reference(base, fts, rows=None):
     """rows: None = whole tensor, else per row of a 2-D tensor."""
     b = base.double()

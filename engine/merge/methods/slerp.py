@@ -5,6 +5,15 @@ to unit length (a tensor with norm <= eps is left unnormalised), the sin weights
 to the original, unnormalised tensors, and when |cos| > 0.9995 the two are nearly colinear,
 so plain linear interpolation is used instead. `t` may vary by layer and by filter; the
 recipe layer resolves it per tensor (engine.merge.params.resolve) before calling here.
+
+Numerics: fine-tunes of one base are nearly colinear (cos 0.99 is typical), where
+theta = acos(cos) amplifies any error in cos by 1 / sin(theta) (about 7 at cos 0.99). A float32
+dot product over millions of entries is off by ~1e-4 (the summation's rounding grows with the
+length), which moved the coefficients by ~1e-3 relative on a 32000 x 1024 head. So the two
+squared norms and the dot product are accumulated in float64, chunk by chunk (never a float64
+copy of a whole tensor), and cos = dot / (|v0| |v1|) is formed from them: mathematically the
+dot of the normalised vectors mergekit computes, without rounding each normalised entry first.
+The coefficients are float64 scalars; only the final s0 v0 + s1 v1 runs in the work dtype.
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ from engine.merge.common import MethodParams, NoModelParams, finish, prepare_inp
 NAME = "slerp"
 PAPER = "Shoemake, Animating Rotation with Quaternion Curves, SIGGRAPH 1985 (spherical linear interpolation; mergekit `slerp`)"
 REQUIRES_BASE = True
+
+# entries per float64 chunk: two 1 MiB float64 temporaries, cache-sized
+CHUNK = 1 << 17
 
 
 class Params(MethodParams):
@@ -37,18 +49,39 @@ def validate(params: Params, model_params: Sequence[ModelParams]) -> None:
     return None
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
-    n0, n1 = v0.norm(), v1.norm()
-    u0 = v0 / n0 if n0 > eps else v0
-    u1 = v1 / n1 if n1 > eps else v1
-    dot = float((u0 * u1).sum())
+def moments(v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float, float]:
+    """(|v0|^2, |v1|^2, v0 . v1) of the flattened tensors, accumulated in float64 per chunk."""
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    acc = torch.zeros(3, dtype=torch.float64, device=a.device)
+    for start in range(0, a.numel(), CHUNK):
+        x = a[start:start + CHUNK].to(torch.float64)
+        y = b[start:start + CHUNK].to(torch.float64)
+        acc[0] += torch.dot(x, x)
+        acc[1] += torch.dot(y, y)
+        acc[2] += torch.dot(x, y)
+    s00, s11, s01 = acc.tolist()
+    return s00, s11, s01
+
+
+def coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
+                 eps: float = 1e-8) -> tuple[float, float]:
+    """(s0, s1) with slerp(v0, v1) = s0 v0 + s1 v1; (1 - t, t) where mergekit lerps."""
+    s00, s11, s01 = moments(v0, v1)
+    n0, n1 = math.sqrt(s00), math.sqrt(s11)
+    # mergekit normalises only a tensor whose norm exceeds eps; the dot is of what it gets
+    dot = s01 / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
+    if abs(dot) > dot_threshold:
+        return 1.0 - t, t
     theta = math.acos(max(-1.0, min(1.0, dot)))
     sin_theta = math.sin(theta)
-    if abs(dot) > dot_threshold or sin_theta < 1e-12:
-        return (1 - t) * v0 + t * v1
-    s0 = math.sin((1 - t) * theta) / sin_theta
-    s1 = math.sin(t * theta) / sin_theta
-    return s0 * v0 + s1 * v1
+    if sin_theta < 1e-12:
+        return 1.0 - t, t
+    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+    s0, s1 = coefficients(t, v0, v1, dot_threshold, eps)
+    return torch.mul(v0, s0).add_(v1, alpha=s1)
 
 
 def merge_tensor(
