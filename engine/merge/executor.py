@@ -9,6 +9,9 @@ Everything that can be checked before work starts is checked first: the recipe, 
 folder, the compatibility report (all mismatches at once), and the parameters resolved for
 every tensor (gradients and filters), so a bad value fails in a second, not after an hour.
 
+A method with a model-wide statistic (EMR's rescalers) gets it from a first pass that reads
+every tensor once and keeps only the summed statistic (``MergeSpec.first_pass``).
+
 A CUDA out-of-memory on one tensor is retried on the CPU; the merge finishes, says so in its
 warnings and lists those tensors in the manifest (``cpu_fallback``).
 """
@@ -300,6 +303,18 @@ def run_merge(
     layout = output_layout(plan)
     inputs_folders = plan.input_paths()
     labels = (str(plan.base.path) if plan.base is not None else None, [str(m.path) for m in plan.models])
+    first = plan.spec.first_pass_names([name for name, _, _ in layout])
+    if first:  # a model-wide statistic (EMR's rescalers): one streaming read before any output
+        if progress is not None:
+            progress(0.0, f"{plan.method.name}: first pass over {len(first)} tensors")
+        try:
+            plan.spec.first_pass(first, lambda name: _read_inputs(plan, name), device=device,
+                                 labels=labels)
+        except BaseException:
+            plan.close()
+            if own_stats is not None:
+                own_stats.close()
+            raise
     extra: dict = dict(tokenizer_files(plan.tokenizer_folder))
     extra[RECIPE_FILE] = recipe.to_yaml().encode()
     evaluation: dict = {}
@@ -407,6 +422,10 @@ def merge_state_dicts(
                              f"sets for {len(finetunes)} models")
     device = resolve_device(device)
     layout = base if base is not None else finetunes[0]
+    first = spec.first_pass_names(list(layout))
+    if first:  # recomputed on every call: a reused spec may see other inputs
+        spec.first_pass(first, lambda name: (base[name] if base is not None else None,
+                                             [ft[name] for ft in finetunes]), device=device)
     out = {}
     for name, ref in layout.items():
         stats = stats_provider(name) if stats_provider is not None else None

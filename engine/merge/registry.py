@@ -3,7 +3,11 @@
 Every module in METHOD_MODULES is one method: it defines NAME, PAPER, Params, ModelParams,
 REQUIRES_BASE and merge_tensor(base, tensors, model_params, params, *, name="", generator=None
 [, stats=None]); optionally validate(params, model_params), STATS ("fisher" / "gram": the method
-takes stats=[...]) and RANDOMIZED. A module in FAMILY_MODULES instead declares VARIANTS, several
+takes stats=[...]) and RANDOMIZED; and optionally a model-wide first pass: model_statistic(base,
+tensors, model_params, params, *, name="") gives one tensor's part of a statistic that the caller
+sums over every tensor of the model (``MergeSpec.first_pass``, before any tensor is merged) and
+hands to merge_tensor as ``model_stat=``; uses_model_statistic(params) says whether these
+parameters need it (EMR's model-wide rescalers do, its per-tensor ones do not). A module in FAMILY_MODULES instead declares VARIANTS, several
 methods over one implementation (``engine.merge.gta.Variant``), listed in its place. Pages render
 forms from the parameter classes (pydantic JSON schema), so a new method needs no page change:
 add a module and one line here, or a family variant and no line here.
@@ -54,6 +58,7 @@ class MergeMethod:
     stats: str | None
     randomized: bool
     module: ModuleType | Variant  # what validate / merge_tensor are called on
+    model_stat: bool = False          # takes a model-wide first-pass statistic (see module doc)
 
     def parse_params(self, raw: Mapping[str, Any] | BaseModel | None = None) -> BaseModel:
         """Validated global parameters (mergekit names, e.g. 'lambda'); errors become ParameterError."""
@@ -92,8 +97,12 @@ class MergeMethod:
         name: str = "",
         generator: torch.Generator | None = None,
         stats: Sequence[torch.Tensor] | None = None,
+        model_stat: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Validate raw or parsed parameters and merge one tensor; float32 result."""
+        """Validate raw or parsed parameters and merge one tensor; float32 result.
+
+        ``model_stat``: the model-wide first-pass statistic (methods with ``model_stat``); a
+        method called on one tensor without it treats that tensor as the whole model."""
         p = self.parse_params(params)
         mps = self.parse_model_params(model_params)
         kwargs: dict[str, Any] = {"name": name, "generator": generator}
@@ -101,7 +110,28 @@ class MergeMethod:
             kwargs["stats"] = stats
         elif stats is not None:
             raise ParameterError(f"{self.name} takes no calibration statistics", tensor=name or None)
+        if self.model_stat:
+            kwargs["model_stat"] = model_stat
+        elif model_stat is not None:
+            raise ParameterError(f"{self.name} takes no model-wide statistic", tensor=name or None)
         return self.module.merge_tensor(base, list(tensors), mps, p, **kwargs)
+
+    def uses_model_statistic(self, params: BaseModel) -> bool:
+        """Whether these (one tensor's) parameters need the model-wide first pass."""
+        if not self.model_stat:
+            return False
+        wants = getattr(self.module, "uses_model_statistic", None)
+        return True if wants is None else bool(wants(params))
+
+    def model_statistic(self, base: torch.Tensor | None, tensors: Sequence[torch.Tensor],
+                        model_params: Sequence[Mapping[str, Any] | BaseModel | None],
+                        params: Mapping[str, Any] | BaseModel | None = None, *,
+                        name: str = "") -> torch.Tensor:
+        """One tensor's part of the model-wide statistic (float64; summed over tensors)."""
+        if not self.model_stat:
+            raise ParameterError(f"{self.name} takes no model-wide statistic", tensor=name or None)
+        return self.module.model_statistic(base, list(tensors), self.parse_model_params(model_params),
+                                           self.parse_params(params), name=name)
 
     def describe(self) -> dict[str, Any]:
         """What a page needs to render the method: names, paper, and JSON schemas of both classes."""
@@ -111,6 +141,7 @@ class MergeMethod:
             "requires_base": self.requires_base,
             "stats": self.stats,
             "randomized": self.randomized,
+            "model_stat": self.model_stat,
             "params_schema": self.params_class.model_json_schema(by_alias=True),
             "model_params_schema": self.model_params_class.model_json_schema(by_alias=True),
         }
@@ -127,6 +158,7 @@ def _load(module_name: str) -> MergeMethod:
         stats=getattr(module, "STATS", None),
         randomized=bool(getattr(module, "RANDOMIZED", False)),
         module=module,
+        model_stat=hasattr(module, "model_statistic"),
     )
 
 

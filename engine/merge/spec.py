@@ -2,7 +2,10 @@
 
 The streaming executor (``run_merge``), the in-memory merge (``merge_state_dicts``) and the
 what-if session all build one ``MergeSpec`` and call ``spec.merge_tensor(name, ...)``, so the
-three can never drift apart.
+three can never drift apart. A method with a model-wide statistic (EMR's one rescaler per task
+for the whole model) gets it from ``spec.first_pass(names, read)``, which every caller runs
+before the first tensor is merged: one streaming read of every tensor, each tensor's part
+summed in float64, nothing else kept.
 
 Parameter scopes follow mergekit (mergekit/config.py, ``ConfigReader.parameter``): a per-model
 value wins over the slice's ``parameters``, which wins over the recipe's top-level
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -97,6 +100,8 @@ class MergeSpec:
     calibration_tasks: list[str | None] = field(default_factory=list)
     calibration_models: list[dict | None] = field(default_factory=list)  # per-model `calibration`
     warnings: list[str] = field(default_factory=list)
+    model_stat: torch.Tensor | None = None     # the summed first-pass statistic (see first_pass)
+    _first_pass_done: bool = field(default=False, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -212,6 +217,59 @@ class MergeSpec:
         for name in names:
             self.tensor_params(name)
 
+    # ------------------------------------------------------------------ model-wide first pass
+    def first_pass_names(self, names: Sequence[str]) -> list[str]:
+        """The tensors whose parameters use the method's model-wide statistic (none for most
+        methods, and for EMR with ``rescale: per_tensor``)."""
+        if not self.method.model_stat:
+            return []
+        return [n for n in names if self.method.uses_model_statistic(self.tensor_params(n)[0])]
+
+    def first_pass(
+        self,
+        names: Sequence[str],
+        read: Callable[[str], tuple[torch.Tensor | None, Sequence[torch.Tensor]]],
+        *,
+        device: torch.device | str = "cpu",
+        labels: tuple[str | None, Sequence[str]] | None = None,
+    ) -> None:
+        """Sum the method's per-tensor statistic over every tensor that uses it, reading each
+        with ``read(name) -> (base, models)`` and dropping it at once; store it in
+        ``model_stat``. Integer and bool tensors (copied, never merged) take no part. Must run
+        before ``merge_tensor`` for a method with a model-wide statistic; a no-op otherwise."""
+        device = torch.device(device)
+        total = None
+        for name in self.first_pass_names(names):
+            base, models = read(name)
+            inputs = [*models, *([base] if base is not None else [])]
+            if not all(t.is_floating_point() for t in inputs):
+                continue
+            params, model_params = self.tensor_params(name)
+            use_base = base if self.method.requires_base else None
+            try:
+                part = self._statistic(name, use_base, models, model_params, params, device)
+            except torch.OutOfMemoryError:
+                if device.type != "cuda":
+                    raise
+                part = None
+            except NonFiniteError:
+                _name_nonfinite(name, base, models, labels)
+                raise
+            if part is None:  # CUDA out of memory: the same arithmetic on the CPU
+                torch.cuda.empty_cache()
+                part = self._statistic(name, use_base, models, model_params, params,
+                                       torch.device("cpu"))
+            total = part if total is None else total + part
+        self.model_stat = total
+        self._first_pass_done = True
+
+    def _statistic(self, name, base, models, model_params, params, device) -> torch.Tensor:
+        dtype = work_dtype([*models, *([base] if base is not None else [])])
+        base_w = base.to(device=device, dtype=dtype) if base is not None else None
+        part = self.method.model_statistic(base_w, [t.to(device=device, dtype=dtype) for t in models],
+                                           model_params, params, name=name)
+        return part.to("cpu", torch.float64)
+
     def generator(self, name: str) -> torch.Generator | None:
         if not self.method.randomized:
             return None
@@ -239,8 +297,15 @@ class MergeSpec:
         dtype = work_dtype([*models, *([base] if base is not None else [])])
         base32 = base.to(device=device, dtype=dtype) if base is not None else None
         models32 = [t.to(device=device, dtype=dtype) for t in models]
+        extra = {}
+        if self.method.uses_model_statistic(params):
+            if not self._first_pass_done:
+                raise ParameterError(f"{self.method.name} needs its model-wide first pass "
+                                     "(MergeSpec.first_pass) before any tensor is merged",
+                                     tensor=name)
+            extra["model_stat"] = self.model_stat
         out = self.method.merge(base32, models32, model_params, params, name=name,
-                                generator=self.generator(name), stats=stats)
+                                generator=self.generator(name), stats=stats, **extra)
         return out.to("cpu")
 
     def merge_into(
@@ -300,18 +365,25 @@ class MergeSpec:
         try:
             merged = self.merge_tensor(name, base, models, device=device, stats=stats)
         except NonFiniteError:
-            if labels is not None:  # name the model folder holding the NaN/Inf
-                for label, t in zip([labels[0], *labels[1]], [base, *models]):
-                    bad = count_nonfinite(t) if t is not None and t.is_floating_point() else 0
-                    if bad:
-                        raise NonFiniteError(f"{bad} NaN/Inf value(s) in an input; merge refused",
-                                             path=label, tensor=name) from None
+            _name_nonfinite(name, base, models, labels)
             raise
         if tuple(merged.shape) != tuple(out.shape):
             raise ParameterError(f"merged shape {tuple(merged.shape)} differs from the output's "
                                  f"{tuple(out.shape)}", tensor=name)
         out.copy_(merged)
         return _check_cast(name, out, overflow)
+
+
+def _name_nonfinite(name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor],
+                    labels: tuple[str | None, Sequence[str]] | None) -> None:
+    """Raise the NaN/Inf error again naming the model folder holding them (when labelled)."""
+    if labels is None:
+        return
+    for label, t in zip([labels[0], *labels[1]], [base, *models]):
+        bad = count_nonfinite(t) if t is not None and t.is_floating_point() else 0
+        if bad:
+            raise NonFiniteError(f"{bad} NaN/Inf value(s) in an input; merge refused",
+                                 path=label, tensor=name) from None
 
 
 def _labelled(base: torch.Tensor | None, models: Sequence[torch.Tensor],

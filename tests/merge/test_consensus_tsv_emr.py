@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.errors import ParameterError
 from engine.merge import get_method
 from engine.merge.methods.emr import emr_decompose, emr_rebuild
 from engine.merge.methods.tsv import polar_factor
@@ -121,3 +122,69 @@ def test_emr_zero_sum_counts_negative_and_empty_mask_is_finite():
     dec2 = emr_decompose([torch.tensor([1.0, 1.0]), torch.tensor([-0.1, -0.1])])
     assert dec2.mask(1).tolist() == [False, False] and float(dec2.scales[1]) == 1.0
     assert torch.isfinite(get_method("emr").merge(base, fts, [{}, {}])).all()
+
+
+def _model_wide_by_hand(base: dict, fts: list[dict]) -> list[float]:
+    """The authors' rescaler, by float64 loops: l_i = sum over tensors of mean|d_i| over the sum
+    over tensors of mean|M_i d_uni| (emr_reference gives each tensor's d_uni and masks)."""
+    num, den = [0.0] * len(fts), [0.0] * len(fts)
+    for name in base:
+        uni, masks, _, _ = emr_reference(base[name], [ft[name] for ft in fts])
+        flat, n = uni.flatten().tolist(), base[name].numel()
+        for i, ft in enumerate(fts):
+            d = (ft[name].double() - base[name].double()).flatten().tolist()
+            num[i] += sum(abs(x) for x in d) / n
+            den[i] += sum(abs(u) for u, k in zip(flat, masks[i]) if k) / n
+    return [a / b for a, b in zip(num, den)]
+
+
+def _two_tensor_family():
+    """Two tensors of different sizes whose per-tensor rescalers differ (so the rules disagree)."""
+    b1, f1 = family(n=3, shape=(6, 7), seed=20)
+    b2, f2 = family(n=3, shape=(5,), seed=40, delta_scale=0.7)
+    base = {"a.weight": b1, "b.bias": b2}
+    return base, [{"a.weight": x, "b.bias": y} for x, y in zip(f1, f2)]
+
+
+def test_emr_model_wide_rescaler_equals_the_hand_computed_one():
+    from engine.merge.executor import merge_state_dicts
+
+    base, fts = _two_tensor_family()
+    lam = _model_wide_by_hand(base, fts)
+    per_tensor = {name: emr_reference(base[name], [ft[name] for ft in fts])[2] for name in base}
+    assert max(abs(lam[0] - per_tensor[n][0]) for n in base) > 0.05  # the two rules differ here
+    for task in range(3):
+        merged = merge_state_dicts("emr", base, fts, [{}] * 3, {"task": task})
+        own = merge_state_dicts("emr", base, fts, [{}] * 3, {"task": task, "rescale": "per_tensor"})
+        for name in base:
+            uni, masks, _, models = emr_reference(base[name], [ft[name] for ft in fts])
+            mask = torch.tensor(masks[task], dtype=torch.float64).reshape(uni.shape)
+            close(merged[name], base[name].double() + lam[task] * mask * uni)
+            close(own[name], models[task])  # the per-tensor option: the old behaviour
+    # the mean of the rebuilt models (task unset) uses the same model-wide rescalers
+    mean = merge_state_dicts("emr", base, fts, [{}] * 3, {})
+    for name in base:
+        uni, masks, _, _ = emr_reference(base[name], [ft[name] for ft in fts])
+        rebuilt = [base[name].double() + lam[i] * torch.tensor(masks[i], dtype=torch.float64)
+                   .reshape(uni.shape) * uni for i in range(3)]
+        close(mean[name], sum(rebuilt) / 3)
+
+
+def test_emr_model_statistic_sums_per_tensor_means():
+    from engine.merge.methods.emr import model_rescalers
+    from engine.merge.spec import MergeSpec
+
+    base, fts = _two_tensor_family()
+    spec = MergeSpec.build("emr", [{}], [{}] * 3)
+    assert spec.first_pass_names(list(base)) == list(base)
+    spec.first_pass(list(base), lambda n: (base[n], [ft[n] for ft in fts]))
+    assert spec.model_stat.dtype == torch.float64 and tuple(spec.model_stat.shape) == (2, 3)
+    assert model_rescalers(spec.model_stat).tolist() == pytest.approx(_model_wide_by_hand(base, fts),
+                                                                      rel=1e-6)
+    # per_tensor needs no first pass; a model-wide merge without one is refused, not guessed
+    assert MergeSpec.build("emr", [{"rescale": "per_tensor"}], [{}] * 3).first_pass_names(list(base)) == []
+    fresh = MergeSpec.build("emr", [{}], [{}] * 3)
+    with pytest.raises(ParameterError, match="first pass"):
+        fresh.merge_tensor("a.weight", base["a.weight"], [ft["a.weight"] for ft in fts])
+    with pytest.raises(ParameterError, match="rescale"):
+        MergeSpec.build("emr", [{"rescale": "global"}], [{}] * 3).tensor_params("a.weight")

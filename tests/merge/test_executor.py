@@ -212,6 +212,33 @@ def test_in_memory_merge_equals_the_streamed_merge(family, tmp_path):
         torch.testing.assert_close(in_memory[name], streamed[name], rtol=0, atol=0)
 
 
+def test_emr_streamed_merge_uses_one_model_wide_rescaler_per_task(family, tmp_path):
+    """The streaming executor's first pass gives EMR the authors' rescalers (sums of per-tensor
+    means over every tensor): the same result as the in-memory merge, and not the per-tensor one."""
+    from engine.merge.methods.emr import emr_decompose, tensor_means
+
+    base, fts = _load(family["base"]), [_load(family["a"]), _load(family["b"])]
+    recipe = parse_recipe({"merge_method": "emr", "base_model": str(family["base"]),
+                           "parameters": {"task": 1},
+                           "models": [{"model": str(family["a"])}, {"model": str(family["b"])}]})
+    streamed = _load(run_merge(recipe, tmp_path / "out", device="cpu").out)
+    in_memory = merge_state_dicts("emr", base, fts, [{}] * 2, {"task": 1}, device="cpu")
+    per_tensor = merge_state_dicts("emr", base, fts, [{}] * 2, {"task": 1, "rescale": "per_tensor"},
+                                   device="cpu")
+    total = sum(tensor_means(emr_decompose([ft[n].float() - base[n].float() for ft in fts]))
+                for n in base)
+    lam = float(total[0, 1] / total[1, 1])
+    name = "model.layers.0.mlp.up_proj.weight"
+    dec = emr_decompose([ft[name].float() - base[name].float() for ft in fts])
+    expected = base[name].float() + lam * dec.mask(1) * dec.unified
+    torch.testing.assert_close(streamed[name].float(), expected, rtol=0, atol=float(expected.abs().max()) / 128)
+    differ = 0
+    for n in streamed:
+        torch.testing.assert_close(in_memory[n], streamed[n], rtol=0, atol=0)
+        differ += int(not torch.equal(per_tensor[n], streamed[n]))
+    assert differ > len(streamed) // 2
+
+
 def test_cli_merge_writes_a_folder(family, tmp_path):
     import subprocess
     import sys
