@@ -1,6 +1,6 @@
 """Neural incompatibility: how similar two models of different width and depth are, layer by
-layer: linear CKA of their hidden states on the same probe prompts, and the cosine of their
-weights after projecting the larger model's matrices to the smaller shape (after LaTen)."""
+layer: linear CKA of their hidden states on the same probe prompts, and a basis-invariant
+similarity of their weights read through the shared token embeddings (after LaTen)."""
 
 from __future__ import annotations
 
@@ -86,9 +86,9 @@ st.plotly_chart(matrix_heatmap(cka, cols_b, rows_a, f"CKA: {name_a} (rows) vs {n
                 key="ni_cka")
 
 # -- parameter map ------------------------------------------------------------------------------
-st.subheader("Parameter similarity after projection")
+st.subheader("Parameter similarity (invariant to the hidden basis)")
 modules = list(par["modules"])
-MEAN = "mean |cosine| over modules"
+MEAN = "mean |similarity| over modules"
 which = st.selectbox("Weights", [MEAN, *modules], key="ni_module")
 la = [f"L{i}" for i in par["layers_a"]]
 lb = [f"L{j}" for j in par["layers_b"]]
@@ -97,10 +97,12 @@ if which == MEAN:
 else:
     z, zmin, zmid, scale = par["modules"][which], -1, 0, "RdBu"
 kind = "task vectors" if use_deltas else "weights"
-st.plotly_chart(matrix_heatmap(z, lb, la, f"Cosine of projected {kind}: {which}", zmin=zmin, zmax=1, zmid=zmid,
+st.plotly_chart(matrix_heatmap(z, lb, la, f"Similarity of {kind}: {which}", zmin=zmin, zmax=1, zmid=zmid,
                                colorscale=scale, x_title=name_b, y_title=name_a), key="ni_params")
-st.caption("Each matrix pair is brought to the common (smaller) shape through its top singular "
-           "vectors, then compared by the cosine of the flattened matrices.")
+st.caption(f"{par.get('measure', 'debiased CKA')}, over {par.get('tokens', '?')} shared token ids: each "
+           "matrix's metric on the side that runs over hidden units is read on its own model's "
+           "token embeddings, so hidden units need no correspondence (a model and a copy with its "
+           "hidden units permuted score 1, unrelated models about 0).")
 
 # -- where it is low ----------------------------------------------------------------------------
 st.subheader("Where cross-scale similarity is low")
@@ -130,7 +132,7 @@ fig.add_trace(go.Scatter(x=[rows_a[b["row"]] for b in act["summary"]["best_match
                          name="best CKA"))
 fig.add_trace(go.Scatter(x=[la[b["row"]] for b in par["summary"]["best_match"]],
                          y=[b["value"] for b in par["summary"]["best_match"]], mode="lines+markers",
-                         name="best mean |cos| of weights"))
+                         name="best mean |similarity| of weights"))
 fig.update_layout(title=f"For each layer of {name_a}: its best match in {name_b}", yaxis_range=[0, 1],
                   xaxis_title=f"layer of {name_a}", yaxis_title="similarity", height=320)
 fig.update_xaxes(type="category")
@@ -141,7 +143,7 @@ with left:
     st.markdown("\n".join(f"- {line}" for line in _explain(act["summary"], rows_a, cols_b, "CKA", 0.5)))
 with right:
     st.markdown(f"**Parameters ({kind})**")
-    st.markdown("\n".join(f"- {line}" for line in _explain(par["summary"], la, lb, "mean |cos|", 0.1)))
+    st.markdown("\n".join(f"- {line}" for line in _explain(par["summary"], la, lb, "mean |similarity|", 0.1)))
 st.caption("CKA is 1 for representations equal up to rotation and scale, near 0 for unrelated ones. "
            "Low values off the diagonal are expected; low values on the best-match line mean that "
            "the layer's computation has no counterpart at the other scale, so its parameters cannot "

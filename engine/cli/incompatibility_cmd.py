@@ -1,7 +1,7 @@
 """``python -m engine incompatibility MODEL_A MODEL_B [--base-a BA --base-b BB] [--json]``: the
 neural-incompatibility maps of the app's page (layer x layer activation CKA on the zoo's probe
-prompts, and parameter similarity after projecting to a common shape; with both bases, of the
-task vectors). Cached in the DuckDB metric store; bad input is one line on stderr, exit 2.
+prompts, and a basis-invariant parameter similarity through the shared token embeddings; with
+both bases, of the task vectors). Cached in the DuckDB metric store; bad input is one line on stderr, exit 2.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
           f"{act['probes']} probes compared by {act['rows']}):")
     for i, row in enumerate(act["cka"]):
         print(f"  {i:>2} {_row(row)}")
-    print(f"parameter similarity, mean |cosine| over modules (A's layers {par['layers_a']} x "
-          f"B's {par['layers_b']}):")
+    print(f"parameter similarity ({par.get('measure', 'debiased CKA')}), mean |value| over "
+          f"modules (A's layers {par['layers_a']} x B's {par['layers_b']}):")
     for i, row in zip(par["layers_a"], par["mean_abs"]):
         print(f"  {i:>2} {_row(row)}")
     return 0
