@@ -12,6 +12,17 @@ rows[index[i, c], c] for every c.
 
 merge_tensor returns expert `expert` rebuilt, or with expert unset the w-weighted mean of the
 rebuilt experts (for group_merge='average' this equals the linear merge of the inputs).
+
+What is and is not the paper's (no authors' code is public; the method section could not be
+retrieved, only the abstract and third-party summaries): verified are the channel granularity,
+clustering by similarity offline into a few groups per channel, one stored row per group and
+rebuilding an expert by lookup. NOT verified, and so our choices: the clustering algorithm
+(a summary speaks of "K groups"; agglomerative average linkage is our default, spherical
+k-means the option), the similarity (cosine of L2-normalised rows), whether the paper clusters
+deltas or weights (a summary says delta parameters: we cluster deltas whenever a base is
+given), and the in-group merge rule (a summary quotes task arithmetic, P + lambda sum of
+deltas: our `task_arithmetic`; the default `average` is ours). G = 2 is consistent with the
+abstract's "53% of the parameters" of four experts but is not a stated value.
 """
 
 from __future__ import annotations
@@ -34,10 +45,12 @@ REQUIRES_BASE = False
 
 class Params(MethodParams):
     num_groups: int = Field(2, ge=1, description="Groups per channel position (G); storage is about G/N of the N experts.")
-    clustering: Literal["agglomerative", "kmeans"] = Field("agglomerative", description="How channels are clustered by cosine similarity.")
+    clustering: Literal["agglomerative", "kmeans"] = Field("agglomerative", description="How channels are clustered by cosine similarity "
+                                                           "(the paper's algorithm is not verified; agglomerative is our default).")
     kmeans_iters: int = Field(20, ge=1, le=1000, description="Maximum k-means iterations.")
     group_merge: Literal["average", "task_arithmetic"] = Field(
-        "average", description="Merge inside a group: weighted mean of rows, or base + lambda * weighted sum of deltas (needs a base)."
+        "average", description="Merge inside a group: weighted mean of rows (ours), or base + lambda * weighted sum of deltas "
+        "(needs a base; the rule a summary of the paper quotes, not verified in its text)."
     )
     lambda_: float = Field(1.0, alias="lambda", description="Scale of the summed deltas for group_merge='task_arithmetic'.")
     expert: int | None = Field(None, ge=0, description="Return this expert rebuilt from the groups (0-based); empty = weighted mean of all.")

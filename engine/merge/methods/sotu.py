@@ -5,7 +5,15 @@ W0 + sum_i w_i M_i d_i. Sparse random masks overlap little, so the masked deltas
 orthogonal and interfere little. With disjoint, one uniform draw u per entry is shared and
 task i keeps the entries with u in [c_(i-1), c_i), c_i the running sum of densities: masks never
 overlap (the densities must sum to at most 1). rescale divides survivors by density (DARE-style;
-off by default as in the method).
+off by default).
+
+What is and is not the paper's (no authors' code is public; only the abstract could be
+retrieved): verified are sparse delta parameters per task, merged by fusing them so that the
+sparse deltas are nearly orthogonal. NOT verified: how the sparsity is drawn (uniform random
+masks here), the keep ratio (density 0.1 is our default, not a stated value), whether kept
+entries are rescaled (off by default; `rescale` divides by the density), and whether masks are
+disjoint (`disjoint`, ours). SoTU is a continual-learning method (fine-tune each task, then
+merge the masked deltas); here only its merge step is applied to given fine-tunes.
 
 Randomness: a per-model `seed` draws that model's mask from (seed, tensor name), independent of
 input order; otherwise the caller's generator is used, in model order; otherwise a generator
@@ -41,12 +49,14 @@ RANDOMIZED = True
 
 class Params(MethodParams):
     disjoint: bool = Field(False, description="Draw non-overlapping masks (densities must sum to at most 1).")
-    rescale: bool = Field(False, description="Divide kept entries by the density (unbiased in expectation).")
+    rescale: bool = Field(False, description="Divide kept entries by the density (unbiased in expectation; whether the paper "
+                          "rescales is not verified).")
     seed: int | None = Field(None, ge=0, description="Seed of the shared draw for disjoint masks.")
 
 
 class ModelParams(DefaultWeight):
-    density: float = Field(0.1, gt=0.0, le=1.0, description="Fraction of this task vector's entries kept.")
+    density: float = Field(0.1, gt=0.0, le=1.0, description="Fraction of this task vector's entries kept (0.1 is our default; "
+                           "the paper's keep ratio is not verified).")
     seed: int | None = seed_field()
 
 
