@@ -5,6 +5,13 @@ merge the five small fine-tunes onto small/base and score exact match on every z
 (held-out examples). Methods that rebuild ONE expert (emr with ``task``, channel_merging with
 ``expert``, slerp with its one model) are run once per fine-tune, each scored on its own task.
 
+TSV-M and Consensus (TALL masks) are reported twice: at our fixed defaults, and with the final
+coefficient tuned as their authors tune it on validation data, here on dev examples (the next
+``n`` held-out examples of every task, disjoint from the ``n`` scored ones; ``Evaluator(skip=n)``):
+TSV alpha over {0.1, ..., 3.0}, Consensus each task's tall_mask_lambda over {0.2, ..., 0.6} (on
+that task's own TALL-mask model) and then lambda over {0.1, ..., 1.0}, each chosen by the mean
+normalised dev accuracy (accuracy / the fine-tune's own), as in the authors' code.
+
     python bench/merge_quality.py --zoo ZOO [--n 128] [--readme]
 """
 
@@ -23,6 +30,8 @@ from engine.merge.whatif import WhatIfSession  # noqa: E402
 
 TASKS = ["reverse", "upper", "shift", "sort", "increment"]
 W = {"weight": 1.0}
+CONSENSUS_FIXED = "consensus k=2 λ=1, λ_t=0.4 (untuned defaults)"
+TSV_FIXED = "tsv α=1 (untuned default)"
 # (label, method, per-model params, global params)
 SETTINGS = [
     ("linear (mean)", "linear", [{"weight": 0.2}] * 5, {}),
@@ -37,8 +46,8 @@ SETTINGS = [
     ("della_linear d=0.3", "della_linear", [{"weight": 1.0, "density": 0.3, "epsilon": 0.1}] * 5,
      {}),
     ("model_stock", "model_stock", None, {}),
-    ("consensus k=2", "consensus", [W] * 5, {}),
-    ("tsv", "tsv", None, {}),
+    (CONSENSUS_FIXED, "consensus", [W] * 5, {}),
+    (TSV_FIXED, "tsv", None, {}),
     ("sotu d=0.1", "sotu", [W] * 5, {}),
     ("fisher (64 prompts)", "fisher", [W] * 5, {}),
     ("regmean (64 prompts)", "regmean", [W] * 5, {}),
@@ -57,6 +66,65 @@ SUBSET_SETTINGS = [
     ("ties d=0.2", "ties", {}, {"weight": 1.0, "density": 0.2}),
     ("tsv", "tsv", {}, None),
 ]
+
+
+# the authors' grids (AntoAndGar/task_singular_vectors and nik-dim/tall_masks, src/eval/eval.py)
+TSV_ALPHAS = [round(0.1 * i, 1) for i in range(1, 31)]       # linspace(0, 3, 31)[1:]
+TALL_LAMBDAS = [0.2, 0.3, 0.4, 0.5, 0.6]
+CONSENSUS_LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]  # linspace(0, 1, 11)[1:]
+
+
+def tuned_on_dev(session: WhatIfSession, n: int) -> tuple[list[tuple[str, dict, float]], dict]:
+    """TSV and Consensus rows with the coefficients tuned on dev examples (module docstring):
+    (label, held-out accuracy per task, seconds) rows and what was chosen."""
+    from engine.evaluate import Evaluator
+
+    def dev(tasks):
+        return Evaluator(session.model, session.tokenizer, tasks, n, 0, skip=n)
+
+    dev_all, dev_one = dev(TASKS), {t: dev([t]) for t in TASKS}
+
+    def dev_accuracy(evaluator, state):
+        with session._lock:  # the session's model object is shared
+            return {t: r["accuracy"] for t, r in evaluator.evaluate_state_dict(state)["tasks"].items()}
+
+    experts = {t: dev_accuracy(dev_one[t], session.finetunes[i])[t] for i, t in enumerate(TASKS)}
+
+    def normalised(acc):  # the authors' avg_normalized_top1
+        return sum(acc[t] / experts[t] if experts[t] > 0 else acc[t] for t in TASKS) / len(TASKS)
+
+    def best(grid, score):  # the first best value, as max() over the authors' ordered dict
+        scores = {value: score(value) for value in grid}
+        top = max(scores.values())
+        return next(v for v, sc in scores.items() if sc == top), scores
+
+    def held_out(method, model_params, params):
+        result = session.evaluate(method, model_params, params)["tasks"]
+        return {t: result[t]["accuracy"] for t in TASKS}
+
+    rows, chosen = [], {"dev_expert_accuracy": experts}
+    started = time.perf_counter()
+    alpha, grid = best(TSV_ALPHAS, lambda a: normalised(
+        dev_accuracy(dev_all, session.merge("tsv", None, {"alpha": a}))))
+    rows.append((f"tsv α={alpha:g} (tuned on dev over 0.1–3.0)", held_out("tsv", None, {"alpha": alpha}),
+                 time.perf_counter() - started))
+    chosen["tsv"] = {"alpha": alpha, "dev_score": grid}
+    print(rows[-1][0], rows[-1][1], file=sys.stderr)
+
+    started = time.perf_counter()
+    per_task = {}
+    for i, t in enumerate(TASKS):  # each task's TALL mask on its own rebuilt model
+        per_task[t], _ = best(TALL_LAMBDAS, lambda lam: dev_accuracy(dev_one[t], session.merge(
+            "consensus", [{"weight": 1.0, "tall_mask_lambda": lam}] * len(TASKS), {"task": i}))[t])
+    mps = [{"weight": 1.0, "tall_mask_lambda": per_task[t]} for t in TASKS]
+    lam, grid = best(CONSENSUS_LAMBDAS, lambda a: normalised(
+        dev_accuracy(dev_all, session.merge("consensus", mps, {"lambda": a}))))
+    lambdas = ", ".join(f"{per_task[t]:g}" for t in TASKS)
+    rows.append((f"consensus k=2 λ={lam:g}, λ_t=({lambdas}) (tuned on dev)",
+                 held_out("consensus", mps, {"lambda": lam}), time.perf_counter() - started))
+    chosen["consensus"] = {"lambda": lam, "tall_mask_lambda": per_task, "dev_score": grid}
+    print(rows[-1][0], rows[-1][1], file=sys.stderr)
+    return rows, chosen
 
 
 MULTITASK_STEPS = 600  # two fine-tunes' worth of steps, all five tasks in every batch mix
@@ -125,6 +193,8 @@ def main() -> int:
         result = session.evaluate(method, model_params, params)
         rows.append((label, own(result["tasks"]), time.perf_counter() - started))
         print(label, rows[-1][1], file=sys.stderr)
+    tuned, chosen = tuned_on_dev(session, args.n)
+    rows.extend(tuned)
     for label, method, make in PER_EXPERT:
         started, scores = time.perf_counter(), {}
         for i, task in enumerate(TASKS):
@@ -157,7 +227,10 @@ def main() -> int:
     for label in dict.fromkeys(label for label, _, _ in scaling):
         cells = {k: v for lab, k, v in scaling if lab == label}
         lines.append(f"| {label} | " + " | ".join(f"{cells[k]:.2f}" for k in sizes) + " |")
-    merged = {label: sum(sc[t] for t in TASKS) / len(TASKS) for label, sc, _ in rows[2:2 + len(SETTINGS)]}
+    merged = {label: sum(sc[t] for t in TASKS) / len(TASKS)
+              for label, sc, _ in rows[2:2 + len(SETTINGS) + len(tuned)]}
+    fixed_tsv, fixed_consensus = merged[TSV_FIXED], merged[CONSENSUS_FIXED]
+    tuned_tsv, tuned_consensus = (merged[label] for label, _, _ in tuned)
     best = max(merged, key=merged.get)
     k2 = {lab: v for lab, k, v in scaling if k == 2}
     best2 = max(k2, key=k2.get)
@@ -170,6 +243,10 @@ def main() -> int:
               "of capacity: one fine-tune trained on all five tasks at once (the reference row, "
               f"{MULTITASK_STEPS} steps of the same recipe) scores "
               f"{sum(reference.values()) / len(reference):.2f}. "
+              "Tuning the final coefficient on dev examples as the TSV and TALL authors tune it on "
+              f"validation data moves `tsv` from {fixed_tsv:.2f} (α=1) to {tuned_tsv:.2f} "
+              f"(α={chosen['tsv']['alpha']:g}) and `consensus` from {fixed_consensus:.2f} to "
+              f"{tuned_consensus:.2f} (λ={chosen['consensus']['lambda']:g}). "
               "A fine-tune needs most of its delta's length (base + 0.5 x delta keeps "
               f"{next(v for lab, k, v in scaling if lab == 'task_arithmetic λ=0.5' and k == 1):.2f}), "
               "so methods that shrink each delta (linear mean, lambda < 1, dare at low density) trade "
@@ -180,7 +257,7 @@ def main() -> int:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"n_per_task": args.n, "rows": [
         {"label": label, "accuracy": scores} for label, scores, _ in rows],
-        "multitask_reference": reference,
+        "multitask_reference": reference, "tuned_on_dev": chosen,
         "by_number_of_tasks": [{"label": lab, "k": k, "accuracy": v} for lab, k, v in scaling]},
         indent=1))
     if args.readme:
@@ -188,7 +265,11 @@ def main() -> int:
             "## Merge quality on the zoo",
             f"Command: `python bench/merge_quality.py --zoo ZOO --readme` (full zoo, seed 0; "
             f"{args.n} held-out examples per task; exact match on each fine-tune's own task after "
-            "merging all five small fine-tunes onto small/base).\n\n" + table)
+            "merging all five small fine-tunes onto small/base). TSV and Consensus appear twice: "
+            "at our untuned defaults, and with their final coefficients tuned as their authors "
+            f"tune them on validation data, here on dev examples (the next {args.n} held-out "
+            "examples of each task, disjoint from the scored ones): TSV α over 0.1–3.0; "
+            "Consensus each task's TALL-mask λ_t over 0.2–0.6, then λ over 0.1–1.0.\n\n" + table)
     return 0
 
 

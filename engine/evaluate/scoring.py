@@ -27,20 +27,22 @@ class Evaluator:
     """Scores one model object on held-out task examples and generic text.
 
     ``tasks``: task names (default: every zoo task); ``n_per_task`` held-out examples each;
-    ``n_generic`` held-out generic lines for perplexity (0 to skip it).
+    ``n_generic`` held-out generic lines for perplexity (0 to skip it). ``skip``: leave out each
+    task's first ``skip`` held-out examples, so an evaluator with ``skip = n`` scores a dev set
+    disjoint from the ``n`` examples another one reports (tune on the one, report the other).
     """
 
     def __init__(self, model, tokenizer, tasks: list[str] | None = None,
                  n_per_task: int | None = None, n_generic: int | None = None,
-                 batch_size: int = 512):
+                 batch_size: int = 512, *, skip: int = 0):
         names = list(TASK_NAMES if tasks is None else tasks)
         unknown = [t for t in names if t not in TASKS]
         if unknown:
             raise ParameterError(f"unknown task(s) {unknown}; known: {TASK_NAMES}")
         n = DEFAULT_N_PER_TASK if n_per_task is None else int(n_per_task)
         n_generic = DEFAULT_N_GENERIC if n_generic is None else int(n_generic)
-        if n < 1 or n_generic < 0:
-            raise ParameterError("n_per_task must be >= 1 and n_generic >= 0")
+        if n < 1 or n_generic < 0 or skip < 0:
+            raise ParameterError("n_per_task must be >= 1, n_generic and skip >= 0")
         if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
             raise ParameterError("the tokenizer needs eos and pad tokens")
         self.model = model
@@ -50,7 +52,7 @@ class Evaluator:
         self.pad_id = tokenizer.pad_token_id
         self.task_sets = {}
         for name in names:
-            examples = heldout_examples(TASKS[name], n)
+            examples = heldout_examples(TASKS[name], skip + n)[skip:]
             prompts = [_token_ids(tokenizer, p, special=True) for p, _ in examples]
             answers = [_token_ids(tokenizer, a, special=False) + [self.eos_id] for _, a in examples]
             self.task_sets[name] = (examples, prompts, answers)

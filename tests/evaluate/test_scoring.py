@@ -102,3 +102,15 @@ def test_one_batch_over_all_tasks_equals_task_by_task(quick_zoo):
     evaluator = Evaluator(model, tokenizer, None, 16, 0)
     together = evaluator.all_task_accuracies()
     assert together == {name: evaluator.task_accuracy(name) for name in evaluator.task_sets}
+
+
+def test_skip_gives_a_dev_set_disjoint_from_the_scored_examples(quick_zoo):
+    from engine.evaluate.tasks import TASKS, heldout_examples
+
+    model, tok = load_model_folder(Path(quick_zoo) / "small/base")
+    test = Evaluator(model, tok, ["reverse"], 16, 0)
+    dev = Evaluator(model, tok, ["reverse"], 16, 0, skip=16)
+    test_prompts = {p for p, _ in test.task_sets["reverse"][0]}
+    dev_prompts = [p for p, _ in dev.task_sets["reverse"][0]]
+    assert len(dev_prompts) == 16 and not test_prompts & set(dev_prompts)
+    assert dev.task_sets["reverse"][0] == heldout_examples(TASKS["reverse"], 32)[16:]

@@ -37,6 +37,22 @@ def test_consensus_reference(k, lam):
         close(out, base.double() + lam * sum(w * (ft.double() - base.double()) for w, ft in zip(weights, fts)))
 
 
+def test_consensus_task_rebuilds_that_tasks_tall_mask_model():
+    """task t: W0 + lambda * (m_t * d), m_t = |d_t| > lambda_t |d - d_t| (the authors' TALL mask)."""
+    base, fts = family(n=3, shape=(6, 5))
+    weights, lambdas = [1.0, 0.7, 1.3], [0.2, 0.5, 0.6]
+    mps = [{"weight": w, "tall_mask_lambda": l} for w, l in zip(weights, lambdas)]
+    b = base.double()
+    ds = [w * (ft.double() - b) for w, ft in zip(weights, fts)]
+    total = sum(ds)
+    for t in range(3):
+        mask = ds[t].abs() > lambdas[t] * (total - ds[t]).abs()
+        out = get_method("consensus").merge(base, fts, mps, {"task": t, "lambda": 0.9})
+        close(out, b + 0.9 * total * mask)
+    with pytest.raises(ParameterError, match="task 3 out of range"):
+        get_method("consensus").merge(base, fts, mps, {"task": 3})
+
+
 def tsv_reference(base, fts, alpha=1.0):
     """The authors' algorithm in numpy float64: zero-padded stacks, full-SVD polar factors."""
     b = base.double().numpy()
