@@ -49,6 +49,7 @@ from engine.io.header import DTYPES, TORCH_TO_SAFETENSORS
 from engine.io.side_files import SIDE_FILES, read_side_file
 from engine.io.writer import sha256_file
 from engine.lora.finetune import AdapterFinetune, open_finetune
+from engine.task_vectors import check_finite, read_stored, task_vector32
 
 CALIBRATION_RESERVE = 48  # manifest bytes kept free for learned scalars
 MANIFEST_SLACK = 24
@@ -168,26 +169,24 @@ def rebuild_tensor(method: CompressMethod, params, base_t: torch.Tensor, delta_h
 
 # ---------------------------------------------------------------- compress
 def _delta(base: ModelFolder, ft: ModelFolder, name: str, device) -> torch.Tensor | None:
-    """``ft - base`` of one tensor, float32 on ``device``; NaN/Inf refused naming the folder
-    that holds them (a NaN in the base is not the fine-tune's). None for an integer or bool
-    tensor: it has no delta to compress, so it must equal the base's (rebuilt as its copy)."""
-    base_t, ft_t = base.get_tensor(name), ft.get_tensor(name)
-    if not base_t.is_floating_point() or not ft_t.is_floating_point():
+    """``ft - base`` of one tensor, float32 on ``device`` (``engine.task_vectors``' rules);
+    NaN/Inf refused naming the folder that holds them (a NaN in the base is not the
+    fine-tune's). None for an integer or bool tensor: it has no delta to compress, so it must
+    equal the base's (rebuilt as its copy)."""
+    base_t = read_stored(base, name)
+    if not base_t.is_floating_point() or not ft.info(name).dtype.is_floating_point:
+        ft_t = read_stored(ft, name)
         if base_t.dtype != ft_t.dtype or not torch.equal(base_t, ft_t):
             raise IncompatibleModelsError(
                 f"this {ft_t.dtype} tensor differs from the base's {base_t.dtype} one: integer and "
                 "bool tensors are rebuilt as the base's copy, never compressed", path=ft.path,
                 tensor=name)
         return None
-    for folder, t in ((base, base_t), (ft, ft_t)):
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise NonFiniteError(f"{bad} NaN/Inf value(s); compression refused", path=folder.path,
-                                 tensor=name)
-    delta = ft_t.to(device, torch.float32) - base_t.to(device, torch.float32)
-    if not bool(torch.isfinite(delta).all()):  # finite inputs beyond float32's range
-        raise NonFiniteError("the delta overflows float32; compression refused", path=ft.path,
-                             tensor=name)
+    base32 = base_t.to(device, torch.float32)
+    check_finite(base32, base, name, "compression refused")
+    delta = task_vector32(base32, ft, name)
+    # NaN/Inf in the fine-tune, or finite inputs whose difference leaves float32's range
+    check_finite(delta, ft, name, "compression refused")
     return delta
 
 
@@ -437,8 +436,8 @@ def _calibrate(spec, params, writer, base, ft, matrices, vectors, device, manife
     from engine.compress.calibration import CalibrationJob
     from engine.evaluate.loading import finetune_tokenizer
 
-    base_sd = {n: base.get_tensor(n).to(device, torch.float32) for n in base.tensor_names}
-    teacher = {n: ft.get_tensor(n).to(device, torch.float32) for n in ft.tensor_names}
+    base_sd = {n: read_stored(base, n).to(device, torch.float32) for n in base.tensor_names}
+    teacher = {n: read_stored(ft, n).to(device, torch.float32) for n in ft.tensor_names}
     stored = torch.from_numpy(writer.read_vectors())
     vec, cursor = {}, 0
     for name, shape in vectors:
