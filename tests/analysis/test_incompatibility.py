@@ -50,7 +50,7 @@ def test_projection_keeps_small_matrices_and_uses_top_singular_vectors():
 def two_families(tmp_path_factory):
     from engine.zoo.build import new_model, write_model
     from engine.zoo.plan import Arch
-    from engine.zoo.tokenizer import tokenizer_files
+    from engine.evaluate.tokenizer import tokenizer_files
 
     root = tmp_path_factory.mktemp("families")
     tok = tokenizer_files(root / "tok")

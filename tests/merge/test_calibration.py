@@ -17,7 +17,7 @@ from engine.merge.calibration import (ALL_TASKS, CalibrationStats, calibration_e
 from engine.merge.executor import run_merge
 from engine.merge.methods.regmean import GramStats
 from engine.recipe import load_recipe, parse_recipe
-from engine.zoo.tokenizer import VOCAB_SIZE, build_tokenizer
+from engine.evaluate.tokenizer import VOCAB_SIZE, build_tokenizer
 from tests.merge.test_fisher_regmean import regmean_reference
 
 
