@@ -4,7 +4,7 @@ finished analysis jobs, and tables/figures built from the engine's plain results
 
 Where metrics come from:
 
-- models up to ``IN_PROCESS_MAX_PARAMS`` parameters (the demo zoo's are tiny): computed in the
+- models up to ``settings.in_process_max_params()`` parameters (the demo zoo's are tiny): computed in the
   app process through the metric store, in seconds; a second render reads the store;
 - bigger ones: the page reads the store only (a miss raises :class:`NotCached` inside the
   engine before anything is computed) and offers "Run the full analysis as a job". The job
@@ -29,7 +29,6 @@ from engine.tensor_names import split_layer
 from engine.text import printable
 from pages._shared import job_manager, short_name, show_error
 
-IN_PROCESS_MAX_PARAMS = 50_000_000  # above this, a page computes nothing itself: it offers a job
 JOB_KIND = "analyze"
 
 MODULE_SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
@@ -134,7 +133,7 @@ def metrics_or_job(compute: Callable[[Any], dict], *, job_params: dict, n_params
     store = metric_store()
     cache_notice(store, key)
     ingest_analysis_jobs(store)
-    if n_params <= IN_PROCESS_MAX_PARAMS:
+    if n_params <= settings.in_process_max_params():
         with st.spinner(spinner):
             return compute(store)
     try:
@@ -228,7 +227,7 @@ def analysis_job_panel(params: dict, *, title: str, n_params: int, key: str) -> 
     """Offer the job, or follow the one that runs for exactly these parameters."""
     manager = job_manager()
     st.info(f"{n_params:,} parameters: more than this page computes in place "
-            f"({IN_PROCESS_MAX_PARAMS:,}). The full analysis runs as a job in a worker process "
+            f"({settings.in_process_max_params():,}). The full analysis runs as a job in a worker process "
             "(on the GPU when there is one); its results go into the metric cache and this page "
             "draws them from there.")
     job = _matching_job(manager, params)

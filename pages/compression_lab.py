@@ -22,7 +22,6 @@ from pages._shared import (require_app, human_bytes, job_manager, parameter_coun
                            scoring, short_name, show_error)
 
 QUALITY_FIGURE = Path(__file__).resolve().parents[1] / "bench" / "results" / "compress_quality.json"
-IN_PROCESS_LIMIT = 50_000_000  # parameters: bigger models are compressed as a job
 
 require_app("pages/compression_lab.py")
 st.title("Compression lab")
@@ -58,7 +57,7 @@ def _artifact_dir(base: str, finetuned: str, method: str, ratio: float, params: 
 
 out = _artifact_dir(base, finetuned, method_name, float(ratio), params)
 n_params = parameter_count(finetuned, base)
-if n_params > IN_PROCESS_LIMIT:
+if n_params > settings.in_process_max_params():  # one setting for every page
     st.info(f"{short_name(finetuned)} has {n_params:,} parameters: compress it as a job.")
     if st.button("Compress as a job", key="cl_job"):
         job_id = job_manager().submit(JobSpec(kind="compress", title=f"compress {method_name}",

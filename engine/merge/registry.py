@@ -3,7 +3,8 @@
 Every module in METHOD_MODULES is one method: it defines NAME, PAPER, Params, ModelParams,
 REQUIRES_BASE and merge_tensor(base, tensors, model_params, params, *, name="", generator=None
 [, stats=None]); optionally validate(params, model_params), STATS ("fisher" / "gram": the method
-takes stats=[...]) and RANDOMIZED. A module in FAMILY_MODULES instead declares VARIANTS, several
+takes stats=[...]), RANDOMIZED, MAX_MODELS (how many fine-tunes it merges at most: slerp's one)
+and DEFAULT_WEIGHT ("one", or "share": 1/n each, as a linear average starts). A module in FAMILY_MODULES instead declares VARIANTS, several
 methods over one implementation (``engine.merge.gta.Variant``), listed in its place. Pages render
 forms from the parameter classes (pydantic JSON schema), so a new method needs no page change:
 add a module and one line here, or a family variant and no line here.
@@ -54,6 +55,12 @@ class MergeMethod:
     stats: str | None
     randomized: bool
     module: ModuleType | Variant  # what validate / merge_tensor are called on
+    max_models: int | None = None  # fine-tunes it takes at most (None: any number)
+    default_weight: str = "one"  # a form's starting per-model weight: "one" or "share" (1/n)
+
+    def starting_weight(self, n_models: int) -> float:
+        """The per-model weight a form starts from when ``n_models`` fine-tunes are merged."""
+        return 1.0 / max(1, n_models) if self.default_weight == "share" else 1.0
 
     def parse_params(self, raw: Mapping[str, Any] | BaseModel | None = None) -> BaseModel:
         """Validated global parameters (mergekit names, e.g. 'lambda'); errors become ParameterError."""
@@ -111,6 +118,8 @@ class MergeMethod:
             "requires_base": self.requires_base,
             "stats": self.stats,
             "randomized": self.randomized,
+            "max_models": self.max_models,
+            "default_weight": self.default_weight,
             "params_schema": self.params_class.model_json_schema(by_alias=True),
             "model_params_schema": self.model_params_class.model_json_schema(by_alias=True),
         }
@@ -127,6 +136,8 @@ def _load(module_name: str) -> MergeMethod:
         stats=getattr(module, "STATS", None),
         randomized=bool(getattr(module, "RANDOMIZED", False)),
         module=module,
+        max_models=getattr(module, "MAX_MODELS", None),
+        default_weight=getattr(module, "DEFAULT_WEIGHT", "one"),
     )
 
 
@@ -168,8 +179,17 @@ def build_table() -> MethodTable[MergeMethod]:
 _TABLE = build_table()
 
 
+# The method a form starts on: TIES (trim, elect sign, disjoint mean), mergekit's most used.
+DEFAULT_METHOD = "ties"
+
+
 def list_methods() -> list[str]:
     return list(_TABLE.names)
+
+
+def default_method() -> str:
+    """The method a page's method choice starts on."""
+    return DEFAULT_METHOD if DEFAULT_METHOD in _TABLE.names else _TABLE.names[0]
 
 
 def get_method(name: str) -> MergeMethod:
