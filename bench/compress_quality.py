@@ -52,12 +52,14 @@ RATIOS = (4, 8, 16, 32, 64)
 # The papers' defaults, then the variants tuned for the zoo's tiny models (bench/README.md).
 DEFAULT_METHODS = [
     "magnitude", "dare", "svd", "bitdelta", "delta_come", "impart", "delta_dct", "dbms",
-    "delta_dct{allocation: ladder}",
+    "delta_dct{split: 0.5}",
+    "delta_dct{allocation: rd, quantizer: mse, zero_patches: zero, rescale: none}",
     "delta_come{group_size: 32}",
+    "delta_come{group_size: 32, quantizer: symmetric}",
     "impart{quant: true, preprune: 0.9, group_size: 32}",
     "dbms{inner: delta_come, inner_params: {group_size: 32}}",
-    "delta_dct{rescale: projection}",
-    "delta_dct{rescale: projection, patch_size: 32}",
+    "delta_dct{allocation: rd, quantizer: mse, zero_patches: zero, rescale: projection}",
+    "delta_dct{allocation: rd, quantizer: mse, zero_patches: zero, rescale: projection, patch_size: 32}",
     "bitdelta{distill: true}",
     "extract-lora{dtype: float16}",
     "extract-lora{dtype: float16, embed_lora: true}",
@@ -103,27 +105,41 @@ and config alone would be ~5 KB, more than the whole 64x budget of the small fam
   (`distill: true`) is available; it learns the scales by matching the fine-tune's next-token
   distributions on prompts of the fine-tune's zoo task (the paper uses generic text).
 - `delta_come`: the released schedule (8 bits for 2 singular-vector pairs, 3 bits for 32, 2 bits
-  for as many as the budget pays, the rest dropped), groups of 128 values with an fp16 step;
-  round-to-nearest instead of GPTQ (GPTQ needs activations). Tiny adaptation: groups of 32
-  (the vectors are only 128-320 long, one group of 128 per vector is too coarse).
+  for as many as the budget pays, the rest dropped), groups of 128 values, asymmetric as in the
+  authors' GPTQ runs (no `--sym`): per group the range widened to hold 0, an fp16 scale and an
+  integer zero-point (packed at the group's bit width). Round-to-nearest, not GPTQ: GPTQ itself
+  (C4 calibration activations, error feedback, act-order; `U`'s groups running across singular
+  vectors, one scale per row) is not implemented, so each singular vector is grouped along its
+  length and `sigma_i` is folded into `u_i`. `{quantizer: symmetric}` (our earlier default): one
+  fp16 step per group, clipping searched for the smallest squared error. Tiny adaptation:
+  groups of 32 (the vectors are only 128-320 long, one group of 128 per vector is too coarse).
 - `impart`: Algorithm 1 of the paper exactly (singular values to the power C, pre-prune beta,
   per-component drop ratio `gamma (1 - s_i/s_max)`, boundary shift), `C = 0.5`, `beta = 0.8`
   (the authors' released config for CR 32), lowered to `2 alpha - 1` at low sparsity; masks
   seeded as for dare, survivors rescaled by the inverse keep ratio, fp16 values. Tiny
-  adaptation: ImPart-Qt (the authors' quantised variant: 8 bits for the first 2 components, 4
-  for the next 32, 2 after, kept values in groups of 32) with `beta = 0.9`; at the zoo's ratios
+  adaptation: ImPart-Qt (the authors' quantised variant: 8 bits for the first 2 components, 3
+  for the next 32, 2 after, as in the authors' configs and Delta-CoMe; kept values in groups of
+  32 with one fp16 step, our symmetric round-to-nearest, not the authors' GPTQ) with
+  `beta = 0.9`; at the zoo's ratios
   beta then reaches alpha, i.e. dense, quantised low-rank components: the random
   drop-and-rescale of singular vectors costs more accuracy here than the rank it buys.
-- `delta_dct`: patches of 16x16 (the matrices are 128-320 wide), importance = patch L2 norm,
-  orthonormal 2-D DCT-II, uniform quantisation with one fp16 step per patch. Bit allocation:
-  the paper-style ladder (2c/c/0 bits by norm rank, `{allocation: ladder}`) zeroes a quarter of
-  the patches at every ratio and collapses on these dense deltas, so the default is our
-  adaptation `rd`: every patch picks a width in {0,1,2,3,4,5,6,8} minimising
-  `error + lambda * bits` (JPEG-style rate-distortion), lambda solved to fit the budget.
-  `{rescale: projection}` (our adaptation, one fp16 per matrix): the rebuilt delta is scaled by
-  `||d||^2 / <d, d_hat>` so its component along the true delta is full length again
-  (nearest-level quantisation and zeroed patches shrink it to about half at 16x);
-  `patch_size: 32` spends fewer bytes on per-patch steps and bit widths.
+- `delta_dct`: the paper's method by default: patches of 16x16 (the matrices are 128-320 wide),
+  importance = patch L2 norm, fixed widths by norm rank (2/1/0 bits for the top quarter, the
+  middle half and the bottom quarter at the 1-bit budget; `2c/c/0` with `c = round(mean bits)`
+  above 1.5 bits, our extension), orthonormal 2-D DCT-II, per-patch min-max quantisation (each
+  coded patch stores its fp16 min and max), a 0-bit patch rebuilt as its mean (one fp16), and
+  the rebuilt matrix scaled to the delta's mean |d| (one fp16 per matrix). Not verified in the
+  paper's text (its method section was not available to us and no authors' code was found):
+  the ladder's shares, the widths away from the 1-bit budget, the patch size per model.
+  `{split: 0.5}`: half the patches at 2 bits and half at 0 (no 1-bit patches). Our
+  adaptations, each a named option: `allocation: rd` (every patch picks a width in
+  {0,1,2,3,4,5,6,8} minimising `error + lambda * bits`, JPEG-style rate-distortion, lambda
+  solved to fit the budget), `quantizer: mse` (symmetric, one fp16 step per patch, clipping
+  searched), `zero_patches: zero`, `rescale: none` or `rescale: projection` (one fp16 per
+  matrix: the rebuilt delta is scaled by `||d||^2 / <d, d_hat>` so its component along the true
+  delta is full length again; nearest-level quantisation and zeroed patches shrink it to about
+  half at 16x); the rows naming all four are the earlier defaults. `patch_size: 32` spends
+  fewer bytes on per-patch values and bit widths.
 - `dbms`: two scalars per fine-tune, our reading of the paper (its equations were not
   available to us beyond the abstract): every compressed matrix is rebuilt as
   `(1 + alpha) W_base + lambda d_hat`, alpha and lambda learned with Adam (60 steps, lr 0.02)
@@ -550,7 +566,7 @@ def findings(rows, table, methods, ratios) -> str:
             + ("; the component kept along the delta at 16x is " + ", ".join(parts) if parts else "")
             + ". "
             "Rows that restore the length do far better at the same bytes: unbiased rescaling "
-            "(`delta_dct{rescale: projection}`, one fp16 per matrix), learned scales "
+            "(`delta_dct{..., rescale: projection}`, one fp16 per matrix), learned scales "
             "(`bitdelta{distill: true}`, DBMS) or dense low-rank codes that keep the top "
             "singular directions nearly exact (Delta-CoMe, ImPart-Qt). LLM fine-tunes sit "
             "further inside their basin, which is why the papers see near-lossless "
