@@ -6,7 +6,7 @@ Where metrics come from:
 
 - models up to ``settings.in_process_max_params()`` parameters (the demo zoo's are tiny): computed in the
   app process through the metric store, in seconds; a second render reads the store;
-- bigger ones: the page reads the store only (a miss raises :class:`NotCached` inside the
+- bigger ones: the page reads the store only (``ReadOnlyView``: a miss raises ``NotCached`` inside the
   engine before anything is computed) and offers "Run the full analysis as a job". The job
   (kind ``analyze``) computes in a worker without opening the database and returns the metric
   rows; this process, the only writer, ingests them (``ingest_analysis_jobs``) and the page
@@ -25,11 +25,14 @@ import streamlit as st
 
 from engine import settings
 from engine.errors import DeltaWorkbenchError
+from engine.jobs.ingest import ANALYSIS_JOB_KIND
+from engine.jobs.ingest import ingest_analysis_jobs as ingest
+from engine.metric_cache import NotCached, ReadOnlyView
 from engine.tensor_names import split_layer
 from engine.text import printable
 from pages._shared import job_manager, short_name, show_error
 
-JOB_KIND = "analyze"
+JOB_KIND = ANALYSIS_JOB_KIND
 
 MODULE_SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
                 "up_proj": "up", "down_proj": "down"}
@@ -75,32 +78,6 @@ def cache_notice(store, key: str) -> None:
         st.rerun()
 
 
-class NotCached(Exception):
-    """A value the page asked for is not in the metric store (and the page must not compute)."""
-
-
-class CacheOnly:
-    """A read-only view of the store for the engine's ``cache=`` argument: every key it asks
-    for must be there, else :class:`NotCached` is raised before any tensor is read."""
-
-    def __init__(self, store):
-        self.store = store
-        self.path = getattr(store, "path", None)
-        self.status = getattr(store, "status", None)
-        self.enabled = True
-        self.warnings: list[str] = []
-
-    def get_many(self, keys) -> dict:
-        keys = list(keys)
-        found = self.store.get_many(keys)
-        if len(found) < len({tuple(k) for k in keys}):
-            raise NotCached(f"{len(keys) - len(found)} of {len(keys)} values are not cached")
-        return found
-
-    def put_many(self, items) -> int:  # noqa: ARG002 - nothing is computed through this view
-        return 0
-
-
 def model_parameters(*paths: str | Path) -> int:
     """The largest parameter count among the folders (headers only); a LoRA adapter counts as
     its base, which is among the paths."""
@@ -137,7 +114,7 @@ def metrics_or_job(compute: Callable[[Any], dict], *, job_params: dict, n_params
         with st.spinner(spinner):
             return compute(store)
     try:
-        return compute(CacheOnly(store))
+        return compute(ReadOnlyView(store))
     except NotCached:
         analysis_job_panel(job_params, title=title, n_params=n_params, key=key)
         return None
@@ -199,28 +176,11 @@ def submit_analysis_job(params: dict, title: str) -> str:
 
 
 def ingest_analysis_jobs(store, manager=None) -> int:
-    """Load the rows of finished, not yet ingested analysis jobs into the store (this process
-    is the database's only writer) and mark those jobs ingested. Returns rows written."""
-    if not store.writable:
-        return 0
-    manager = manager or job_manager()
-    written = 0
-    for job in manager.jobs():
-        if job.spec.kind != JOB_KIND or job.status.state != "done" or job.status.ingested:
-            continue
-        try:
-            result = job.result() or {}
-        except DeltaWorkbenchError as err:
-            st.warning(f"Analysis job {job.id}: its result cannot be read ({err}).")
-            manager.mark_ingested(job.id)
-            continue
-        items = [(tuple(row[:5]), row[5]) for row in result.get("rows", [])
-                 if isinstance(row, list) and len(row) == 6]
-        count = store.put_many(items) if items else 0
-        if count or not items:
-            manager.mark_ingested(job.id)
-            written += count
-    return written
+    """The engine's ingest (``engine.jobs.ingest``) with its warnings on the page."""
+    done = ingest(store, manager or job_manager())
+    for line in done.warnings:
+        st.warning(line)
+    return done.rows
 
 
 def analysis_job_panel(params: dict, *, title: str, n_params: int, key: str) -> None:
