@@ -192,18 +192,27 @@ def text_rows(job: CalibrationJob, n_rows: int, seq_len: int) -> tuple[torch.Ten
     """The generic-text rows of ``distill_logit_mse`` and what they were made of."""
     if job.data is not None:
         rows, used = packed_rows(job.tokenizer, data_items(job.data, job.seed), n_rows, seq_len)
-        return rows, {"text": f"calibration_data (dev split, {len(job.data)} examples)",
-                      "passes": round(used / len(job.data), 2)}
+        source = {"text": f"calibration_data (dev split, {len(job.data)} examples)",
+                  "passes": round(used / len(job.data), 2)}
+        if used > len(job.data):
+            source["warnings"] = [f"{job.data.path}: {job.data.named_by}: its dev split "
+                                  f"({len(job.data)} examples) filled the {n_rows} rows of "
+                                  f"{seq_len} tokens in {source['passes']} passes (examples reused)"]
+        return rows, source
     rows, _ = packed_rows(job.tokenizer, zoo_pretraining_items(job.seed), n_rows, seq_len)
     return rows, {"text": "zoo pretraining text (generic lines and skills, training split)"}
+
+
+PROBE_ROWS = 16  # rows of the same text held aside to measure the MSE before and after
 
 
 def distill_logit_mse(job: CalibrationJob, weights: Callable[[], dict[str, torch.Tensor]],
                       trainables: list[torch.Tensor], *, steps: int, lr: float, batch_size: int,
                       seq_len: int) -> dict:
     """BitDelta's scale distillation as its authors run it (module docstring). Returns
-    ``{"mse_before", "mse_after"}`` (on a held-aside batch of the same text), the rows' source,
-    and ``lrs``, the learning rate of every update."""
+    ``{"mse_before", "mse_after"}`` (on ``PROBE_ROWS`` held-aside rows of the same text, drawn
+    first, so the same for any number of steps), the rows' source, and ``lrs``, the learning
+    rate of every update."""
     from torch.func import functional_call
 
     from engine.evaluate.loading import model_from_config
@@ -211,9 +220,10 @@ def distill_logit_mse(job: CalibrationJob, weights: Callable[[], dict[str, torch
     model = model_from_config(job.config).to(job.device)
     for p in model.parameters():
         p.requires_grad_(False)
-    rows, source = text_rows(job, (steps + 1) * batch_size, seq_len)
+    probe_rows = max(PROBE_ROWS, batch_size)
+    rows, source = text_rows(job, probe_rows + steps * batch_size, seq_len)
     rows = rows.to(job.device)
-    probe = rows[steps * batch_size:]  # held aside: the before/after measure
+    probe, rows = rows[:probe_rows], rows[probe_rows:]  # held aside: the before/after measure
 
     def logits(params, ids):
         return functional_call(model, params, (ids,), {"use_cache": False}).logits.float()

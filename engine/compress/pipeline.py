@@ -348,6 +348,7 @@ def compress(
                     progress((i + 1) / len(layout), name)
             calibration = _calibrate(spec, p, writer, base, ft, matrices, vectors, device, manifest,
                                      data, kept, plan)
+            warnings.extend(calibration.get("warnings", []))
             ratio_compressed = compressed_set_ratio(writer.offsets, manifest)
             if cpu_fallback:
                 manifest["cpu_fallback"] = list(cpu_fallback)

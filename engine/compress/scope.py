@@ -49,7 +49,8 @@ def in_scope(name: str, shape: tuple[int, ...], scope: str) -> bool:
 def exact_section(delta: torch.Tensor) -> bytes:
     """A kept matrix's section: its delta in little-endian fp16, row-major. ValueError when
     a value overflows fp16 (the caller names the tensor)."""
-    half = delta.detach().to("cpu", torch.float32).reshape(-1).numpy().astype("<f2")
+    with np.errstate(over="ignore"):  # an overflow is the Inf checked below
+        half = delta.detach().to("cpu", torch.float32).reshape(-1).numpy().astype("<f2")
     if not np.isfinite(half).all():
         raise ValueError("the delta overflows float16")
     return half.tobytes()

@@ -221,8 +221,10 @@ def calibrate(job, params: Params) -> dict:
     if params.objective == "logit_mse":
         report = distill_logit_mse(job, weights, trainables, steps=params.steps, lr=params.lr,
                                    batch_size=params.batch_size, seq_len=params.seq_len)
-        report = {k: v for k, v in report.items() if k != "lrs"}  # kept out of the summary
+        notes = report.get("warnings", [])
+        report = {k: v for k, v in report.items() if k not in ("lrs", "warnings")}
     else:
+        notes = []
         report = {"objective": "task_kl", **distill(job, weights, trainables,
                                                     n_prompts=params.n_prompts,
                                                     steps=params.steps, lr=params.lr)}
@@ -238,7 +240,7 @@ def calibrate(job, params: Params) -> dict:
         writer.raw(data[1 + 2 * k:])
         return writer.getvalue()
 
-    return {"patch": patch, "report": {"distill": report}}
+    return {"patch": patch, "report": {"distill": report, **({"warnings": notes} if notes else {})}}
 
 
 def validate(params: Params, ratio: float | None) -> None:
