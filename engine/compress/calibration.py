@@ -141,6 +141,51 @@ def distill(job: CalibrationJob, weights: Callable[[], dict[str, torch.Tensor]],
     return {"kl_before": before, "kl_after": after, "steps": steps}
 
 
+# ---------------------------------------------------------------- what a method learns on
+def default_tasks(ft_path) -> list[str]:
+    """The fine-tune's zoo task (every main task for a zoo base or a model in no zoo)."""
+    from engine.evaluate.tasks import MAIN_TASKS
+    from engine.merge.calibration import task_list, zoo_task_of
+
+    task = zoo_task_of(ft_path)
+    return task_list(task) if task else list(MAIN_TASKS)
+
+
+def learns(spec, params) -> bool:
+    """Will the method's ``calibrate`` hook run (BitDelta with distill, DBMS without fixed scalars)?"""
+    return (spec.calibrated and getattr(params, "distill", None) is not False
+            and getattr(params, "alpha", None) is None)
+
+
+def calibration_plan(spec, params, ft_path, data) -> dict:
+    """What a calibrated method learns on: ``{"data"}``, ``{"text"}`` (generic text) or
+    ``{"tasks"}``, with a one-line ``warning`` when a fine-tune in no zoo, given no file, falls
+    back to the zoo's text or tasks (recorded in the manifest and the result's warnings)."""
+    if not learns(spec, params):
+        return {}
+    if data is not None:
+        return {"data": str(data.path)}
+    from engine.merge.calibration import zoo_task_of
+
+    in_zoo = zoo_task_of(ft_path) is not None
+    kind = params.calibration_text() if hasattr(params, "calibration_text") else "tasks"
+    if kind == "generic":
+        plan = {"text": "zoo pretraining text"}
+        if not in_zoo:
+            plan["warning"] = (f"{spec.name}: the fine-tune is in no zoo and no calibration data was "
+                               "given: distilled on the zoo's synthetic pretraining text (give "
+                               "--calibration FILE.jsonl for text of its own domain)")
+        return plan
+    if getattr(params, "tasks", None):
+        return {"tasks": list(params.tasks)}
+    plan = {"tasks": default_tasks(ft_path)}
+    if not in_zoo:
+        plan["warning"] = (f"{spec.name}: the fine-tune is in no zoo and no calibration data was "
+                           f"given: calibrated on the training prompts of every zoo task "
+                           f"({', '.join(plan['tasks'])}) (give --calibration FILE.jsonl or tasks)")
+    return plan
+
+
 # ---------------------------------------------------------------- generic text (logit MSE)
 def zoo_pretraining_items(seed: int) -> Iterator[tuple[str, str]]:
     """Endless (text, continuation) items of the zoo bases' pretraining corpus, training split:

@@ -41,6 +41,7 @@ from engine.compress.artifact import (FORMAT, FORMAT_VERSION, TENSORS_NAME, Arti
                                       compact_json, engine_version, folder_bytes, layout_digest,
                                       now_utc, safetensors_header, side_files_digest)
 from engine.compress.bits import SectionReader
+from engine.compress.calibration import calibration_plan, default_tasks, learns  # noqa: F401
 from engine.compress.masks import derive_seed
 from engine.compress.registry import CompressMethod, TensorContext, get_method
 from engine.compress.scope import (compressed_set_ratio, exact_delta, exact_section, in_scope,
@@ -301,7 +302,7 @@ def compress(
             "side_files": side_entries,
             "scope": manifest_entry(kept, n_compressed),
         }
-        plan = _calibration_plan(spec, p, ft.path, data)
+        plan = calibration_plan(spec, p, ft.path, data)
         if "warning" in plan:  # known before the budget: the manifest's bytes count it
             manifest["calibration_warning"] = plan["warning"]
             warnings.append(plan["warning"])
@@ -445,14 +446,6 @@ def _allocate(spec, params, base, ft, matrices, budgets, device, kept=()):
     return dict(zip(indices, settings))
 
 
-def default_tasks(ft_path: Path) -> list[str]:
-    from engine.evaluate.tasks import MAIN_TASKS
-    from engine.merge.calibration import task_list, zoo_task_of
-
-    task = zoo_task_of(ft_path)
-    return task_list(task) if task else list(MAIN_TASKS)
-
-
 def _calibration_data(params, allowed_roots, warnings: list[str]):
     """The method's ``calibration_data`` file, read and checked (dev split), or None."""
     ref = getattr(params, "calibration_data", None)
@@ -475,48 +468,13 @@ def _calibration_data(params, allowed_roots, warnings: list[str]):
     return data
 
 
-def _learns(spec, params) -> bool:
-    """Will the method's ``calibrate`` hook run (BitDelta with distill, DBMS without fixed scalars)?"""
-    return (spec.calibrated and getattr(params, "distill", None) is not False
-            and getattr(params, "alpha", None) is None)
-
-
-def _calibration_plan(spec, params, ft_path, data) -> dict:
-    """What a calibrated method learns on: ``{"data"}``, ``{"text"}`` (generic text) or
-    ``{"tasks"}``, with a one-line ``warning`` when a fine-tune in no zoo, given no file, falls
-    back to the zoo's text or tasks (recorded in the manifest and the result's warnings)."""
-    if not _learns(spec, params):
-        return {}
-    if data is not None:
-        return {"data": str(data.path)}
-    from engine.merge.calibration import zoo_task_of
-
-    in_zoo = zoo_task_of(ft_path) is not None
-    kind = params.calibration_text() if hasattr(params, "calibration_text") else "tasks"
-    if kind == "generic":
-        plan = {"text": "zoo pretraining text"}
-        if not in_zoo:
-            plan["warning"] = (f"{spec.name}: the fine-tune is in no zoo and no calibration data was "
-                               "given: distilled on the zoo's synthetic pretraining text (give "
-                               "--calibration FILE.jsonl for text of its own domain)")
-        return plan
-    if getattr(params, "tasks", None):
-        return {"tasks": list(params.tasks)}
-    plan = {"tasks": default_tasks(ft_path)}
-    if not in_zoo:
-        plan["warning"] = (f"{spec.name}: the fine-tune is in no zoo and no calibration data was "
-                           f"given: calibrated on the training prompts of every zoo task "
-                           f"({', '.join(plan['tasks'])}) (give --calibration FILE.jsonl or tasks)")
-    return plan
-
-
 def _calibrate(spec, params, writer, base, ft, matrices, vectors, device, manifest, data=None,
                kept=(), plan=None) -> dict:
     """Run the method's ``calibrate`` hook. The job sees the compressed matrices only (its
     indices are theirs); the kept ones' fp16 deltas are fixed, with the 1-D ones, in
     ``job.vectors``."""
     module = spec.module
-    if not _learns(spec, params):
+    if not learns(spec, params):
         return {}
     from engine.compress.calibration import CalibrationJob
     from engine.evaluate.loading import finetune_tokenizer
@@ -535,7 +493,7 @@ def _calibrate(spec, params, writer, base, ft, matrices, vectors, device, manife
         vec[names[i]] = decode_section(spec, params, writer.read_section(i), names[i],
                                        shapes[names[i]], i, device)
     sections = [i for i in range(len(matrices)) if i not in kept]  # job index -> section index
-    plan = plan if plan is not None else _calibration_plan(spec, params, ft.path, data)
+    plan = plan if plan is not None else calibration_plan(spec, params, ft.path, data)
     tasks = plan.get("tasks", [])
 
     def decode(j: int) -> torch.Tensor:
@@ -556,13 +514,10 @@ def _calibrate(spec, params, writer, base, ft, matrices, vectors, device, manife
         manifest["params"].update(outcome["params"])
         for key, value in outcome["params"].items():
             setattr(params, key, value)
+    used = dict(plan)  # data, text or tasks (and the fallback's warning)
     if data is not None:
         wanted = params.examples_wanted() if hasattr(params, "examples_wanted") else params.n_prompts
-        used = {"data": str(data.path), "examples": len(data) if wanted is None else min(wanted, len(data))}
-    else:
-        used = {k: v for k, v in plan.items() if k != "warning"}
-    if "warning" in plan:
-        used["warning"] = plan["warning"]
+        used["examples"] = len(data) if wanted is None else min(wanted, len(data))
     return {**used, **outcome.get("report", {})}
 
 
