@@ -12,10 +12,12 @@ and the manifest (``cpu_fallback``) name those matrices.
 
 Byte budget for ``--ratio R``: the whole folder may take ``2 N / R`` bytes (``N`` delta entries).
 Fixed costs come first (manifest, safetensors header, section offsets, 1-D tensors, embedded
-side files); the rest is split over the matrices in proportion to their sizes, and whatever a
-matrix leaves unused (compressors with discrete settings rarely land exactly) carries over to
-the next one. Compressors with ``allocate`` split the budget themselves after a first
-streaming pass of statistics.
+side files, the fp16 sections of matrices outside the compression ``scope``); the rest is split
+over the compressed matrices in proportion to their sizes, and whatever a matrix leaves unused
+(compressors with discrete settings rarely land exactly) carries over to the next one.
+Compressors with ``allocate`` split the budget themselves after a first streaming pass of
+statistics. With ``ratio_over: compressed`` the compressed matrices' sections get
+``2 N_c / R`` bytes (``N_c`` their entries) and nothing else is budgeted (``engine.compress.scope``).
 
 ``decompress`` checks the base against the artifact's fingerprint (tensor layout, file sizes,
 then the weight files' sha256) and writes a Hugging Face folder with ``ModelWriter``.
@@ -39,8 +41,11 @@ from engine.compress.artifact import (FORMAT, FORMAT_VERSION, TENSORS_NAME, Arti
                                       compact_json, engine_version, folder_bytes, layout_digest,
                                       now_utc, safetensors_header, side_files_digest)
 from engine.compress.bits import SectionReader
+from engine.compress.calibration import calibration_plan, default_tasks, learns  # noqa: F401
 from engine.compress.masks import derive_seed
 from engine.compress.registry import CompressMethod, TensorContext, get_method
+from engine.compress.scope import (compressed_set_ratio, exact_delta, exact_section, in_scope,
+                                   manifest_entry, scope_of)
 from engine.device import resolve_device
 from engine.errors import (ArtifactError, ConfigError, IncompatibleModelsError, NonFiniteError,
                            ParameterError, PathNotAllowedError)
@@ -71,6 +76,9 @@ class CompressResult:
     warnings: list[str] = field(default_factory=list)
     tensors: dict[str, dict] = field(default_factory=dict)  # what the compressor chose, per matrix
     calibration: dict = field(default_factory=dict)
+    scope: str = "all"
+    compressed_entries: int = 0            # entries of the matrices given to the compressor
+    ratio_compressed: float | None = None  # 2 x compressed_entries / bytes of their sections
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -148,6 +156,8 @@ def decode_section(method: CompressMethod, params, data: bytes, name: str, shape
     """A matrix's rebuilt delta (float32, on ``device``, original shape)."""
     if not data:
         return torch.zeros(shape, dtype=torch.float32, device=device)
+    if not in_scope(name, tuple(shape), scope_of(params)):  # kept: its delta in fp16
+        return exact_delta(data, shape, name, device)
     reader = SectionReader(data, f"section of {name!r}")
     ctx = _context(method, params, name, index, device)
     try:
@@ -162,7 +172,7 @@ def rebuild_tensor(method: CompressMethod, params, base_t: torch.Tensor, delta_h
     # float32 at least; a float64 base stays float64 (float32 would round the base's values)
     base32 = base_t.to(device=device, dtype=torch.promote_types(base_t.dtype, torch.float32))
     hook = getattr(method.module, "rebuild", None)
-    if hook is None:
+    if hook is None or not in_scope(name, tuple(base_t.shape), scope_of(params)):
         return base32 + delta_hat
     return hook(base32, delta_hat, params, _context(method, params, name, index, device))
 
@@ -273,6 +283,12 @@ def compress(
         vectors = [(n, s) for n, s in layout if not is_matrix(s)]
         n_entries = sum(int(np.prod(s)) for _, s in layout)
         n_vec = sum(int(np.prod(s)) for _, s in vectors)
+        # section indices outside the scope (kept in fp16); float ones cost 2 bytes an entry
+        kept = [i for i, (n, s) in enumerate(matrices) if not in_scope(n, s, p.scope)]
+        floating = [base.info(n).dtype.is_floating_point for n, _ in matrices]
+        n_compressed = sum(int(np.prod(s)) for i, (_, s) in enumerate(matrices)
+                           if i not in kept and floating[i])
+        kept_bytes = sum(2 * int(np.prod(matrices[i][1])) for i in kept if floating[i])
         side_entries, side_stored = _side_files(base, ft, side_files)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "engine_version": engine_version(),
@@ -283,13 +299,20 @@ def compress(
                        **_dtype_layout(ft)},
             "base": base_fingerprint(base),
             "side_files": side_entries,
+            "scope": manifest_entry(kept, n_compressed),
         }
+        plan = calibration_plan(spec, p, ft.path, data)
+        if "warning" in plan:  # known before the budget: the manifest's bytes count it
+            manifest["calibration_warning"] = plan["warning"]
+            warnings.append(plan["warning"])
         writer = ArtifactWriter(out, input_folders=[base.path, ft.path])
         budgets = None
         if ratio is not None:
-            budgets = _budgets(manifest, matrices, n_entries, ratio, n_vec, side_stored, spec, warnings)
+            budgets = _budgets(manifest, matrices, n_entries, ratio, n_vec, side_stored, spec, warnings,
+                               kept=kept, kept_bytes=kept_bytes, n_compressed=n_compressed,
+                               over=p.ratio_over)
         with writer:
-            settings = _allocate(spec, p, base, ft, matrices, budgets, device)
+            settings = _allocate(spec, p, base, ft, matrices, budgets, device, kept)
             carry = 0
             choices: dict[str, dict] = {}
             cpu_fallback: list[str] = []  # matrices encoded on the CPU after a CUDA out-of-memory
@@ -302,6 +325,13 @@ def compress(
                         raise ArtifactError(err.reason, path=ft.path, tensor=name) from None
                 elif delta is None:  # integer/bool: an empty section, rebuilt as the base's copy
                     writer.add_section(b"")
+                elif len(writer.offsets) - 1 in kept:  # outside the scope: the delta in fp16
+                    try:
+                        section = exact_section(delta)
+                    except ValueError as err:
+                        raise ArtifactError(str(err), path=ft.path, tensor=name) from None
+                    writer.add_section(section)
+                    choices[name] = {"bytes": len(section), "stored": "fp16 (outside the scope)"}
                 else:
                     index = len(writer.offsets) - 1
                     budget = None
@@ -317,7 +347,9 @@ def compress(
                 if progress is not None:
                     progress((i + 1) / len(layout), name)
             calibration = _calibrate(spec, p, writer, base, ft, matrices, vectors, device, manifest,
-                                     data)
+                                     data, kept, plan)
+            warnings.extend(calibration.get("warnings", []))
+            ratio_compressed = compressed_set_ratio(writer.offsets, manifest)
             if cpu_fallback:
                 manifest["cpu_fallback"] = list(cpu_fallback)
                 warnings.extend(f"tensor {n!r}: CUDA out of memory; encoded on the CPU instead"
@@ -328,16 +360,28 @@ def compress(
         ft.close()
     total = folder_bytes(out)
     achieved = 2.0 * n_entries / total
-    if ratio is not None and abs(achieved / ratio - 1) > 0.1:
-        warnings.append(f"achieved ratio {achieved:.2f} is more than 10% from the target {ratio:g}")
+    aimed = achieved if p.ratio_over == "artifact" else ratio_compressed
+    if ratio is not None and (aimed is None or abs(aimed / ratio - 1) > 0.1):
+        what = "ratio" if p.ratio_over == "artifact" else "ratio over the compressed set"
+        warnings.append(f"achieved {what} {'n/a' if aimed is None else f'{aimed:.2f}'} is more "
+                        f"than 10% from the target {ratio:g}")
     return CompressResult(out=Path(out), method=spec.name, params=manifest["params"], target_ratio=ratio,
                           ratio=achieved, bytes=total, delta_entries=n_entries,
                           seconds=time.perf_counter() - started, device=str(device),
-                          warnings=warnings, tensors=choices, calibration=calibration)
+                          warnings=warnings, tensors=choices, calibration=calibration,
+                          scope=p.scope, compressed_entries=n_compressed,
+                          ratio_compressed=ratio_compressed)
 
 
-def _budgets(manifest, matrices, n_entries, ratio, n_vec, side_stored, spec, warnings) -> list[int]:
-    """Per-matrix byte shares after the fixed costs (see the module docstring)."""
+def _budgets(manifest, matrices, n_entries, ratio, n_vec, side_stored, spec, warnings, *,
+             kept=(), kept_bytes=0, n_compressed=None, over="artifact") -> list[int | None]:
+    """Per-matrix byte shares after the fixed costs (see the module docstring); None for a
+    matrix outside the scope (stored in fp16, a fixed cost)."""
+    counts = [0 if i in kept else int(np.prod(s)) for i, (_, s) in enumerate(matrices)]
+    n_mat = max(1, sum(counts))
+    if over == "compressed":  # the compressed matrices' sections alone: 2 N_c / R bytes
+        available = int(2.0 * (n_compressed if n_compressed is not None else n_mat) / ratio)
+        return [None if i in kept else int(available * c / n_mat) for i, c in enumerate(counts)]
     total = 2.0 * n_entries / ratio
     matrix_bytes = int(total)
     est_files = {TENSORS_NAME: {"sha256": "0" * 64, "size": 10 ** len(str(int(total)))}}
@@ -351,15 +395,16 @@ def _budgets(manifest, matrices, n_entries, ratio, n_vec, side_stored, spec, war
              "vectors": ("F16", max(1, n_vec), 2 * n_vec),
              "payload": ("U8", max(1, matrix_bytes), max(1, matrix_bytes))}
     fixed = (manifest_bytes + len(safetensors_header(sizes)) + odt_bytes * (len(matrices) + 1)
-             + 2 * n_vec + sum(len(d) for d in side_stored.values()))
+             + 2 * n_vec + sum(len(d) for d in side_stored.values()) + kept_bytes)
     available = int(total) - fixed
     if available <= 0:
+        outside = f", {kept_bytes} in fp16 outside the scope" if kept_bytes else ""
         warnings.append(f"ratio {ratio:g} is out of reach: the fixed costs ({fixed} bytes: manifest, "
-                        f"1-D tensors, headers, side files) exceed the budget of {int(total)} bytes")
+                        f"1-D tensors, headers, side files{outside}) exceed the budget of "
+                        f"{int(total)} bytes" + ("; ratio_over: compressed aims at the compressed "
+                                                 "matrices alone" if kept_bytes else ""))
         available = 0
-    counts = [int(np.prod(s)) for _, s in matrices]
-    n_mat = max(1, sum(counts))
-    return [int(available * c / n_mat) for c in counts]
+    return [None if i in kept else int(available * c / n_mat) for i, c in enumerate(counts)]
 
 
 def _encode_matrix(spec, params, name: str, index: int, delta: torch.Tensor, budget, settings,
@@ -383,26 +428,21 @@ def _encode_matrix(spec, params, name: str, index: int, delta: torch.Tensor, bud
     return attempt(torch.device("cpu"), delta.cpu())
 
 
-def _allocate(spec, params, base, ft, matrices, budgets, device):
+def _allocate(spec, params, base, ft, matrices, budgets, device, kept=()):
+    """``{section index: setting}`` from the method's allocation over the compressed matrices."""
     module = spec.module
     if budgets is None or not hasattr(module, "allocate") or not module.needs_prepass(params):
         return None
-    stats = []
-    for index, (name, shape) in enumerate(matrices):
+    stats, indices = [], [i for i in range(len(matrices)) if i not in kept]
+    for index in indices:
+        name, shape = matrices[index]
         delta = _delta(base, ft, name, device)
         if delta is None:
             delta = torch.zeros(shape, device=device)
         stats.append(module.prepass(delta.reshape(as_matrix_shape(shape)), params,
                                     _context(spec, params, name, index, device)))
-    return module.allocate(stats, budgets, params)
-
-
-def default_tasks(ft_path: Path) -> list[str]:
-    from engine.evaluate.tasks import MAIN_TASKS
-    from engine.merge.calibration import task_list, zoo_task_of
-
-    task = zoo_task_of(ft_path)
-    return task_list(task) if task else list(MAIN_TASKS)
+    settings = module.allocate(stats, [budgets[i] for i in indices], params)
+    return dict(zip(indices, settings))
 
 
 def _calibration_data(params, allowed_roots, warnings: list[str]):
@@ -420,18 +460,20 @@ def _calibration_data(params, allowed_roots, warnings: list[str]):
         except PathNotAllowedError as err:
             raise PathNotAllowedError(f"calibration_data: {err.reason}", path=ref) from None
     data = CalibrationData.read(path, named_by="calibration_data")
-    note = data.shortfall(params.n_prompts)
+    wanted = params.examples_wanted() if hasattr(params, "examples_wanted") else params.n_prompts
+    note = data.shortfall(wanted) if wanted is not None else None
     if note is not None:
         warnings.append(note)
     return data
 
 
-def _calibrate(spec, params, writer, base, ft, matrices, vectors, device, manifest, data=None) -> dict:
+def _calibrate(spec, params, writer, base, ft, matrices, vectors, device, manifest, data=None,
+               kept=(), plan=None) -> dict:
+    """Run the method's ``calibrate`` hook. The job sees the compressed matrices only (its
+    indices are theirs); the kept ones' fp16 deltas are fixed, with the 1-D ones, in
+    ``job.vectors``."""
     module = spec.module
-    if not hasattr(module, "calibrate"):
-        return {}
-    wants = getattr(params, "distill", None) is not False and getattr(params, "alpha", None) is None
-    if not wants:
+    if not learns(spec, params):
         return {}
     from engine.compress.calibration import CalibrationJob
     from engine.evaluate.loading import finetune_tokenizer
@@ -446,23 +488,35 @@ def _calibrate(spec, params, writer, base, ft, matrices, vectors, device, manife
         cursor += count
     names = [n for n, _ in matrices]
     shapes = dict(matrices)
-    tasks = [] if data is not None else getattr(params, "tasks", None) or default_tasks(ft.path)
+    for i in kept:
+        vec[names[i]] = decode_section(spec, params, writer.read_section(i), names[i],
+                                       shapes[names[i]], i, device)
+    sections = [i for i in range(len(matrices)) if i not in kept]  # job index -> section index
+    plan = plan if plan is not None else calibration_plan(spec, params, ft.path, data)
+    tasks = plan.get("tasks", [])
 
-    def decode(i: int) -> torch.Tensor:
+    def decode(j: int) -> torch.Tensor:
+        i = sections[j]
         return decode_section(spec, params, writer.read_section(i), names[i], shapes[names[i]], i, device)
 
     job = CalibrationJob(config=ft.config, tokenizer=finetune_tokenizer(ft),
-                         device=device, matrices=names, base=base_sd, teacher=teacher, vectors=vec,
-                         section=writer.read_section, decode=decode, tasks=list(tasks), data=data)
+                         device=device, matrices=[names[i] for i in sections], base=base_sd,
+                         teacher=teacher, vectors=vec,
+                         section=lambda j: writer.read_section(sections[j]), decode=decode,
+                         tasks=list(tasks), data=data)
     outcome = module.calibrate(job, params) or {}
     if "patch" in outcome:
-        writer.rewrite_sections(outcome["patch"])
+        position = {i: j for j, i in enumerate(sections)}
+        patch = outcome["patch"]
+        writer.rewrite_sections(lambda i, old: patch(position[i], old) if i in position else old)
     if "params" in outcome:
         manifest["params"].update(outcome["params"])
         for key, value in outcome["params"].items():
             setattr(params, key, value)
-    used = ({"data": str(data.path), "examples": min(params.n_prompts, len(data))}
-            if data is not None else {"tasks": list(tasks)})
+    used = dict(plan)  # data, text or tasks (and the fallback's warning)
+    if data is not None:
+        wanted = params.examples_wanted() if hasattr(params, "examples_wanted") else params.n_prompts
+        used["examples"] = len(data) if wanted is None else min(wanted, len(data))
     return {**used, **outcome.get("report", {})}
 
 
@@ -477,6 +531,13 @@ def open_checked(artifact_path, base: ModelFolder, *, verify: bool = True) -> tu
     except (ValueError, ParameterError) as err:
         raise ArtifactError(f"manifest parameters are invalid: {err}", path=artifact.path) from None
     check_base(artifact, base, verify_content=verify)
+    entry = artifact.manifest.get("scope")
+    if isinstance(entry, dict):  # the sections kept in fp16 are the ones the rule names
+        matrices = [(n, s) for n, s in layout_of(base) if is_matrix(s)]
+        expected = [i for i, (n, s) in enumerate(matrices) if not in_scope(n, s, scope_of(params))]
+        if entry.get("kept_sections") != expected:
+            raise ArtifactError(f"manifest scope lists the fp16 sections {entry.get('kept_sections')}, "
+                                f"scope {scope_of(params)!r} names {expected}", path=artifact.path)
     return artifact, spec, params
 
 

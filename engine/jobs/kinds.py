@@ -196,6 +196,7 @@ def _compress(params: CompressJobParams, progress: Progress) -> dict:
                       ratio=params.ratio, params=params.params or None, progress=progress,
                       allowed_roots=settings.allowed_roots())
     return {"out": str(result.out), "method": result.method, "ratio": result.ratio,
+            "scope": result.scope, "ratio_compressed": result.ratio_compressed,
             "bytes": result.bytes, "delta_entries": result.delta_entries,
             "seconds": round(result.seconds, 3), "warnings": list(result.warnings)}
 
