@@ -152,9 +152,12 @@ def default_tasks(ft_path) -> list[str]:
 
 
 def learns(spec, params) -> bool:
-    """Will the method's ``calibrate`` hook run (BitDelta with distill, DBMS without fixed scalars)?"""
-    return (spec.calibrated and getattr(params, "distill", None) is not False
-            and getattr(params, "alpha", None) is None)
+    """Will the method's ``calibrate`` hook run? A calibrated method declares it (``learns``:
+    BitDelta unless ``distill: false``, DBMS unless its scalars are given)."""
+    if not spec.calibrated:
+        return False
+    declared = getattr(spec.module, "learns", None)
+    return True if declared is None else bool(declared(params))
 
 
 def calibration_plan(spec, params, ft_path, data) -> dict:

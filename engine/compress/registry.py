@@ -14,13 +14,14 @@ Optional: ``RANDOMIZED`` (masks drawn from ``ctx.seed``); ``validate(params, rat
 ``prepass(delta, params, ctx)`` + ``allocate(stats, budgets, params)`` for compressors that
 split the byte budget across tensors from a first streaming pass (``ctx.setting`` then holds
 each tensor's share); ``calibrate(job, params)`` for compressors that learn a few scalars on
-calibration prompts after encoding; ``rebuild(base, delta_hat, params, ctx)`` when the
+calibration prompts after encoding, with ``learns(params)`` saying whether it runs for these
+parameters (the pipeline never reads a method's own parameters); ``rebuild(base, delta_hat, params, ctx)`` when the
 fine-tune is not simply ``base + delta_hat``.
 
 Every Params class inherits two pipeline options from ``CompressParams`` (so forms, the
 ``methods`` listing, recipes and ``--param`` see them for every method): ``scope`` (what is
 compressed: every matrix, or only the transformer blocks' matrices, the rest stored exactly in
-fp16) and ``ratio_over`` (what a target ratio is measured over). The pipeline reads them; a
+fp16) and ``ratio_over`` (what a target ratio is measured over). The encoder reads them; a
 method never does.
 """
 
@@ -58,7 +59,7 @@ PIPELINE_FIELDS = ("scope", "ratio_over")
 
 class CompressParams(BaseModel):
     """Base of every compressor's parameters: unknown keys are refused. ``scope`` and
-    ``ratio_over`` are the pipeline's (see ``engine.compress.pipeline``), not the method's."""
+    ``ratio_over`` are the pipeline's (see ``engine.compress.encode``), not the method's."""
 
     model_config = ConfigDict(extra="forbid")
 

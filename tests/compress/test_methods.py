@@ -16,7 +16,8 @@ from engine.compress import compress, rebuild_state_dict
 from engine.compress.bits import SectionReader
 from engine.compress.masks import derive_seed, keep_positions
 from engine.compress.methods import impart as impart_module
-from engine.compress.pipeline import decode_section, is_matrix, open_checked
+from engine.compress.codec import decode_section, is_matrix
+from engine.compress.rebuild import open_checked
 from engine.errors import ArtifactError, ParameterError
 from engine.io import ModelFolder
 from tests.compress.helpers import fp16, folder_size, make_pair, matrices, rel_err

@@ -180,7 +180,7 @@ def test_merge_and_compress_calibration_read_one_task_rule(quick_zoo, tmp_path):
     entry without a usable task is None for both."""
     import json
 
-    from engine.compress.pipeline import default_tasks
+    from engine.compress.calibration import default_tasks
 
     zoo = Path(quick_zoo)
     assert default_tasks(zoo / "small" / "base") == list(MAIN_TASKS) == task_list(zoo_task_of(zoo / "small" / "base"))

@@ -191,6 +191,11 @@ def allocate(stats: list[dict], budgets: list[int], params: Params) -> list[int]
 
 
 # ---------------------------------------------------------------- scale distillation
+def learns(params: Params) -> bool:
+    """Whether ``calibrate`` runs: stage 2 (scale distillation) unless ``distill: false``."""
+    return params.distill is not False
+
+
 def calibrate(job, params: Params) -> dict:
     if not params.distill:
         return {}

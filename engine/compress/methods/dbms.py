@@ -119,6 +119,11 @@ def rebuild(base: torch.Tensor, delta_hat: torch.Tensor, params: Params, ctx) ->
     return (1.0 + alpha) * base + scale * delta_hat
 
 
+def learns(params: Params) -> bool:
+    """Whether ``calibrate`` runs: the two scalars are learned unless ``alpha`` is given."""
+    return params.alpha is None
+
+
 def calibrate(job, params: Params) -> dict:
     if params.alpha is not None:
         return {}

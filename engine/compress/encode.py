@@ -1,4 +1,4 @@
-"""Compress a fine-tune against its base into an artifact, and rebuild it.
+"""Compress a fine-tune against its base into an artifact (the rebuild is ``engine.compress.rebuild``).
 
 ``compress`` streams tensor by tensor: it reads one tensor of each model (through
 ``ModelFolder``), takes the delta in float32 on the compute device, stores 1-D deltas in fp16
@@ -18,41 +18,34 @@ over the compressed matrices in proportion to their sizes, and whatever a matrix
 Compressors with ``allocate`` split the budget themselves after a first streaming pass of
 statistics. With ``ratio_over: compressed`` the compressed matrices' sections get
 ``2 N_c / R`` bytes (``N_c`` their entries) and nothing else is budgeted (``engine.compress.scope``).
-
-``decompress`` checks the base against the artifact's fingerprint (tensor layout, file sizes,
-then the weight files' sha256) and writes a Hugging Face folder with ``ModelWriter``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from pydantic import BaseModel
 
 from engine.compat import require_compatible
-from engine.compress.artifact import (FORMAT, FORMAT_VERSION, TENSORS_NAME, Artifact, ArtifactWriter,
-                                      compact_json, engine_version, folder_bytes, layout_digest,
-                                      now_utc, safetensors_header, side_files_digest)
-from engine.compress.bits import SectionReader
-from engine.compress.calibration import calibration_plan, default_tasks, learns  # noqa: F401
-from engine.compress.masks import derive_seed
-from engine.compress.registry import CompressMethod, TensorContext, get_method
-from engine.compress.scope import (compressed_set_ratio, exact_delta, exact_section, in_scope,
-                                   manifest_entry, scope_of)
+from engine.compress.artifact import (FORMAT, FORMAT_VERSION, TENSORS_NAME, ArtifactWriter,
+                                      base_fingerprint, compact_json, engine_version, folder_bytes,
+                                      layout_of, now_utc, safetensors_header, side_files_digest)
+from engine.compress.calibration import calibration_plan, learns
+from engine.compress.codec import as_matrix_shape, decode_section, is_matrix, tensor_context
+from engine.compress.registry import get_method
+from engine.compress.scope import compressed_set_ratio, exact_section, in_scope, manifest_entry
 from engine.device import resolve_device
-from engine.errors import (ArtifactError, ConfigError, IncompatibleModelsError, NonFiniteError,
-                           ParameterError, PathNotAllowedError)
-from engine.io import ModelFolder, ModelWriter
-from engine.io.header import DTYPES, TORCH_TO_SAFETENSORS
+from engine.errors import (ArtifactError, ConfigError, IncompatibleModelsError, ParameterError,
+                           PathNotAllowedError)
+from engine.io import ModelFolder
+from engine.io.header import TORCH_TO_SAFETENSORS
 from engine.io.side_files import SIDE_FILES, read_side_file
-from engine.io.writer import sha256_file
 from engine.lora.finetune import AdapterFinetune, open_finetune
 from engine.task_vectors import check_finite, read_stored, task_vector32
 
@@ -81,103 +74,6 @@ class CompressResult:
     ratio_compressed: float | None = None  # 2 x compressed_entries / bytes of their sections
 
 
-# ---------------------------------------------------------------- shared helpers
-def layout_of(folder: ModelFolder) -> list[tuple[str, tuple[int, ...]]]:
-    return [(name, tuple(folder.info(name).shape)) for name in folder.tensor_names]
-
-
-def is_matrix(shape: tuple[int, ...]) -> bool:
-    return len(shape) >= 2 and shape[0] > 0 and int(np.prod(shape)) > 0
-
-
-def as_matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    return (shape[0], int(np.prod(shape[1:])))
-
-
-def method_seed(method: CompressMethod, params: BaseModel) -> int:
-    inner = params.inner_parsed() if hasattr(params, "inner_parsed") else params
-    return int(getattr(inner, "seed", 0) or 0)
-
-
-def base_fingerprint(folder: ModelFolder, *, content: bool = True) -> dict:
-    files = {}
-    for name, fp in folder.file_fingerprints().items():
-        entry = dict(fp)
-        if content:
-            entry["sha256"] = sha256_file(folder.path / name)
-        files[name] = entry
-    return {"layout_sha256": layout_digest(layout_of(folder)), "files": files}
-
-
-def check_base(artifact: Artifact, base: ModelFolder, *, verify_content: bool = True) -> None:
-    """Refuse a base the artifact was not made against, with a one-line reason."""
-    expected = artifact.manifest["base"]
-    files = expected.get("files") or {}
-    actual = base.file_fingerprints()
-    layout = layout_of(base)
-    if layout_digest(layout) != expected.get("layout_sha256"):
-        n = artifact.manifest["layout"].get("tensors")
-        sizes = ", ".join(f"{k} {v.get('size')} bytes" for k, v in files.items())
-        raise ArtifactError(f"wrong base: its tensor names/shapes differ from the base the artifact "
-                            f"was made against ({n} tensors; {sizes}); this base has {len(layout)} "
-                            "tensors", path=base.path)
-    if sorted(actual) != sorted(files):
-        raise ArtifactError(f"wrong base: weight files {sorted(actual)} differ from the artifact's "
-                            f"base {sorted(files)}", path=base.path)
-    for name, fp in files.items():
-        if actual[name]["size"] != fp.get("size") or actual[name]["header_sha256"] != fp.get("header_sha256"):
-            raise ArtifactError(f"wrong base: {name} is {actual[name]['size']} bytes (header "
-                                f"{actual[name]['header_sha256'][:12]}), the artifact's base had "
-                                f"{fp.get('size')} bytes (header {str(fp.get('header_sha256'))[:12]})",
-                                path=base.path)
-        if verify_content and "sha256" in fp:
-            digest = sha256_file(base.path / name)
-            if digest != fp["sha256"]:
-                raise ArtifactError(f"wrong base: {name} has the same layout but other weights "
-                                    f"(sha256 {digest[:12]}, the artifact's base {fp['sha256'][:12]})",
-                                    path=base.path)
-
-
-def _tensor_dtype(manifest: dict, name: str) -> torch.dtype:
-    layout = manifest["layout"]
-    dtype_name = (layout.get("dtype_overrides") or {}).get(name, layout.get("dtype", "F32"))
-    if dtype_name not in DTYPES:
-        raise ArtifactError(f"unknown dtype {dtype_name!r} in the manifest")
-    return DTYPES[dtype_name][0]
-
-
-def _context(method: CompressMethod, params, name: str, index: int, device) -> TensorContext:
-    return TensorContext(name=name, seed=derive_seed(method_seed(method, params), name),
-                         device=device, index=index)
-
-
-def decode_section(method: CompressMethod, params, data: bytes, name: str, shape, index: int,
-                   device) -> torch.Tensor:
-    """A matrix's rebuilt delta (float32, on ``device``, original shape)."""
-    if not data:
-        return torch.zeros(shape, dtype=torch.float32, device=device)
-    if not in_scope(name, tuple(shape), scope_of(params)):  # kept: its delta in fp16
-        return exact_delta(data, shape, name, device)
-    reader = SectionReader(data, f"section of {name!r}")
-    ctx = _context(method, params, name, index, device)
-    try:
-        out = method.module.decode(reader, as_matrix_shape(shape), params, ctx)
-    except (ValueError, IndexError, RuntimeError) as err:
-        raise ArtifactError(f"section of {name!r} is corrupt: {err}") from None
-    return out.reshape(shape)
-
-
-def rebuild_tensor(method: CompressMethod, params, base_t: torch.Tensor, delta_hat: torch.Tensor,
-                   name: str, index: int, device) -> torch.Tensor:
-    # float32 at least; a float64 base stays float64 (float32 would round the base's values)
-    base32 = base_t.to(device=device, dtype=torch.promote_types(base_t.dtype, torch.float32))
-    hook = getattr(method.module, "rebuild", None)
-    if hook is None or not in_scope(name, tuple(base_t.shape), scope_of(params)):
-        return base32 + delta_hat
-    return hook(base32, delta_hat, params, _context(method, params, name, index, device))
-
-
-# ---------------------------------------------------------------- compress
 def _delta(base: ModelFolder, ft: ModelFolder, name: str, device) -> torch.Tensor | None:
     """``ft - base`` of one tensor, float32 on ``device`` (``engine.task_vectors``' rules);
     NaN/Inf refused naming the folder that holds them (a NaN in the base is not the
@@ -412,7 +308,7 @@ def _encode_matrix(spec, params, name: str, index: int, delta: torch.Tensor, bud
     """One matrix's section and its context; a CUDA out-of-memory is retried on the CPU with a
     fresh context (nothing of the failed attempt kept) and ``name`` appended to ``cpu_fallback``."""
     def attempt(on, matrix):
-        ctx = _context(spec, params, name, index, on)
+        ctx = tensor_context(spec, params, name, index, on)
         if settings is not None:
             ctx.setting = settings[index]
         return spec.module.encode(matrix, budget, params, ctx), ctx
@@ -440,7 +336,7 @@ def _allocate(spec, params, base, ft, matrices, budgets, device, kept=()):
         if delta is None:
             delta = torch.zeros(shape, device=device)
         stats.append(module.prepass(delta.reshape(as_matrix_shape(shape)), params,
-                                    _context(spec, params, name, index, device)))
+                                    tensor_context(spec, params, name, index, device)))
     settings = module.allocate(stats, [budgets[i] for i in indices], params)
     return dict(zip(indices, settings))
 
@@ -518,126 +414,3 @@ def _calibrate(spec, params, writer, base, ft, matrices, vectors, device, manife
         wanted = params.examples_wanted() if hasattr(params, "examples_wanted") else params.n_prompts
         used["examples"] = len(data) if wanted is None else min(wanted, len(data))
     return {**used, **outcome.get("report", {})}
-
-
-# ---------------------------------------------------------------- rebuild
-def open_checked(artifact_path, base: ModelFolder, *, verify: bool = True) -> tuple[Artifact, CompressMethod, BaseModel]:
-    artifact = Artifact(artifact_path, verify=verify)
-    spec = get_method(artifact.method)
-    try:
-        params = spec.params_class.model_validate(artifact.params)
-        if hasattr(params, "inner_parsed"):
-            params.inner_parsed()
-    except (ValueError, ParameterError) as err:
-        raise ArtifactError(f"manifest parameters are invalid: {err}", path=artifact.path) from None
-    check_base(artifact, base, verify_content=verify)
-    entry = artifact.manifest.get("scope")
-    if isinstance(entry, dict):  # the sections kept in fp16 are the ones the rule names
-        matrices = [(n, s) for n, s in layout_of(base) if is_matrix(s)]
-        expected = [i for i, (n, s) in enumerate(matrices) if not in_scope(n, s, scope_of(params))]
-        if entry.get("kept_sections") != expected:
-            raise ArtifactError(f"manifest scope lists the fp16 sections {entry.get('kept_sections')}, "
-                                f"scope {scope_of(params)!r} names {expected}", path=artifact.path)
-    return artifact, spec, params
-
-
-def iter_rebuilt(artifact: Artifact, spec: CompressMethod, params, base: ModelFolder,
-                 device=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, rebuilt fine-tune tensor in float32 (float64 for a float64 base tensor) on
-    ``device``), tensor by tensor; an integer or bool tensor is the base's, exactly."""
-    device = resolve_device(device)
-    vectors = artifact.vectors()
-    cursor, index = 0, 0
-    for name in base.tensor_names:
-        shape = tuple(base.info(name).shape)
-        base_t = base.get_tensor(name)
-        if not base_t.is_floating_point():  # stored as a zero delta; never through float32
-            if is_matrix(shape):
-                index += 1
-            else:
-                cursor += int(np.prod(shape))
-            yield name, base_t.to(device)
-        elif is_matrix(shape):
-            d_hat = decode_section(spec, params, artifact.section(index), name, shape, index, device)
-            yield name, rebuild_tensor(spec, params, base_t, d_hat, name, index, device)
-            index += 1
-        else:
-            count = int(np.prod(shape))
-            d = torch.from_numpy(vectors[cursor:cursor + count].copy()).reshape(shape)
-            cursor += count
-            yield name, base_t.to(device, torch.promote_types(base_t.dtype, torch.float32)) + d.to(device)
-
-
-def _cast_checked(tensor: torch.Tensor, dtype: torch.dtype | None, artifact: Artifact,
-                  name: str) -> torch.Tensor:
-    """A rebuilt tensor in the dtype it is written or handed out in, checked after the cast: a
-    rebuilt value beyond float16's range is Inf there, and a corrupt section can decode to NaN.
-    Integer and bool tensors (the base's copies) keep their dtype."""
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise NonFiniteError(f"{bad} rebuilt value(s) are NaN/Inf in "
-                             f"{str(tensor.dtype).removeprefix('torch.')} (beyond its range); refused",
-                             path=artifact.path, tensor=name)
-    return tensor
-
-
-@dataclass
-class DecompressResult:
-    out: Path
-    method: str
-    tensors: int
-    seconds: float
-
-
-def decompress(artifact_path: str | Path, base_path: str | Path, out: str | Path, *,
-               device: torch.device | str | None = None, verify: bool = True,
-               progress: Progress | None = None) -> DecompressResult:
-    """Rebuild the fine-tune as a Hugging Face folder (config and tokenizer files included),
-    with its model card (README.md)."""
-    from engine.export_card import CARD_NAME, rebuild_card
-
-    started = time.perf_counter()
-    base = ModelFolder(base_path)
-    try:
-        artifact, spec, params = open_checked(artifact_path, base, verify=verify)
-        extra = artifact.side_file_bytes(base.path)
-        try:
-            config = json.loads(extra.pop("config.json", b"null"))
-        except ValueError:
-            raise ArtifactError("config.json in the artifact is not JSON", path=artifact.path) from None
-        if not isinstance(config, dict):
-            raise ArtifactError("the artifact carries no config.json", path=artifact.path)
-        manifest_extra = {"kind": "decompressed", "compression": {
-            "method": spec.name, "params": artifact.params, "target_ratio": artifact.manifest.get("target_ratio"),
-            "artifact_bytes": artifact.total_bytes}}
-        # the card is ours: nothing from the artifact or the base is written under its name
-        extra[CARD_NAME] = rebuild_card(method=spec.name, params=params.model_dump(mode="json"),
-                                        base=base.path, artifact=artifact.path,
-                                        target_ratio=artifact.manifest.get("target_ratio"),
-                                        artifact_bytes=artifact.total_bytes).encode()
-        names = base.tensor_names
-        with ModelWriter(out, config=config, extra_files=extra, manifest_extra=manifest_extra,
-                         input_folders=[base.path, artifact.path]) as writer:
-            for i, (name, tensor) in enumerate(iter_rebuilt(artifact, spec, params, base, device)):
-                writer.add_tensor(name, _cast_checked(tensor, _tensor_dtype(artifact.manifest, name),
-                                                      artifact, name))
-                if progress is not None:
-                    progress((i + 1) / len(names), name)
-    finally:
-        base.close()
-    return DecompressResult(out=Path(out), method=spec.name, tensors=len(names),
-                            seconds=time.perf_counter() - started)
-
-
-def rebuild_state_dict(artifact_path, base_path, *, device=None, verify: bool = True,
-                       dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-    """The rebuilt fine-tune as an in-memory state dict (for evaluation without writing)."""
-    base = ModelFolder(base_path)
-    try:
-        artifact, spec, params = open_checked(artifact_path, base, verify=verify)
-        return {name: _cast_checked(t, dtype, artifact, name).cpu()
-                for name, t in iter_rebuilt(artifact, spec, params, base, device)}
-    finally:
-        base.close()
