@@ -16,7 +16,6 @@ Where metrics come from:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
@@ -25,8 +24,9 @@ import streamlit as st
 
 from engine import settings
 from engine.errors import DeltaWorkbenchError
-from engine.jobs.ingest import ANALYSIS_JOB_KIND
-from engine.jobs.ingest import ingest_analysis_jobs as ingest
+from engine.jobs.analysis_jobs import ANALYSIS_JOB_KIND, matching_job
+from engine.jobs.analysis_jobs import ingest_analysis_jobs as ingest
+from engine.jobs.analysis_jobs import submit_analysis_job as submit_job
 from engine.metric_cache import NotCached, ReadOnlyView
 from engine.tensor_names import split_layer
 from engine.text import printable
@@ -78,18 +78,10 @@ def cache_notice(store, key: str) -> None:
         st.rerun()
 
 
-def model_parameters(*paths: str | Path) -> int:
-    """The largest parameter count among the folders (headers only); a LoRA adapter counts as
-    its base, which is among the paths."""
-    from engine.io import ModelFolder
-    from engine.lora import is_adapter_folder
+def _largest_parameter_count(*paths) -> int:
+    from engine.lora.finetune import largest_parameter_count  # headers only
 
-    biggest = 0
-    for path in paths:
-        if path and not is_adapter_folder(path):
-            with ModelFolder(path) as folder:
-                biggest = max(biggest, folder.num_parameters)
-    return biggest
+    return largest_parameter_count(*paths)
 
 
 def guarded(what: str, fn: Callable[[], Any]) -> Any:
@@ -124,7 +116,7 @@ def metrics_of(paths: Sequence[str | None], compute: Callable[[Any], dict], *, j
                title: str, key: str, spinner: str, failed: str) -> dict:
     """``metrics_or_job`` for the models at ``paths`` (their size picks here or a job), with
     bad input shown on the page; stops the page when there is no result (yet)."""
-    n_params = guarded("The models cannot be read", lambda: model_parameters(*paths))
+    n_params = guarded("The models cannot be read", lambda: _largest_parameter_count(*paths))
     if n_params is None:
         st.stop()
     result = guarded(failed, lambda: metrics_or_job(compute, job_params=job_params, n_params=n_params,
@@ -150,33 +142,12 @@ def analysis_of_selection(base: str, finetunes: list[str], params, *, title: str
     return result
 
 
-def _normal_job_params(params: dict) -> dict:
-    from engine.jobs.kinds import AnalyzeJobParams
-
-    return AnalyzeJobParams.model_validate(params).model_dump(mode="json")
-
-
-def _matching_job(manager, params: dict):
-    wanted = _normal_job_params(params)
-    for job in manager.jobs():  # newest first
-        if job.spec.kind != JOB_KIND:
-            continue
-        try:
-            if _normal_job_params(job.spec.params) == wanted:
-                return job
-        except ValueError:
-            continue
-    return None
-
-
 def submit_analysis_job(params: dict, title: str) -> str:
-    from engine.jobs import JobSpec
-
-    return job_manager().submit(JobSpec(kind=JOB_KIND, title=title, params=_normal_job_params(params)))
+    return submit_job(job_manager(), params, title)
 
 
 def ingest_analysis_jobs(store, manager=None) -> int:
-    """The engine's ingest (``engine.jobs.ingest``) with its warnings on the page."""
+    """The engine's ingest (``engine.jobs.analysis_jobs``) with its warnings on the page."""
     done = ingest(store, manager or job_manager())
     for line in done.warnings:
         st.warning(line)
@@ -190,7 +161,7 @@ def analysis_job_panel(params: dict, *, title: str, n_params: int, key: str) -> 
             f"({settings.in_process_max_params():,}). The full analysis runs as a job in a worker process "
             "(on the GPU when there is one); its results go into the metric cache and this page "
             "draws them from there.")
-    job = _matching_job(manager, params)
+    job = matching_job(manager, params)
     if job is not None and job.status.state in ("queued", "running"):
         _follow_job(job.id)
         return

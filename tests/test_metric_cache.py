@@ -10,7 +10,8 @@ import pytest
 
 from cache import MetricStore
 from engine.errors import DeltaWorkbenchError
-from engine.jobs.ingest import ANALYSIS_JOB_KIND, ingest_analysis_jobs
+from engine.jobs.analysis_jobs import (ANALYSIS_JOB_KIND, ingest_analysis_jobs, matching_job,
+                                       normal_params)
 from engine.metric_cache import (CacheKey, MetricCache, NotCached, ReadOnlyView, RecordingCache,
                                  fingerprint_key, recorded_rows)
 
@@ -113,3 +114,28 @@ def test_the_key_rule_is_defined_once():
         for copy in ("class CacheKey", "def fingerprint_key", "def canonical_json",
                      "class _RecordingCache", "class CacheOnly"):
             assert copy not in text, f"{path.relative_to(REPO)} defines {copy}"
+
+
+def test_matching_job_finds_the_newest_job_of_equal_parameters():
+    params = {"base": "b", "finetuned": ["f"], "analysis": {}}
+    same = normal_params(params)
+    newest = SimpleNamespace(id="new", spec=SimpleNamespace(kind=ANALYSIS_JOB_KIND, params=same))
+    older = SimpleNamespace(id="old", spec=SimpleNamespace(kind=ANALYSIS_JOB_KIND, params=same))
+    other = SimpleNamespace(id="x", spec=SimpleNamespace(kind=ANALYSIS_JOB_KIND,
+                                                         params={**same, "finetuned": ["g"]}))
+    assert matching_job(_Manager([other, newest, older]), params).id == "new"
+    assert matching_job(_Manager([other]), params) is None
+
+
+def test_parameter_count_of_an_adapter_is_its_bases(tmp_path):
+    from engine.lora.finetune import largest_parameter_count, parameter_count
+    from tests.lora.peft_builders import make_adapter, tiny_llama
+
+    model = tiny_llama(tmp_path / "base")
+    make_adapter(model, tmp_path / "adapter", target_modules=["q_proj"])
+    n = sum(p.numel() for p in model.state_dict().values())
+    assert parameter_count(tmp_path / "base") == n
+    assert parameter_count(tmp_path / "adapter", tmp_path / "base") == n
+    assert largest_parameter_count(tmp_path / "adapter", tmp_path / "base", None) == n
+    with pytest.raises(DeltaWorkbenchError, match="needs a base"):
+        parameter_count(tmp_path / "adapter")

@@ -1,4 +1,5 @@
-"""Rows that analysis jobs recorded, loaded into the metric store by the app process.
+"""Analysis jobs as the app uses them: submitted with normalised parameters, found again by
+those parameters, and their recorded metric rows loaded into the store by the app process.
 
 A worker never opens the database (``engine.metric_cache.RecordingCache`` hands its rows back
 as the job's result); the app process, the store's only writer, ingests each finished job
@@ -13,6 +14,35 @@ from engine.errors import DeltaWorkbenchError
 from engine.metric_cache import recorded_rows
 
 ANALYSIS_JOB_KIND = "analyze"
+
+
+def normal_params(params: dict) -> dict:
+    """The job's parameters as the job kind validates and stores them (so equal requests
+    compare equal)."""
+    from engine.jobs.kinds import AnalyzeJobParams
+
+    return AnalyzeJobParams.model_validate(params).model_dump(mode="json")
+
+
+def matching_job(manager, params: dict):
+    """The newest analysis job for exactly these parameters, or None."""
+    wanted = normal_params(params)
+    for job in manager.jobs():  # newest first
+        if job.spec.kind != ANALYSIS_JOB_KIND:
+            continue
+        try:
+            if normal_params(job.spec.params) == wanted:
+                return job
+        except ValueError:
+            continue
+    return None
+
+
+def submit_analysis_job(manager, params: dict, title: str) -> str:
+    """Queue an analysis job; its id."""
+    from engine.jobs.spec import JobSpec
+
+    return manager.submit(JobSpec(kind=ANALYSIS_JOB_KIND, title=title, params=normal_params(params)))
 
 
 @dataclass
