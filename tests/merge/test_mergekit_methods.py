@@ -38,6 +38,33 @@ def f64(*tensors):
     return [t.double() for t in tensors]
 
 
+# ---------------------------------------------------------------- names and defaults
+def test_mergekit_names_defaults_and_model_counts():
+    """mergekit 0.1.5's parameters and defaults (mergekit/merge_methods/*.py)."""
+    defaults = {
+        "nuslerp": {"nuslerp_row_wise": False, "nuslerp_flatten": True},
+        "multislerp": {"normalize_weights": True, "eps": 1e-8},
+        "karcher": {"max_iter": 10, "tol": 1e-5},
+        "sce": {"select_topk": 1.0, "int8_mask": False},
+        "arcee_fusion": {},
+        "ram": {"epsilon": 1e-5},
+        "ramplus_tl": {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+    }
+    for name, values in defaults.items():
+        assert get_method(name).parse_params({}).model_dump() == values, name
+    with pytest.raises(ParameterError, match="nearswap parameters: t: Field required"):
+        get_method("nearswap").parse_params({})
+    for name in ("nuslerp", "multislerp"):  # per-model weight, required as in mergekit
+        assert get_method(name).model_params_class.model_fields["weight"].is_required()
+    for name in ("karcher", "sce", "arcee_fusion", "nearswap", "ram", "ramplus_tl"):
+        assert not get_method(name).model_params_class.model_fields, name  # mergekit takes none
+    counts = {name: (get_method(name).requires_base, get_method(name).max_models)
+              for name in defaults | {"nearswap": {}}}
+    assert counts == {"nuslerp": (False, 2), "multislerp": (False, None), "karcher": (False, None),
+                      "sce": (True, None), "arcee_fusion": (True, 1), "nearswap": (True, 1),
+                      "ram": (True, None), "ramplus_tl": (True, None)}
+
+
 # ---------------------------------------------------------------- nuslerp
 def slerp_pair(t, a, b):
     """One pair of float64 vectors (lists), as mergekit's nuslerp defines it."""

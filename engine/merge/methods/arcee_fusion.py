@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engine.errors import ParameterError
 from engine.merge.common import MethodParams, NoModelParams, finish, prepare_inputs
 
 NAME = "arcee_fusion"
@@ -40,7 +41,9 @@ ModelParams = NoModelParams
 
 
 def validate(params: Params, model_params: Sequence[ModelParams]) -> None:
-    return None
+    if len(model_params) != 1:
+        raise ParameterError("arcee_fusion merges the base_model with exactly 1 model (recipe key "
+                             f"`models`, besides `base_model`), got {len(model_params)}")
 
 
 def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

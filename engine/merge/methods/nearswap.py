@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
+from engine.errors import ParameterError
 from engine.merge.common import MethodParams, NoModelParams, finish, prepare_inputs
 
 NAME = "nearswap"
@@ -34,7 +35,9 @@ ModelParams = NoModelParams
 
 
 def validate(params: Params, model_params: Sequence[ModelParams]) -> None:
-    return None
+    if len(model_params) != 1:
+        raise ParameterError("nearswap merges the base_model with exactly 1 model (recipe key "
+                             f"`models`, besides `base_model`), got {len(model_params)}")
 
 
 def merge_tensor(

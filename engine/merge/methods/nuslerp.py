@@ -56,7 +56,7 @@ class ModelParams(RequiredWeight):
 def validate(params: Params, model_params: Sequence[ModelParams]) -> None:
     if len(model_params) != 2:
         raise ParameterError(
-            f"nuslerp merges exactly 2 models (recipe key `models`, besides `base_model`), "
+            "nuslerp merges exactly 2 models (recipe key `models`, besides `base_model`), "
             f"got {len(model_params)}")
 
 
