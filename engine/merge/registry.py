@@ -31,6 +31,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "task_arithmetic_family",
     "slerp",
     "model_stock",
+    "nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "nearswap", "ram", "ramplus_tl",
     "consensus",
     "tsv",
     "emr",
