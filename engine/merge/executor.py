@@ -141,7 +141,8 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
         models, settings = [], []
         entry_keys = [key for key, _ in recipe.model_refs() if key.endswith(".model")]
         for entry, key in zip(entries, entry_keys):
-            if (base_path is not None and method.requires_base and split_lora_ref(entry.model)[1] is None
+            if (base_path is not None and (method.requires_base or method.optional_base)
+                    and split_lora_ref(entry.model)[1] is None
                     and _resolve_model_path(entry.model, key).resolve() == base_path.resolve()):
                 continue  # mergekit lists the base among the models; it contributes as the base
             models.append(open_model(entry.model, key, base))

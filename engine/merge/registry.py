@@ -4,7 +4,8 @@ Every module in METHOD_MODULES is one method: it defines NAME, PAPER, Params, Mo
 REQUIRES_BASE and merge_tensor(base, tensors, model_params, params, *, name="", generator=None
 [, stats=None]); optionally validate(params, model_params), STATS ("fisher" / "gram": the method
 takes stats=[...]), RANDOMIZED, MAX_MODELS (how many fine-tunes it merges at most: slerp's one)
-and DEFAULT_WEIGHT ("one", or "share": 1/n each, as a linear average starts). A module in FAMILY_MODULES instead declares VARIANTS, several
+DEFAULT_WEIGHT ("one", or "share": 1/n each, as a linear average starts) and OPTIONAL_BASE
+(a method that works with or without a base: a base_model listed among the models is the base). A module in FAMILY_MODULES instead declares VARIANTS, several
 methods over one implementation (``engine.merge.gta.Variant``), listed in its place. Pages render
 forms from the parameter classes (pydantic JSON schema), so a new method needs no page change:
 add a module and one line here, or a family variant and no line here.
@@ -57,6 +58,7 @@ class MergeMethod:
     randomized: bool
     module: ModuleType | Variant  # what validate / merge_tensor are called on
     max_models: int | None = None  # fine-tunes it takes at most (None: any number)
+    optional_base: bool = False  # uses a base when given (a base listed among models is the base)
     default_weight: str = "one"  # a form's starting per-model weight: "one" or "share" (1/n)
 
     def starting_weight(self, n_models: int) -> float:
@@ -138,6 +140,7 @@ def _load(module_name: str) -> MergeMethod:
         randomized=bool(getattr(module, "RANDOMIZED", False)),
         module=module,
         max_models=getattr(module, "MAX_MODELS", None),
+        optional_base=bool(getattr(module, "OPTIONAL_BASE", False)),
         default_weight=getattr(module, "DEFAULT_WEIGHT", "one"),
     )
 

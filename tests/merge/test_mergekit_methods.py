@@ -529,8 +529,6 @@ def test_matches_mergekit(parity, name):
 
 
 # ---------------------------------------------------------------- a base listed among the models
-@pytest.mark.xfail(strict=True, reason="needs the executor to skip a listed base_model for methods with "
-                                       "OPTIONAL_BASE (plan_merge); see the branch's report")
 @pytest.mark.parametrize("method,weights,params", [
     ("karcher", False, {}), ("nuslerp", True, {}), ("multislerp", True, {})])
 def test_a_base_model_listed_among_the_models_is_the_base(tmp_path, method, weights, params):
