@@ -10,12 +10,15 @@ README = Path(__file__).resolve().parent / "README.md"
 
 def write_readme_section(section: str, body: str) -> None:
     """Put ``section`` (a ``## `` heading) followed by ``body`` into bench/README.md, replacing
-    that section if it is there (up to the next ``## `` heading), else appending it."""
+    that section if it is there (up to the next ``## `` heading or ``<!-- `` marker of another
+    generated section, which is kept), else appending it."""
     text = README.read_text() if README.exists() else "# Benchmarks\n"
     block = f"{section}\n\n{body.strip()}\n"
     if section in text:
         start = text.index(section)
-        nxt = text.find("\n## ", start + len(section))
+        ends = [i for i in (text.find("\n## ", start + len(section)),
+                            text.find("\n<!-- ", start + len(section))) if i != -1]
+        nxt = min(ends) if ends else -1
         text = text[:start] + block + (text[nxt:] if nxt != -1 else "")
     else:
         text = text.rstrip() + "\n\n" + block

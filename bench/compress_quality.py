@@ -18,6 +18,13 @@ ratio's byte budget; rebuilt as base + adapter by our adapter reader.
 
 ``--add-to ROWS.json`` measures only the given methods and renders them with the rows saved
 there (rows of the same labels replaced), so a new method does not re-measure the table.
+
+``--scopes all blocks`` measures every compressor row twice: as given, and with ``scope:
+blocks, ratio_over: compressed`` appended (the papers' setting: only the transformer blocks'
+matrices compressed, embeddings, head and norms kept as fp16 deltas, the target ratio over the
+compressed set); a cell of such a row shows both the ratio over the compressed set and the
+ratio on disk. A row spec can also carry these parameters itself, e.g.
+``'delta_dct{scope: blocks, ratio_over: compressed}'``.
 """
 
 from __future__ import annotations
@@ -52,13 +59,16 @@ RATIOS = (4, 8, 16, 32, 64)
 # The papers' defaults, then the variants tuned for the zoo's tiny models (bench/README.md).
 DEFAULT_METHODS = [
     "magnitude", "dare", "svd", "bitdelta", "delta_come", "impart", "delta_dct", "dbms",
-    "delta_dct{allocation: ladder}",
+    "delta_dct{split: 0.5}",
+    "delta_dct{allocation: rd, quantizer: mse, zero_patches: zero, rescale: none}",
+    "bitdelta{distill: false}",
     "delta_come{group_size: 32}",
+    "delta_come{group_size: 32, quantizer: symmetric}",
     "impart{quant: true, preprune: 0.9, group_size: 32}",
     "dbms{inner: delta_come, inner_params: {group_size: 32}}",
-    "delta_dct{rescale: projection}",
-    "delta_dct{rescale: projection, patch_size: 32}",
-    "bitdelta{distill: true}",
+    "delta_dct{allocation: rd, quantizer: mse, zero_patches: zero, rescale: projection}",
+    "delta_dct{allocation: rd, quantizer: mse, zero_patches: zero, rescale: projection, patch_size: 32}",
+    "bitdelta{objective: task_kl, steps: 100, lr: 0.001}",
     "extract-lora{dtype: float16}",
     "extract-lora{dtype: float16, embed_lora: true}",
 ]
@@ -96,39 +106,74 @@ and config alone would be ~5 KB, more than the whole 64x budget of the small fam
   mask regenerates from a seed with our own splitmix64-based sampler (library-version proof),
   so only values are stored.
 - `svd`: rank-r truncation, `U_r S_r` and `V_r` in fp16.
-- `bitdelta`: one sign plane and one fp16 scale (mean |d|) per matrix is BitDelta (16x before
-  overheads). Other ratios are our extension: residual sign planes, given greedily (error
-  reduction per byte, from a first streaming pass) to the matrices that gain most; at 16x on
-  these models the fixed costs push a few matrices to zero planes. Scale distillation
-  (`distill: true`) is available; it learns the scales by matching the fine-tune's next-token
-  distributions on prompts of the fine-tune's zoo task (the paper uses generic text).
+- `bitdelta`: one sign plane and one fp16 scale (mean |d|) per matrix (16x before overheads),
+  then the paper's stage 2, scale distillation, as the authors run it (`FasterDecoding/BitDelta`,
+  `bitdelta/train.py`, `scripts/train_example.bash`): the scales alone (the authors' script also
+  leaves embeddings, norms and head trainable; the paper distils the scales) are trained so the
+  rebuilt model's logits match the fine-tune's (mean squared error over every position), 200
+  steps of 4 rows of 128 tokens, AdamW at lr 1e-4 cosine-annealed to 0. Their text is C4; ours
+  (an adaptation): the user's `--calibration` file (dev split), else the zoo bases' own
+  pretraining text (generic lines and the upper-case-tag skill records of every task, training
+  split; never the fine-tune's task prompts), packed into full rows; a fine-tune in no zoo and
+  without a file is distilled on that text with a warning in the manifest and the result.
+  `{distill: false}`: stage 1 alone. `{objective: task_kl, steps: 100, lr: 0.001}` (ours, the
+  `small-models` preset): KL to the fine-tune's next-token distributions at the answer
+  positions of 32 training prompts of its zoo task, Adam at a constant lr. Other ratios than
+  16x are our extension: residual sign planes, given greedily (error reduction per byte, from
+  a first streaming pass) to the matrices that gain most; at 16x on these models the fixed
+  costs push a few matrices to zero planes.
 - `delta_come`: the released schedule (8 bits for 2 singular-vector pairs, 3 bits for 32, 2 bits
-  for as many as the budget pays, the rest dropped), groups of 128 values with an fp16 step;
-  round-to-nearest instead of GPTQ (GPTQ needs activations). Tiny adaptation: groups of 32
-  (the vectors are only 128-320 long, one group of 128 per vector is too coarse).
+  for as many as the budget pays, the rest dropped), groups of 128 values, asymmetric as in the
+  authors' GPTQ runs (no `--sym`): per group the range widened to hold 0, an fp16 scale and an
+  integer zero-point (packed at the group's bit width). Round-to-nearest, not GPTQ: GPTQ itself
+  (C4 calibration activations, error feedback, act-order; `U`'s groups running across singular
+  vectors, one scale per row) is not implemented, so each singular vector is grouped along its
+  length and `sigma_i` is folded into `u_i`. `{quantizer: symmetric}` (our earlier default): one
+  fp16 step per group, clipping searched for the smallest squared error. Tiny adaptation:
+  groups of 32 (the vectors are only 128-320 long, one group of 128 per vector is too coarse).
 - `impart`: Algorithm 1 of the paper exactly (singular values to the power C, pre-prune beta,
   per-component drop ratio `gamma (1 - s_i/s_max)`, boundary shift), `C = 0.5`, `beta = 0.8`
   (the authors' released config for CR 32), lowered to `2 alpha - 1` at low sparsity; masks
   seeded as for dare, survivors rescaled by the inverse keep ratio, fp16 values. Tiny
-  adaptation: ImPart-Qt (the authors' quantised variant: 8 bits for the first 2 components, 4
-  for the next 32, 2 after, kept values in groups of 32) with `beta = 0.9`; at the zoo's ratios
+  adaptation: ImPart-Qt (the authors' quantised variant: 8 bits for the first 2 components, 3
+  for the next 32, 2 after, as in the authors' configs and Delta-CoMe; kept values in groups of
+  32 with one fp16 step, our symmetric round-to-nearest, not the authors' GPTQ) with
+  `beta = 0.9`; at the zoo's ratios
   beta then reaches alpha, i.e. dense, quantised low-rank components: the random
   drop-and-rescale of singular vectors costs more accuracy here than the rank it buys.
-- `delta_dct`: patches of 16x16 (the matrices are 128-320 wide), importance = patch L2 norm,
-  orthonormal 2-D DCT-II, uniform quantisation with one fp16 step per patch. Bit allocation:
-  the paper-style ladder (2c/c/0 bits by norm rank, `{allocation: ladder}`) zeroes a quarter of
-  the patches at every ratio and collapses on these dense deltas, so the default is our
-  adaptation `rd`: every patch picks a width in {0,1,2,3,4,5,6,8} minimising
-  `error + lambda * bits` (JPEG-style rate-distortion), lambda solved to fit the budget.
-  `{rescale: projection}` (our adaptation, one fp16 per matrix): the rebuilt delta is scaled by
-  `||d||^2 / <d, d_hat>` so its component along the true delta is full length again
-  (nearest-level quantisation and zeroed patches shrink it to about half at 16x);
-  `patch_size: 32` spends fewer bytes on per-patch steps and bit widths.
-- `dbms`: two scalars per fine-tune, our reading of the paper (its equations were not
-  available to us beyond the abstract): every compressed matrix is rebuilt as
-  `(1 + alpha) W_base + lambda d_hat`, alpha and lambda learned with Adam (60 steps, lr 0.02)
-  to match the fine-tune's next-token distributions on the answer positions of 32 training
-  prompts of its task; the inner compressor is `delta_dct` by default.
+- `delta_dct`: the paper's method by default: patches of 16x16 (the matrices are 128-320 wide),
+  importance = patch L2 norm, fixed widths by norm rank (2/1/0 bits for the top quarter, the
+  middle half and the bottom quarter at the 1-bit budget; `2c/c/0` with `c = round(mean bits)`
+  above 1.5 bits, our extension), orthonormal 2-D DCT-II, per-patch min-max quantisation (each
+  coded patch stores its fp16 min and max), a 0-bit patch rebuilt as its mean (one fp16), and
+  the rebuilt matrix scaled to the delta's mean |d| (one fp16 per matrix). Not verified in the
+  paper's text (its method section was not available to us and no authors' code was found):
+  the ladder's shares, the widths away from the 1-bit budget, the patch size per model.
+  `{split: 0.5}`: half the patches at 2 bits and half at 0 (no 1-bit patches). Our
+  adaptations, each a named option: `allocation: rd` (every patch picks a width in
+  {0,1,2,3,4,5,6,8} minimising `error + lambda * bits`, JPEG-style rate-distortion, lambda
+  solved to fit the budget), `quantizer: mse` (symmetric, one fp16 step per patch, clipping
+  searched), `zero_patches: zero`, `rescale: none` or `rescale: projection` (one fp16 per
+  matrix: the rebuilt delta is scaled by `||d||^2 / <d, d_hat>` so its component along the true
+  delta is full length again; nearest-level quantisation and zeroed patches shrink it to about
+  half at 16x); the rows naming all four are the earlier defaults. `patch_size: 32` spends
+  fewer bytes on per-patch values and bit widths.
+- `dbms`: "DBMS-style scalar calibration", ours, not the paper's method. DBMS shifts the base
+  toward a compressed base vector *before* the delta is compressed and learns a shift magnitude
+  and a delta scale; its method section (how the base vector is made and compressed, the
+  fusion, the objective) was not available to us (the abstract and first page only; no public
+  code), so the rows do not claim it. What they measure: the inner compressor (`delta_dct` by
+  default) compresses the unchanged delta with the whole budget, and every compressed matrix
+  is rebuilt as `(1 + alpha) W_base + lambda d_hat`, alpha and lambda learned with Adam (60
+  steps, lr 0.02) to match the fine-tune's next-token distributions on the answer positions of
+  32 training prompts of its task (a fine-tune in no zoo: every task's, with a warning). The
+  label stays `dbms`, the registry name.
+- `{scope: blocks, ratio_over: compressed}` rows (`--scopes all blocks`): the papers' setting.
+  Only the transformer blocks' matrices are compressed; embeddings, LM head, norms and biases
+  are kept as fp16 deltas (2 bytes an entry) and still counted on disk. They are 4-7% of the
+  full zoo's entries, which caps the on-disk ratio at 14-25x, so these rows aim the target at
+  the ratio over the compressed set (2 bytes x the compressed entries / their sections' bytes,
+  the papers' convention) and show the on-disk ratio beside it (`set / disk` in the cells).
 """
 
 LORA_NOTE = """- `extract-lora`: not a delta compressor but the PEFT adapter `python -m engine extract-lora`
@@ -141,6 +186,30 @@ LORA_NOTE = """- `extract-lora`: not a delta compressor but the PEFT adapter `py
   The rank of each cell and the size of each file are in the rows file (`rank`, `files`).
 """
 NOTES += LORA_NOTE
+
+
+PAPER_SCOPE = "scope: blocks, ratio_over: compressed"
+
+
+def with_scope(label: str) -> str:
+    """The row ``label`` in the papers' scope (see ``--scopes``)."""
+    return f"{label[:-1]}, {PAPER_SCOPE}}}" if label.endswith("}") else f"{label}{{{PAPER_SCOPE}}}"
+
+
+def scoped_methods(methods: list[str], scopes: list[str]) -> list[str]:
+    out = []
+    for label in methods:
+        if "all" in scopes:
+            out.append(label)
+        if "blocks" in scopes and parse_method(label)[0] != LORA and "scope" not in parse_method(label)[1]:
+            out.append(with_scope(label))
+    return list(dict.fromkeys(out))
+
+
+def set_ratio_shown(label: str) -> bool:
+    """Does the row's cell show the ratio over the compressed set too?"""
+    params = parse_method(label)[1]
+    return params.get("scope", "all") != "all" or params.get("ratio_over", "artifact") != "artifact"
 
 
 def parse_method(entry: str) -> tuple[str, dict]:
@@ -325,6 +394,8 @@ def run(args) -> list[dict]:
                         "target_ratio": ratio, "ratio": round(result.ratio, 3), "bytes": result.bytes,
                         "accuracy": acc, "finetune_accuracy": ft_acc, "base_accuracy": base_acc,
                         "retained": acc / ft_acc if ft_acc > 0 else None,
+                        "ratio_compressed": (None if result.ratio_compressed is None
+                                             else round(result.ratio_compressed, 3)),
                         "compress_seconds": round(seconds, 2), "warnings": result.warnings,
                         "calibration": result.calibration, **fidelity, **profile})
                     print(f"  {label:>10} x{ratio:<3} ratio {result.ratio:6.2f} acc {acc:.3f} "
@@ -350,6 +421,7 @@ def summarize(rows: list[dict], methods: list[str], ratios: list[int]) -> dict:
                 "min_retained": min((r["retained"] for r in cell if r["retained"] is not None), default=None),
                 "accuracy": _mean([r["accuracy"] for r in cell]),
                 "ratio": _mean([r["ratio"] for r in cell]),
+                "ratio_compressed": _mean([r.get("ratio_compressed") for r in cell]),
                 "n": len(cell),
             }
     return table
@@ -390,7 +462,9 @@ def markdown(rows, methods, ratios, table, args, seconds) -> str:
         "as a share of the uncompressed fine-tune's accuracy: mean over the fine-tunes "
         f"({', '.join(models)}), and in brackets the worst fine-tune. The ratio is measured on "
         "disk: 2 bytes x delta entries / bytes of the artifact folder (manifest and every file "
-        "included); the achieved mean ratio is under each target.",
+        "included); the achieved mean ratio is under each target. Rows with `scope: blocks` "
+        "(the papers' setting, see the notes) show `set / disk`: the ratio over the compressed "
+        "set they aim at, then the ratio on disk.",
         "",
         "| method | " + " | ".join(f"{r}x" for r in ratios) + " |",
         "|---|" + "---|" * len(ratios),
@@ -399,8 +473,11 @@ def markdown(rows, methods, ratios, table, args, seconds) -> str:
         cells = []
         for ratio in ratios:
             c = table[method, ratio]
+            shown = (f"{c['ratio_compressed']:.1f}x / {c['ratio']:.1f}x"
+                     if set_ratio_shown(method) and c["ratio_compressed"] is not None
+                     else f"{c['ratio']:.1f}x")
             cells.append("n/a" if c["retained"] is None else
-                         f"{pct(c['retained'])} ({pct(c['min_retained'])}) <br>{c['ratio']:.1f}x")
+                         f"{pct(c['retained'])} ({pct(c['min_retained'])}) <br>{shown}")
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
     lines += ["", "Per fine-tune at 16x (accuracy after / before; base):", "",
               "| fine-tune | task | fine-tune | base | " + " | ".join(f"`{m}`" for m in methods) + " |",
@@ -550,11 +627,12 @@ def findings(rows, table, methods, ratios) -> str:
             + ("; the component kept along the delta at 16x is " + ", ".join(parts) if parts else "")
             + ". "
             "Rows that restore the length do far better at the same bytes: unbiased rescaling "
-            "(`delta_dct{rescale: projection}`, one fp16 per matrix), learned scales "
-            "(`bitdelta{distill: true}`, DBMS) or dense low-rank codes that keep the top "
-            "singular directions nearly exact (Delta-CoMe, ImPart-Qt). LLM fine-tunes sit "
-            "further inside their basin, which is why the papers see near-lossless "
-            "1-bit-equivalent compression without such corrections.")
+            "(`delta_dct{..., rescale: projection}`, one fp16 per matrix), learned scales "
+            "(BitDelta's distillation, the DBMS-style scalars) or dense low-rank codes that "
+            "keep the top singular directions nearly exact (Delta-CoMe, ImPart-Qt). LLM "
+            "fine-tunes sit further inside their basin (and the papers' methods carry such "
+            "corrections of their own: Delta-DCT's mean-|d| rescale, BitDelta's scale "
+            "distillation), which may be why the papers need fewer of ours.")
     for method in [m for m in methods if parse_method(m)[0] == LORA]:
         cell = [r for r in rows if r["method"] == method and r["target_ratio"] == 16 and "rank" in r]
         if 16 in ratios and cell and _cell(table, method, 16) is not None:
@@ -596,6 +674,9 @@ def main(argv=None) -> int:
     parser.add_argument("--zoo", type=Path, default=None, help="zoo folder (default: the app's zoo)")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     parser.add_argument("--ratios", nargs="+", type=int, default=list(RATIOS))
+    parser.add_argument("--scopes", nargs="+", choices=("all", "blocks"), default=["all"],
+                        help="all: the rows as given; blocks: each compressor row also in the "
+                             "papers' scope (blocks only, target over the compressed set)")
     parser.add_argument("--fine-tunes", nargs="+", default=None, help="zoo paths (default: all)")
     parser.add_argument("--n", type=int, default=128, help="held-out examples per task")
     parser.add_argument("--param", action="append", default=[], metavar="METHOD:KEY=VALUE")
@@ -614,6 +695,7 @@ def main(argv=None) -> int:
                         help="re-render the table and figure from a saved compress_quality_rows.json")
     args = parser.parse_args(argv)
     args.zoo = args.zoo or default_zoo_dir()
+    args.methods = scoped_methods(args.methods, args.scopes)
     args.params = parse_params(args.param)
     args.saved_rows = json.loads(args.add_to.read_text())["rows"] if args.add_to else []
     torch.set_num_threads(1)

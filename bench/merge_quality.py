@@ -138,7 +138,7 @@ def multitask_reference(zoo: Path, n: int) -> dict[str, float]:
     from engine.evaluate import Evaluator
     from engine.zoo.build import load_trained_model
     from engine.zoo.plan import FINETUNE_LR, with_replay
-    from engine.zoo.tokenizer import build_tokenizer
+    from engine.evaluate.tokenizer import build_tokenizer
     from engine.zoo.train import TrainSpec, train
 
     model = load_trained_model(zoo / "small" / "base")

@@ -5,8 +5,9 @@ tied embeddings) families (a base and three fine-tunes each: base + small random
 bf16 safetensors written by transformers' save_pretrained), runs every recipe below through
 mergekit's command line and through ours (`python -m engine merge`), and compares tensors:
 
-- deterministic methods (linear, task_arithmetic, slerp, model_stock, dare at density 1):
-  every entry equal up to bf16 rounding (|diff| <= 1 bf16 ulp of the larger value);
+- deterministic methods (linear, task_arithmetic, slerp, model_stock, dare at density 1, nuslerp,
+  multislerp, karcher, sce, arcee_fusion, nearswap, ram, ramplus_tl): every entry equal up to
+  bf16 rounding (|diff| <= 1 bf16 ulp of the larger value);
 - magnitude-trimming methods (ties, breadcrumbs, breadcrumbs_ties): the fraction of entries
   beyond 1 ulp, each of which must lie where some model's |delta| equals its trim threshold
   (bf16 deltas tie often; mergekit breaks magnitude ties arbitrarily, we keep the lower index);
@@ -99,7 +100,7 @@ def recipes(f: dict[str, Path]) -> dict[str, tuple[str, dict]]:
 
     def gta(method, params_a, params_b, extra=None, kind="exact", third=None):
         models = [{"model": a, "parameters": params_a}, {"model": b, "parameters": params_b}]
-        if third:
+        if third is not None:
             models.append({"model": c, "parameters": third})
         return kind, {"merge_method": method, "base_model": base, "models": models,
                       "parameters": extra or {}, **common}
@@ -139,6 +140,25 @@ def recipes(f: dict[str, Path]) -> dict[str, tuple[str, dict]]:
                                  {"filter": "mlp", "value": [1, 0.5, 0]}, {"value": 0.4}]}, **common}),
         "model_stock": ("exact", {"merge_method": "model_stock", "base_model": base,
                                   "models": [{"model": a}, {"model": b}, {"model": c}], **common}),
+        "nuslerp": gta("nuslerp", {"weight": 0.7}, {"weight": 0.3}),
+        "nuslerp (rows, no base)": ("exact", {"merge_method": "nuslerp", "models": [
+            {"model": a, "parameters": {"weight": 0.4}}, {"model": b, "parameters": {"weight": 0.6}}],
+            "parameters": {"nuslerp_flatten": False}, **common}),
+        "nuslerp (columns)": gta("nuslerp", {"weight": 0.5}, {"weight": 0.5},
+                                 {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+        "multislerp": gta("multislerp", {"weight": 0.5}, {"weight": 0.3}, third={"weight": 0.2}),
+        "karcher": ("exact", {"merge_method": "karcher", "models": [{"model": a}, {"model": b}, {"model": c}],
+                              **common}),
+        "karcher (with base)": ("exact", {"merge_method": "karcher", "base_model": base,
+                                          "models": [{"model": a}, {"model": b}], **common}),
+        "sce": gta("sce", {}, {}, third={}),
+        "sce (select_topk 0.5)": gta("sce", {}, {}, {"select_topk": 0.5}, third={}),
+        "arcee_fusion": ("exact", {"merge_method": "arcee_fusion", "base_model": base, "models": [{"model": a}],
+                                   **common}),
+        "nearswap": ("exact", {"merge_method": "nearswap", "base_model": base, "models": [{"model": a}],
+                               "parameters": {"t": 0.001}, **common}),
+        "ram": gta("ram", {}, {}, third={}),
+        "ramplus_tl": gta("ramplus_tl", {}, {}, {"r": 0.5, "alpha": 0.5}, third={}),
     }
 
 

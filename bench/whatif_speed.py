@@ -53,7 +53,7 @@ def synthetic_full_zoo(root: Path) -> Path:
     from engine.io import ModelWriter
     from engine.zoo.build import llama_config
     from engine.zoo.plan import FULL_ARCHS, SMALL_FINETUNE_TASKS
-    from engine.zoo.tokenizer import build_tokenizer
+    from engine.evaluate.tokenizer import build_tokenizer
     from transformers import LlamaForCausalLM
 
     if (root / "zoo.json").is_file():

@@ -40,6 +40,16 @@ def _manifest(out: Path) -> dict | None:
         return None  # not there yet (it appears by one rename, never torn)
 
 
+def _load_note(result: dict) -> str:
+    per_core = result["cpu_count"] or 1
+    if result["load_average_before"] / per_core < 0.5 <= result["load_average_after"] / per_core:
+        return ("the machine was idle when the build started; other work shared the cores later, "
+                "so the later families' times are pessimistic")
+    if result["load_average_before"] / per_core >= 0.5:
+        return "other work shared the cores, so the times are pessimistic"
+    return "an idle machine"
+
+
 def write_readme(result: dict) -> None:
     seen, first = result["families_seconds"], result["first_family"]
     families = ", ".join(f"{name} {s:.0f} s" for name, s in seen.items())
@@ -54,8 +64,7 @@ def write_readme(result: dict) -> None:
         f"{result['cpu_count']} cores, {result['torch_threads']} torch threads, torch "
         f"{result['torch_version']}, OMP_WAIT_POLICY={result['omp_wait_policy']} (as the app's "
         f"job workers run); load average {result['load_average_before']} before, "
-        f"{result['load_average_after']} after (other work shared the cores, so the times are "
-        "pessimistic). For scale, the idle build recorded in `bench/results/zoo_full.json` "
+        f"{result['load_average_after']} after ({_load_note(result)}). For scale, the idle build recorded in `bench/results/zoo_full.json` "
         f"trained the small family in {_idle_small_seconds():.0f} s of its "
         f"{json.loads(ZOO_FULL.read_text())['build_seconds']:.0f} s. Raw numbers: "
         "`bench/results/zoo_first_family.json`."))

@@ -1,6 +1,8 @@
 """The DuckDB metric store: disposable, keyed so that a stale row can never be read.
 
-Key of a row: ``(fingerprint, tensor, metric, params, engine_version)``
+Key of a row: ``(fingerprint, tensor, metric, params, engine_version)``, by the one rule in
+``engine.metric_cache`` (the store is one ``MetricCache``; the read-only and recording views
+live beside the rule):
 
 - ``fingerprint``: sha256 of the canonical JSON of the input files' fingerprints (name, size,
   mtime_ns, header sha256, from ``ModelFolder.file_fingerprints()``), built by
@@ -27,7 +29,6 @@ read-write; it then blocks writers while open).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,11 +37,12 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Sequence
 
 import duckdb
 
 from engine.errors import CacheError
+from engine.metric_cache import CacheKey, canonical_json, fingerprint_key  # the one key rule
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +53,6 @@ _HOLDER_RE = re.compile(r"Conflicting lock is held in (.+?) \(PID (\d+)\)")
 # Every DuckDB database file carries this magic at byte 8 (checked on duckdb 2.0.1).
 DUCKDB_MAGIC = b"DUCK"
 DUCKDB_MAGIC_OFFSET = 8
-
-
-class CacheKey(NamedTuple):
-    """A row's key; equal to (and hashed like) the plain 5-tuple, which callers may pass."""
-
-    fingerprint: str
-    tensor: str
-    metric: str
-    params: str
-    engine_version: str
-
-
-def canonical_json(value: Any) -> str:
-    """Stable JSON text of parameters (sorted keys, no spaces)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def fingerprint_key(*files: dict | Sequence[dict]) -> str:
-    """sha256 of the canonical JSON of one or more file fingerprints (order matters)."""
-    return hashlib.sha256(canonical_json(list(files)).encode()).hexdigest()
 
 
 def default_path() -> Path:

@@ -1,5 +1,8 @@
 """Streaming task vectors: ``finetune - base``, one tensor at a time, in float32.
 
+The per-tensor rules (tied head, float32, LoRA adapters) are ``engine.task_vectors``'; this
+file plans which tensors a set of fine-tunes has and streams them.
+
 A task vector is computed per tensor from a base ``ModelFolder`` and one or more fine-tuned
 ``ModelFolder`` s; only one tensor of each model is in memory at a time. The subtraction is done
 in float32 (bf16 - bf16 in bf16 cancels most of a small fine-tuning update).
@@ -19,11 +22,10 @@ from typing import Iterator, Sequence
 
 import torch
 
-from engine.compat import embed_head_names, is_tied
+from engine.compat import embed_head_names
 from engine.errors import IncompatibleModelsError, NonFiniteError
 from engine.io import ModelFolder
-
-WORK_DTYPE = torch.float32
+from engine.task_vectors import WORK_DTYPE, read_stored, stored_name, task_vector32
 MAX_REASONS_SHOWN = 6
 
 
@@ -57,16 +59,12 @@ def plan_deltas(base: ModelFolder, finetuned: Sequence[ModelFolder],
     first: tuple[str, str] | None = None  # (path, tensor) of the first problem
     sources: list[dict[str, str]] = []
     warnings: list[str] = []
-    _, base_head = embed_head_names(base)
     for ft in finetuned:
         ft_embed, _ = embed_head_names(ft)
-        ft_tied = is_tied(ft)
         mapping: dict[str, str] = {}
         for name in wanted:
-            source = name
-            if name not in ft and name == base_head and ft_tied and ft_embed is not None:
-                source = ft_embed  # tied head: the fine-tune's head is its embedding matrix
-            if source not in ft:
+            source = stored_name(ft, name)  # a tied head is read from the embedding
+            if source is None:
                 reasons.append(f"{ft.path}: tensor {name!r} missing")
                 first = first or (str(ft.path), name)
                 continue
@@ -93,13 +91,6 @@ def plan_deltas(base: ModelFolder, finetuned: Sequence[ModelFolder],
                      warnings=warnings)
 
 
-def _read(folder: ModelFolder, name: str) -> torch.Tensor:
-    """One stored tensor: through ``read_tensor`` (plain reads into memory of our own, no
-    memory map) where the reader has it, else ``get_tensor``."""
-    reader = getattr(folder, "read_tensor", None)
-    return reader(name) if reader is not None else folder.get_tensor(name)
-
-
 def read_tensors(plan: DeltaPlan, name: str, device: torch.device | str | None = None,
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``(base, [delta_i])`` of one tensor, float32, on ``device`` (CPU by default). The base
@@ -108,17 +99,12 @@ def read_tensors(plan: DeltaPlan, name: str, device: torch.device | str | None =
     A NaN/Inf in a fine-tune is its delta's (counted by the metrics); one in the base would
     show in every fine-tune's delta, blaming them, so it is refused naming the base."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    base = _read(plan.base, name).to(device=device, dtype=WORK_DTYPE)
+    base = read_stored(plan.base, name).to(device=device, dtype=WORK_DTYPE)
     if not bool(torch.isfinite(base).all()):
         raise NonFiniteError(f"{int((~torch.isfinite(base)).sum())} NaN/Inf value(s) in the base "
                              "(or beyond float32's range); refused", path=plan.base.path, tensor=name)
-    deltas = []
-    for i, ft in enumerate(plan.finetuned):
-        stored = _read(ft, plan.source_name(i, name))
-        tuned = stored.to(device=device, dtype=WORK_DTYPE)
-        # in place only on our own copy: a tensor from the reader may share its storage
-        own_copy = tuned.data_ptr() != stored.data_ptr()
-        deltas.append(tuned.sub_(base) if own_copy else tuned - base)
+    deltas = [task_vector32(base, ft, name, source=plan.source_name(i, name))
+              for i, ft in enumerate(plan.finetuned)]
     return base, deltas
 
 

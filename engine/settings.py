@@ -10,12 +10,36 @@ without code changes:
 - ``DELTA_WORKBENCH_CACHE``: the DuckDB metric cache file (default
   ``~/.cache/delta_workbench/metrics.duckdb``, i.e. under ``DELTA_WORKBENCH_HOME``).
 - ``DELTA_WORKBENCH_ALLOW_REMOTE=1``: let the app serve on an address other than loopback.
+- ``DELTA_WORKBENCH_IN_PROCESS_MAX_PARAMS``: the largest model (parameters) a page analyses or
+  compresses in the app's own process (default 50,000,000); bigger ones run as background jobs.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+IN_PROCESS_MAX_PARAMS_ENV = "DELTA_WORKBENCH_IN_PROCESS_MAX_PARAMS"
+IN_PROCESS_MAX_PARAMS_DEFAULT = 50_000_000  # the demo zoo's models are far below it
+
+
+def in_process_max_params() -> int:
+    """Models up to this many parameters are computed in the app's process; above it, a page
+    offers a background job instead (one setting for every page)."""
+    raw = os.environ.get(IN_PROCESS_MAX_PARAMS_ENV, "").strip()
+    if not raw:
+        return IN_PROCESS_MAX_PARAMS_DEFAULT
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = -1
+    if value < 0:
+        from engine.errors import ConfigError
+
+        raise ConfigError(f"{IN_PROCESS_MAX_PARAMS_ENV}={raw!r} is not a count of parameters "
+                          "(a non-negative integer)")
+    return value
 
 
 def workbench_home() -> Path:

@@ -4,9 +4,9 @@ finished analysis jobs, and tables/figures built from the engine's plain results
 
 Where metrics come from:
 
-- models up to ``IN_PROCESS_MAX_PARAMS`` parameters (the demo zoo's are tiny): computed in the
+- models up to ``settings.in_process_max_params()`` parameters (the demo zoo's are tiny): computed in the
   app process through the metric store, in seconds; a second render reads the store;
-- bigger ones: the page reads the store only (a miss raises :class:`NotCached` inside the
+- bigger ones: the page reads the store only (``ReadOnlyView``: a miss raises ``NotCached`` inside the
   engine before anything is computed) and offers "Run the full analysis as a job". The job
   (kind ``analyze``) computes in a worker without opening the database and returns the metric
   rows; this process, the only writer, ingests them (``ingest_analysis_jobs``) and the page
@@ -16,7 +16,6 @@ Where metrics come from:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
@@ -25,12 +24,15 @@ import streamlit as st
 
 from engine import settings
 from engine.errors import DeltaWorkbenchError
+from engine.jobs.analysis_jobs import ANALYSIS_JOB_KIND, matching_job
+from engine.jobs.analysis_jobs import ingest_analysis_jobs as ingest
+from engine.jobs.analysis_jobs import submit_analysis_job as submit_job
+from engine.metric_cache import NotCached, ReadOnlyView
 from engine.tensor_names import split_layer
 from engine.text import printable
 from pages._shared import job_manager, short_name, show_error
 
-IN_PROCESS_MAX_PARAMS = 50_000_000  # above this, a page computes nothing itself: it offers a job
-JOB_KIND = "analyze"
+JOB_KIND = ANALYSIS_JOB_KIND
 
 MODULE_SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
                 "up_proj": "up", "down_proj": "down"}
@@ -76,44 +78,10 @@ def cache_notice(store, key: str) -> None:
         st.rerun()
 
 
-class NotCached(Exception):
-    """A value the page asked for is not in the metric store (and the page must not compute)."""
+def _largest_parameter_count(*paths) -> int:
+    from engine.lora.finetune import largest_parameter_count  # headers only
 
-
-class CacheOnly:
-    """A read-only view of the store for the engine's ``cache=`` argument: every key it asks
-    for must be there, else :class:`NotCached` is raised before any tensor is read."""
-
-    def __init__(self, store):
-        self.store = store
-        self.path = getattr(store, "path", None)
-        self.status = getattr(store, "status", None)
-        self.enabled = True
-        self.warnings: list[str] = []
-
-    def get_many(self, keys) -> dict:
-        keys = list(keys)
-        found = self.store.get_many(keys)
-        if len(found) < len({tuple(k) for k in keys}):
-            raise NotCached(f"{len(keys) - len(found)} of {len(keys)} values are not cached")
-        return found
-
-    def put_many(self, items) -> int:  # noqa: ARG002 - nothing is computed through this view
-        return 0
-
-
-def model_parameters(*paths: str | Path) -> int:
-    """The largest parameter count among the folders (headers only); a LoRA adapter counts as
-    its base, which is among the paths."""
-    from engine.io import ModelFolder
-    from engine.lora import is_adapter_folder
-
-    biggest = 0
-    for path in paths:
-        if path and not is_adapter_folder(path):
-            with ModelFolder(path) as folder:
-                biggest = max(biggest, folder.num_parameters)
-    return biggest
+    return largest_parameter_count(*paths)
 
 
 def guarded(what: str, fn: Callable[[], Any]) -> Any:
@@ -134,11 +102,11 @@ def metrics_or_job(compute: Callable[[Any], dict], *, job_params: dict, n_params
     store = metric_store()
     cache_notice(store, key)
     ingest_analysis_jobs(store)
-    if n_params <= IN_PROCESS_MAX_PARAMS:
+    if n_params <= settings.in_process_max_params():
         with st.spinner(spinner):
             return compute(store)
     try:
-        return compute(CacheOnly(store))
+        return compute(ReadOnlyView(store))
     except NotCached:
         analysis_job_panel(job_params, title=title, n_params=n_params, key=key)
         return None
@@ -148,7 +116,7 @@ def metrics_of(paths: Sequence[str | None], compute: Callable[[Any], dict], *, j
                title: str, key: str, spinner: str, failed: str) -> dict:
     """``metrics_or_job`` for the models at ``paths`` (their size picks here or a job), with
     bad input shown on the page; stops the page when there is no result (yet)."""
-    n_params = guarded("The models cannot be read", lambda: model_parameters(*paths))
+    n_params = guarded("The models cannot be read", lambda: _largest_parameter_count(*paths))
     if n_params is None:
         st.stop()
     result = guarded(failed, lambda: metrics_or_job(compute, job_params=job_params, n_params=n_params,
@@ -174,64 +142,26 @@ def analysis_of_selection(base: str, finetunes: list[str], params, *, title: str
     return result
 
 
-def _normal_job_params(params: dict) -> dict:
-    from engine.jobs.kinds import AnalyzeJobParams
-
-    return AnalyzeJobParams.model_validate(params).model_dump(mode="json")
-
-
-def _matching_job(manager, params: dict):
-    wanted = _normal_job_params(params)
-    for job in manager.jobs():  # newest first
-        if job.spec.kind != JOB_KIND:
-            continue
-        try:
-            if _normal_job_params(job.spec.params) == wanted:
-                return job
-        except ValueError:
-            continue
-    return None
-
-
 def submit_analysis_job(params: dict, title: str) -> str:
-    from engine.jobs import JobSpec
-
-    return job_manager().submit(JobSpec(kind=JOB_KIND, title=title, params=_normal_job_params(params)))
+    return submit_job(job_manager(), params, title)
 
 
 def ingest_analysis_jobs(store, manager=None) -> int:
-    """Load the rows of finished, not yet ingested analysis jobs into the store (this process
-    is the database's only writer) and mark those jobs ingested. Returns rows written."""
-    if not store.writable:
-        return 0
-    manager = manager or job_manager()
-    written = 0
-    for job in manager.jobs():
-        if job.spec.kind != JOB_KIND or job.status.state != "done" or job.status.ingested:
-            continue
-        try:
-            result = job.result() or {}
-        except DeltaWorkbenchError as err:
-            st.warning(f"Analysis job {job.id}: its result cannot be read ({err}).")
-            manager.mark_ingested(job.id)
-            continue
-        items = [(tuple(row[:5]), row[5]) for row in result.get("rows", [])
-                 if isinstance(row, list) and len(row) == 6]
-        count = store.put_many(items) if items else 0
-        if count or not items:
-            manager.mark_ingested(job.id)
-            written += count
-    return written
+    """The engine's ingest (``engine.jobs.analysis_jobs``) with its warnings on the page."""
+    done = ingest(store, manager or job_manager())
+    for line in done.warnings:
+        st.warning(line)
+    return done.rows
 
 
 def analysis_job_panel(params: dict, *, title: str, n_params: int, key: str) -> None:
     """Offer the job, or follow the one that runs for exactly these parameters."""
     manager = job_manager()
     st.info(f"{n_params:,} parameters: more than this page computes in place "
-            f"({IN_PROCESS_MAX_PARAMS:,}). The full analysis runs as a job in a worker process "
+            f"({settings.in_process_max_params():,}). The full analysis runs as a job in a worker process "
             "(on the GPU when there is one); its results go into the metric cache and this page "
             "draws them from there.")
-    job = _matching_job(manager, params)
+    job = matching_job(manager, params)
     if job is not None and job.status.state in ("queued", "running"):
         _follow_job(job.id)
         return

@@ -118,11 +118,9 @@ def scoring(base: str) -> dict:
 
 def parameter_count(path: str, base: str) -> int:
     """Parameters of a model folder, or of a LoRA adapter's model (its base's)."""
-    from engine.io import ModelFolder
-    from engine.lora import is_adapter_folder
+    from engine.lora.finetune import parameter_count as count
 
-    with ModelFolder(base if is_adapter_folder(path) else path) as folder:
-        return folder.num_parameters
+    return count(path, base)
 
 
 def short_name(path: str | Path) -> str:

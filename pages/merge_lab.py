@@ -12,7 +12,7 @@ import streamlit as st
 
 from engine.errors import DeltaWorkbenchError
 from engine.jobs import JobSpec
-from engine.merge import get_method, list_methods
+from engine.merge import default_method, get_method, list_methods
 from engine.merge.whatif import get_session
 from engine.recipe import parse_recipe
 from pages._forms import float_fields, params_form
@@ -29,16 +29,17 @@ SCORED_ON = json.dumps(scoring(base))  # zoo tasks and/or the registered eval fi
 
 names = list_methods()
 top = st.columns([2, 1])
-method_name = top[0].selectbox("Method", names, index=names.index("ties") if "ties" in names
-                               else 0, key="ml_method")
+method_name = top[0].selectbox("Method", names, index=names.index(default_method()),
+                               key="ml_method")
 n_eval = top[1].number_input("Held-out examples per task", 8, 256, 48, step=8, key="ml_n_eval",
                              help="More is steadier and slower.")
 method = get_method(method_name)
 st.caption(f"{method.paper}")
-if method_name == "slerp" and len(finetunes) != 1:
-    st.info("slerp interpolates the base and ONE fine-tune: only the first selected fine-tune "
-            f"({short_name(finetunes[0])}) is used.")
-    finetunes = finetunes[:1]
+if method.max_models is not None and len(finetunes) > method.max_models:
+    kept = ", ".join(short_name(f) for f in finetunes[:method.max_models])
+    st.info(f"{method_name} merges at most {method.max_models} fine-tune(s) with the base: only "
+            f"the first selected ({kept}) {'is' if method.max_models == 1 else 'are'} used.")
+    finetunes = finetunes[:method.max_models]
 
 with st.expander("Method parameters", expanded=True):
     params = params_form(method.params_class, key=f"ml.{method_name}")
@@ -46,7 +47,7 @@ model_params: list[dict] = []
 if method.model_params_class.model_fields:
     st.markdown("**Per-model parameters**")
     columns = st.columns(min(len(finetunes), 5))
-    default_weight = 1.0 / len(finetunes) if method_name == "linear" else 1.0
+    default_weight = method.starting_weight(len(finetunes))
     for i, folder in enumerate(finetunes):
         with columns[i % len(columns)]:
             st.caption(short_name(folder))

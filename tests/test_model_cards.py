@@ -37,7 +37,7 @@ def card_of(folder: Path) -> tuple[str, dict]:
 def test_merge_card_carries_the_recipe_and_never_the_tokenizer_folders_readme(tmp_path):
     from engine.merge.executor import run_merge
     from engine.recipe import parse_recipe, parse_recipe_text
-    from engine.zoo.tokenizer import tokenizer_files
+    from engine.evaluate.tokenizer import tokenizer_files
 
     base = write_model(tmp_path / "base", tiny_tensors(seed=0))
     ft_a = write_model(tmp_path / "ft-a", tiny_tensors(seed=1))

@@ -11,16 +11,15 @@ read from and written to a metric cache when one is given.
      "models":  {"cosine": task x task, "pairs": [{"a", "b", "cosine", "mean_sign_conflict", ...}]},
      "cache": {"path", "status", "hits", "misses", "written"}, "warnings": [...]}
 
-``model`` / ``a`` / ``b`` index ``finetuned``. The cache is anything with ``get_many(keys)``
-and ``put_many(items)`` (``cache.MetricStore``) or None; the engine never opens a database
-itself. Cache keys: the fingerprints of exactly the weight files a value was computed from
+``model`` / ``a`` / ``b`` index ``finetuned``. The cache is a ``engine.metric_cache.MetricCache``
+(``cache.MetricStore``, or one of its views) or None; the engine never opens a database
+itself. Cache keys (``engine.metric_cache``'s rule): the fingerprints of exactly the weight files a value was computed from
 (the base shard and the fine-tune shard(s) holding the tensor), the tensor, the metric group
 (``delta`` or ``pair``), the parameters that group depends on, and the engine version.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -38,6 +37,7 @@ from engine.delta import iter_task_vectors, plan_deltas, read_tensors
 from engine.errors import IncompatibleModelsError
 from engine.io import ModelFolder
 from engine.lora.finetune import AdapterFinetune, open_finetune
+from engine.metric_cache import CacheKey, canonical_json, fingerprint_key
 
 ANALYSIS_VERSION = "1"  # bump when a metric's definition or numerics change
 ENGINE_VERSION = f"{engine.__version__}+analysis.{ANALYSIS_VERSION}"
@@ -57,12 +57,7 @@ class AnalysisParams(BaseModel):
 
 def _json_key(value: BaseModel | dict) -> str:
     data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-    return json.dumps(data, sort_keys=True, separators=(",", ":"))
-
-
-def _fingerprint(*files: dict) -> str:
-    text = json.dumps(list(files), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return canonical_json(data)
 
 
 def _file_print(folder: ModelFolder, fingerprints: dict[str, dict], name: str) -> dict:
@@ -88,9 +83,9 @@ def _open(stack: ExitStack, ref, base: ModelFolder | None = None):
     return stack.enter_context(open_finetune(ref, base) if base is not None else ModelFolder(ref))
 
 
-def _make_key(fingerprint: str, tensor: str, metric: str, params: str) -> tuple:
-    """A cache key as a plain tuple (equal to ``cache.CacheKey``; the engine never imports it)."""
-    return (fingerprint, tensor, metric, params, ENGINE_VERSION)
+def _make_key(fingerprint: str, tensor: str, metric: str, params: str) -> CacheKey:
+    """A cache key (``engine.metric_cache``'s rule) for this engine version."""
+    return CacheKey(fingerprint, tensor, metric, params, ENGINE_VERSION)
 
 
 def analyze(
@@ -126,10 +121,10 @@ def analyze(
             bp = _file_print(base_f, base_prints, name)
             fps = [_file_print(ft, ft_prints[i], plan.source_name(i, name)) for i, ft in enumerate(fts)]
             for i in range(n):
-                single_keys[(name, i)] = _make_key(_fingerprint(bp, fps[i]), name, "delta", single_params)
+                single_keys[(name, i)] = _make_key(fingerprint_key(bp, fps[i]), name, "delta", single_params)
             for i, j in pair_list:
                 first, second = sorted([fps[i], fps[j]], key=lambda d: json.dumps(d, sort_keys=True))
-                pair_keys[(name, i, j)] = _make_key(_fingerprint(bp, first, second), name, "pair", pair_params)
+                pair_keys[(name, i, j)] = _make_key(fingerprint_key(bp, first, second), name, "pair", pair_params)
 
         cached: dict = {}
         if cache is not None:
@@ -263,7 +258,7 @@ def analyze_clusters(
         for name in matrices:
             files = [_file_print(base_f, base_prints, name)] + [
                 _file_print(ft, ft_prints[i], plan.source_name(i, name)) for i, ft in enumerate(fts)]
-            keys[name] = _make_key(_fingerprint(*files), name, "clusters", key_params)
+            keys[name] = _make_key(fingerprint_key(*files), name, "clusters", key_params)
         cached = cache.get_many(list(keys.values())) if cache is not None else {}
         found = {name: cached[key] for name, key in keys.items() if key in cached}
         todo = [n for n in matrices if n not in found]

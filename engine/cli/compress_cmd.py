@@ -4,8 +4,12 @@ Writes a compressed-delta artifact (see ``engine.compress.artifact``) atomically
 parameters: ``--preset NAME`` (a parameter set the bench measured) and/or ``--param key=value`` (repeatable; values are YAML scalars, lists or mappings;
 ``a.b=v`` sets a nested key, e.g. ``--param inner=impart --param inner_params.C=1``).
 ``--calibration FILE.jsonl``: the methods that learn scalars (bitdelta with distill, dbms)
-calibrate on the dev split of the user's file instead of the zoo task (their
-``calibration_data`` parameter).
+calibrate on the dev split of the user's file instead of the zoo's text or task (their
+``calibration_data`` parameter). ``--scope blocks`` compresses only the transformer blocks'
+matrices and stores the rest exactly in fp16 (the papers' setting); ``--ratio-over
+compressed`` aims ``--ratio`` at the compressed matrices' sections instead of the whole
+folder (``engine.compress.scope``; both ratios are printed). Both are the methods' ``scope``
+and ``ratio_over`` parameters.
 """
 
 from __future__ import annotations
@@ -33,7 +37,13 @@ def register(subparsers) -> None:
                              "bench/README.md); --param values override it")
     parser.add_argument("--calibration", default=None, metavar="FILE.jsonl",
                         help="calibrate on the dev split of this JSONL file of {prompt, answer} "
-                             "lines (bitdelta with --param distill=true, dbms)")
+                             "lines (bitdelta's distillation, dbms)")
+    parser.add_argument("--scope", choices=("all", "blocks"), default=None,
+                        help="what is compressed: every matrix (all, the default) or only the "
+                             "transformer blocks' (blocks; the rest stored in fp16, counted on disk)")
+    parser.add_argument("--ratio-over", choices=("artifact", "compressed"), default=None,
+                        help="what --ratio is measured over: the whole artifact folder (default) "
+                             "or the compressed matrices' sections (the papers' convention)")
     parser.add_argument("--out", required=True, help="artifact folder (must not exist or be empty)")
     parser.add_argument("--side-files", choices=("dedup", "embed"), default="dedup",
                         help="config/tokenizer files identical to the base's: reference (dedup) or store")
@@ -78,6 +88,11 @@ def run(args) -> int:
             raise ParameterError("give --calibration or --param calibration_data, not both")
         # absolute: the artifact's manifest records the file it was calibrated on
         params["calibration_data"] = str(Path(args.calibration).absolute())
+    for key, value in (("scope", args.scope), ("ratio_over", args.ratio_over)):
+        if value is not None:
+            if key in params:
+                raise ParameterError(f"give --{key.replace('_', '-')} or --param {key}, not both")
+            params[key] = value
 
     def progress(fraction: float, name: str) -> None:
         if not args.quiet:
@@ -94,10 +109,15 @@ def run(args) -> int:
                "target_ratio": result.target_ratio, "ratio": round(result.ratio, 4),
                "bytes": result.bytes, "delta_entries": result.delta_entries,
                "seconds": round(result.seconds, 3), "device": result.device,
+               "scope": result.scope, "compressed_entries": result.compressed_entries,
+               "ratio_compressed": (None if result.ratio_compressed is None
+                                    else round(result.ratio_compressed, 4)),
                "calibration": result.calibration}
     print(json.dumps(summary) if args.json else
           f"compressed {result.delta_entries} delta entries with {result.method} into {result.out}: "
           f"{result.bytes} bytes, ratio {result.ratio:.2f}"
           + (f" (target {result.target_ratio:g})" if result.target_ratio else "")
+          + ("" if result.ratio_compressed is None else
+             f", ratio over the compressed set ({result.scope}) {result.ratio_compressed:.2f}")
           + f", {result.seconds:.1f}s on {result.device}")
     return 0

@@ -6,9 +6,9 @@ folder; ``rebuild_state_dict`` rebuilds in memory; ``DeltaServer`` holds one bas
 compressed fine-tunes. Methods: ``list_methods()`` / ``get_method(name)``.
 """
 
-from engine.compress.artifact import Artifact, folder_bytes
-from engine.compress.pipeline import (CompressResult, DecompressResult, check_base, compress,
-                                      decompress, rebuild_state_dict)
+from engine.compress.artifact import Artifact, check_base, folder_bytes
+from engine.compress.encode import CompressResult, compress
+from engine.compress.rebuild import DecompressResult, decompress, rebuild_state_dict
 from engine.compress.registry import get_method, list_methods
 from engine.compress.serve import DeltaServer
 

@@ -443,3 +443,47 @@ def now_utc() -> str:
 
 def engine_version() -> str:
     return engine.__version__
+
+
+# ---------------------------------------------------------------- the base an artifact was made against
+def layout_of(folder) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, tuple(folder.info(name).shape)) for name in folder.tensor_names]
+
+
+def base_fingerprint(folder, *, content: bool = True) -> dict:
+    files = {}
+    for name, fp in folder.file_fingerprints().items():
+        entry = dict(fp)
+        if content:
+            entry["sha256"] = sha256_file(folder.path / name)
+        files[name] = entry
+    return {"layout_sha256": layout_digest(layout_of(folder)), "files": files}
+
+
+def check_base(artifact: "Artifact", base, *, verify_content: bool = True) -> None:
+    """Refuse a base the artifact was not made against, with a one-line reason."""
+    expected = artifact.manifest["base"]
+    files = expected.get("files") or {}
+    actual = base.file_fingerprints()
+    layout = layout_of(base)
+    if layout_digest(layout) != expected.get("layout_sha256"):
+        n = artifact.manifest["layout"].get("tensors")
+        sizes = ", ".join(f"{k} {v.get('size')} bytes" for k, v in files.items())
+        raise ArtifactError(f"wrong base: its tensor names/shapes differ from the base the artifact "
+                            f"was made against ({n} tensors; {sizes}); this base has {len(layout)} "
+                            "tensors", path=base.path)
+    if sorted(actual) != sorted(files):
+        raise ArtifactError(f"wrong base: weight files {sorted(actual)} differ from the artifact's "
+                            f"base {sorted(files)}", path=base.path)
+    for name, fp in files.items():
+        if actual[name]["size"] != fp.get("size") or actual[name]["header_sha256"] != fp.get("header_sha256"):
+            raise ArtifactError(f"wrong base: {name} is {actual[name]['size']} bytes (header "
+                                f"{actual[name]['header_sha256'][:12]}), the artifact's base had "
+                                f"{fp.get('size')} bytes (header {str(fp.get('header_sha256'))[:12]})",
+                                path=base.path)
+        if verify_content and "sha256" in fp:
+            digest = sha256_file(base.path / name)
+            if digest != fp["sha256"]:
+                raise ArtifactError(f"wrong base: {name} has the same layout but other weights "
+                                    f"(sha256 {digest[:12]}, the artifact's base {fp['sha256'][:12]})",
+                                    path=base.path)

@@ -1,28 +1,49 @@
-"""Calibration for the compressors that learn a few scalars (BitDelta scale distillation, DBMS).
+"""Calibration for the compressors that learn a few scalars (BitDelta scale distillation, the
+DBMS-style scalars). The fine-tuned model is the teacher; the rebuilt model (base plus
+compressed delta, a differentiable function of the learned scalars) is the student. It needs
+the model in memory (forward and backward passes), unlike compression itself, which streams.
+Two recipes:
 
-Data: a handful of prompts with their answers from the zoo tasks' *training* split
-(``engine.evaluate.tasks.train_stream``; the held-out examples that score the models are never
-used), or, with the methods' ``calibration_data`` (``--calibration FILE`` on the command line),
-from the dev split of the user's JSONL file (``engine.evaluate.calibration_data``; never its
-held-out half), encoded the same way: prompt, answer, end of sequence. Objective: the
-fine-tuned model is the teacher; the rebuilt model (base plus compressed delta, as a
-differentiable function of the learned scalars) is trained to match the teacher's next-token
-distributions (KL divergence) at the positions that produce the answer (on the zoo's tasks the
-prompt positions only predict random text, which the task never asks for). This is BitDelta's
-logit distillation and the "low-cost learning" of DBMS's two scalars. It needs the model in
-memory (forward and backward passes), unlike compression itself, which streams.
+``distill_logit_mse``: BitDelta's own (the authors' ``bitdelta/train.py``): the mean squared
+error between the student's and the teacher's logits at every position of generic text, a
+fresh batch of ``batch_size`` rows of ``seq_len`` tokens each step (the authors: C4, 4 rows of
+128 tokens, 200 steps), AdamW (torch's default weight decay 0.01, as theirs) with the learning
+rate annealed from ``lr`` to 0 by a cosine over the steps (``CosineAnnealingLR(T_max=steps)``).
+Generic text here (our adaptation: the workbench has no C4): the dev split of the user's
+``calibration_data`` file, else the text the zoo's bases were pretrained on
+(``zoo_pretraining_items``: generic lines and the upper-case-tag skill records of every task,
+in the bases' own mixture, training split), never the fine-tune's own task prompts. Rows are
+packed: items (text, its continuation, end of sequence) are appended until ``seq_len`` tokens,
+the last one cut, so every position is text (C4 rows are documents cut at 128 tokens; the
+zoo's lines are ~20 tokens, and padding would make the loss mostly padding). A user's file
+too small for the rows asked is cycled, and the report says how many passes it took.
+
+``distill`` (ours: BitDelta's ``task_kl`` option and the DBMS-style scalars): the KL divergence
+to the teacher's next-token distributions at the positions that produce the answer of
+``n_prompts`` (prompt, answer) pairs, one batch, Adam at a constant ``lr``. The pairs come from
+the zoo tasks' *training* split (``engine.evaluate.tasks.train_stream``; the held-out examples
+that score the models are never used) or from the dev split of the user's JSONL file
+(``engine.evaluate.calibration_data``; never its held-out half), encoded as prompt, answer, end
+of sequence.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from engine.errors import ParameterError
 from engine.evaluate.calibration_data import CalibrationData
+
+
+def cosine_lr(step: int, steps: int, lr: float) -> float:
+    """The learning rate of update ``step`` (0-based) under ``CosineAnnealingLR(T_max=steps,
+    eta_min=0)`` stepped after every update: ``lr (1 + cos(pi step / steps)) / 2``."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
 
 @dataclass
@@ -118,3 +139,163 @@ def distill(job: CalibrationJob, weights: Callable[[], dict[str, torch.Tensor]],
         after = float(loss_fn())
     job.log.append(f"calibration KL {before:.4g} -> {after:.4g} in {steps} steps on {len(pairs)} prompts")
     return {"kl_before": before, "kl_after": after, "steps": steps}
+
+
+# ---------------------------------------------------------------- what a method learns on
+def default_tasks(ft_path) -> list[str]:
+    """The fine-tune's zoo task (every main task for a zoo base or a model in no zoo)."""
+    from engine.evaluate.tasks import MAIN_TASKS
+    from engine.merge.calibration import task_list, zoo_task_of
+
+    task = zoo_task_of(ft_path)
+    return task_list(task) if task else list(MAIN_TASKS)
+
+
+def learns(spec, params) -> bool:
+    """Will the method's ``calibrate`` hook run? A calibrated method declares it (``learns``:
+    BitDelta unless ``distill: false``, DBMS unless its scalars are given)."""
+    if not spec.calibrated:
+        return False
+    declared = getattr(spec.module, "learns", None)
+    return True if declared is None else bool(declared(params))
+
+
+def calibration_plan(spec, params, ft_path, data) -> dict:
+    """What a calibrated method learns on: ``{"data"}``, ``{"text"}`` (generic text) or
+    ``{"tasks"}``, with a one-line ``warning`` when a fine-tune in no zoo, given no file, falls
+    back to the zoo's text or tasks (recorded in the manifest and the result's warnings)."""
+    if not learns(spec, params):
+        return {}
+    if data is not None:
+        return {"data": str(data.path)}
+    from engine.merge.calibration import zoo_task_of
+
+    in_zoo = zoo_task_of(ft_path) is not None
+    kind = params.calibration_text() if hasattr(params, "calibration_text") else "tasks"
+    if kind == "generic":
+        plan = {"text": "zoo pretraining text"}
+        if not in_zoo:
+            plan["warning"] = (f"{spec.name}: the fine-tune is in no zoo and no calibration data was "
+                               "given: distilled on the zoo's synthetic pretraining text (give "
+                               "--calibration FILE.jsonl for text of its own domain)")
+        return plan
+    if getattr(params, "tasks", None):
+        return {"tasks": list(params.tasks)}
+    plan = {"tasks": default_tasks(ft_path)}
+    if not in_zoo:
+        plan["warning"] = (f"{spec.name}: the fine-tune is in no zoo and no calibration data was "
+                           f"given: calibrated on the training prompts of every zoo task "
+                           f"({', '.join(plan['tasks'])}) (give --calibration FILE.jsonl or tasks)")
+    return plan
+
+
+# ---------------------------------------------------------------- generic text (logit MSE)
+def zoo_pretraining_items(seed: int) -> Iterator[tuple[str, str]]:
+    """Endless (text, continuation) items of the zoo bases' pretraining corpus, training split:
+    generic lines (no continuation) and skill records (upper-case-tag prompt, answer), drawn
+    with the bases' own mixture weights (``engine.zoo.plan.PRETRAIN_MIXTURE``)."""
+    from engine.evaluate.tasks import SKILL_TASKS, generic_train_stream, train_stream
+    from engine.zoo.plan import PRETRAIN_MIXTURE
+
+    rng = random.Random(f"generic-calibration:{seed}")  # str seeds are stable across runs
+    generic = generic_train_stream(rng)
+    skills = [train_stream(task, rng) for task in SKILL_TASKS.values()]
+    names = list(PRETRAIN_MIXTURE)
+    weights = [PRETRAIN_MIXTURE[n] for n in names]
+    while True:
+        if rng.choices(names, weights)[0] == "generic":
+            yield next(generic), ""
+        else:
+            yield next(rng.choice(skills))
+
+
+def data_items(data: CalibrationData, seed: int) -> Iterator[tuple[str, str]]:
+    """The file's dev examples, shuffled once, cycled (for a file smaller than the rows)."""
+    examples = data.draw(len(data), seed)
+    while True:
+        yield from examples
+
+
+def packed_rows(tokenizer, items: Iterator[tuple[str, str]], n_rows: int, seq_len: int
+                ) -> tuple[torch.Tensor, int]:
+    """``n_rows`` rows of ``seq_len`` token ids, each filled with whole items (text ids with the
+    tokenizer's special tokens, continuation ids, eos), the last item cut at the row's end;
+    and how many items were used."""
+    eos = tokenizer.eos_token_id
+    rows, used = [], 0
+    for _ in range(n_rows):
+        row: list[int] = []
+        while len(row) < seq_len:
+            text, continuation = next(items)
+            used += 1
+            ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+            if continuation:
+                ids += list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+            row += ids + ([eos] if eos is not None else [])
+        rows.append(row[:seq_len])
+    return torch.tensor(rows, dtype=torch.long), used
+
+
+def text_rows(job: CalibrationJob, n_rows: int, seq_len: int) -> tuple[torch.Tensor, dict]:
+    """The generic-text rows of ``distill_logit_mse`` and what they were made of."""
+    if job.data is not None:
+        rows, used = packed_rows(job.tokenizer, data_items(job.data, job.seed), n_rows, seq_len)
+        source = {"text": f"calibration_data (dev split, {len(job.data)} examples)",
+                  "passes": round(used / len(job.data), 2)}
+        if used > len(job.data):
+            source["warnings"] = [f"{job.data.path}: {job.data.named_by}: its dev split "
+                                  f"({len(job.data)} examples) filled the {n_rows} rows of "
+                                  f"{seq_len} tokens in {source['passes']} passes (examples reused)"]
+        return rows, source
+    rows, _ = packed_rows(job.tokenizer, zoo_pretraining_items(job.seed), n_rows, seq_len)
+    return rows, {"text": "zoo pretraining text (generic lines and skills, training split)"}
+
+
+PROBE_ROWS = 16  # rows of the same text held aside to measure the MSE before and after
+
+
+def distill_logit_mse(job: CalibrationJob, weights: Callable[[], dict[str, torch.Tensor]],
+                      trainables: list[torch.Tensor], *, steps: int, lr: float, batch_size: int,
+                      seq_len: int) -> dict:
+    """BitDelta's scale distillation as its authors run it (module docstring). Returns
+    ``{"mse_before", "mse_after"}`` (on ``PROBE_ROWS`` held-aside rows of the same text, drawn
+    first, so the same for any number of steps), the rows' source, and ``lrs``, the learning
+    rate of every update."""
+    from torch.func import functional_call
+
+    from engine.evaluate.loading import model_from_config
+
+    model = model_from_config(job.config).to(job.device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    probe_rows = max(PROBE_ROWS, batch_size)
+    rows, source = text_rows(job, probe_rows + steps * batch_size, seq_len)
+    rows = rows.to(job.device)
+    probe, rows = rows[:probe_rows], rows[probe_rows:]  # held aside: the before/after measure
+
+    def logits(params, ids):
+        return functional_call(model, params, (ids,), {"use_cache": False}).logits.float()
+
+    def mse(ids) -> torch.Tensor:
+        with torch.no_grad():
+            target = logits(job.teacher, ids)
+        return torch.nn.functional.mse_loss(logits(weights(), ids), target)
+
+    with torch.no_grad():
+        before = float(mse(probe))
+    optimizer = torch.optim.AdamW(trainables, lr=lr)  # weight_decay 0.01: torch's, the authors'
+    lrs = []
+    for step in range(steps):
+        lrs.append(cosine_lr(step, steps, lr))
+        for group in optimizer.param_groups:
+            group["lr"] = lrs[-1]
+        optimizer.zero_grad(set_to_none=True)
+        loss = mse(rows[step * batch_size:(step + 1) * batch_size])
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = float(mse(probe))
+    job.log.append(f"logit MSE {before:.4g} -> {after:.4g} in {steps} steps of {batch_size} x {seq_len}")
+    return {"objective": "logit_mse", "mse_before": before, "mse_after": after, "steps": steps,
+            "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "schedule": "cosine",
+            **source, "lrs": lrs}

@@ -14,8 +14,15 @@ Optional: ``RANDOMIZED`` (masks drawn from ``ctx.seed``); ``validate(params, rat
 ``prepass(delta, params, ctx)`` + ``allocate(stats, budgets, params)`` for compressors that
 split the byte budget across tensors from a first streaming pass (``ctx.setting`` then holds
 each tensor's share); ``calibrate(job, params)`` for compressors that learn a few scalars on
-calibration prompts after encoding; ``rebuild(base, delta_hat, params, ctx)`` when the
+calibration prompts after encoding, with ``learns(params)`` saying whether it runs for these
+parameters (the pipeline never reads a method's own parameters); ``rebuild(base, delta_hat, params, ctx)`` when the
 fine-tune is not simply ``base + delta_hat``.
+
+Every Params class inherits two pipeline options from ``CompressParams`` (so forms, the
+``methods`` listing, recipes and ``--param`` see them for every method): ``scope`` (what is
+compressed: every matrix, or only the transformer blocks' matrices, the rest stored exactly in
+fp16) and ``ratio_over`` (what a target ratio is measured over). The encoder reads them; a
+method never does.
 """
 
 from __future__ import annotations
@@ -23,10 +30,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.errors import ParameterError
 from engine.registry import MethodTable, format_validation_error, load_method_module
@@ -45,10 +52,27 @@ METHOD_MODULES: tuple[str, ...] = (
 _REQUIRED = ("NAME", "PAPER", "Params", "SOLVED", "encode", "decode")
 
 
+SCOPES = ("all", "blocks")
+RATIO_OVER = ("artifact", "compressed")
+PIPELINE_FIELDS = ("scope", "ratio_over")
+
+
 class CompressParams(BaseModel):
-    """Base of every compressor's parameters: unknown keys are refused."""
+    """Base of every compressor's parameters: unknown keys are refused. ``scope`` and
+    ``ratio_over`` are the pipeline's (see ``engine.compress.encode``), not the method's."""
 
     model_config = ConfigDict(extra="forbid")
+
+    scope: Literal["all", "blocks"] = Field(
+        "all", description="What is compressed: 'all' = every matrix (embeddings and head "
+                           "included); 'blocks' = only the transformer blocks' matrices, as the "
+                           "papers do: embeddings, head, norms and biases are stored exactly "
+                           "(their deltas in fp16) and still counted on disk.")
+    ratio_over: Literal["artifact", "compressed"] = Field(
+        "artifact", description="What the target ratio is measured over: 'artifact' = bytes on "
+                                "disk of the whole artifact folder (our honest figure); "
+                                "'compressed' = the compressed matrices' sections only (the "
+                                "papers' convention; ours as an option). Both are reported.")
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from engine.compress.pipeline import iter_rebuilt, open_checked
+from engine.compress.rebuild import iter_rebuilt, open_checked
 from engine.io import ModelFolder
 from engine.lora.finetune import open_finetune
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.compress.pipeline import (decode_section, is_matrix, open_checked, rebuild_tensor)
+from engine.compress.codec import decode_section, is_matrix, rebuild_tensor
+from engine.compress.rebuild import open_checked
 from engine.compress.registry import CompressMethod
 from engine.device import resolve_device
 from engine.errors import ParameterError

@@ -17,6 +17,7 @@ import torch
 
 from engine.errors import ParameterError, ConfigError, DeltaWorkbenchError
 from engine.evaluate.scoring import Evaluator, _load_strict
+from engine.evaluate.tokenizer import VOCAB_SIZE, build_tokenizer
 from engine.io import ModelFolder
 from engine.io.reader import refuse_unsafe_config
 from engine.io.side_files import TOKENIZER_FILES, transformers_view
@@ -56,7 +57,6 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None):
     size is the zoo's gets the zoo's character tokenizer."""
     from transformers import AutoTokenizer
 
-    from engine.zoo.tokenizer import VOCAB_SIZE, build_tokenizer
 
     folder = Path(path)
     with transformers_view(folder) as view:
@@ -128,7 +128,6 @@ def cached_evaluator(config: dict, tokenizer=None, tasks: list[str] | None = Non
     Use with ``evaluate_state_dict``: a what-if merge loads its tensors into the cached
     model instead of writing and reloading a folder. Not thread-safe while evaluating.
     """
-    from engine.zoo.tokenizer import VOCAB_SIZE, build_tokenizer
 
     key = json.dumps([config, tasks, n_per_task, n_generic, id(tokenizer)], sort_keys=True,
                      default=str)

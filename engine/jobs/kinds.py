@@ -13,6 +13,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from engine.errors import ParameterError
+from engine.metric_cache import RecordingCache
 
 Progress = Callable[[float, str], None]
 
@@ -94,30 +95,6 @@ class AnalyzeJobParams(_Params):
     incompatibility: dict | None = None  # {"model_a", "model_b", "base_a"?, "base_b"?, "params"?}
 
 
-class _RecordingCache:
-    """A metric cache that holds nothing and records every row the engine would write: the
-    worker never opens the database (the app process is its only writer) and hands the rows
-    back as its result; the app ingests them (``MetricStore.put_many``)."""
-
-    enabled = True
-    path = None
-    status = "recording"
-
-    def __init__(self):
-        self.rows: list[list] = []
-        self.warnings: list[str] = []
-
-    def get_many(self, keys) -> dict:  # noqa: ARG002 - nothing is cached in a worker
-        return {}
-
-    def put_many(self, items) -> int:
-        count = 0
-        for key, value in items:
-            self.rows.append([*key, value])
-            count += 1
-        return count
-
-
 def _analyze(params: AnalyzeJobParams, progress: Progress) -> dict:
     from engine.analysis import AnalysisParams, ClusterParams, analyze, analyze_clusters
     from engine.analysis.incompatibility import IncompatibilityParams, incompatibility_maps
@@ -130,7 +107,7 @@ def _analyze(params: AnalyzeJobParams, progress: Progress) -> dict:
     if ("analysis" in parts or "clusters" in parts) and (not params.base or not params.finetuned):
         raise ParameterError("the delta analysis needs a base and at least one fine-tune")
     device = compute_device()
-    recorder = _RecordingCache()
+    recorder = RecordingCache()
     summary: dict = {}
 
     def stage(index: int, label: str):
@@ -219,6 +196,7 @@ def _compress(params: CompressJobParams, progress: Progress) -> dict:
                       ratio=params.ratio, params=params.params or None, progress=progress,
                       allowed_roots=settings.allowed_roots())
     return {"out": str(result.out), "method": result.method, "ratio": result.ratio,
+            "scope": result.scope, "ratio_compressed": result.ratio_compressed,
             "bytes": result.bytes, "delta_entries": result.delta_entries,
             "seconds": round(result.seconds, 3), "warnings": list(result.warnings)}
 

@@ -35,6 +35,7 @@ from engine.errors import ConfigError, ParameterError
 from engine.export_card import CARD_NAME, extract_lora_card
 from engine.io import ModelFolder, ModelWriter
 from engine.lora.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from engine.task_vectors import task_vector32
 
 Progress = Callable[[float, str], None]
 WORK_DTYPE = torch.float32
@@ -144,9 +145,7 @@ def extract_lora(base_path: str | Path, finetuned_path: str | Path, out: str | P
             if name not in ft or not base.info(name).dtype.is_floating_point:
                 continue
             module, _, leaf = name.rpartition(".")
-            b32 = base.read_tensor(name).to(WORK_DTYPE)
-            delta = ft.read_tensor(name).to(WORK_DTYPE) - b32
-            del b32
+            delta = task_vector32(base.read_tensor(name).to(WORK_DTYPE), ft, name)
             if _saved(module, opts.save_modules):
                 tensors[f"{PREFIX}{name}"] = (delta + base.read_tensor(name).to(WORK_DTYPE)).to(dtype)
                 whole_modules.add(module)

@@ -133,3 +133,19 @@ def open_finetune(path: str | Path, base: ModelFolder | None):
                               "the recipe)", path=path)
         return AdapterFinetune(base, path)
     return ModelFolder(path)
+
+
+def parameter_count(path: str | Path, base: str | Path | None = None) -> int:
+    """Parameters of a model folder, or of an adapter's model (its base's; headers only)."""
+    if is_adapter_folder(path):
+        if base is None:
+            raise ConfigError("a LoRA adapter needs a base model to count its parameters", path=path)
+        path = base
+    with ModelFolder(path) as folder:
+        return folder.num_parameters
+
+
+def largest_parameter_count(*paths: str | Path | None) -> int:
+    """The largest parameter count among model folders (headers only); an adapter counts as
+    its base, which is among the paths."""
+    return max([parameter_count(p) for p in paths if p and not is_adapter_folder(p)], default=0)

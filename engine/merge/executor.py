@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from engine.compat import embed_head_names, is_tied, require_compatible
+from engine.compat import embed_head_names, require_compatible
 from engine.device import resolve_device
 from engine.errors import ConfigError, DeltaWorkbenchError, ParameterError
 from engine.export_card import CARD_NAME, merge_card
@@ -37,6 +37,7 @@ from engine.merge.registry import MergeMethod, get_method
 from engine.merge.spec import MergeSpec
 from engine.lora.adapter import LoraAdapter, is_adapter_folder
 from engine.lora.finetune import AdapterFinetune
+from engine.task_vectors import read_model_tensor
 from engine.recipe import DTYPES, MergeRecipe, check_recipe_paths, resolve_model_ref, split_lora_ref
 
 # Files copied from the tokenizer source next to the merged weights (when present).
@@ -143,7 +144,8 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
         models, settings = [], []
         entry_keys = [key for key, _ in recipe.model_refs() if key.endswith(".model")]
         for entry, key in zip(entries, entry_keys):
-            if (base_path is not None and method.requires_base and split_lora_ref(entry.model)[1] is None
+            if (base_path is not None and (method.requires_base or method.optional_base)
+                    and split_lora_ref(entry.model)[1] is None
                     and _resolve_model_path(entry.model, key).resolve() == base_path.resolve()):
                 continue  # mergekit lists the base among the models; it contributes as the base
             models.append(open_model(entry.model, key, base))
@@ -190,12 +192,7 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
 def _input_tensor(plan: MergePlan, folder: ModelFolder, name: str) -> torch.Tensor:
     """One model's tensor for an output name: tied heads read the embedding; vocab by policy."""
     embed, head = embed_head_names(folder)
-    if name in folder:
-        tensor = folder.read_tensor(name)
-    elif name == head and embed is not None and is_tied(folder):
-        tensor = folder.read_tensor(embed)
-    else:  # compat has refused missing tensors already; this is a safety net
-        raise ConfigError("tensor missing", path=folder.path, tensor=name)
+    tensor = read_model_tensor(folder, name)  # compat has refused missing tensors already
     target = plan.vocab_target
     if target is not None and name in (embed, head) and tensor.dim() >= 1 and tensor.shape[0] != target:
         if tensor.shape[0] > target:

@@ -3,11 +3,14 @@
 Every module in METHOD_MODULES is one method: it defines NAME, PAPER, Params, ModelParams,
 REQUIRES_BASE and merge_tensor(base, tensors, model_params, params, *, name="", generator=None
 [, stats=None]); optionally validate(params, model_params), STATS ("fisher" / "gram": the method
-takes stats=[...]) and RANDOMIZED; and optionally a model-wide first pass: model_statistic(base,
-tensors, model_params, params, *, name="") gives one tensor's part of a statistic that the caller
-sums over every tensor of the model (``MergeSpec.first_pass``, before any tensor is merged) and
-hands to merge_tensor as ``model_stat=``; uses_model_statistic(params) says whether these
-parameters need it (EMR's model-wide rescalers do, its per-tensor ones do not). A module in FAMILY_MODULES instead declares VARIANTS, several
+takes stats=[...]), RANDOMIZED, MAX_MODELS (how many fine-tunes it merges at most: slerp's one)
+DEFAULT_WEIGHT ("one", or "share": 1/n each, as a linear average starts) and OPTIONAL_BASE
+(a method that works with or without a base: a base_model listed among the models is the base);
+and optionally a model-wide first pass: model_statistic(base, tensors, model_params, params, *,
+name="") gives one tensor's part of a statistic that the caller sums over every tensor of the
+model (``MergeSpec.first_pass``, before any tensor is merged) and hands to merge_tensor as
+``model_stat=``; uses_model_statistic(params) says whether these parameters need it (EMR's
+model-wide rescalers do, its per-tensor ones do not). A module in FAMILY_MODULES instead declares VARIANTS, several
 methods over one implementation (``engine.merge.gta.Variant``), listed in its place. Pages render
 forms from the parameter classes (pydantic JSON schema), so a new method needs no page change:
 add a module and one line here, or a family variant and no line here.
@@ -34,6 +37,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "task_arithmetic_family",
     "slerp",
     "model_stock",
+    "nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "nearswap", "ram", "ramplus_tl",
     "consensus",
     "tsv",
     "emr",
@@ -58,7 +62,14 @@ class MergeMethod:
     stats: str | None
     randomized: bool
     module: ModuleType | Variant  # what validate / merge_tensor are called on
-    model_stat: bool = False          # takes a model-wide first-pass statistic (see module doc)
+    max_models: int | None = None  # fine-tunes it takes at most (None: any number)
+    optional_base: bool = False  # uses a base when given (a base listed among models is the base)
+    default_weight: str = "one"  # a form's starting per-model weight: "one" or "share" (1/n)
+    model_stat: bool = False  # takes a model-wide first-pass statistic (see the module doc)
+
+    def starting_weight(self, n_models: int) -> float:
+        """The per-model weight a form starts from when ``n_models`` fine-tunes are merged."""
+        return 1.0 / max(1, n_models) if self.default_weight == "share" else 1.0
 
     def parse_params(self, raw: Mapping[str, Any] | BaseModel | None = None) -> BaseModel:
         """Validated global parameters (mergekit names, e.g. 'lambda'); errors become ParameterError."""
@@ -141,6 +152,8 @@ class MergeMethod:
             "requires_base": self.requires_base,
             "stats": self.stats,
             "randomized": self.randomized,
+            "max_models": self.max_models,
+            "default_weight": self.default_weight,
             "model_stat": self.model_stat,
             "params_schema": self.params_class.model_json_schema(by_alias=True),
             "model_params_schema": self.model_params_class.model_json_schema(by_alias=True),
@@ -158,6 +171,9 @@ def _load(module_name: str) -> MergeMethod:
         stats=getattr(module, "STATS", None),
         randomized=bool(getattr(module, "RANDOMIZED", False)),
         module=module,
+        max_models=getattr(module, "MAX_MODELS", None),
+        optional_base=bool(getattr(module, "OPTIONAL_BASE", False)),
+        default_weight=getattr(module, "DEFAULT_WEIGHT", "one"),
         model_stat=hasattr(module, "model_statistic"),
     )
 
@@ -200,8 +216,17 @@ def build_table() -> MethodTable[MergeMethod]:
 _TABLE = build_table()
 
 
+# The method a form starts on: TIES (trim, elect sign, disjoint mean), mergekit's most used.
+DEFAULT_METHOD = "ties"
+
+
 def list_methods() -> list[str]:
     return list(_TABLE.names)
+
+
+def default_method() -> str:
+    """The method a page's method choice starts on."""
+    return DEFAULT_METHOD if DEFAULT_METHOD in _TABLE.names else _TABLE.names[0]
 
 
 def get_method(name: str) -> MergeMethod:

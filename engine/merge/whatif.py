@@ -22,35 +22,28 @@ from typing import Any
 
 import torch
 
-from engine.compat import embed_head_names, is_tied, require_compatible
+from engine.compat import require_compatible
 from engine.device import resolve_device
-from engine.errors import ConfigError, NonFiniteError, ParameterError
+from engine.errors import ParameterError
 from engine.io import ModelFolder
 from engine.evaluate.own_data import heldout_sets
 from engine.lora.finetune import open_finetune
 from engine.merge.executor import merge_state_dicts
 from engine.merge.registry import get_method
 from engine.merge.spec import MergeSpec
+from engine.task_vectors import check_finite, read_model_tensor
 
 
 def _load_fp32(folder: ModelFolder, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """The folder's tensors under the layout's names, fp32; a tied head reads the embedding."""
-    embed, head = embed_head_names(folder)
     out = {}
     for name in names:
-        if name in folder:
-            tensor = folder.get_tensor(name)
-        elif name == head and embed is not None and is_tied(folder):
-            tensor = folder.get_tensor(embed)
-        else:
-            raise ConfigError("tensor missing", path=folder.path, tensor=name)
+        tensor = read_model_tensor(folder, name)
         if not tensor.is_floating_point():
             out[name] = tensor
             continue
         tensor = tensor.to(torch.float32)
-        if not torch.isfinite(tensor).all():
-            raise NonFiniteError("NaN/Inf values (or beyond float32's range); what-if refused",
-                                 path=folder.path, tensor=name)
+        check_finite(tensor, folder, name, "what-if refused")
         out[name] = tensor
     return out
 

@@ -42,7 +42,7 @@ from engine.io.reader import ModelFolder
 from engine.io.staging import make_staging_dir, owner_alive, unregister_staging, write_owner_lock
 from engine.io.writer import _fsync_dir, _write_bytes
 from engine.zoo.plan import FULL_ARCHS, QUICK_ARCHS, Arch, ModelPlan, zoo_plan
-from engine.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer, tokenizer_files
+from engine.evaluate.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer, tokenizer_files
 from engine.zoo.train import train
 
 ZOO_VERSION = 1

@@ -19,7 +19,7 @@ import torch
 
 from engine.evaluate.tasks import (REFUSE, SKILL_TASKS, TASKS, generic_train_stream,
                                    train_stream)
-from engine.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_chars
+from engine.evaluate.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_chars
 
 IGNORE = -100
 SKILLS = "skills"  # mixture source: the pretraining skills of engine.evaluate.tasks

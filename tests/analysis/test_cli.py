@@ -171,7 +171,7 @@ def test_incompatibility_command_on_two_zoo_widths(tmp_path, capsys, monkeypatch
     from engine.analysis.incompatibility import IncompatibilityParams, incompatibility_maps
     from engine.zoo.build import new_model, write_model as write_zoo_model
     from engine.zoo.plan import Arch
-    from engine.zoo.tokenizer import tokenizer_files
+    from engine.evaluate.tokenizer import tokenizer_files
 
     monkeypatch.setenv("DELTA_WORKBENCH_CACHE", str(tmp_path / "c.duckdb"))
     tok = tokenizer_files(tmp_path / "tok")

@@ -124,7 +124,7 @@ def _permuted_copy(model, seed: int):
 def test_parameter_map_scores_a_permuted_copy_1_and_an_unrelated_model_about_0(tmp_path):
     from engine.zoo.build import new_model, new_model_like, write_model
     from engine.zoo.plan import Arch
-    from engine.zoo.tokenizer import tokenizer_files
+    from engine.evaluate.tokenizer import tokenizer_files
 
     tok = tokenizer_files(tmp_path / "tok")
     arch = Arch(24, 2, 2, 48)
@@ -151,7 +151,7 @@ def test_parameter_map_scores_a_permuted_copy_1_and_an_unrelated_model_about_0(t
 def two_families(tmp_path_factory):
     from engine.zoo.build import new_model, write_model
     from engine.zoo.plan import Arch
-    from engine.zoo.tokenizer import tokenizer_files
+    from engine.evaluate.tokenizer import tokenizer_files
 
     root = tmp_path_factory.mktemp("families")
     tok = tokenizer_files(root / "tok")

@@ -254,11 +254,10 @@ def test_analyze_job_kind_returns_rows_that_the_store_serves(tmp_path, quick_zoo
 
 
 def test_big_models_run_as_a_job_and_the_app_ingests(env, monkeypatch):
-    import pages._analysis as glue
     from engine import settings
     from engine.jobs import JobManager
 
-    monkeypatch.setattr(glue, "IN_PROCESS_MAX_PARAMS", 1000)  # the zoo's models count as big
+    monkeypatch.setenv("DELTA_WORKBENCH_IN_PROCESS_MAX_PARAMS", "1000")  # the zoo's models count as big
     at = _open("pages/spectra.py")
     assert any("runs as a job" in i.value for i in at.info)
     assert not at.get("plotly_chart")

@@ -54,7 +54,7 @@ def learned(out: Path, method: str):
 
 @pytest.mark.parametrize("method,extra", [
     ("dbms", ("--param", "inner=svd", "--param", "inner_params.rank=2")),
-    ("bitdelta", ("--param", "distill=true", "--param", "planes=1"))])
+    ("bitdelta", ("--param", "objective=task_kl", "--param", "planes=1"))])
 def test_cli_calibration_learns_on_the_files_dev_lines(pair, tmp_path, capsys, monkeypatch, method, extra):
     base, ft = pair
     path, dev = data_file(tmp_path)
@@ -96,3 +96,34 @@ def test_a_small_dev_split_is_used_whole_with_a_warning(pair, tmp_path, capsys):
     assert json.loads(captured.out)["calibration"]["examples"] == len(dev)
     assert (f"warning: {path}: calibration_data: 100 calibration examples asked, its dev split "
             f"holds {len(dev)} (of {len(WORDS) + 4})") in captured.err
+
+
+def test_logit_mse_distils_on_the_files_dev_lines_packed_into_rows(pair, tmp_path, capsys, monkeypatch):
+    """BitDelta's default (the authors' logit MSE) reads the file as its generic text: every
+    row is packed from the file's dev examples only; a file too small for the rows is cycled,
+    and the reuse is reported."""
+    base, ft = pair
+    path, dev = data_file(tmp_path)
+    seen: list = []
+    real = ccal.packed_rows
+
+    def spy(tokenizer, items, n_rows, seq_len):
+        def recorded():
+            for item in items:
+                seen.append(item)
+                yield item
+        return real(tokenizer, recorded(), n_rows, seq_len)
+
+    monkeypatch.setattr(ccal, "packed_rows", spy)
+    code = main(["compress", "--base", str(base), "--finetuned", str(ft), "--method", "bitdelta",
+                 "--param", "planes=1", "--param", "steps=3", "--param", "batch_size=2",
+                 "--param", "seq_len=32", "--device", "cpu", "--json", "--quiet",
+                 "--calibration", str(path), "--out", str(tmp_path / "own")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    report = summary["calibration"]["distill"]
+    assert report["objective"] == "logit_mse" and report["passes"] > 1
+    assert summary["calibration"]["data"] == str(path)
+    assert seen and set(seen) <= set(dev) and set(dev) <= set(seen)  # all of them, nothing else
+    assert "examples reused" in captured.err

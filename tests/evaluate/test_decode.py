@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.evaluate.decode import greedy_decode
-from engine.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+from engine.evaluate.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
 
 @pytest.fixture(scope="module")

@@ -167,7 +167,10 @@ def test_compress_calibration_options_that_cannot_apply(small, tmp_path, capsys)
     assert "--calibration: svd learns nothing" in compress_cli(
         small, tmp_path, capsys, "--method", "svd", "--calibration", str(path))
     assert "distill: true" in compress_cli(
-        small, tmp_path, capsys, "--method", "bitdelta", "--calibration", str(path))
+        small, tmp_path, capsys, "--method", "bitdelta", "--param", "distill=false",
+        "--calibration", str(path))
+    assert "tasks is read by objective task_kl" in compress_cli(
+        small, tmp_path, capsys, "--method", "bitdelta", "--param", "tasks=[reverse]")
     assert "give tasks or calibration_data, not both" in compress_cli(
         small, tmp_path, capsys, "--method", "dbms", "--param", "tasks=[reverse]",
         "--calibration", str(path))

@@ -22,7 +22,7 @@ from engine.compress import compress, decompress, rebuild_state_dict
 from engine.delta import plan_deltas, read_tensors
 from engine.errors import ArtifactError, ConfigError, IncompatibleModelsError, NonFiniteError
 from engine.io import ModelFolder
-from engine.merge import list_methods
+from engine.merge import get_method, list_methods
 from engine.merge.executor import merge_state_dicts, run_merge
 from engine.recipe import parse_recipe
 from tests.io.builders import snapshot, staging_leftovers, tiny_tensors, write_model
@@ -49,7 +49,7 @@ def _mixed(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _recipe(method: str, base, models, **extra):
-    params = {"t": 0.3} if method == "slerp" else {}
+    params = {"t": 0.3} if method in ("slerp", "nearswap") else {}
     return parse_recipe({"merge_method": method, "base_model": str(base),
                          "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
                          "parameters": params, **extra})
@@ -145,7 +145,7 @@ def test_a_model_merged_with_itself_is_itself_bit_for_bit_whatever_the_dtypes(tm
     tensors = _mixed()
     x = write_model(tmp_path / "x", tensors)
     copies = [shutil.copytree(x, tmp_path / f"x{i}") for i in (1, 2)]
-    recipe = _recipe(method, x, copies[:1] if method == "slerp" else copies)
+    recipe = _recipe(method, x, copies[:get_method(method).max_models or len(copies)])
     merged = _read_all(run_merge(recipe, tmp_path / "merged", stats_provider=_stats_for(method)).out)
     assert sorted(merged) == sorted(tensors)
     for name, tensor in tensors.items():

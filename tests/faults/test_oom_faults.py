@@ -17,7 +17,7 @@ import yaml
 
 import engine.merge.executor as executor
 from engine.__main__ import main
-from engine.compress.pipeline import _encode_matrix
+from engine.compress.encode import _encode_matrix
 from engine.compress.registry import get_method
 from engine.io import ModelFolder
 from engine.io.writer import MANIFEST_NAME

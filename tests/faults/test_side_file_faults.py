@@ -28,7 +28,7 @@ AUTO_MAP = {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}
 
 @pytest.fixture(scope="module")
 def tokenizer_bytes(tmp_path_factory) -> dict[str, bytes]:
-    from engine.zoo.tokenizer import tokenizer_files
+    from engine.evaluate.tokenizer import tokenizer_files
 
     return tokenizer_files(tmp_path_factory.mktemp("tok"))
 
@@ -75,7 +75,7 @@ def test_tokenizer_asking_for_folder_code_is_refused(tmp_path, tokenizer_bytes, 
 
 
 def test_a_known_tokenizer_class_loads_an_unknown_fast_one_is_refused(tmp_path, tokenizer_bytes):
-    from engine.zoo.tokenizer import build_tokenizer
+    from engine.evaluate.tokenizer import build_tokenizer
 
     folder = model_with_tokenizer(tmp_path, tokenizer_bytes)
     edit_json(folder / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")

@@ -22,7 +22,11 @@ def test_compressing_an_adapter_equals_compressing_its_merged_model(tmp_path):
         assert lora.tensor_names == full.tensor_names
         assert lora.config == full.config
         for name in lora.tensor_names:
-            torch.testing.assert_close(lora.get_tensor(name), full.get_tensor(name), atol=1e-5, rtol=0,
+            # The adapter's delta is B @ A exactly; the merged model's is (base + B @ A) - base,
+            # off by float32 rounding (~3e-8). SVD factors of the two are then stored in fp16
+            # (a relative step of 2^-11 on values up to ~0.4), so the rebuilt tensors agree to
+            # fp16 rounding of the factors, not to float32.
+            torch.testing.assert_close(lora.get_tensor(name), full.get_tensor(name), atol=1e-4, rtol=0,
                                        msg=name)
     # the artifact's side files came from the base (the adapter folder has no config.json)
     import json

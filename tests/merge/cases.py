@@ -29,6 +29,14 @@ def generic(name):
         "regmean": ([{"weight": w} for w in W], {}),
         "channel_merging": ([{"weight": w} for w in W], {"num_groups": 2}),
         "sotu": ([{"weight": w, "density": 0.3, "seed": s} for w, s in zip(W, seeds)], {}),
+        "nuslerp": ([{"weight": 0.7}, {"weight": 0.3}], {"nuslerp_flatten": False}),
+        "multislerp": ([{"weight": w} for w in W], {}),
+        "karcher": ([{}] * N, {}),
+        "sce": ([{}] * N, {"select_topk": 0.6}),
+        "arcee_fusion": ([{}], {}),
+        "nearswap": ([{}], {"t": 0.05}),
+        "ram": ([{}] * N, {}),
+        "ramplus_tl": ([{}] * N, {"r": 0.5, "alpha": 0.5}),
     }
     return table[name]
 
@@ -56,6 +64,14 @@ def identity(name):
         "channel_merging": ([{"weight": w} for w in W], {"num_groups": 2}),
         # disjoint masks covering every entry hand each entry to exactly one copy
         "sotu": ([{"density": k} for k in (0.5, 0.25, 0.25)], {"disjoint": True}),
+        "nuslerp": ([{"weight": 1.0}, {"weight": 2.0}], {}),  # colinear task vectors: lerped
+        "multislerp": ([{"weight": w} for w in W], {}),
+        "karcher": ([{}] * N, {}),  # without a base: a base is one more input averaged in
+        "sce": ([{}] * N, {}),
+        "arcee_fusion": ([{}], {}),  # the base and one model, like slerp: the model with itself
+        "nearswap": ([{}], {"t": 0.05}),
+        "ram": ([{}] * N, {}),
+        "ramplus_tl": ([{}] * N, {}),
     }
     return table[name]
 

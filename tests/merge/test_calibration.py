@@ -17,7 +17,7 @@ from engine.merge.calibration import (ALL_TASKS, CalibrationStats, calibration_e
 from engine.merge.executor import run_merge
 from engine.merge.methods.regmean import GramStats
 from engine.recipe import load_recipe, parse_recipe
-from engine.zoo.tokenizer import VOCAB_SIZE, build_tokenizer
+from engine.evaluate.tokenizer import VOCAB_SIZE, build_tokenizer
 from tests.merge.test_fisher_regmean import regmean_reference
 
 
@@ -180,7 +180,7 @@ def test_merge_and_compress_calibration_read_one_task_rule(quick_zoo, tmp_path):
     entry without a usable task is None for both."""
     import json
 
-    from engine.compress.pipeline import default_tasks
+    from engine.compress.calibration import default_tasks
 
     zoo = Path(quick_zoo)
     assert default_tasks(zoo / "small" / "base") == list(MAIN_TASKS) == task_list(zoo_task_of(zoo / "small" / "base"))

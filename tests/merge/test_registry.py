@@ -14,7 +14,8 @@ from tests.merge.helpers import family
 EXPECTED = {
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
     "della", "della_linear", "slerp", "model_stock", "consensus", "tsv", "emr", "fisher", "regmean",
-    "channel_merging", "sotu",
+    "channel_merging", "sotu", "nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "nearswap", "ram",
+    "ramplus_tl",
 }
 
 
@@ -166,3 +167,19 @@ def test_a_new_variant_is_one_declaration_and_merges(magnitude_linear, tmp_path)
 def test_a_declaration_with_an_unknown_sparsification_is_refused():
     with pytest.raises(TypeError, match="unknown sparsification 'topk'"):
         Variant("x", "p", sparsification="topk", consensus=False, normalize=False, rescale=False)
+
+
+def test_a_method_declares_what_a_form_needs_so_pages_name_no_method():
+    """slerp takes one fine-tune, linear starts from the plain mean; the merge lab reads these
+    declarations (pages/merge_lab.py names no method)."""
+    from pathlib import Path
+
+    slerp, linear, ties = get_method("slerp"), get_method("linear"), get_method("ties")
+    assert slerp.max_models == 1 and linear.max_models is None and ties.max_models is None
+    assert linear.starting_weight(4) == pytest.approx(0.25) and linear.starting_weight(0) == 1.0
+    assert ties.starting_weight(4) == 1.0 and slerp.starting_weight(3) == 1.0
+    assert slerp.describe()["max_models"] == 1 and linear.describe()["default_weight"] == "share"
+    page = (Path(__file__).resolve().parents[2] / "pages" / "merge_lab.py").read_text()
+    for name in ("slerp", "linear", "ties"):
+        assert f'"{name}"' not in page, name
+    assert registry.default_method() == "ties"

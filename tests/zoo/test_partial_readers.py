@@ -10,7 +10,7 @@ from tests.zoo.partial import partial_zoo
 
 
 def test_calibration_finds_the_tasks_of_published_models(tmp_path, quick_zoo):
-    from engine.compress.pipeline import default_tasks
+    from engine.compress.calibration import default_tasks
     from engine.evaluate.tasks import MAIN_TASKS
     from engine.merge.calibration import ALL_TASKS, zoo_task_of
 

@@ -68,7 +68,7 @@ def test_plan_bases_learn_skills_and_fine_tunes_replay_them():
 
     from engine.zoo.plan import FINETUNE_REPLAY, PRETRAIN_MIXTURE, zoo_plan
     from engine.zoo.train import SKILLS, BatchSampler
-    from engine.zoo.tokenizer import VOCAB
+    from engine.evaluate.tokenizer import VOCAB
 
     assert PRETRAIN_MIXTURE.get(SKILLS, 0) > 0
     for quick in (False, True):

@@ -1,18 +1,25 @@
-"""DBMS: dynamic base model shift around any other compressor.
+"""DBMS-style scalar calibration (ours): two learned scalars around any other compressor.
 
-DBMS (Huang et al., 2025) observes that the pretrained model is rarely the best base for a
-heavily compressed delta, and learns two scalars per task: one sets how far the base model is
-shifted, one scales the compressed delta; both are learned cheaply on a few samples, and the
-method wraps any delta compressor.
+NOT the paper's method. DBMS (Huang et al., 2025, "Dynamic Base Model Shift for Delta
+Compression") shifts the base model toward the target task *before* compressing the delta:
+its abstract and figure say it first obtains a compressed base vector, then fuses it into the
+base with a learned shift magnitude, and learns a second scalar for the overall scale of the
+compressed delta, both cheaply on a few samples. Its method section (how the base vector is
+obtained and compressed, the fusion and the objective) was not available to us: only the
+abstract and the first page of the paper are in our sources, and the authors' code is not
+public. We do not guess it; the name says what this is instead.
 
-Our reading (the paper's equations were not available to us beyond its abstract; see
-bench/README.md): every compressed matrix is rebuilt as ``(1 + alpha) * W_base + lam * d_hat``
-with ``d_hat`` the inner compressor's rebuilt delta; ``alpha`` (init 0) shifts the base along
-itself, ``lam`` (init 1) rescales the delta. 1-D tensors (stored exactly in fp16) are not
-touched. The scalars are learned after compression with Adam, matching the fine-tune's
-next-token distributions (KL) on ``n_prompts`` prompts of the fine-tune's zoo task (training
-split; ``tasks`` overrides), or of the dev split of ``calibration_data``, the user's JSONL file. They are stored in the manifest (8 bytes of information); the
-inner compressor gets the whole byte budget.
+What this method does (all ours): the inner compressor compresses the *unchanged* delta
+``W_ft - W_base`` with the whole byte budget; every compressed matrix is rebuilt as
+``(1 + alpha) * W_base + lam * d_hat`` (``d_hat`` the inner compressor's rebuilt delta): ``alpha``
+(init 0) rescales the base along itself, ``lam`` (init 1) rescales the delta. 1-D tensors and
+matrices outside the compression ``scope`` (stored exactly in fp16) are not touched. The two
+scalars are learned after compression with Adam (``steps``, ``lr``), matching the fine-tune's
+next-token distributions (KL) at the answer positions of ``n_prompts`` prompts of the
+fine-tune's zoo task (training split; ``tasks`` overrides; a model in no zoo gets every zoo
+task's prompts, with a warning), or of the dev split of ``calibration_data``, the user's JSONL
+file. They are stored in the manifest (8 bytes of information). The registry name stays
+``dbms`` (recipes and artifacts keep working).
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from engine.compress.registry import CompressParams, get_method
 from engine.errors import ParameterError
 
 NAME = "dbms"
-PAPER = "Huang et al., Dynamic Base Model Shift for Delta Compression, 2025 (arXiv:2505.11344)"
+PAPER = ("DBMS-style scalar calibration (ours: two learned scalars around a compressor; not the "
+         "paper's base shift, whose method section was not available to us), after Huang et al., "
+         "Dynamic Base Model Shift for Delta Compression, 2025 (arXiv:2505.11344)")
 SOLVED = ()
 
 
@@ -57,11 +66,21 @@ class Params(CompressParams):
 
 
 def validate(params: Params, ratio: float | None) -> None:
+    from engine.compress.registry import PIPELINE_FIELDS
+
     if params.inner == NAME:
         raise ParameterError("dbms cannot wrap itself")
     method = params.inner_method()
-    if method.calibrated and params.inner_params.get("distill"):
-        raise ParameterError("dbms learns its own scalars; wrap bitdelta without distill")
+    pipeline = [k for k in PIPELINE_FIELDS if k in params.inner_params]
+    if pipeline:
+        raise ParameterError(f"dbms: inner_params.{pipeline[0]} is a pipeline option: set "
+                             f"{pipeline[0]} on dbms itself")
+    if method.calibrated:
+        if params.inner_params.get("distill"):
+            raise ParameterError("dbms learns its own scalars; wrap bitdelta with "
+                                 "inner_params.distill: false")
+        # the inner compressor's own calibration never runs under dbms: recorded as such
+        params.inner_params = {**params.inner_params, "distill": False}
     params._inner = method.parse_params(params.inner_params, ratio)
     if (params.alpha is None) != (params.scale is None):
         raise ParameterError("dbms: give both alpha and scale, or neither (then they are learned)")
@@ -98,6 +117,11 @@ def rebuild(base: torch.Tensor, delta_hat: torch.Tensor, params: Params, ctx) ->
     alpha = 0.0 if params.alpha is None else params.alpha
     scale = 1.0 if params.scale is None else params.scale
     return (1.0 + alpha) * base + scale * delta_hat
+
+
+def learns(params: Params) -> bool:
+    """Whether ``calibrate`` runs: the two scalars are learned unless ``alpha`` is given."""
+    return params.alpha is None
 
 
 def calibrate(job, params: Params) -> dict:

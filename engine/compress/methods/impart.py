@@ -17,8 +17,17 @@ configuration (``preprune_ratio: 0.8``, ``C: 0.5`` at CR 32); below ``alpha = 0.
 is lowered to ``2 alpha - 1`` so that ``gamma`` stays >= 0.5 (the authors tune ``beta`` per
 ratio on validation data, which a data-free compressor does not have).
 
+ImPart-Qt (``quant: true``, the authors' quantised variant): the kept values of the first
+``qt_counts[0]`` components are quantised at 8 bits, the next ``qt_counts[1]`` at 3 bits and the
+rest at 2 bits (8-3-2, as the authors' configs and Delta-CoMe), in groups of ``group_size`` kept
+values with one fp16 step each (our symmetric MSE-clipped round-to-nearest; the authors
+quantise with GPTQ on calibration data, not done here).
+
 Section: number of kept components ``r``, then for each component the kept counts in ``u_i``
-and ``v_i``, then the kept values (fp16, ``sigma_i`` and the rescale folded in).
+and ``v_i``, then the kept values (fp16, or quantised: per group the fp16 step, then the packed
+codes; ``sigma_i`` and the rescale folded in). An ImPart-Qt section starts with a zero count
+and a u8 naming the middle tier's bit width (3) before ``r``; sections written before that
+marker (whose middle tier was 4 bits) are read as such.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ PAPER = ("Yang et al., ImPart: Importance-Aware Delta-Sparsification for Improve
          "Compression and Merging in LLMs, ACL 2025 (arXiv:2504.13237)")
 SOLVED = ("sparsity",)
 RANDOMIZED = True
+QT_BITS = (8, 3, 2)  # ImPart-Qt's tiers
+LEGACY_MIDDLE = 4  # the middle tier of ImPart-Qt sections written without the marker
 
 
 # Parameter sets measured in bench/README.md: ImPart-Qt (the authors' quantised variant) with
@@ -55,8 +66,8 @@ class Params(CompressParams):
     C: float = Field(0.5, gt=0.0, description="Exponent applied to singular values (authors' C).")
     seed: int = Field(0, ge=0, description="Seed of the random masks (stored; masks regenerate from it).")
     quant: bool = Field(False, description="ImPart-Qt: quantise the kept values (8 bits for the first "
-                                           "qt_counts[0] components, 4 for the next qt_counts[1], 2 after).")
-    qt_counts: tuple[int, int] = Field((2, 32), description="ImPart-Qt: components at 8 and at 4 bits.")
+                                           "qt_counts[0] components, 3 for the next qt_counts[1], 2 after).")
+    qt_counts: tuple[int, int] = Field((2, 32), description="ImPart-Qt: components at 8 and at 3 bits.")
     group_size: int = Field(128, ge=4, description="ImPart-Qt: kept values per quantisation group.")
 
 
@@ -90,14 +101,15 @@ def keep_counts(p: np.ndarray, m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum(ku, 0), np.maximum(kv, 0)
 
 
-def component_bits(r: int, params: Params) -> np.ndarray:
+def component_bits(r: int, params: Params, middle: int = QT_BITS[1]) -> np.ndarray:
     """Bits per kept value of each component (16: fp16 values, no quantisation)."""
     if not params.quant:
         return np.full(r, 16, dtype=np.int64)
-    b = np.full(r, 2, dtype=np.int64)
-    n8, n4 = params.qt_counts
-    b[:n8] = 8
-    b[n8:n8 + n4] = 4
+    high, _, low = QT_BITS
+    b = np.full(r, low, dtype=np.int64)
+    n_high, n_middle = params.qt_counts
+    b[:n_high] = high
+    b[n_high:n_high + n_middle] = middle
     return b
 
 
@@ -117,6 +129,7 @@ def section_size(ku: np.ndarray, kv: np.ndarray, m: int, n: int, params: Params 
     head = rank_w + r * (bits.count_width(m) + bits.count_width(n))
     if params is None or not params.quant:
         return head + 2 * int(ku.sum() + kv.sum())
+    head += rank_w + 1  # the ImPart-Qt marker: a zero count and the middle tier's width
     b = component_bits(r, params)
     return head + _values_bytes(ku, b, params.group_size) + _values_bytes(kv, b, params.group_size)
 
@@ -162,6 +175,9 @@ def encode(delta: torch.Tensor, budget: int | None, params: Params, ctx) -> byte
         return b""
     ctx.info.update(components=r, kept=int(ku.sum() + kv.sum()))
     out = bits.SectionWriter()
+    if params.quant:
+        out.uint(0, bits.count_width(min(m, n)))
+        out.uint(QT_BITS[1], 1)
     out.uint(r, bits.count_width(min(m, n)))
     for i in range(r):
         out.uint(int(ku[i]), bits.count_width(m))
@@ -201,12 +217,18 @@ def _get_values(reader: bits.SectionReader, k: int, width: int, group: int) -> t
 def decode(reader: bits.SectionReader, shape, params: Params, ctx) -> torch.Tensor:
     m, n = shape
     r = reader.uint(bits.count_width(min(m, n)))
+    middle = LEGACY_MIDDLE
+    if r == 0 and params.quant:  # the ImPart-Qt marker
+        middle = reader.uint(1)
+        if not 1 <= middle <= 8:
+            raise ArtifactError(f"{reader.what}: middle tier of {middle} bits outside 1..8")
+        r = reader.uint(bits.count_width(min(m, n)))
     if not 0 < r <= min(m, n):
         raise ArtifactError(f"{reader.what}: {r} components outside 1..{min(m, n)}")
     counts = [(reader.uint(bits.count_width(m)), reader.uint(bits.count_width(n))) for _ in range(r)]
     U = torch.zeros(m, r)
     V = torch.zeros(n, r)
-    widths = component_bits(r, params)
+    widths = component_bits(r, params, middle)
     for i, (ku, kv) in enumerate(counts):
         if not (0 < ku <= m and 0 < kv <= n):
             raise ArtifactError(f"{reader.what}: kept counts ({ku}, {kv}) out of range")

@@ -16,6 +16,7 @@ from engine.merge.common import MethodParams, RequiredWeight, check_normalizable
 NAME = "linear"
 PAPER = "Wortsman et al., Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing inference time, ICML 2022 (arXiv:2203.05482)"
 REQUIRES_BASE = False
+DEFAULT_WEIGHT = "share"  # a soup starts as the plain mean: 1/n each
 
 
 class Params(MethodParams):

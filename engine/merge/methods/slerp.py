@@ -29,6 +29,7 @@ from engine.merge.common import MethodParams, NoModelParams, finish, prepare_inp
 NAME = "slerp"
 PAPER = "Shoemake, Animating Rotation with Quaternion Curves, SIGGRAPH 1985 (spherical linear interpolation; mergekit `slerp`)"
 REQUIRES_BASE = True
+MAX_MODELS = 1  # the base and ONE other model
 
 # entries per float64 chunk: two 1 MiB float64 temporaries, cache-sized
 CHUNK = 1 << 17

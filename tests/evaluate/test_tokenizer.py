@@ -1,6 +1,6 @@
 import random
 
-from engine.zoo.tokenizer import (BOS_ID, CHARACTERS, EOS_ID, PAD_ID, UNK_ID, VOCAB_SIZE,
+from engine.evaluate.tokenizer import (BOS_ID, CHARACTERS, EOS_ID, PAD_ID, UNK_ID, VOCAB_SIZE,
                                   build_tokenizer, encode_chars, tokenizer_files)
 
 

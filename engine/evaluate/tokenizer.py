@@ -1,4 +1,5 @@
-"""The zoo's character-level tokenizer.
+"""The zoo's character-level tokenizer, beside the tasks it encodes (the zoo trains with it;
+evaluation reads it, so it lives here and the arrow runs zoo -> evaluate only).
 
 Built with the ``tokenizers`` library: a WordLevel model whose words are single characters
 (every printable ASCII character) plus four special tokens; a pre-tokenizer isolates every
