@@ -65,6 +65,26 @@ def interpolation_factor(w0: float, w1: float) -> float:
     return 0.5 if abs(total) < 1e-6 else w1 / total
 
 
+ROWS_PER_BLOCK = 1 << 12  # rows summed in float64 at a time (no float64 copy of a whole tensor)
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos of the angle between each pair of rows (last dim), as float64, shaped (..., 1).
+
+    Near-colinear rows amplify a float32 dot product's rounding through acos (an error of 1e-7
+    in cos near 0.99 moves theta by ~1e-6), so norms and dots are summed in float64, a block
+    of rows at a time; norms are clamped at mergekit's floor before dividing."""
+    a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    out = torch.empty(a2.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a2.shape[0], ROWS_PER_BLOCK):
+        x = a2[start:start + ROWS_PER_BLOCK].to(torch.float64)
+        y = b2[start:start + ROWS_PER_BLOCK].to(torch.float64)
+        na = x.norm(dim=-1).clamp(min=NORM_FLOOR)
+        nb = y.norm(dim=-1).clamp(min=NORM_FLOOR)
+        out[start:start + ROWS_PER_BLOCK] = (x * y).sum(dim=-1) / (na * nb)
+    return out.clamp(-1.0, 1.0).reshape(*a.shape[:-1], 1)
+
+
 def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, flatten: bool) -> torch.Tensor:
     shape = v0.shape
     if flatten:
@@ -73,14 +93,15 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, fla
         a, b = v0.transpose(0, -1), v1.transpose(0, -1)
     else:
         a, b = v0, v1
-    ua = a / a.norm(dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
-    ub = b / b.norm(dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
-    cos = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
+    cos = _cosines(a, b)
     colinear = (1 - cos * cos) <= EPS * EPS
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
-    # where colinear theta is 0 and this divides by 0; those entries are replaced by the lerp
-    spherical = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
-    out = torch.where(colinear, (1 - t) * a + t * b, spherical)
+    # where colinear theta is 0 and this divides by 0; those entries are replaced by the lerp.
+    # The coefficients are formed in float64 and applied in the inputs' dtype.
+    sin = torch.sin(theta)
+    c0 = torch.where(colinear, torch.full_like(theta, 1 - t), torch.sin((1 - t) * theta) / sin)
+    c1 = torch.where(colinear, torch.full_like(theta, t), torch.sin(t * theta) / sin)
+    out = c0.to(a.dtype) * a + c1.to(a.dtype) * b
     if not flatten and row_wise and v0.dim() > 1:
         out = out.transpose(0, -1)
     return out.reshape(shape)
