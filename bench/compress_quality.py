@@ -473,7 +473,8 @@ def markdown(rows, methods, ratios, table, args, seconds) -> str:
         cells = []
         for ratio in ratios:
             c = table[method, ratio]
-            shown = (f"{c['ratio_compressed']:.1f}x / {c['ratio']:.1f}x"
+            shown = ("" if c["ratio"] is None  # every run of the cell failed (out of reach)
+                     else f"{c['ratio_compressed']:.1f}x / {c['ratio']:.1f}x"
                      if set_ratio_shown(method) and c["ratio_compressed"] is not None
                      else f"{c['ratio']:.1f}x")
             cells.append("n/a" if c["retained"] is None else
@@ -718,16 +719,17 @@ def main(argv=None) -> int:
     else:
         rows = run(args)
         seconds = time.perf_counter() - started
+    stem = section_stem(args.label)
+    if not args.no_write:  # the raw rows first: a rendering error must not lose an hour's runs
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / f"{stem}_rows.json").write_text(
+            json.dumps({"rows": rows, "seconds": seconds, "n": args.n}, separators=(",", ":")))
     table = summarize(rows, args.methods, args.ratios)
     text = markdown(rows, args.methods, args.ratios, table, args, seconds)
     print(text)
     if not args.no_write:
-        args.results.mkdir(parents=True, exist_ok=True)
-        stem = section_stem(args.label)
         (args.results / f"{stem}.json").write_text(
             json.dumps(figure(rows, args.methods, args.ratios, table)))
-        (args.results / f"{stem}_rows.json").write_text(
-            json.dumps({"rows": rows, "seconds": seconds, "n": args.n}, separators=(",", ":")))
         write_marked_section(stem, text, args.readme)
     return 0
 
