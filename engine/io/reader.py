@@ -22,10 +22,7 @@ from safetensors import SafetensorError, safe_open
 from engine.errors import (CheckpointFormatError, ConfigError, NonFiniteError,
                            PathNotAllowedError, UnsafeFormatError)
 from engine.io.header import DuplicateKeyError, SafetensorsHeader, loads_strict_json, read_header
-
-CONFIG_NAME = "config.json"
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+from engine.io.names import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_JSON_BYTES = 64 * 2**20  # config.json and the index are small; a huge one is an attack
 
