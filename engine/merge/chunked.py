@@ -17,14 +17,24 @@ pass counts the entries above the bracket and collects the few inside it, and ``
 those gives the exact threshold (a full ``kthvalue`` is the fallback should the bracket miss).
 Entries equal to the threshold are kept lowest flat index first, as ``sparsify.topk_mask`` does.
 
-Inputs are checked for NaN/Inf on the fly (a sum per chunk); the output too.
+Inputs are checked for NaN/Inf on the fly (a sum per chunk); the output too, after its cast
+to the output dtype (a sum of each cast chunk while it is in cache, so the caller need not scan
+the whole output again).
+
+Large tensors are split into contiguous ranges of chunks computed by two threads at once (the
+caller's and one helper; torch releases the GIL inside each operation): every chunk is computed
+exactly as it would be alone, so the result is the same bit for bit. The trim masks allow it
+because a TopK carries how many threshold ties lie before each chunk (from the selection pass),
+so any chunk knows how many of its ties to keep without the chunks before it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +45,8 @@ from engine.merge.sparsify import kept_count
 
 CHUNK = 1 << 17
 _SAMPLE = 1 << 15
+SPLIT_MIN_CHUNKS = 8  # tensors of fewer chunks are computed by one thread
+_POOL: ThreadPoolExecutor | None = None
 
 # the deterministic sparsifications the kernels implement (random masks stay whole-tensor)
 SPARSIFICATIONS = (None, "magnitude", "magnitude_outliers")
@@ -43,17 +55,50 @@ SPARSIFICATIONS = (None, "magnitude", "magnitude_outliers")
 @dataclass(frozen=True)
 class TopK:
     """The k largest |delta|: every entry above ``threshold`` plus the first ``at_keep`` entries
-    equal to it (flat order). k >= n is ``everything``, k <= 0 ``nothing``."""
+    equal to it (flat order). k >= n is ``everything``, k <= 0 ``nothing``. ``ties_before[c]``:
+    entries equal to the threshold in chunks before chunk ``c`` (one more item at the end)."""
 
     threshold: float = 0.0
     at_keep: int = 0
     everything: bool = False
     nothing: bool = False
+    ties_before: tuple[int, ...] = field(default=(), repr=False)
 
 
-def _chunks(n: int):
-    for start in range(0, n, CHUNK):
-        yield start, min(n, start + CHUNK)
+def _chunks(n: int, lo: int = 0, hi: int | None = None):
+    """(start, end) of chunks lo..hi-1 of a flat tensor of n entries (all by default)."""
+    hi = -(-n // CHUNK) if hi is None else hi
+    for c in range(lo, hi):
+        yield c * CHUNK, min(n, (c + 1) * CHUNK)
+
+
+def workers() -> int:
+    """Threads a large tensor is split over: two when this process may use two CPUs."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return 2 if cpus >= 2 else 1
+
+
+def _split(n: int, fn) -> list:
+    """``fn(lo, hi)`` over ranges of the chunks of n entries: two halves on two threads for a
+    large tensor, else one call here. Results in chunk order; the helper is always waited for
+    (it writes into the caller's output), an error of either half raised."""
+    count = -(-n // CHUNK)
+    if count < SPLIT_MIN_CHUNKS or workers() < 2:
+        return [fn(0, count)]
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunked")
+    mid = count // 2
+    helper = _POOL.submit(fn, mid, count)
+    try:
+        first = fn(0, mid)
+    except BaseException:
+        helper.exception()  # wait: it writes into the caller's output
+        raise
+    return [first, helper.result()]
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -81,57 +126,61 @@ def select_topk(base: torch.Tensor, model: torch.Tensor, k: int) -> TopK:
     hi_i, lo_i = math.floor((q - spread) * m), math.ceil((q + spread) * m)
     hi = float(sample[hi_i]) if hi_i >= 0 else math.inf
     lo = float(sample[lo_i]) if lo_i < m else -math.inf
-    above, band = 0, []
-    for s, e in _chunks(n):
-        mag = _delta_chunk(base, model, s, e).abs_()
-        if hi != math.inf:  # count of entries above hi, with float ops (bool ones are slow)
-            above += int((mag - hi).sign_().clamp_(min=0).sum())
-        in_band = mag >= lo if hi == math.inf else (mag <= hi if lo == -math.inf else (mag <= hi) & (mag >= lo))
-        band.append(mag[in_band])
-    band = torch.cat(band)
+
+    def scan(c_lo: int, c_hi: int):
+        above, band = 0, []
+        for s, e in _chunks(n, c_lo, c_hi):
+            mag = _delta_chunk(base, model, s, e).abs_()
+            if hi != math.inf:  # count of entries above hi, with float ops (bool ones are slow)
+                above += int((mag - hi).sign_().clamp_(min=0).sum())
+            in_band = mag >= lo if hi == math.inf else (mag <= hi if lo == -math.inf else (mag <= hi) & (mag >= lo))
+            band.append(mag[in_band])
+        return above, band
+
+    parts = _split(n, scan)
+    above = sum(a for a, _ in parts)
+    bands = [b for _, part in parts for b in part]  # one per chunk, in order
+    band = torch.cat(bands)
     rank = k - above  # rank of the k-th largest inside the band, from the top (1-based)
+    count = len(bands)
     if 1 <= rank <= band.numel():
         threshold = float(torch.kthvalue(band, band.numel() - rank + 1).values)
         greater = above + int((band > threshold).sum())
+        # the chunk of every band entry equal to the threshold
+        bounds = torch.tensor([b.numel() for b in bands]).cumsum(0)
+        at = torch.searchsorted(bounds, torch.nonzero(band == threshold).flatten(), right=True)
     else:  # the bracket missed (heavy ties or an unlucky sample): exact selection on everything
         mag = torch.cat([_delta_chunk(base, model, s, e).abs_() for s, e in _chunks(n)])
         threshold = float(torch.kthvalue(mag, n - k + 1).values)
         greater = int((mag > threshold).sum())
-    return TopK(threshold=threshold, at_keep=k - greater)
+        at = torch.nonzero(mag == threshold).flatten() // CHUNK
+    ties = torch.bincount(at, minlength=count).cumsum(0)
+    return TopK(threshold=threshold, at_keep=k - greater, ties_before=(0, *ties.tolist()))
 
 
-class _TopKCursor:
-    """Applies a TopK chunk by chunk, in flat order, keeping count of threshold ties kept.
+def topk_mask(rule: TopK, mag: torch.Tensor, c: int) -> torch.Tensor | None:
+    """The keep mask of chunk ``c`` (its |delta| ``mag``) under ``rule``; None keeps all.
 
     Masks are float 0/1 tensors built with sign arithmetic (``sign(mag - t)`` is 1 above the
     threshold, 0 at it): on the CPU, comparisons producing bool tensors and bool-float products
-    are several times slower than these float operations, and the values are the same."""
-
-    def __init__(self, rule: TopK):
-        self.rule = rule
-        self.left = rule.at_keep
-
-    def mask(self, mag: torch.Tensor) -> torch.Tensor | None:
-        rule = self.rule
-        if rule.everything:
-            return None
-        if rule.nothing:
-            return torch.zeros_like(mag)
-        keep = (mag - rule.threshold).sign_()  # -1 below, 0 at, +1 above the threshold
-        if self.left <= 0:
-            return keep.clamp_(min=0)
-        at = keep.abs().neg_().add_(1.0)  # 1 exactly at the threshold
-        keep.clamp_(min=0)
-        count = int(at.sum())
-        if count:
-            if count <= self.left:
-                keep.add_(at)
-                self.left -= count
-            else:  # the chunk holding the cut: keep the first `left` ties, in flat order
-                at_b = at.bool()
-                keep.add_((at_b & (torch.cumsum(at_b, dim=0) <= self.left)).to(keep.dtype))
-                self.left = 0
-        return keep
+    are several times slower than these float operations, and the values are the same. Of the
+    entries equal to the threshold, those kept are the first ``at_keep`` in flat order: this
+    chunk keeps what is left of them after the ties of the chunks before it."""
+    if rule.everything:
+        return None
+    if rule.nothing:
+        return torch.zeros_like(mag)
+    keep = (mag - rule.threshold).sign_()  # -1 below, 0 at, +1 above the threshold
+    left = rule.at_keep - rule.ties_before[c]
+    count = rule.ties_before[c + 1] - rule.ties_before[c]  # ties in this chunk
+    if left <= 0 or count == 0:
+        return keep.clamp_(min=0)
+    at = keep.abs().neg_().add_(1.0)  # 1 exactly at the threshold
+    keep.clamp_(min=0)
+    if count <= left:
+        return keep.add_(at)
+    at_b = at.bool()  # the chunk holding the cut: keep the first `left` ties, in flat order
+    return keep.add_((at_b & (torch.cumsum(at_b, dim=0) <= left)).to(keep.dtype))
 
 
 def _model_rules(sparsification, n: int, mp, base, model) -> list[tuple[TopK, bool]] | None:
@@ -165,6 +214,16 @@ def merge_into(method: MergeMethod, base: torch.Tensor | None, models: Sequence[
     """Merge one tensor chunk by chunk into ``out`` (any float dtype, the inputs' shape).
 
     ``labels`` name the inputs in errors (base first when there is one)."""
+    merge_checked(method, base, models, model_params, params, out, labels=labels, name=name)
+    return out
+
+
+def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequence[torch.Tensor],
+                  model_params, params, out: torch.Tensor, *, labels: Sequence[str] | None = None,
+                  name: str = "") -> bool:
+    """``merge_into``; True when every value written is known finite in ``out``'s dtype (the
+    cast checked on the fly), False when the sums cannot tell (a huge finite sum overflows, or
+    a cast overflowed): the caller then looks at ``out`` exactly."""
     flat_models = [m.reshape(-1) for m in models]
     flat_base = base.reshape(-1) if base is not None else None
     flat_out = out.view(-1)
@@ -172,23 +231,31 @@ def merge_into(method: MergeMethod, base: torch.Tensor | None, models: Sequence[
     inputs = ([flat_base] if flat_base is not None else []) + flat_models
     labels = list(labels) if labels is not None else (
         (["base"] if base is not None else []) + [f"input {i}" for i in range(len(models))])
-    sums = torch.zeros(len(inputs) + 1, dtype=torch.float32)
-    # One thread: the chunks are small, in-cache operations, where intra-op threads cost more
-    # than they give (and collapse when other processes share the cores). The caller overlaps
-    # reading and writing with this instead.
+    cast = out.dtype != torch.float32  # the cast values need their own sum
+    # One thread per range: the chunks are small, in-cache operations, where intra-op threads
+    # cost more than they give (and collapse when other processes share the cores).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         if method.name == "linear":
-            _linear(flat_models, model_params, params, flat_out, sums)
+            w = [float(x) for x in torch.tensor([mp.weight for mp in model_params], dtype=torch.float32)]
+            total = float(torch.tensor(w, dtype=torch.float32).sum())
+
+            def run(lo, hi):
+                return _linear(flat_models, w, total, params.normalize, flat_out, lo, hi, cast)
         else:
             variant = method.module
-            consensus_method = params.consensus_method if variant.consensus else None
-            _gta(flat_base, flat_models, model_params, params, flat_out, sums, variant.sparsification,
-                 consensus_method, n)
+            consensus = params.consensus_method if variant.consensus else None
+            rules = [_model_rules(variant.sparsification, n, mp, flat_base, m)
+                     for mp, m in zip(model_params, flat_models)]
+
+            def run(lo, hi):
+                return _gta(flat_base, flat_models, model_params, params, flat_out, rules, consensus,
+                            lo, hi, cast)
+        sums = sum(_split(n, run))
     finally:
         torch.set_num_threads(threads)
-    if not bool(torch.isfinite(sums).all()):
+    if not bool(torch.isfinite(sums[:-1]).all()):
         # a NaN/Inf anywhere makes its sum non-finite; so can a huge sum: look exactly
         for label, t in zip(labels, inputs):
             finite = torch.isfinite(t)
@@ -198,45 +265,52 @@ def merge_into(method: MergeMethod, base: torch.Tensor | None, models: Sequence[
         bad = int((~torch.isfinite(flat_out)).sum())
         if bad:
             raise NonFiniteError(f"{method.name} produced {bad} non-finite value(s)", tensor=name or None)
-    return out
+        return True
+    return bool(torch.isfinite(sums[-1])) if cast else True
 
 
-def _linear(models, model_params, params, out, sums) -> None:
-    w = torch.tensor([mp.weight for mp in model_params], dtype=torch.float32)
-    total = w.sum()
-    weights = [float(x) for x in w]
-    for s, e in _chunks(out.numel()):
+def _finish_chunk(result: torch.Tensor, out: torch.Tensor, s: int, e: int, sums: torch.Tensor,
+                  cast: bool) -> None:
+    """Store a chunk's fp32 result in ``out`` (cast to its dtype); sum what was stored."""
+    sums[-2] += result.sum()
+    out[s:e] = result
+    if cast:
+        sums[-1] += out[s:e].sum(dtype=torch.float32)
+
+
+def _linear(models, weights, total, normalize, out, lo, hi, cast) -> torch.Tensor:
+    sums = torch.zeros(len(models) + 2, dtype=torch.float32)
+    for s, e in _chunks(out.numel(), lo, hi):
         acc = None
         for i, (m, wi) in enumerate(zip(models, weights)):
             x = _f32(m[s:e])
             sums[i] += x.sum()
             x = x.mul_(wi)
             acc = x if acc is None else acc.add_(x)
-        if params.normalize:
+        if normalize:
             acc = acc.div_(total)
-        sums[-1] += acc.sum()
-        out[s:e] = acc
+        _finish_chunk(acc, out, s, e, sums, cast)
+    return sums
 
 
-def _gta(base, models, model_params, params, out, sums, sparsification, consensus, n) -> None:
+def _gta(base, models, model_params, params, out, rules, consensus, lo, hi, cast) -> torch.Tensor:
     weights = [float(x) for x in torch.tensor([mp.weight for mp in model_params], dtype=torch.float32)]
-    rules = [_model_rules(sparsification, n, mp, base, m) for mp, m in zip(model_params, models)]
-    cursors = [[(_TopKCursor(r), neg) for r, neg in rs] if rs is not None else None for rs in rules]
     w_sum = torch.tensor(weights, dtype=torch.float32).sum()
     plain_divisor = 1.0 if abs(float(w_sum)) < 1e-8 else w_sum
     lam = params.lambda_
-    for s, e in _chunks(n):
+    sums = torch.zeros(len(models) + 3, dtype=torch.float32)
+    for c, (s, e) in enumerate(_chunks(out.numel(), lo, hi), start=lo):
         b = _f32(base[s:e])
         sums[0] += b.sum()
         weighted = []
-        for i, (m, wi, cur) in enumerate(zip(models, weights, cursors)):
+        for i, (m, wi, rs) in enumerate(zip(models, weights, rules)):
             x = _f32(m[s:e])
             sums[i + 1] += x.sum()
             d = x.sub_(b)
-            if cur is not None:
+            if rs is not None:
                 mag = d.abs()
-                for cursor, negate in cur:
-                    k = cursor.mask(mag)  # float 0/1, None = keep all
+                for rule, negate in rs:
+                    k = topk_mask(rule, mag, c)  # float 0/1, None = keep all
                     if negate:
                         k = torch.zeros_like(mag) if k is None else k.neg_().add_(1.0)
                     if k is not None:
@@ -270,5 +344,5 @@ def _gta(base, models, model_params, params, out, sums, sparsification, consensu
         if params.normalize:
             mixed = mixed / divisor
         result = b.add_(mixed.mul_(lam)) if lam != 1.0 else b.add_(mixed)
-        sums[-1] += result.sum()
-        out[s:e] = result
+        _finish_chunk(result, out, s, e, sums, cast)
+    return sums

@@ -77,8 +77,8 @@ def test_select_topk_matches_a_full_selection(k):
         assert rule.nothing
         return
     expected = topk_mask(mag, k)
-    cursor = chunked._TopKCursor(rule)
-    got = torch.cat([cursor.mask(mag[s:e]) for s, e in chunked._chunks(mag.numel())])
+    got = torch.cat([chunked.topk_mask(rule, mag[s:e], c)
+                     for c, (s, e) in enumerate(chunked._chunks(mag.numel()))])
     assert int(got.sum()) == k
     assert torch.equal(got, expected)
 
@@ -90,8 +90,8 @@ def test_bracket_miss_falls_back_to_exact_selection(monkeypatch):
     for k in (1, 100, 450, 899):
         rule = select_topk(base.reshape(-1), ft.reshape(-1), k)
         assert isinstance(rule, TopK)
-        cursor = chunked._TopKCursor(rule)
-        assert torch.equal(torch.cat([cursor.mask(mag[s:e]) for s, e in chunked._chunks(mag.numel())]),
+        assert torch.equal(torch.cat([chunked.topk_mask(rule, mag[s:e], c)
+                                      for c, (s, e) in enumerate(chunked._chunks(mag.numel()))]),
                            topk_mask(mag, k))
 
 
@@ -114,3 +114,47 @@ def test_nonfinite_inputs_are_named_and_huge_finite_sums_are_not_errors():
     out = chunked.merge_into(lin, None, big, lin.parse_model_params([{"weight": 1}, {"weight": 1}]),
                           lin.parse_params({}), torch.empty(50, 50))
     torch.testing.assert_close(out, big[0])
+
+
+@pytest.mark.parametrize("method, mps, params", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_two_threads_give_the_one_thread_result_bit_for_bit(method, mps, params, monkeypatch):
+    base, fts = quantized_family(shape=(61, 97))  # 6 chunks of 1000 entries
+    m = get_method(method)
+    p, parsed = m.parse_params(params), m.parse_model_params(mps)
+    use_base = base if m.requires_base else None
+    monkeypatch.setattr(chunked, "workers", lambda: 1)
+    alone = chunked.merge_into(m, use_base, fts, parsed, p, torch.empty(base.shape, dtype=torch.bfloat16))
+    monkeypatch.setattr(chunked, "workers", lambda: 2)
+    monkeypatch.setattr(chunked, "SPLIT_MIN_CHUNKS", 2)
+    calls = []
+    real = chunked._split
+    monkeypatch.setattr(chunked, "_split", lambda n, fn: calls.append(n) or real(n, fn))
+    split = chunked.merge_into(m, use_base, fts, parsed, p, torch.empty(base.shape, dtype=torch.bfloat16))
+    assert calls and torch.equal(split, alone)
+    assert torch.equal(split, m.merge(base, fts, parsed, p).to(torch.bfloat16))
+
+
+def test_an_error_in_the_helper_half_is_raised_after_both_halves_ended(monkeypatch):
+    monkeypatch.setattr(chunked, "workers", lambda: 2)
+    seen = []
+
+    def fn(lo, hi):
+        seen.append((lo, hi))
+        if lo > 0:
+            raise ValueError("helper failed")
+        return lo
+
+    with pytest.raises(ValueError, match="helper failed"):
+        chunked._split(20 * chunked.CHUNK, fn)
+    assert sorted(seen) == [(0, 10), (10, 20)]
+
+
+def test_cast_overflow_is_reported_for_the_exact_check():
+    lin = get_method("linear")
+    mps = lin.parse_model_params([{"weight": 1}, {"weight": 1}])
+    fine = [torch.full((40, 50), 2.0), torch.full((40, 50), 4.0)]
+    out = torch.empty(40, 50, dtype=torch.float16)
+    assert chunked.merge_checked(lin, None, fine, mps, lin.parse_params({}), out) is True
+    big = [torch.full((40, 50), 1e5), torch.full((40, 50), 1e5)]  # finite in fp32, Inf in fp16
+    assert chunked.merge_checked(lin, None, big, mps, lin.parse_params({}), out) is False
+    assert bool(torch.isinf(out).all())
