@@ -181,6 +181,9 @@ class ModelFolder:
         self._infos: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
         self._fds: dict[Path, int] = {}
+        # where read_tensor allocates (an engine.io.buffers.BufferPool set by a streaming job,
+        # which reuses buffers nothing holds any more); None: torch.empty
+        self.buffers = None
         self.index_path: Path | None = None
         try:
             self.config = self._load_config()
@@ -364,7 +367,9 @@ class ModelFolder:
                 raise CheckpointFormatError("file changed since it was opened (size/mtime differ)",
                                             path=info.file)
             fd = self._fds.setdefault(info.file, fd)
-        tensor = torch.empty(info.shape, dtype=info.dtype)
+        buffers = self.buffers
+        tensor = (buffers.empty(info.shape, info.dtype) if buffers is not None
+                  else torch.empty(info.shape, dtype=info.dtype))
         if entry.nbytes == 0:
             return tensor
         view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
