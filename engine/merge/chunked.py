@@ -1,4 +1,4 @@
-"""Chunked CPU kernels for the deterministic task-vector methods and linear.
+"""Chunked CPU kernels for the deterministic task-vector methods, linear and slerp.
 
 ``linear`` and every task-arithmetic variant (engine/merge/gta.py's ``Variant`` declarations)
 whose sparsification is none, magnitude or Breadcrumbs' magnitude_outliers, without ``rescale``,
@@ -9,7 +9,9 @@ tensor through memory; computed over slices of ``CHUNK`` entries the fp32 tempor
 the CPU cache, which is several times faster and never holds an fp32 copy of a whole tensor.
 
 The arithmetic is the methods' own, step for step (``engine.merge.gta.combine``,
-``engine.merge.methods.linear``), so results are the same; tests compare them.
+``engine.merge.methods.linear``), so results are the same; tests compare them. slerp takes two
+passes: the norms and the dot product (float64 sums, as ``engine.merge.methods.slerp`` does
+them), then the weighted sum of the two tensors with the method's own weights.
 
 Trimming (TIES, Breadcrumbs) needs, per model, the k-th largest |delta| of the whole tensor.
 It is found by selection, never a sort: a seeded sample brackets the k-th value, one chunked
@@ -40,6 +42,7 @@ import torch
 
 from engine.errors import NonFiniteError
 from engine.merge.gta import Variant
+from engine.merge.methods import slerp as slerp_method
 from engine.merge.registry import MergeMethod
 from engine.merge.sparsify import kept_count
 
@@ -199,10 +202,13 @@ def _model_rules(sparsification, n: int, mp, base, model) -> list[tuple[TopK, bo
     return [(select_topk(base, model, n - n_bottom), False), (select_topk(base, model, n_top), True)]
 
 
-def supports(method: MergeMethod, params) -> bool:
-    """Whether ``merge_into`` implements this method with these global parameters."""
+def supports(method: MergeMethod, params, n_models: int | None = None) -> bool:
+    """Whether ``merge_into`` implements this method with these global parameters (and this
+    many fine-tuned tensors, when given)."""
     if method.name == "linear":
         return True
+    if method.name == "slerp":
+        return n_models in (None, 1)
     variant = method.module
     return (isinstance(variant, Variant) and variant.sparsification in SPARSIFICATIONS
             and not params.rescale)
@@ -243,6 +249,15 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
 
             def run(lo, hi):
                 return _linear(flat_models, w, total, params.normalize, flat_out, lo, hi, cast)
+        elif method.name == "slerp":
+            (model,) = flat_models
+            reduced = sum(_split(n, lambda lo, hi: _slerp_sums(flat_base, model, lo, hi)))
+            n0, n1, d01 = math.sqrt(reduced[0]), math.sqrt(reduced[1]), float(reduced[2])
+            w0, w1 = (slerp_method.weights(params.t, n0, n1, d01, params.dot_threshold, params.eps)
+                      if bool(torch.isfinite(reduced).all()) else (math.nan, math.nan))
+
+            def run(lo, hi):
+                return _slerp(flat_base, model, w0, w1, flat_out, lo, hi, cast)
         else:
             variant = method.module
             consensus = params.consensus_method if variant.consensus else None
@@ -345,4 +360,25 @@ def _gta(base, models, model_params, params, out, rules, consensus, lo, hi, cast
             mixed = mixed / divisor
         result = b.add_(mixed.mul_(lam)) if lam != 1.0 else b.add_(mixed)
         _finish_chunk(result, out, s, e, sums, cast)
+    return sums
+
+
+def _slerp_sums(base, model, lo, hi) -> torch.Tensor:
+    """float64 [sum b*b, sum m*m, sum b*m] over chunks lo..hi-1 (NaN/Inf propagate)."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for s, e in _chunks(base.numel(), lo, hi):
+        x, y = base[s:e].double(), model[s:e].double()
+        sums[0] += torch.dot(x, x)
+        sums[1] += torch.dot(y, y)
+        sums[2] += torch.dot(x, y)
+    return sums
+
+
+def _slerp(base, model, w0, w1, out, lo, hi, cast) -> torch.Tensor:
+    sums = torch.zeros(4, dtype=torch.float32)
+    for s, e in _chunks(out.numel(), lo, hi):
+        x, y = _f32(base[s:e]), _f32(model[s:e])
+        sums[0] += x.sum()
+        sums[1] += y.sum()
+        _finish_chunk(x.mul_(w0).add_(y.mul_(w1)), out, s, e, sums, cast)
     return sums

@@ -96,9 +96,12 @@ def test_bracket_miss_falls_back_to_exact_selection(monkeypatch):
 
 
 def test_unsupported_settings_are_declined():
-    for name, params in (("dare_ties", {}), ("ties", {"rescale": True}), ("slerp", {"t": 0.5})):
+    for name, params in (("dare_ties", {}), ("ties", {"rescale": True}), ("model_stock", {})):
         m = get_method(name)
         assert not chunked.supports(m, m.parse_params(params))
+    slerp = get_method("slerp")  # one model besides the base, or the method refuses it
+    assert chunked.supports(slerp, slerp.parse_params({"t": 0.5}), 1)
+    assert not chunked.supports(slerp, slerp.parse_params({"t": 0.5}), 2)
 
 
 def test_nonfinite_inputs_are_named_and_huge_finite_sums_are_not_errors():
@@ -158,3 +161,38 @@ def test_cast_overflow_is_reported_for_the_exact_check():
     big = [torch.full((40, 50), 1e5), torch.full((40, 50), 1e5)]  # finite in fp32, Inf in fp16
     assert chunked.merge_checked(lin, None, big, mps, lin.parse_params({}), out) is False
     assert bool(torch.isinf(out).all())
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("colinear", [False, True])
+def test_chunked_slerp_equals_the_method_and_a_float64_reference(t, colinear, monkeypatch):
+    import math
+
+    monkeypatch.setattr(chunked, "SPLIT_MIN_CHUNKS", 2)
+    monkeypatch.setattr(chunked, "workers", lambda: 2)
+    base, (ft, *_) = quantized_family(shape=(61, 97))
+    if colinear:  # |cos| above the threshold: the lerp weights
+        ft = (base.float() * 1.5).to(torch.bfloat16)
+    m = get_method("slerp")
+    p = m.parse_params({"t": t})
+    mps = m.parse_model_params([{}])
+    out = torch.empty(base.shape, dtype=torch.float32)
+    chunked.merge_into(m, base, [ft], mps, p, out)
+    torch.testing.assert_close(out, m.merge(base, [ft], mps, p), rtol=1e-6, atol=1e-9)
+    a, b = base.double().flatten(), ft.double().flatten()
+    dot = float(a @ b / (a.norm() * b.norm()))
+    if abs(dot) > 0.9995:
+        expected = (1 - t) * base.double() + t * ft.double()
+    else:
+        theta = math.acos(dot)
+        expected = (math.sin((1 - t) * theta) * base.double() + math.sin(t * theta) * ft.double()) / math.sin(theta)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_slerp_names_a_nonfinite_input():
+    base, (ft, *_) = quantized_family(dtype=torch.float32)
+    ft[2, 2] = float("inf")
+    m = get_method("slerp")
+    with pytest.raises(NonFiniteError, match="model-a"):
+        chunked.merge_into(m, base, [ft], m.parse_model_params([{}]), m.parse_params({"t": 0.4}),
+                           torch.empty(base.shape), labels=["base", "model-a"], name="w")

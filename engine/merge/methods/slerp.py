@@ -5,6 +5,9 @@ to unit length (a tensor with norm <= eps is left unnormalised), the sin weights
 to the original, unnormalised tensors, and when |cos| > 0.9995 the two are nearly colinear,
 so plain linear interpolation is used instead. `t` may vary by layer and by filter; the
 recipe layer resolves it per tensor (engine.merge.params.resolve) before calling here.
+
+Ours: the norms and the dot product are accumulated in float64 (``norms_and_dot``); mergekit
+uses float32. The interpolation itself is float32, as mergekit's.
 """
 
 from __future__ import annotations
@@ -37,18 +40,40 @@ def validate(params: Params, model_params: Sequence[ModelParams]) -> None:
     return None
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
-    n0, n1 = v0.norm(), v1.norm()
-    u0 = v0 / n0 if n0 > eps else v0
-    u1 = v1 / n1 if n1 > eps else v1
-    dot = float((u0 * u1).sum())
+REDUCE_CHUNK = 1 << 20  # entries per step of the float64 reductions
+
+
+def norms_and_dot(v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float, float]:
+    """(|v0|, |v1|, v0 . v1) over the flattened tensors, accumulated in float64 a slice at a
+    time (no float64 copy of a whole tensor). Ours: mergekit reduces in float32; float64 makes
+    the angle independent of how a kernel splits the tensor (the chunked CPU kernel and this
+    whole-tensor path agree to ~1e-15)."""
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    s00 = s11 = s01 = 0.0
+    for start in range(0, a.numel(), REDUCE_CHUNK):
+        x, y = a[start:start + REDUCE_CHUNK].double(), b[start:start + REDUCE_CHUNK].double()
+        s00 += float(torch.dot(x, x))
+        s11 += float(torch.dot(y, y))
+        s01 += float(torch.dot(x, y))
+    return math.sqrt(s00), math.sqrt(s11), s01
+
+
+def weights(t: float, n0: float, n1: float, d01: float, dot_threshold: float = 0.9995,
+            eps: float = 1e-8) -> tuple[float, float]:
+    """(w0, w1) with slerp(v0, v1) = w0 * v0 + w1 * v1, from the norms and the dot product: the
+    cosine of the tensors normalised to unit length (a norm <= eps is not normalised); nearly
+    colinear (|cos| > dot_threshold) gives the lerp weights."""
+    dot = d01 / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
     theta = math.acos(max(-1.0, min(1.0, dot)))
     sin_theta = math.sin(theta)
     if abs(dot) > dot_threshold or sin_theta < 1e-12:
-        return (1 - t) * v0 + t * v1
-    s0 = math.sin((1 - t) * theta) / sin_theta
-    s1 = math.sin(t * theta) / sin_theta
-    return s0 * v0 + s1 * v1
+        return 1 - t, t
+    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+    w0, w1 = weights(t, *norms_and_dot(v0, v1), dot_threshold, eps)
+    return w0 * v0 + w1 * v1
 
 
 def merge_tensor(
