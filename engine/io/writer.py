@@ -90,6 +90,19 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
+def _write_unsynced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as handle:
+        handle.write(data)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _split(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int) -> list[list]:
     """Consecutive groups of entries, a new group once the next would exceed ``max_bytes``."""
     groups: list[list] = [[]]
@@ -345,25 +358,34 @@ class ModelWriter:
             finals[final] = (shard, result)
             files[final] = {"sha256": result.sha256, "size": result.size}
             weight_map.update({n: final for n in shard.names})
+        # The small files are all written first, then fsynced: the first fsync commits the
+        # journal for all of them, so the others find nothing left to do.
+        small: dict[str, bytes] = {}
         if count > 1:
             total = sum(nbytes for _, _, nbytes in self._tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            _write_bytes(staging / INDEX_NAME, json.dumps(index, indent=2).encode())
+            small[INDEX_NAME] = json.dumps(index, indent=2).encode()
         if self.config is not None:
-            _write_bytes(staging / self.config_name, json.dumps(self.config, indent=2, sort_keys=True).encode())
+            small[self.config_name] = json.dumps(self.config, indent=2, sort_keys=True).encode()
         for name, source in self.extra_files.items():
-            _write_bytes(staging / name, self._extra_bytes(name, source))
+            small[name] = self._extra_bytes(name, source)
+        for name, data in small.items():
+            _write_unsynced(staging / name, data)
         if self.late_files is not None:
             for name, data in self.late_files(staging).items():
                 self._check_extra_name(name)
-                if name in self.extra_files or not isinstance(data, (bytes, bytearray)):
+                if name in small or not isinstance(data, (bytes, bytearray)):
                     raise ExportError(f"late file {name!r} must be new and given as bytes",
                                       path=self.dest)
-                _write_bytes(staging / name, bytes(data))
-
-        for path in sorted(staging.iterdir()):  # the small files: read once for their sha256
-            if path.name != LOCK_NAME and path.name not in files:
-                files[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+                small[name] = bytes(data)
+                _write_unsynced(staging / name, small[name])
+        with self.times.stage("fsync"):
+            for name in small:
+                _fsync_path(staging / name)
+        with self.times.stage("hash"):
+            for path in sorted(staging.iterdir()):  # the small files: read once for their sha256
+                if path.name != LOCK_NAME and path.name not in files:
+                    files[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
         manifest = {
             "manifest_version": 1,
             "engine_version": engine.__version__,

@@ -19,9 +19,14 @@ pass counts the entries above the bracket and collects the few inside it, and ``
 those gives the exact threshold (a full ``kthvalue`` is the fallback should the bracket miss).
 Entries equal to the threshold are kept lowest flat index first, as ``sparsify.topk_mask`` does.
 
-Inputs are checked for NaN/Inf on the fly (a sum per chunk); the output too, after its cast
-to the output dtype (a sum of each cast chunk while it is in cache, so the caller need not scan
-the whole output again).
+NaN/Inf are found by one sum per chunk of the values stored in the output (after the cast, while
+the chunk is in cache, so the caller need not scan the output again). That sum also covers the
+inputs: every kernel multiplies and adds the inputs' values themselves (masks and signs only
+scale them, by 0 or 1 included, and NaN * 0 is NaN), so a NaN/Inf in any input leaves a NaN/Inf
+in the result at that place. Only when the sum is not finite is anything looked at exactly:
+the inputs (the error names the one holding a NaN/Inf), then the float32 result (recomputed for
+a lower-precision output, to tell a float32 overflow, an error, from an overflow of the cast,
+which the caller's ``overflow`` policy handles).
 
 Large tensors are split into contiguous ranges of chunks computed by two threads at once (the
 caller's and one helper; torch releases the GIL inside each operation): every chunk is computed
@@ -237,7 +242,7 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
     inputs = ([flat_base] if flat_base is not None else []) + flat_models
     labels = list(labels) if labels is not None else (
         (["base"] if base is not None else []) + [f"input {i}" for i in range(len(models))])
-    cast = out.dtype != torch.float32  # the cast values need their own sum
+    cast = out.dtype != torch.float32
     # One thread per range: the chunks are small, in-cache operations, where intra-op threads
     # cost more than they give (and collapse when other processes share the cores).
     threads = torch.get_num_threads()
@@ -247,8 +252,8 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
             w = [float(x) for x in torch.tensor([mp.weight for mp in model_params], dtype=torch.float32)]
             total = float(torch.tensor(w, dtype=torch.float32).sum())
 
-            def run(lo, hi):
-                return _linear(flat_models, w, total, params.normalize, flat_out, lo, hi, cast)
+            def run(target, lo, hi):
+                return _linear(flat_models, w, total, params.normalize, target, lo, hi)
         elif method.name == "slerp":
             (model,) = flat_models
             reduced = sum(_split(n, lambda lo, hi: _slerp_sums(flat_base, model, lo, hi)))
@@ -256,72 +261,67 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
             w0, w1 = (slerp_method.weights(params.t, n0, n1, d01, params.dot_threshold, params.eps)
                       if bool(torch.isfinite(reduced).all()) else (math.nan, math.nan))
 
-            def run(lo, hi):
-                return _slerp(flat_base, model, w0, w1, flat_out, lo, hi, cast)
+            def run(target, lo, hi):
+                return _slerp(flat_base, model, w0, w1, target, lo, hi)
         else:
             variant = method.module
             consensus = params.consensus_method if variant.consensus else None
             rules = [_model_rules(variant.sparsification, n, mp, flat_base, m)
                      for mp, m in zip(model_params, flat_models)]
 
-            def run(lo, hi):
-                return _gta(flat_base, flat_models, model_params, params, flat_out, rules, consensus,
-                            lo, hi, cast)
-        sums = sum(_split(n, run))
-    finally:
-        torch.set_num_threads(threads)
-    if not bool(torch.isfinite(sums[:-1]).all()):
-        # a NaN/Inf anywhere makes its sum non-finite; so can a huge sum: look exactly
+            def run(target, lo, hi):
+                return _gta(flat_base, flat_models, model_params, params, target, rules, consensus, lo, hi)
+        stored = sum(_split(n, lambda lo, hi: run(flat_out, lo, hi)))
+        if bool(torch.isfinite(stored)):
+            return True
+        # a NaN/Inf somewhere, or only a huge sum: look exactly
         for label, t in zip(labels, inputs):
             finite = torch.isfinite(t)
             if not bool(finite.all()):
                 raise NonFiniteError(f"{int((~finite).sum())} NaN/Inf value(s) in an input; merge refused",
                                      path=label, tensor=name or None)
-        bad = int((~torch.isfinite(flat_out)).sum())
+        result = flat_out
+        if cast:  # the float32 values, before the cast
+            result = torch.empty(n, dtype=torch.float32)
+            run(result, 0, -(-n // CHUNK))
+        bad = int((~torch.isfinite(result)).sum())
         if bad:
             raise NonFiniteError(f"{method.name} produced {bad} non-finite value(s)", tensor=name or None)
-        return True
-    return bool(torch.isfinite(sums[-1])) if cast else True
+        return not cast  # float32: all finite; a cast: the caller looks at its values
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _finish_chunk(result: torch.Tensor, out: torch.Tensor, s: int, e: int, sums: torch.Tensor,
-                  cast: bool) -> None:
-    """Store a chunk's fp32 result in ``out`` (cast to its dtype); sum what was stored."""
-    sums[-2] += result.sum()
+def _store(result: torch.Tensor, out: torch.Tensor, s: int, e: int, acc: torch.Tensor) -> None:
+    """Store a chunk's float32 result in ``out`` (cast to its dtype); add up what was stored."""
     out[s:e] = result
-    if cast:
-        sums[-1] += out[s:e].sum(dtype=torch.float32)
+    acc += result.sum() if out.dtype == torch.float32 else out[s:e].sum(dtype=torch.float32)
 
 
-def _linear(models, weights, total, normalize, out, lo, hi, cast) -> torch.Tensor:
-    sums = torch.zeros(len(models) + 2, dtype=torch.float32)
+def _linear(models, weights, total, normalize, out, lo, hi) -> torch.Tensor:
+    acc = torch.zeros((), dtype=torch.float32)
     for s, e in _chunks(out.numel(), lo, hi):
-        acc = None
-        for i, (m, wi) in enumerate(zip(models, weights)):
-            x = _f32(m[s:e])
-            sums[i] += x.sum()
-            x = x.mul_(wi)
-            acc = x if acc is None else acc.add_(x)
+        mixed = None
+        for m, wi in zip(models, weights):
+            x = _f32(m[s:e]).mul_(wi)
+            mixed = x if mixed is None else mixed.add_(x)
         if normalize:
-            acc = acc.div_(total)
-        _finish_chunk(acc, out, s, e, sums, cast)
-    return sums
+            mixed = mixed.div_(total)
+        _store(mixed, out, s, e, acc)
+    return acc
 
 
-def _gta(base, models, model_params, params, out, rules, consensus, lo, hi, cast) -> torch.Tensor:
+def _gta(base, models, model_params, params, out, rules, consensus, lo, hi) -> torch.Tensor:
     weights = [float(x) for x in torch.tensor([mp.weight for mp in model_params], dtype=torch.float32)]
     w_sum = torch.tensor(weights, dtype=torch.float32).sum()
     plain_divisor = 1.0 if abs(float(w_sum)) < 1e-8 else w_sum
     lam = params.lambda_
-    sums = torch.zeros(len(models) + 3, dtype=torch.float32)
+    acc = torch.zeros((), dtype=torch.float32)
     for c, (s, e) in enumerate(_chunks(out.numel(), lo, hi), start=lo):
         b = _f32(base[s:e])
-        sums[0] += b.sum()
         weighted = []
-        for i, (m, wi, rs) in enumerate(zip(models, weights, rules)):
-            x = _f32(m[s:e])
-            sums[i + 1] += x.sum()
-            d = x.sub_(b)
+        for m, wi, rs in zip(models, weights, rules):
+            d = _f32(m[s:e]).sub_(b)
             if rs is not None:
                 mag = d.abs()
                 for rule, negate in rs:
@@ -359,8 +359,8 @@ def _gta(base, models, model_params, params, out, rules, consensus, lo, hi, cast
         if params.normalize:
             mixed = mixed / divisor
         result = b.add_(mixed.mul_(lam)) if lam != 1.0 else b.add_(mixed)
-        _finish_chunk(result, out, s, e, sums, cast)
-    return sums
+        _store(result, out, s, e, acc)
+    return acc
 
 
 def _slerp_sums(base, model, lo, hi) -> torch.Tensor:
@@ -374,11 +374,8 @@ def _slerp_sums(base, model, lo, hi) -> torch.Tensor:
     return sums
 
 
-def _slerp(base, model, w0, w1, out, lo, hi, cast) -> torch.Tensor:
-    sums = torch.zeros(4, dtype=torch.float32)
+def _slerp(base, model, w0, w1, out, lo, hi) -> torch.Tensor:
+    acc = torch.zeros((), dtype=torch.float32)
     for s, e in _chunks(out.numel(), lo, hi):
-        x, y = _f32(base[s:e]), _f32(model[s:e])
-        sums[0] += x.sum()
-        sums[1] += y.sum()
-        _finish_chunk(x.mul_(w0).add_(y.mul_(w1)), out, s, e, sums, cast)
-    return sums
+        _store(_f32(base[s:e]).mul_(w0).add_(_f32(model[s:e]).mul_(w1)), out, s, e, acc)
+    return acc
