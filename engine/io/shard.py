@@ -12,7 +12,9 @@ buffered. Each tensor is checked and hashed while its bytes are still in memory:
   position is read once more when the hash reaches it (rare: a merge writes in file order).
 
 So the file is read back once, piece by piece, while it is written, never in a second pass
-after the last tensor. Once a tensor is checked, the kernel is asked to start writing its
+after the last tensor. Given a ``checker`` thread, the reading back, comparing and hashing run
+there, in write order, while the caller writes the next tensor (each tensor is held until it
+is checked; at most ``MAX_CHECKS_PENDING`` wait). Once a tensor is checked, the kernel is asked to start writing its
 pages to the disk (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, Linux; a hint that does not
 wait), so the disk works while the merge goes on and the final fsync, which ``finish`` does
 before returning the file's sha256, size and mtime, finds little left to write.
@@ -34,6 +36,8 @@ import math
 import os
 import struct
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +57,7 @@ _SAFETENSORS_RANK = {name: rank for rank, name in enumerate(
 
 
 WRITEBACK_MIN = 1 << 20  # smaller tensors are left to the final fsync
+MAX_CHECKS_PENDING = 4  # tensors written but not yet checked, with a checker thread
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -121,8 +126,11 @@ class ShardFile:
 
     def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], *,
                  order: str = "plan", times: StageTimes | None = None, dest: Path | None = None,
-                 verify: bool = True):
+                 verify: bool = True, checker: ThreadPoolExecutor | None = None):
         self.path = Path(path)
+        self._checker = checker  # the thread that reads back, compares and hashes (None: here)
+        self._jobs: deque = deque()
+        self._written: set[int] = set()
         self.verify = verify  # False: no read-back; the sha256 is fed from the bytes given
         self._dest = dest if dest is not None else self.path  # named in errors
         self.times = times if times is not None else StageTimes()
@@ -160,24 +168,44 @@ class ShardFile:
         return self._entries[name]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one planned tensor (its dtype and shape as planned), read it back, compare."""
+        """Write one planned tensor (its dtype and shape as planned); it is then read back,
+        compared and hashed, here or, given a ``checker`` thread, there while the caller goes
+        on (the tensor is held until then; an error is raised by a later call)."""
         i = self._index[name]
-        if self._done[i]:
+        if i in self._written:
             raise ExportError("tensor added twice", path=self._dest, tensor=name)
+        self._raise_failed()
+        self._written.add(i)
         begin, end, _ = self._spans[i]
-        nbytes = end - begin
-        if nbytes:
+        data = raw = None
+        if end > begin:
             data = tensor.detach().to("cpu").contiguous()
             raw = memoryview(data.reshape(-1).view(torch.uint8).numpy())
             with self.times.stage("write"):
                 _pwrite_all(self.fd, raw, self.data_start + begin)
+        if self._checker is None:
+            self._check(i, raw)
+            return
+        while len(self._jobs) >= MAX_CHECKS_PENDING or (self._jobs and self._jobs[0].done()):
+            self._jobs.popleft().result()  # bounded: the tensors waiting are held in memory
+        self._jobs.append(self._checker.submit(self._check, i, raw))
+
+    def _raise_failed(self) -> None:
+        while self._jobs and self._jobs[0].done():
+            self._jobs.popleft().result()
+
+    def _check(self, i: int, raw) -> None:
+        """Read span i back, compare, hash what the hash has reached; start its writeback.
+        Runs on one thread at a time, in the order the tensors were written."""
+        begin, end, name = self._spans[i]
+        if raw is not None:
             if self.verify:
                 self._read_back(name, begin, end, raw, hash_too=(i == self._next))
             elif i == self._next:
                 with self.times.stage("hash"):
                     self._sha.update(raw)
             with self.times.stage("write"):
-                start_writeback(self.fd, self.data_start + begin, nbytes)
+                start_writeback(self.fd, self.data_start + begin, end - begin)
         self._done[i] = True
         if i == self._next:
             self._next += 1
@@ -210,11 +238,17 @@ class ShardFile:
             self._next += 1
 
     def missing(self) -> list[str]:
-        return [name for name in self.names if not self._done[self._index[name]]]
+        return [name for name in self.names if self._index[name] not in self._written]
+
+    def _wait_checks(self) -> None:
+        while self._jobs:
+            self._jobs.popleft().result()
 
     def finish(self) -> ShardResult:
-        """fsync and close; the sha256 of every byte, the size and mtime it has now."""
-        if self.missing():  # the writer names them first; a safety net
+        """Wait for the checks, fsync and close; the sha256 of every byte, the size and mtime
+        it has now."""
+        self._wait_checks()
+        if self.missing() or not all(self._done):  # the writer names them first; a safety net
             raise ExportError("shard finished with tensors missing", path=self._dest,
                               tensor=self.missing()[0])
         with self.times.stage("fsync"):
@@ -227,6 +261,11 @@ class ShardFile:
         return ShardResult(self.path, self._sha.hexdigest(), st.st_size, st.st_mtime_ns)
 
     def close(self) -> None:
+        """Close the file once no check is running on it (pending ones are cancelled)."""
+        jobs, self._jobs = self._jobs, deque()
+        for job in jobs:
+            if not job.cancel():
+                job.exception()
         fd, self.fd = self.fd, None
         if fd is not None:
             try:

@@ -9,8 +9,9 @@ Usage::
             writer.add_tensor(name, tensor)
 
 One writing path: every shard is an ``engine.io.shard.ShardFile`` (header laid out first,
-each tensor written in place, read back and compared, hashed in file order while it is
-written). What differs is only when a shard's layout is known:
+each tensor written in place, then read back, compared and hashed in file order on the
+writer's checker thread while the next tensor is written). What differs is only when a
+shard's layout is known:
 
 - given ``plan=[(name, dtype, shape), ...]`` (every tensor, known up front, as a merge knows
   its output layout), every shard is laid out when the writer opens and each tensor goes
@@ -42,6 +43,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -160,6 +162,7 @@ class ModelWriter:
         self._tensors: dict[str, tuple[str, tuple[int, ...], int]] = {}  # dtype name, shape, nbytes
         self._plan = [(n, d, tuple(int(x) for x in shape)) for n, d, shape in plan] if plan is not None else None
         self._where: dict[str, ShardFile] = {}  # planned tensor -> its shard
+        self._checker: ThreadPoolExecutor | None = None  # reads back, compares, hashes
         self._state = "new"
         self._check_arguments()
 
@@ -181,6 +184,7 @@ class ModelWriter:
             raise ExportError("writer already opened", path=self.dest)
         check_destination(self.dest, self.input_folders)
         self._guard("creating the staging folder", self._make_staging)
+        self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-check")
         if self._plan is not None:
             self._guard("laying out the shards", self._layout_plan)
         self._state = "open"
@@ -208,13 +212,20 @@ class ModelWriter:
             raise ExportError(f"cannot finalize: writer is {self._state}", path=self.dest)
         with self.times.stage("finalize"):
             self._guard("finalizing", self._finalize)
+        self._stop_checker()
         self._state = "done"
         return self.dest
+
+    def _stop_checker(self) -> None:
+        checker, self._checker = self._checker, None
+        if checker is not None:
+            checker.shutdown(wait=True, cancel_futures=True)
 
     def abort(self) -> None:
         """Remove the staging folder (and parents this writer created). Safe to call twice."""
         for shard in self._shards:
-            shard.close()
+            shard.close()  # waits for a check still running on it
+        self._stop_checker()
         discard_staging(self.staging, self._created_parents)
         self.staging = None
         self._buffer.clear()
@@ -283,7 +294,7 @@ class ModelWriter:
     def _new_shard(self, entries, order: str) -> ShardFile:
         path = self.staging / f"shard-{len(self._shards) + 1:05d}.tmp.safetensors"
         shard = ShardFile(path, entries, order=order, times=self.times, dest=self.dest,
-                          verify=self.verify)
+                          verify=self.verify, checker=self._checker)
         self._shards.append(shard)
         return shard
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -54,12 +55,20 @@ def test_safetensors_order_is_byte_for_byte_save_file(tmp_path):
     assert result.sha256 == hashlib.sha256(ref).hexdigest() and result.size == len(ref)
 
 
+@pytest.fixture
+def checker():
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool
+
+
 @pytest.mark.parametrize("verify", [True, False])
-def test_sha256_in_any_write_order_is_the_files(tmp_path, verify):
+@pytest.mark.parametrize("threaded", [False, True])
+def test_sha256_in_any_write_order_is_the_files(tmp_path, verify, threaded, checker):
     tensors = mixed()
     names = list(tensors)
     random.Random(0).shuffle(names)
-    result = write_shard(tmp_path / "s.safetensors", tensors, "plan", names=names, verify=verify)
+    result = write_shard(tmp_path / "s.safetensors", tensors, "plan", names=names, verify=verify,
+                         checker=checker if threaded else None)
     assert result.sha256 == hashlib.sha256((tmp_path / "s.safetensors").read_bytes()).hexdigest()
 
 
@@ -73,7 +82,9 @@ def test_plan_order_keeps_the_callers_order_within_an_element_size(tmp_path):
     assert [k for _, k in by_offset] == ["q", "z", "a", "m"]
 
 
-def test_bytes_changed_between_write_and_read_back_are_caught_naming_the_tensor(tmp_path, monkeypatch):
+@pytest.mark.parametrize("threaded", [False, True])
+def test_bytes_changed_between_write_and_read_back_are_caught_naming_the_tensor(tmp_path, monkeypatch,
+                                                                                threaded, checker):
     real = shard_module._pwrite_all
 
     def corrupting(fd, data, offset):
@@ -83,7 +94,7 @@ def test_bytes_changed_between_write_and_read_back_are_caught_naming_the_tensor(
 
     monkeypatch.setattr(shard_module, "_pwrite_all", corrupting)
     with pytest.raises(ExportError, match="bytes differ") as info:
-        write_shard(tmp_path / "s.safetensors", mixed(), "plan")
+        write_shard(tmp_path / "s.safetensors", mixed(), "plan", checker=checker if threaded else None)
     assert info.value.tensor == "big"
 
 
