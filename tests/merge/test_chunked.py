@@ -131,7 +131,7 @@ def test_two_threads_give_the_one_thread_result_bit_for_bit(method, mps, params,
     monkeypatch.setattr(chunked, "SPLIT_MIN_CHUNKS", 2)
     calls = []
     real = chunked._split
-    monkeypatch.setattr(chunked, "_split", lambda n, fn: calls.append(n) or real(n, fn))
+    monkeypatch.setattr(chunked, "_split", lambda n, fn, parallel=True: calls.append(parallel) or real(n, fn))
     split = chunked.merge_into(m, use_base, fts, parsed, p, torch.empty(base.shape, dtype=torch.bfloat16))
     assert calls and torch.equal(split, alone)
     assert torch.equal(split, m.merge(base, fts, parsed, p).to(torch.bfloat16))
