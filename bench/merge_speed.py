@@ -259,7 +259,8 @@ def render(results: dict) -> str:
         cells = [f"{r['stages_median'].get(s, 0.0):.2f} ({r['stages_cpu_median'].get(s, 0.0):.2f})"
                  for s in stages]
         stage_lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
-    floor_io = statistics.median(x["io"]["in_process_s"] for x in results["runs"] if x["tool"] == "floor")
+    floor_io = statistics.median(x["io"]["read_s"] + x["io"]["write_s"] + x["io"]["fsync_s"]
+                                 for x in results["runs"] if x["tool"] == "floor")
     loaded = (f"**measured under load** (above {LOAD_LIMIT_PER_CORE} per core; --force-loaded)"
               if cond["loaded"] else "an idle machine")
     return (
@@ -271,12 +272,15 @@ def render(results: dict) -> str:
         "imports torch and safetensors, reads every input tensor's bytes once (plain reads at the "
         "offsets of the safetensors headers, into reused buffers) and writes and fsyncs the output's "
         f"bytes once, in a plain loop on one thread (no arithmetic, no checks; {floor_io:.2f} s of it "
-        "is after Python started, the rest is starting Python, as for both tools).\n\n"
+        "reading, writing and fsyncing, the rest starting Python and importing torch, as both tools "
+        "do).\n\n"
         "Ours reads tensors with `pread` on a reader thread into reused buffers (no memory map), "
-        "merges linear and the task-arithmetic family in cache-sized chunks (bf16 -> fp32 once per "
-        "chunk; trim thresholds by sampled bracketing + `kthvalue`; large tensors on two threads), "
-        "and writes each tensor in place in its shard on a writer thread, which reads it back, "
-        "compares it and feeds the manifest's sha256 while it is in memory (no second pass).\n\n"
+        "merges linear, slerp and the task-arithmetic family in cache-sized chunks (bf16 -> fp32 once "
+        "per chunk; trim thresholds by sampled bracketing + `kthvalue`; the trim and sign-election "
+        "kernels split large tensors over two threads), writes each tensor in place in its shard on "
+        "a writer thread, and a checker thread reads it back, compares it, feeds the manifest's "
+        "sha256 and starts its writeback while it is still in memory (no second pass over the "
+        "output; the final fsync finds little left to write).\n\n"
         f"Reproduce: `python bench/merge_speed.py --mergekit VENV/bin/mergekit-yaml --readme` on an idle "
         f"machine (mergekit in its own venv: `python -m venv VENV && VENV/bin/pip install torch==2.13.0 "
         f"mergekit`); raw numbers of every run: `bench/results/merge_speed.json`.\n\n"
