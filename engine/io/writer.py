@@ -15,9 +15,11 @@ shard's layout is known:
 
 - given ``plan=[(name, dtype, shape), ...]`` (every tensor, known up front, as a merge knows
   its output layout), every shard is laid out when the writer opens and each tensor goes
-  straight to its place as it is added, in any order: memory stays at the tensor being added.
-  A tensor must match its planned dtype and shape; a planned tensor never added is an error
-  at finalize;
+  straight to its place as it is added, in any order: memory stays at the tensors being added
+  and checked. A tensor must match its planned dtype and shape, and is held, not copied,
+  until the checker thread has read it back: the caller hands it over and must not change it
+  in place afterwards (a merge writes each result once). A planned tensor never added is an
+  error at finalize;
 - without a plan, tensors are copied (contiguous, on the CPU, own storage: tied or strided
   views are fine, later edits by the caller do not leak in) into a buffer that becomes a
   shard once the next tensor would exceed ``max_shard_bytes``; such a shard holds its tensors
