@@ -1,4 +1,4 @@
-"""Chunked CPU kernels for the deterministic task-vector methods, linear and slerp.
+"""Chunked CPU kernels for the deterministic task-vector methods, linear, slerp, model_stock.
 
 ``linear`` and every task-arithmetic variant (engine/merge/gta.py's ``Variant`` declarations)
 whose sparsification is none, magnitude or Breadcrumbs' magnitude_outliers, without ``rescale``,
@@ -11,7 +11,8 @@ the CPU cache, which is several times faster and never holds an fp32 copy of a w
 The arithmetic is the methods' own, step for step (``engine.merge.gta.combine``,
 ``engine.merge.methods.linear``), so results are the same; tests compare them. slerp takes two
 passes: the norms and the dot product (float64 sums, as ``engine.merge.methods.slerp`` does
-them), then the weighted sum of the two tensors with the method's own weights.
+them), then the weighted sum of the two tensors with the method's own weights; so does
+model_stock (the deltas' float64 Gram matrix, then t * mean + (1 - t) * base).
 
 Trimming (TIES, Breadcrumbs) needs, per model, the k-th largest |delta| of the whole tensor.
 It is found by selection, never a sort: a seeded sample brackets the k-th value, one chunked
@@ -51,6 +52,7 @@ import torch
 
 from engine.errors import NonFiniteError
 from engine.merge.gta import Variant
+from engine.merge.methods import model_stock as stock_method
 from engine.merge.methods import slerp as slerp_method
 from engine.merge.registry import MergeMethod
 from engine.merge.sparsify import kept_count
@@ -218,6 +220,8 @@ def supports(method: MergeMethod, params, n_models: int | None = None) -> bool:
         return True
     if method.name == "slerp":
         return n_models in (None, 1)
+    if method.name == "model_stock":
+        return not params.filter_wise and n_models is not None and n_models >= 2
     variant = method.module
     return (isinstance(variant, Variant) and variant.sparsification in SPARSIFICATIONS
             and not params.rescale)
@@ -268,6 +272,13 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
 
             def run(target, lo, hi):
                 return _slerp(flat_base, model, w0, w1, target, lo, hi)
+        elif method.name == "model_stock":
+            gram = sum(_split(n, lambda lo, hi: _stock_gram(flat_base, flat_models, lo, hi), parallel=False))
+            t = stock_method.stock_t(gram.unsqueeze(0), len(flat_models)).to(torch.float32).reshape(())
+            one_minus_t = 1 - t
+
+            def run(target, lo, hi):
+                return _stock(flat_base, flat_models, t, one_minus_t, target, lo, hi)
         else:
             variant = method.module
             consensus = params.consensus_method if variant.consensus else None
@@ -384,4 +395,22 @@ def _slerp(base, model, w0, w1, out, lo, hi) -> torch.Tensor:
     acc = torch.zeros((), dtype=torch.float32)
     for s, e in _chunks(out.numel(), lo, hi):
         _store(_f32(base[s:e]).mul_(w0).add_(_f32(model[s:e]).mul_(w1)), out, s, e, acc)
+    return acc
+
+
+def _stock_gram(base, models, lo, hi) -> torch.Tensor:
+    """float64 [N, N]: sums over chunks lo..hi-1 of d_i * d_j (float32 deltas)."""
+    gram = torch.zeros(len(models), len(models), dtype=torch.float64)
+    for s, e in _chunks(base.numel(), lo, hi):
+        b = _f32(base[s:e])
+        d = torch.stack([_f32(m[s:e]).sub_(b) for m in models]).double()
+        gram += d @ d.T
+    return gram
+
+
+def _stock(base, models, t, one_minus_t, out, lo, hi) -> torch.Tensor:
+    acc = torch.zeros((), dtype=torch.float32)
+    for s, e in _chunks(out.numel(), lo, hi):
+        mean = torch.stack([_f32(m[s:e]) for m in models]).mean(dim=0)
+        _store((t * mean).add_(one_minus_t * _f32(base[s:e])), out, s, e, acc)
     return acc

@@ -96,9 +96,12 @@ def test_bracket_miss_falls_back_to_exact_selection(monkeypatch):
 
 
 def test_unsupported_settings_are_declined():
-    for name, params in (("dare_ties", {}), ("ties", {"rescale": True}), ("model_stock", {})):
+    for name, params in (("dare_ties", {}), ("ties", {"rescale": True})):
         m = get_method(name)
         assert not chunked.supports(m, m.parse_params(params))
+    stock = get_method("model_stock")
+    assert chunked.supports(stock, stock.parse_params({}), 2)
+    assert not chunked.supports(stock, stock.parse_params({"filter_wise": True}), 2)
     slerp = get_method("slerp")  # one model besides the base, or the method refuses it
     assert chunked.supports(slerp, slerp.parse_params({"t": 0.5}), 1)
     assert not chunked.supports(slerp, slerp.parse_params({"t": 0.5}), 2)
@@ -196,3 +199,17 @@ def test_chunked_slerp_names_a_nonfinite_input():
     with pytest.raises(NonFiniteError, match="model-a"):
         chunked.merge_into(m, base, [ft], m.parse_model_params([{}]), m.parse_params({"t": 0.4}),
                            torch.empty(base.shape), labels=["base", "model-a"], name="w")
+
+
+@pytest.mark.parametrize("n_models", [2, 3])
+def test_chunked_model_stock_equals_the_method(n_models):
+    base, fts = quantized_family(n_models=n_models, shape=(61, 97))
+    m = get_method("model_stock")
+    p, mps = m.parse_params({}), m.parse_model_params([{}] * n_models)
+    expected = m.merge(base, fts, mps, p)
+    out = torch.empty(base.shape, dtype=torch.float32)
+    chunked.merge_into(m, base, fts, mps, p, out)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-9)
+    out16 = torch.empty(base.shape, dtype=torch.bfloat16)
+    chunked.merge_into(m, base, fts, mps, p, out16)
+    assert (out16.float() - expected.to(torch.bfloat16).float()).abs().max() <= 2 ** -7 * expected.abs().max()
