@@ -1,8 +1,9 @@
 """Chunked CPU kernels for the deterministic task-vector methods, linear, slerp, model_stock.
 
 ``linear`` and every task-arithmetic variant (engine/merge/gta.py's ``Variant`` declarations)
-whose sparsification is none, magnitude or Breadcrumbs' magnitude_outliers, without ``rescale``,
-are elementwise once each model's trim threshold is known; the kernel reads the variant's
+whose sparsification is none, magnitude or Breadcrumbs' magnitude_outliers (without
+``rescale``), or DARE's random drop (with or without it), are elementwise once each model's
+trim threshold or drop stream is known; the kernel reads the variant's
 sparsification and consensus from its declaration, so a new such variant runs here unchanged. Computed over whole
 tensors, every step (bf16 -> fp32, subtract, weight, elect, sum, cast back) streams the full
 tensor through memory; computed over slices of ``CHUNK`` entries the fp32 temporaries stay in
@@ -19,6 +20,13 @@ It is found by selection, never a sort: a seeded sample brackets the k-th value,
 pass counts the entries above the bracket and collects the few inside it, and ``kthvalue`` on
 those gives the exact threshold (a full ``kthvalue`` is the fallback should the bracket miss).
 Entries equal to the threshold are kept lowest flat index first, as ``sparsify.topk_mask`` does.
+
+DARE's drops are the method's own draws: ``torch.rand`` of a CPU generator gives the same
+stream drawn chunk by chunk in order as drawn at once, so each model's generator state where
+its draws begin is all the kernel needs (a shared generator draws model after model: the state
+where the next model begins is found by drawing this one's). The L1 rescale needs the sums of
+|delta| and |kept delta| over the whole tensor: a first pass draws and sums (float64, as
+``sparsify.apply_mask`` sums), the second draws again from the saved states and merges.
 
 NaN/Inf are found by one sum per chunk of the values stored in the output (after the cast, while
 the chunk is in cache, so the caller need not scan the output again). That sum also covers the
@@ -62,8 +70,9 @@ _SAMPLE = 1 << 15
 SPLIT_MIN_CHUNKS = 8  # tensors of fewer chunks are computed by one thread
 _POOL: ThreadPoolExecutor | None = None
 
-# the deterministic sparsifications the kernels implement (random masks stay whole-tensor)
-SPARSIFICATIONS = (None, "magnitude", "magnitude_outliers")
+# the sparsifications the kernels implement (DELLA's rank-based drop stays whole-tensor)
+SPARSIFICATIONS = (None, "magnitude", "magnitude_outliers", "random")
+_RESCALE_EPS = 1e-7  # as engine.merge.sparsify
 
 
 @dataclass(frozen=True)
@@ -224,22 +233,24 @@ def supports(method: MergeMethod, params, n_models: int | None = None) -> bool:
         return not params.filter_wise and n_models is not None and n_models >= 2
     variant = method.module
     return (isinstance(variant, Variant) and variant.sparsification in SPARSIFICATIONS
-            and not params.rescale)
+            and (not params.rescale or variant.sparsification == "random"))
 
 
 def merge_into(method: MergeMethod, base: torch.Tensor | None, models: Sequence[torch.Tensor],
                model_params, params, out: torch.Tensor, *, labels: Sequence[str] | None = None,
-               name: str = "") -> torch.Tensor:
+               name: str = "", generator: torch.Generator | None = None) -> torch.Tensor:
     """Merge one tensor chunk by chunk into ``out`` (any float dtype, the inputs' shape).
 
-    ``labels`` name the inputs in errors (base first when there is one)."""
-    merge_checked(method, base, models, model_params, params, out, labels=labels, name=name)
+    ``labels`` name the inputs in errors (base first when there is one); ``generator`` is the
+    tensor's shared generator of the random methods (``MergeSpec.generator``)."""
+    merge_checked(method, base, models, model_params, params, out, labels=labels, name=name,
+                  generator=generator)
     return out
 
 
 def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequence[torch.Tensor],
                   model_params, params, out: torch.Tensor, *, labels: Sequence[str] | None = None,
-                  name: str = "") -> bool:
+                  name: str = "", generator: torch.Generator | None = None) -> bool:
     """``merge_into``; True when every value written is known finite in ``out``'s dtype (the
     cast checked on the fly), False when the sums cannot tell (a huge finite sum overflows, or
     a cast overflowed): the caller then looks at ``out`` exactly."""
@@ -255,7 +266,7 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
     # cost more than they give (and collapse when other processes share the cores).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    rules, consensus = [], None
+    rules, consensus, drops = [], None, None
     try:
         if method.name == "linear":
             w = [float(x) for x in torch.tensor([mp.weight for mp in model_params], dtype=torch.float32)]
@@ -282,12 +293,21 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
         else:
             variant = method.module
             consensus = params.consensus_method if variant.consensus else None
-            rules = [_model_rules(variant.sparsification, n, mp, flat_base, m)
-                     for mp, m in zip(model_params, flat_models)]
+            if variant.sparsification == "random":
+                drops = _dare_drops(flat_base, flat_models, model_params, params, generator, name)
+            else:
+                drops = None
+                rules = [_model_rules(variant.sparsification, n, mp, flat_base, m)
+                         for mp, m in zip(model_params, flat_models)]
 
             def run(target, lo, hi):
-                return _gta(flat_base, flat_models, model_params, params, target, rules, consensus, lo, hi)
-        heavy = consensus is not None or any(r is not None for r in rules)
+                for drop in drops or ():
+                    if drop is not None:
+                        drop.rewind()  # a pass covers every chunk, in order, on one thread
+                return _gta(flat_base, flat_models, model_params, params, target, rules, consensus, lo, hi,
+                            drops=drops)
+        # DARE's drops come from sequential streams: one thread
+        heavy = (consensus is not None or any(r is not None for r in rules)) and drops is None
         stored = sum(_split(n, lambda lo, hi: run(flat_out, lo, hi), parallel=heavy))
         if bool(torch.isfinite(stored)):
             return True
@@ -328,7 +348,7 @@ def _linear(models, weights, total, normalize, out, lo, hi) -> torch.Tensor:
     return acc
 
 
-def _gta(base, models, model_params, params, out, rules, consensus, lo, hi) -> torch.Tensor:
+def _gta(base, models, model_params, params, out, rules, consensus, lo, hi, drops=None) -> torch.Tensor:
     weights = [float(x) for x in torch.tensor([mp.weight for mp in model_params], dtype=torch.float32)]
     w_sum = torch.tensor(weights, dtype=torch.float32).sum()
     plain_divisor = 1.0 if abs(float(w_sum)) < 1e-8 else w_sum
@@ -337,8 +357,11 @@ def _gta(base, models, model_params, params, out, rules, consensus, lo, hi) -> t
     for c, (s, e) in enumerate(_chunks(out.numel(), lo, hi), start=lo):
         b = _f32(base[s:e])
         weighted = []
-        for m, wi, rs in zip(models, weights, rules):
+        for i, (m, wi) in enumerate(zip(models, weights)):
+            rs = rules[i] if rules else None
             d = _f32(m[s:e]).sub_(b)
+            if drops is not None and drops[i] is not None:
+                d = drops[i].apply(d)
             if rs is not None:
                 mag = d.abs()
                 for rule, negate in rs:
@@ -414,3 +437,57 @@ def _stock(base, models, t, one_minus_t, out, lo, hi) -> torch.Tensor:
         mean = torch.stack([_f32(m[s:e]) for m in models]).mean(dim=0)
         _store((t * mean).add_(one_minus_t * _f32(base[s:e])), out, s, e, acc)
     return acc
+
+
+class _Drop:
+    """One model's DARE drop, replayed chunk by chunk: its generator from the state where its
+    draws begin, its density, its rescale (``apply_mask``'s, the factor known in advance)."""
+
+    def __init__(self, state: torch.Tensor, density: float, rescale: str | None, factor):
+        self.state, self.generator = state, torch.Generator()
+        self.density, self.rescale, self.factor = density, rescale, factor
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Back to where this model's draws begin (before each pass over the tensor)."""
+        self.generator.set_state(self.state)
+
+    def apply(self, d: torch.Tensor) -> torch.Tensor:
+        keep = torch.rand(d.numel(), generator=self.generator) < self.density
+        masked = d.mul_(keep)
+        if self.rescale == "keep_probability":
+            return masked.div_(self.density)
+        if self.rescale == "l1" and self.factor is not None:
+            return masked.mul_(self.factor)
+        return masked
+
+
+def _dare_drops(base, models, model_params, params, shared, name) -> list[_Drop | None]:
+    """Each model's drop as ``gta.merge`` draws it (``common.generator_for``), found by a first
+    pass: it advances a shared generator past each model's draws and, for the L1 rescale, sums
+    |delta| and |kept delta| in float64."""
+    from engine.merge.common import generator_for
+
+    n = base.numel()
+    rescale = params.rescale_norm if params.rescale else None
+    drops: list[_Drop | None] = []
+    for i, (m, mp) in enumerate(zip(models, model_params)):
+        density = getattr(mp, "density", 1.0)
+        if density >= 1:  # the method returns the delta untouched, drawing nothing
+            drops.append(None)
+            continue
+        gen = generator_for(i, getattr(mp, "seed", None), shared, name)
+        state = gen.get_state()
+        factor = None
+        if rescale == "l1" or gen is shared:  # the stream must be drawn (to sum, or to pass it)
+            before = after = 0.0
+            for s, e in _chunks(n):
+                keep = torch.rand(e - s, generator=gen) < density
+                if rescale == "l1":
+                    d = _f32(m[s:e]).sub_(base[s:e].float())
+                    before += float(d.abs().sum(dtype=torch.float64))
+                    after += float(d.mul_(keep).abs_().sum(dtype=torch.float64))
+            if rescale == "l1" and before >= _RESCALE_EPS and after >= _RESCALE_EPS:
+                factor = torch.tensor(before / after, dtype=torch.float64)
+        drops.append(_Drop(state, density, rescale, factor))
+    return drops

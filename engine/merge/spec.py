@@ -316,7 +316,8 @@ class MergeSpec:
                 names = ([labels[0] or "base"] if use_base is not None else []) + list(labels[1])
             with _stage(times, "merge"):
                 checked = chunked.merge_checked(self.method, use_base, models, model_params, params,
-                                                out, labels=names, name=name)
+                                                out, labels=names, name=name,
+                                                generator=self.generator(name))
             if checked:
                 return out  # every value written was checked finite as it was cast
             with _stage(times, "check"):

@@ -96,9 +96,11 @@ def test_bracket_miss_falls_back_to_exact_selection(monkeypatch):
 
 
 def test_unsupported_settings_are_declined():
-    for name, params in (("dare_ties", {}), ("ties", {"rescale": True})):
+    for name, params in (("della", {}), ("della_linear", {}), ("ties", {"rescale": True})):
         m = get_method(name)
         assert not chunked.supports(m, m.parse_params(params))
+    dare = get_method("dare_ties")  # DARE's random drops, rescaled or not
+    assert chunked.supports(dare, dare.parse_params({})) and chunked.supports(dare, dare.parse_params({"rescale": False}))
     stock = get_method("model_stock")
     assert chunked.supports(stock, stock.parse_params({}), 2)
     assert not chunked.supports(stock, stock.parse_params({"filter_wise": True}), 2)
@@ -213,3 +215,45 @@ def test_chunked_model_stock_equals_the_method(n_models):
     out16 = torch.empty(base.shape, dtype=torch.bfloat16)
     chunked.merge_into(m, base, fts, mps, p, out16)
     assert (out16.float() - expected.to(torch.bfloat16).float()).abs().max() <= 2 ** -7 * expected.abs().max()
+
+
+DARE_CASES = [
+    ("dare_linear", [{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.7}, {"weight": 0.3, "density": 1.0}], {}),
+    ("dare_linear", [{"weight": 0.6, "density": 0.5}] * 3, {"rescale": False}),
+    ("dare_ties", [{"weight": 1.0, "density": 0.5}, {"weight": 0.8, "density": 0.3}, {"weight": 0.5, "density": 0.9}], {}),
+    ("dare_ties", [{"weight": 0.6, "density": 0.4}] * 3, {"rescale_norm": "keep_probability"}),
+    ("dare_ties", [{"weight": 0.6, "density": 0.4, "seed": 11}, {"weight": 0.6, "density": 0.4},
+                   {"weight": 0.6, "density": 0.4, "seed": 12}], {"consensus_method": "count"}),
+]
+
+
+@pytest.mark.parametrize("method, mps, params", DARE_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(DARE_CASES)])
+@pytest.mark.parametrize("shared", [True, False])
+def test_chunked_dare_draws_the_methods_masks(method, mps, params, shared):
+    base, fts = quantized_family(shape=(61, 97))
+    m = get_method(method)
+    p, parsed = m.parse_params(params), m.parse_model_params(mps)
+    assert chunked.supports(m, p)
+
+    def generator():
+        return torch.Generator().manual_seed(1234) if shared else None
+
+    expected = m.merge(base, fts, parsed, p, name="w", generator=generator())
+    out = torch.empty(base.shape, dtype=torch.float32)
+    chunked.merge_into(m, base, fts, parsed, p, out, name="w", generator=generator())
+    # the same drops: exactly the same zeros; the values up to the float64 L1 factor's rounding
+    assert torch.equal(out == base.float(), expected == base.float())
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_chunked_dare_rewinds_its_draws_for_the_exact_overflow_look():
+    lin = get_method("dare_linear")
+    mps = lin.parse_model_params([{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}])
+    base = torch.zeros(40, 50)
+    big = [torch.full((40, 50), 4e4), torch.full((40, 50), 4e4)]  # finite in fp32, Inf in fp16 where kept
+    out = torch.empty(40, 50, dtype=torch.float16)
+    checked = chunked.merge_checked(lin, base, big, mps, lin.parse_params({"rescale": False}), out, name="w",
+                                    generator=torch.Generator().manual_seed(3))
+    expected = lin.merge(base, big, mps, lin.parse_params({"rescale": False}), name="w",
+                         generator=torch.Generator().manual_seed(3))
+    assert checked is False and torch.equal(out, expected.to(torch.float16))
