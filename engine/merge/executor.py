@@ -1,9 +1,9 @@
 """Run a merge recipe tensor by tensor: read, merge in fp32 (fp64 for fp64 tensors; on CUDA
 when present), cast, check the cast values, write. Integer and bool tensors are copied.
 
-Memory stays at about one tensor per input model plus the writer's shard buffer: inputs are
-opened lazily (``ModelFolder``) and only the tensor being merged, and the next one (read by a
-prefetch thread while the current one is computed), are in RAM.
+Memory stays at a few tensors per input model: inputs are opened lazily (``ModelFolder``) and
+only the tensor being merged, the few read ahead by a prefetch thread (at most ``READ_AHEAD``,
+``READ_AHEAD_BYTES``) and the few merged ones waiting to be written and checked are in RAM.
 
 Everything that can be checked before work starts is checked first: the recipe, every model
 folder, the compatibility report (all mismatches at once), and the parameters resolved for
@@ -340,12 +340,12 @@ def run_merge(
 
     manifest = {"kind": "merge", "recipe": recipe.model_dump(mode="json", exclude_none=True),
                 "inputs": [str(f) for f in inputs_folders], "warnings": plan.warnings}
-    # Three stages overlap: a thread reads the next tensors (pread, no memory map, into
-    # reused buffers), the caller's thread merges one (large ones on two threads, see
-    # engine.merge.chunked), a thread writes the ones merged before in place in their shard,
-    # reading each back and hashing it as it goes (the writer knows the whole layout up front,
-    # so nothing is buffered). Queues are short (READ_AHEAD, WRITE_BEHIND), so memory stays
-    # at a few tensors.
+    # Four stages overlap: a thread reads the next tensors (pread, no memory map, into
+    # reused buffers), the caller's thread merges one (the heavy kernels' large tensors on two
+    # threads, see engine.merge.chunked), a thread writes the ones merged before in place in
+    # their shard (the writer knows the whole layout up front, so nothing is buffered), and the
+    # writer's checker thread reads each back, compares it and hashes it. Queues are short
+    # (READ_AHEAD, WRITE_BEHIND, the checker's), so memory stays at a few tensors.
     folders = [f for f in {id(f): f for f in [*plan.opened, plan.layout, *plan.models,
                                               *([plan.base] if plan.base else [])]}.values()
                if isinstance(f, ModelFolder)]
