@@ -14,10 +14,11 @@ buffered. Each tensor is checked and hashed while its bytes are still in memory:
 So the file is read back once, piece by piece, while it is written, never in a second pass
 after the last tensor. Given a ``checker`` thread, the reading back, comparing and hashing run
 there, in write order, while the caller writes the next tensor (each tensor is held until it
-is checked; at most ``MAX_CHECKS_PENDING`` wait). Once a tensor is checked, the kernel is asked to start writing its
-pages to the disk (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, Linux; a hint that does not
-wait), so the disk works while the merge goes on and the final fsync, which ``finish`` does
-before returning the file's sha256, size and mtime, finds little left to write.
+is checked; at most ``MAX_CHECKS_PENDING`` wait). Once a tensor is checked, the kernel is
+asked to start writing its pages to the disk (``sync_file_range(SYNC_FILE_RANGE_WRITE)``,
+Linux; a hint that does not wait), so the disk works while the merge goes on and the final
+fsync, which ``finish`` does before returning the file's sha256, size and mtime, finds little
+left to write.
 
 Two orders of the tensors in the file: ``"plan"`` keeps the caller's order within each element
 size (larger elements first, so every tensor's data stays aligned: a merge writes in its
@@ -54,8 +55,6 @@ PIECE = 2 << 20  # read-back piece: fits the CPU cache, so compare and hash read
 _SAFETENSORS_RANK = {name: rank for rank, name in enumerate(
     ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
      "C64", "F64", "I64", "U64"])}
-
-
 WRITEBACK_MIN = 1 << 20  # smaller tensors are left to the final fsync
 MAX_CHECKS_PENDING = 4  # tensors written but not yet checked, with a checker thread
 _SYNC_FILE_RANGE_WRITE = 2
