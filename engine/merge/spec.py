@@ -310,6 +310,7 @@ class MergeSpec:
                 and all(t.is_floating_point() and t.dtype != torch.float64  # the kernels are fp32 only
                         for t in [*models, *([use_base] if use_base is not None else [])])
                 and all(tuple(t.shape) == tuple(out.shape) for t in models)
+                and (use_base is not None or not self.method.requires_base)  # else the method's error
                 and (use_base is None or tuple(use_base.shape) == tuple(out.shape))):
             names = None
             if labels is not None:

@@ -257,3 +257,15 @@ def test_chunked_dare_rewinds_its_draws_for_the_exact_overflow_look():
     expected = lin.merge(base, big, mps, lin.parse_params({"rescale": False}), name="w",
                          generator=torch.Generator().manual_seed(3))
     assert checked is False and torch.equal(out, expected.to(torch.float16))
+
+
+@pytest.mark.parametrize("method, mps, params", [("slerp", [{}], {"t": 0.5}),
+                                                 ("ties", [{"weight": 1.0, "density": 0.5}], {}),
+                                                 ("model_stock", [{}, {}], {})])
+def test_a_method_needing_a_base_gets_its_own_error_without_one(method, mps, params):
+    from engine.errors import ParameterError
+    from engine.merge.executor import merge_state_dicts
+
+    fts = [{"w": torch.randn(40, 50, generator=torch.Generator().manual_seed(i))} for i in range(len(mps))]
+    with pytest.raises(ParameterError, match="needs a base"):
+        merge_state_dicts(method, None, fts, mps, params)
