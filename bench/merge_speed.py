@@ -251,8 +251,8 @@ def render(results: dict) -> str:
                  f"{floor['wall_s_median']:.2f} | {', '.join(f'{w:.2f}' for w in floor['wall_s_all'])} | "
                  f"{floor['cpu_s_median']:.1f} | {floor['peak_rss_mib_max']:.0f} |  |  | 1.00x |")
     ours_rows = [r for r in rows if r["tool"] == "ours"]
-    stages = [s for s in ("read", "convert", "merge", "check", "write", "verify", "hash", "fsync",
-                          "finalize", "wait_read", "wait_write")
+    stages = [s for s in ("plan", "read", "convert", "merge", "check", "write", "verify", "hash",
+                          "fsync", "finalize", "wait_read", "wait_write")
               if any(s in r["stages_median"] for r in ours_rows)]
     stage_lines = ["| method | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
     for r in ours_rows:
@@ -278,9 +278,8 @@ def render(results: dict) -> str:
         "merges linear, slerp and the task-arithmetic family in cache-sized chunks (bf16 -> fp32 once "
         "per chunk; trim thresholds by sampled bracketing + `kthvalue`; the trim and sign-election "
         "kernels split large tensors over two threads), writes each tensor in place in its shard on "
-        "a writer thread, and a checker thread reads it back, compares it, feeds the manifest's "
-        "sha256 and starts its writeback while it is still in memory (no second pass over the "
-        "output; the final fsync finds little left to write).\n\n"
+        "a writer thread, and a checker thread reads it back, compares it and feeds the manifest's "
+        "sha256 while it is still in memory (no second pass over the output).\n\n"
         f"Reproduce: `python bench/merge_speed.py --mergekit VENV/bin/mergekit-yaml --readme` on an idle "
         f"machine (mergekit in its own venv: `python -m venv VENV && VENV/bin/pip install torch==2.13.0 "
         f"mergekit`); raw numbers of every run: `bench/results/merge_speed.json`.\n\n"

@@ -294,13 +294,14 @@ def run_merge(
     ``calibration`` parameter, on its ``data`` file, a ``calibration_task`` or the zoo
     manifest's task).
 
-    ``times`` collects seconds per stage (read, convert, merge, check, write, verify, hash,
-    fsync, finalize, and the merge thread's waits for the reader and the writer); they go into
+    ``times`` collects seconds per stage (plan, read, convert, merge, check, write, verify,
+    hash, fsync, finalize, and the merge thread's waits for the reader and the writer); they go into
     the manifest (``timings``) and ``MergeResult.timings``."""
     started = time.perf_counter()
     times = times if times is not None else StageTimes()
     device = resolve_device(device)
-    plan = plan_merge(recipe, recipe_dir=recipe_dir, allowed_roots=allowed_roots)
+    with times.stage("plan"):  # open and check every input, resolve every tensor's parameters
+        plan = plan_merge(recipe, recipe_dir=recipe_dir, allowed_roots=allowed_roots)
     own_stats = None  # statistics calibrated here are closed (their spill folder removed) here
     if plan.method.stats is not None and stats_provider is None:
         # fisher / regmean: calibrate every input model on its task's prompts (before any
