@@ -285,8 +285,9 @@ def render(results: dict) -> str:
         f"mergekit`); raw numbers of every run: `bench/results/merge_speed.json`.\n\n"
         + "\n".join(lines) + "\n\n"
         "Where our time goes (median seconds per stage, wall (CPU of the thread that ran it); stages "
-        "run on three threads at once, so they overlap and add up to more than the wall time; "
-        "`convert` is inside `merge` for the chunked kernels):\n\n" + "\n".join(stage_lines) + "\n\n"
+        "run on four threads at once (reader: read; merge: plan, merge, check and the waits; writer: "
+        "write; checker: verify, hash), so they overlap and add up to more than the wall time; "
+        "`convert` is inside `merge` for the chunked kernels; `finalize` includes the final fsync):\n\n" + "\n".join(stage_lines) + "\n\n"
         f"Conditions: {cond['cpus']} CPU cores, torch {cond['torch']}, mergekit {cond['mergekit']}; load "
         f"average {cond['load_before'][0]:.2f} before and {cond['load_after'][0]:.2f} after, {loaded}; "
         f"{cond['reps']} runs per row, tools alternating.\n")
