@@ -1,25 +1,37 @@
-"""Merge speed and peak memory, ours vs mergekit, side by side on one machine in one run.
+"""Merge speed and peak memory, ours vs mergekit vs the I/O floor, side by side in one run.
 
 Generates (once) a ~270M-parameter bf16 Llama base and two fine-tunes (random weights; small
-random deltas) under bench/work/speed/ (git-ignored), then runs task_arithmetic and ties with
+random deltas) under bench/work/speed/ (git-ignored), then times each method with
 `python -m engine merge` and with `mergekit-yaml` (CPU), each run a separate process measured
-by /usr/bin/time -v (wall time, peak RSS), alternating tools so that background load hits
-both alike. Reports the median wall time and the largest peak RSS over the repetitions, and
-writes a table into bench/README.md with --readme.
+by /usr/bin/time -v (wall time, CPU time, peak RSS), the tools alternating from one repetition
+to the next so that background load hits both alike. Each repetition also times the floor: a
+process that imports torch and safetensors, reads every input tensor's bytes once (plain
+reads at the offsets the safetensors headers give, into reused buffers) and writes and fsyncs
+the output's bytes once (a plain loop on one thread, no arithmetic, no checks).
+
+Our runs record seconds per stage (`merge --timings`: read, convert, merge, check, write,
+verify, hash, fsync, finalize, and the merge thread's waits), so the next bottleneck is visible.
 
 The recipes are identical for both tools: `dtype: float32` (mergekit computes in `dtype`; we
 always compute in fp32, so the numbers are the same) and `out_dtype: bfloat16`. A second
-mergekit variant, `dtype: bfloat16` (its common usage: bf16 arithmetic), is timed with
---mergekit-bf16.
+mergekit variant, `dtype: bfloat16` (bf16 arithmetic), is timed with --mergekit-bf16.
+
+The machine must be idle: the load average is recorded before and after, and the README table
+is refused when either is above 0.5 per core, unless --force-loaded is given (the table then
+says so). Raw numbers of every run go to --json (default bench/work/speed/last.json); with
+--readme they go to bench/results/merge_speed.json and the README section is rendered from
+that file (--render re-renders it without measuring).
 
 mergekit is not a dependency of the project: install it into its own venv (bench/README.md).
 
     python bench/merge_speed.py --mergekit VENV/bin/mergekit-yaml [--reps 3] [--readme]
+    python bench/merge_speed.py --ours-only [--methods task_arithmetic]   # develop: ours + floor
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -36,13 +48,68 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._common import llama_shapes, write_readme_section  # noqa: E402
+
 WORK = ROOT / "bench" / "work" / "speed"
+RESULTS = ROOT / "bench" / "results" / "merge_speed.json"
 SECTION = "## Merge speed vs mergekit"
+LOAD_LIMIT_PER_CORE = 0.5
+MAIN_METHODS = ("task_arithmetic", "ties", "linear", "slerp")
+# every other method both tools have (--methods shared times them all)
+OTHER_SHARED = ("breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear",
+                "model_stock")
 
 # ~270M parameters: 32000 x 1024 embeddings and head (65.5M) + 16 layers x 12.85M
 CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
               num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
               tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+# The floor: every input tensor's bytes read once into memory (one reused buffer per input, as
+# plain file reads at the offsets the safetensors header gives), the output's bytes written
+# once (the base's bytes stand in for the merged ones: the same layout and size), fsynced.
+# A plain loop on one thread: no arithmetic, no conversion, no checks.
+FLOOR = r"""
+import json, os, struct, sys, time
+out, inputs = sys.argv[1], sys.argv[2:]
+started = time.perf_counter()
+import torch, safetensors  # both tools import these: so does the floor
+fds, headers = [], []
+for folder in inputs:
+    fd = os.open(os.path.join(folder, "model.safetensors"), os.O_RDONLY)
+    n = struct.unpack("<Q", os.pread(fd, 8, 0))[0]
+    raw = os.pread(fd, n, 8)
+    fds.append(fd)
+    headers.append((8 + n, raw, json.loads(raw)))
+start0, raw0, header0 = headers[0]
+names = sorted((k for k in header0 if k != "__metadata__"), key=lambda k: header0[k]["data_offsets"][0])
+largest = max(e - b for b, e in (header0[k]["data_offsets"] for k in names))
+buffers = [memoryview(bytearray(largest)) for _ in inputs]
+out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+os.write(out_fd, struct.pack("<Q", len(raw0)) + raw0)
+read = write = 0.0
+nread = nwritten = 0
+for name in names:
+    t0 = time.perf_counter()
+    for fd, buf, (start, _, header) in zip(fds, buffers, headers):
+        b, e = header[name]["data_offsets"]
+        done = 0
+        while done < e - b:
+            done += os.preadv(fd, [buf[done:e - b]], start + b + done)
+        nread += e - b
+    t1 = time.perf_counter()
+    b, e = header0[name]["data_offsets"]
+    done = 0
+    while done < e - b:
+        done += os.write(out_fd, buffers[0][done:e - b])
+    nwritten += e - b
+    t2 = time.perf_counter()
+    read, write = read + t1 - t0, write + t2 - t1
+t0 = time.perf_counter()
+os.fsync(out_fd)
+os.close(out_fd)
+fsync = time.perf_counter() - t0
+print(json.dumps({"read_s": read, "write_s": write, "fsync_s": fsync, "bytes_read": nread,
+                  "bytes_written": nwritten, "in_process_s": time.perf_counter() - started}))
+"""
 
 
 def generate(work: Path) -> dict[str, Path]:
@@ -77,15 +144,29 @@ def generate(work: Path) -> dict[str, Path]:
 
 
 def recipe(method: str, folders: dict[str, Path], dtype: str) -> dict:
-    params = {"weight": 0.5} if method == "task_arithmetic" else {"weight": 0.5, "density": 0.5}
-    return {"merge_method": method, "base_model": str(folders["base"]), "dtype": dtype,
-            "out_dtype": "bfloat16",
-            "models": [{"model": str(folders["ft_a"]), "parameters": params},
-                       {"model": str(folders["ft_b"]), "parameters": params}]}
+    """The same recipe for both tools (no shared objects: YAML anchors are refused by us)."""
+    base, a, b = (str(folders[k]) for k in ("base", "ft_a", "ft_b"))
+    common = {"dtype": dtype, "out_dtype": "bfloat16"}
+    if method == "slerp":
+        return {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": a}],
+                "parameters": {"t": 0.5}, **common}
+    if method == "model_stock":
+        return {"merge_method": method, "base_model": base, "models": [{"model": a}, {"model": b}], **common}
+    params = {"weight": 0.5}
+    if method in ("ties", "dare_ties", "dare_linear", "della", "della_linear"):
+        params["density"] = 0.5
+    if method.startswith("della"):
+        params["epsilon"] = 0.1
+    if method.startswith("breadcrumbs"):
+        params.update(density=0.8, gamma=0.05)
+    models = [{"model": m, "parameters": copy.deepcopy(params)} for m in (a, b)]
+    if method == "linear":
+        return {"merge_method": "linear", "models": models, **common}
+    return {"merge_method": method, "base_model": base, "models": models, **common}
 
 
 def timed(cmd: list[str], env: dict) -> dict:
-    """Run cmd under /usr/bin/time -v: wall seconds and peak RSS (MiB)."""
+    """Run cmd under /usr/bin/time -v: wall seconds, CPU seconds, peak RSS (MiB), stdout."""
     started = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
@@ -94,101 +175,213 @@ def timed(cmd: list[str], env: dict) -> dict:
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     user = float(re.search(r"User time \(seconds\): ([\d.]+)", proc.stderr).group(1))
     system = float(re.search(r"System time \(seconds\): ([\d.]+)", proc.stderr).group(1))
-    return {"wall_s": wall, "peak_rss_mib": rss_kb / 1024, "cpu_s": user + system}
+    return {"wall_s": round(wall, 3), "cpu_s": round(user + system, 3),
+            "peak_rss_mib": round(rss_kb / 1024, 1), "stdout": proc.stdout}
+
+
+def run_one(tool: str, method: str | None, dtype: str, folders: dict, exe: str, env: dict) -> dict:
+    out = WORK / "out" / f"{tool}_{method}_{dtype}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if tool == "floor":
+        out.mkdir()
+        cmd = [sys.executable, "-c", FLOOR, str(out / "model.safetensors"),
+               *(str(folders[k]) for k in ("base", "ft_a", "ft_b"))]
+    else:
+        path = WORK / f"{method}_{dtype}.yml"
+        path.write_text(yaml.safe_dump(recipe(method, folders, dtype), sort_keys=False))
+        if tool == "ours":
+            cmd = [sys.executable, "-m", "engine", "merge", str(path), "--out", str(out), "--quiet",
+                   "--device", "cpu", "--timings", str(WORK / "timings.json")]
+        else:
+            cmd = [exe, str(path), str(out), "--no-cuda", "--quiet"]
+    load = os.getloadavg()[0]
+    result = timed(cmd, env)
+    stdout = result.pop("stdout")
+    result.update(tool=tool, method=method, dtype=dtype, load_1m_before=round(load, 2))
+    if tool == "floor":
+        result["io"] = {k: round(v, 3) if isinstance(v, float) else v
+                        for k, v in json.loads(stdout.strip().splitlines()[-1]).items()}
+    if tool == "ours":
+        result["stages"] = json.loads((WORK / "timings.json").read_text())["seconds"]
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    rows = []
+    for key in dict.fromkeys((r["tool"], r["method"], r["dtype"]) for r in runs):
+        rs = [r for r in runs if (r["tool"], r["method"], r["dtype"]) == key]
+        row = {"tool": key[0], "method": key[1], "dtype": key[2],
+               "wall_s_median": round(statistics.median(r["wall_s"] for r in rs), 3),
+               "wall_s_all": [r["wall_s"] for r in rs],
+               "cpu_s_median": round(statistics.median(r["cpu_s"] for r in rs), 3),
+               "peak_rss_mib_max": max(r["peak_rss_mib"] for r in rs)}
+        if key[0] == "ours":
+            stages = sorted({s for r in rs for s in r["stages"] if s != "cpu"})
+            row["stages_median"] = {s: round(statistics.median(r["stages"].get(s, 0.0) for r in rs), 3)
+                                    for s in stages}
+            row["stages_cpu_median"] = {s: round(statistics.median(r["stages"].get("cpu", {}).get(s, 0.0)
+                                                                   for r in rs), 3) for s in stages}
+        rows.append(row)
+    return rows
+
+
+def render(results: dict) -> str:
+    """The README section body, from the JSON results alone."""
+    rows, cond = results["rows"], results["conditions"]
+    floor = next(r for r in rows if r["tool"] == "floor")
+    lines = ["| method | tool (arithmetic dtype) | wall s, median | wall s, each run | CPU s, median | "
+             "peak RSS MiB | ours faster by | RSS ours / mergekit | ours / floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method in results["methods"]:
+        ours = next(r for r in rows if r["method"] == method and r["tool"] == "ours")
+        for r in [x for x in rows if x["method"] == method]:
+            speed = rss = vs_floor = ""
+            if r["tool"] == "mergekit":
+                speed = f"{r['wall_s_median'] / ours['wall_s_median']:.2f}x"
+                rss = f"{ours['peak_rss_mib_max'] / r['peak_rss_mib_max']:.2f}"
+            else:
+                vs_floor = f"{r['wall_s_median'] / floor['wall_s_median']:.2f}x"
+            dtype = r["dtype"] if r["tool"] == "mergekit" else "float32"
+            lines.append(f"| {method} | {r['tool']} ({dtype}) | {r['wall_s_median']:.2f} | "
+                         f"{', '.join(f'{w:.2f}' for w in r['wall_s_all'])} | {r['cpu_s_median']:.1f} | "
+                         f"{r['peak_rss_mib_max']:.0f} | {speed} | {rss} | {vs_floor} |")
+    lines.append(f"| (any) | floor: read inputs once + write and fsync the output once | "
+                 f"{floor['wall_s_median']:.2f} | {', '.join(f'{w:.2f}' for w in floor['wall_s_all'])} | "
+                 f"{floor['cpu_s_median']:.1f} | {floor['peak_rss_mib_max']:.0f} |  |  | 1.00x |")
+    ours_rows = [r for r in rows if r["tool"] == "ours"]
+    stages = [s for s in ("plan", "read", "convert", "merge", "check", "write", "verify", "hash",
+                          "fsync", "finalize", "wait_read", "wait_write")
+              if any(s in r["stages_median"] for r in ours_rows)]
+    stage_lines = ["| method | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+    for r in ours_rows:
+        cells = [f"{r['stages_median'].get(s, 0.0):.2f} ({r['stages_cpu_median'].get(s, 0.0):.2f})"
+                 for s in stages]
+        stage_lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    floor_io = statistics.median(x["io"]["read_s"] + x["io"]["write_s"] + x["io"]["fsync_s"]
+                                 for x in results["runs"] if x["tool"] == "floor")
+    loaded = (f"**measured under load** (above {LOAD_LIMIT_PER_CORE} per core; --force-loaded)"
+              if cond["loaded"] else "an idle machine")
+    return (
+        "A ~270M-parameter bf16 Llama (16 layers, hidden 1024, vocab 32000, untied) and two fine-tunes "
+        "(random weights, small random deltas), generated by the script under `bench/work/` (not in git). "
+        "Each merge is its own process, timed by `/usr/bin/time -v` (wall time, CPU time, peak RSS); "
+        "both tools read the same bf16 safetensors, compute in fp32 (`dtype: float32`) and write bf16 "
+        "(`out_dtype: bfloat16`), on the CPU. The floor, measured in the same run, is a process that "
+        "imports torch and safetensors, reads every input tensor's bytes once (plain reads at the "
+        "offsets of the safetensors headers, into reused buffers) and writes and fsyncs the output's "
+        f"bytes once, in a plain loop on one thread (no arithmetic, no checks; {floor_io:.2f} s of it "
+        "reading, writing and fsyncing, the rest starting Python and importing torch, as both tools "
+        "do).\n\n"
+        "Ours reads tensors with `pread` on a reader thread into reused buffers (no memory map), "
+        "merges linear, slerp and the task-arithmetic family in cache-sized chunks (bf16 -> fp32 once "
+        "per chunk; trim thresholds by sampled bracketing + `kthvalue`; the trim and sign-election "
+        "kernels split large tensors over two threads), writes each tensor in place in its shard on "
+        "a writer thread, and a checker thread reads it back, compares it and feeds the manifest's "
+        "sha256 while it is still in memory (no second pass over the output).\n\n"
+        f"Reproduce: `python bench/merge_speed.py --mergekit VENV/bin/mergekit-yaml --readme` on an idle "
+        f"machine (mergekit in its own venv: `python -m venv VENV && VENV/bin/pip install torch==2.13.0 "
+        f"mergekit`); raw numbers of every run: `bench/results/merge_speed.json`.\n\n"
+        + "\n".join(lines) + "\n\n"
+        "Where our time goes (median seconds per stage, wall (CPU of the thread that ran it); stages "
+        "run on four threads at once (reader: read; merge: plan, merge, check and the waits; writer: "
+        "write; checker: verify, hash), so they overlap and add up to more than the wall time; "
+        "`convert` is inside `merge` for the chunked kernels; `finalize` includes the final fsync):\n\n" + "\n".join(stage_lines) + "\n\n"
+        f"Conditions: {cond['cpus']} CPU cores, torch {cond['torch']}, mergekit {cond['mergekit']}; load "
+        f"average {cond['load_before'][0]:.2f} before and {cond['load_after'][0]:.2f} after, {loaded}; "
+        f"{cond['reps']} runs per row, tools alternating.\n")
+
+
+def mergekit_version(exe: str | None) -> str:
+    if exe is None:
+        return "-"
+    proc = subprocess.run([str(Path(exe).parent / "python"), "-c",
+                           "import importlib.metadata as m; print(m.version('mergekit'))"],
+                          capture_output=True, text=True)
+    return proc.stdout.strip() or "?"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML", "mergekit-yaml"))
+    parser.add_argument("--ours-only", action="store_true", help="time ours and the floor only")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--methods", default="task_arithmetic,ties")
+    parser.add_argument("--methods", default=",".join(MAIN_METHODS),
+                        help=f"comma-separated; 'shared' = {', '.join(MAIN_METHODS + OTHER_SHARED)}")
     parser.add_argument("--mergekit-bf16", action="store_true", help="also time mergekit with dtype bfloat16")
-    parser.add_argument("--readme", action="store_true")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--readme", action="store_true",
+                        help="write bench/results/merge_speed.json and the README section (idle machine only)")
+    parser.add_argument("--force-loaded", action="store_true",
+                        help=f"write the README even above a load of {LOAD_LIMIT_PER_CORE} per core")
+    parser.add_argument("--render", action="store_true",
+                        help="only re-render the README section from bench/results/merge_speed.json")
+    parser.add_argument("--json", default=str(WORK / "last.json"), help="raw numbers of this run")
     args = parser.parse_args(argv)
-    exe = shutil.which(args.mergekit) or args.mergekit
-    if not Path(exe).exists():
-        parser.error(f"mergekit-yaml not found ({args.mergekit}); see bench/README.md")
+    if args.render:
+        write_readme_section(SECTION, render(json.loads(RESULTS.read_text())))
+        return 0
+    if args.readme and args.ours_only:
+        parser.error("--readme needs mergekit (not --ours-only)")
+    exe = None
+    if not args.ours_only:
+        exe = shutil.which(args.mergekit) or args.mergekit
+        if not Path(exe).exists():
+            parser.error(f"mergekit-yaml not found ({args.mergekit}); see bench/README.md")
+    methods = list(MAIN_METHODS + OTHER_SHARED) if args.methods == "shared" else args.methods.split(",")
 
     WORK.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     folders = generate(WORK)
-    print(f"models ready in {time.perf_counter() - t0:.0f}s: {sum(1 for _ in llama_shapes(CONFIG))} tensors, "
-          f"{sum(torch.Size(s).numel() for s in llama_shapes(CONFIG).values()) / 1e6:.1f}M parameters", flush=True)
+    shapes = llama_shapes(CONFIG)
+    print(f"models ready in {time.perf_counter() - t0:.0f}s: {len(shapes)} tensors, "
+          f"{sum(torch.Size(s).numel() for s in shapes.values()) / 1e6:.1f}M parameters", flush=True)
+    for folder in folders.values():  # every tool then reads the inputs from the page cache
+        with open(folder / "model.safetensors", "rb") as handle:
+            while handle.read(1 << 24):
+                pass
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    variants = [("ours", "float32"), ("mergekit", "float32")]
-    if args.mergekit_bf16:
-        variants.append(("mergekit", "bfloat16"))
+    variants = [("ours", "float32")]
+    if exe is not None:
+        variants.append(("mergekit", "float32"))
+        if args.mergekit_bf16:
+            variants.append(("mergekit", "bfloat16"))
+    cpus = os.cpu_count() or 1
     load_before = os.getloadavg()
-    runs: dict[tuple[str, str, str], list[dict]] = {}
+    runs: list[dict] = []
     for rep in range(args.reps):
-        for method in args.methods.split(","):
-            order = variants if rep % 2 == 0 else list(reversed(variants))
-            for tool, dtype in order:
-                path = WORK / f"{method}_{dtype}.yml"
-                path.write_text(yaml.safe_dump(recipe(method, folders, dtype), sort_keys=False))
-                out = WORK / "out" / f"{tool}_{method}_{dtype}"
-                shutil.rmtree(out, ignore_errors=True)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                if tool == "ours":
-                    cmd = [sys.executable, "-m", "engine", "merge", str(path), "--out", str(out), "--quiet",
-                           "--device", "cpu"]
-                else:
-                    cmd = [exe, str(path), str(out), "--no-cuda", "--quiet"]
-                result = timed(cmd, env)
-                runs.setdefault((method, tool, dtype), []).append(result)
-                print(f"rep {rep} {method:16s} {tool:8s} dtype={dtype:8s} wall {result['wall_s']:7.1f}s "
-                      f"cpu {result['cpu_s']:7.1f}s peak RSS {result['peak_rss_mib']:7.0f} MiB "
-                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
-                if rep < args.reps - 1 or tool == "mergekit":
-                    shutil.rmtree(out, ignore_errors=True)
+        jobs = [("floor", None, "bfloat16")] + [(tool, m, d) for m in methods for tool, d in variants]
+        for tool, method, dtype in (jobs if rep % 2 == 0 else list(reversed(jobs))):
+            result = run_one(tool, method, dtype, folders, exe, env)
+            result["rep"] = rep
+            runs.append(result)
+            print(f"rep {rep} {method or '-':16s} {tool:8s} dtype={dtype:8s} wall {result['wall_s']:7.2f}s "
+                  f"cpu {result['cpu_s']:7.2f}s peak RSS {result['peak_rss_mib']:7.0f} MiB "
+                  f"(load {result['load_1m_before']:.2f})", flush=True)
     load_after = os.getloadavg()
-
-    rows = []
-    for (method, tool, dtype), rs in runs.items():
-        rows.append({"method": method, "tool": tool, "dtype": dtype,
-                     "wall_s_median": statistics.median(r["wall_s"] for r in rs),
-                     "wall_s_all": [round(r["wall_s"], 1) for r in rs],
-                     "cpu_s_median": statistics.median(r["cpu_s"] for r in rs),
-                     "peak_rss_mib_max": max(r["peak_rss_mib"] for r in rs)})
-    lines = ["| method | tool (arithmetic dtype) | wall s, median | wall s, each run | CPU s, median | "
-             "peak RSS MiB | ours faster by | RSS ours / mergekit |", "|---|---|---|---|---|---|---|---|"]
-    for method in args.methods.split(","):
-        ours = next(r for r in rows if r["method"] == method and r["tool"] == "ours")
-        for r in [x for x in rows if x["method"] == method]:
-            speed = rss = ""
-            if r["tool"] == "mergekit":
-                speed = f"{r['wall_s_median'] / ours['wall_s_median']:.1f}x"
-                rss = f"{ours['peak_rss_mib_max'] / r['peak_rss_mib_max']:.2f}"
-            lines.append(f"| {method} | {r['tool']} ({r['dtype'] if r['tool'] == 'mergekit' else 'float32'}) | "
-                         f"{r['wall_s_median']:.1f} | {', '.join(map(str, r['wall_s_all']))} | "
-                         f"{r['cpu_s_median']:.1f} | {r['peak_rss_mib_max']:.0f} | {speed} | {rss} |")
-    mk_version = subprocess.run([str(Path(exe).parent / "python"), "-c",
-                                 "import importlib.metadata as m; print(m.version('mergekit'))"],
-                                capture_output=True, text=True).stdout.strip() or "?"
-    conditions = (f"{os.cpu_count()} CPU cores, torch {torch.__version__}, mergekit {mk_version}; "
-                  f"load average {load_before[0]:.1f} before and {load_after[0]:.1f} after "
-                  f"(other work shared the cores); {args.reps} runs per row, tools alternating.")
-    table = "\n".join(lines)
-    print(table)
-    print(conditions)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "conditions": conditions}, indent=2))
+    loaded = max(load_before[0], load_after[0]) > LOAD_LIMIT_PER_CORE * cpus
+    results = {
+        "conditions": {"cpus": cpus, "torch": torch.__version__, "mergekit": mergekit_version(exe),
+                       "load_before": [round(x, 2) for x in load_before],
+                       "load_after": [round(x, 2) for x in load_after],
+                       "load_limit_per_core": LOAD_LIMIT_PER_CORE, "loaded": loaded,
+                       "reps": args.reps, "date": time.strftime("%Y-%m-%d")},
+        "methods": methods, "rows": summarize(runs), "runs": runs,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    for row in results["rows"]:
+        extra = f" stages {row['stages_median']}" if "stages_median" in row else ""
+        print(f"{row['tool']:8s} {row['method'] or '-':16s} median {row['wall_s_median']:.2f}s "
+              f"each {row['wall_s_all']} cpu {row['cpu_s_median']:.2f}s rss {row['peak_rss_mib_max']:.0f}{extra}")
+    print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after ({cpus} cores); raw: {args.json}")
     if args.readme:
-        body = (f"A ~270M-parameter bf16 Llama (16 layers, hidden 1024, vocab 32000, untied) and two "
-                f"fine-tunes (random weights, small random deltas), generated by the script under "
-                f"`bench/work/` (not in git). Each merge is its own process, timed by `/usr/bin/time -v` "
-                f"(wall time, peak RSS); both tools read the same bf16 safetensors, compute in fp32 "
-                f"(`dtype: float32`) and write bf16 (`out_dtype: bfloat16`), on the CPU. Ours reads "
-                f"tensors with `pread` on a reader thread (no memory map, so input pages never count "
-                f"as resident), merges linear/task_arithmetic/ties/breadcrumbs in cache-sized chunks "
-                f"(bf16 -> fp32 once per chunk; trim thresholds by sampled bracketing + `kthvalue`, no "
-                f"sort) and writes each tensor straight into its place in the shard on a writer "
-                f"thread (layout known up front, nothing buffered).\n\n"
-                f"Reproduce: `python bench/merge_speed.py --mergekit VENV/bin/mergekit-yaml --readme` "
-                f"(mergekit in its own venv: `python -m venv VENV && VENV/bin/pip install torch==2.13.0 "
-                f"mergekit`).\n\n{table}\n\nConditions: {conditions}\n")
-        write_readme_section(SECTION, body)
+        if loaded and not args.force_loaded:
+            print(f"refusing to write the README: load above {LOAD_LIMIT_PER_CORE} per core "
+                  "(rerun on an idle machine, or pass --force-loaded)", file=sys.stderr)
+            return 2
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        write_readme_section(SECTION, render(results))
     return 0
 
 

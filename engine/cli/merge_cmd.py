@@ -20,6 +20,10 @@ def register(subparsers) -> None:
                         help="score the merged model on the zoo tasks before it is published; the "
                              "table goes into its model card (README.md) and manifest")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
+    parser.add_argument("--timings", metavar="PATH", default=None,
+                        help="write seconds per stage (read, convert, merge, check, write, verify, "
+                             "hash, fsync, finalize, waits; stages on different threads overlap) "
+                             "to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.set_defaults(func=run)
 
@@ -43,6 +47,10 @@ def run(args) -> int:
                        evaluate=args.eval)
     if not args.quiet:
         print(file=sys.stderr)
+    if args.timings:
+        Path(args.timings).write_text(json.dumps({"method": recipe.merge_method, "tensors": result.tensors,
+                                                  "device": result.device, "seconds": result.timings},
+                                                 indent=2) + "\n")
     for warning in result.warnings:
         print(f"warning: {printable(warning)}", file=sys.stderr)
     summary = {"out": str(result.out), "tensors": result.tensors, "seconds": round(result.seconds, 3),

@@ -22,10 +22,7 @@ from safetensors import SafetensorError, safe_open
 from engine.errors import (CheckpointFormatError, ConfigError, NonFiniteError,
                            PathNotAllowedError, UnsafeFormatError)
 from engine.io.header import DuplicateKeyError, SafetensorsHeader, loads_strict_json, read_header
-
-CONFIG_NAME = "config.json"
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+from engine.io.names import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_JSON_BYTES = 64 * 2**20  # config.json and the index are small; a huge one is an attack
 
@@ -184,6 +181,9 @@ class ModelFolder:
         self._infos: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
         self._fds: dict[Path, int] = {}
+        # where read_tensor allocates (an engine.io.buffers.BufferPool set by a streaming job,
+        # which reuses buffers nothing holds any more); None: torch.empty
+        self.buffers = None
         self.index_path: Path | None = None
         try:
             self.config = self._load_config()
@@ -367,7 +367,9 @@ class ModelFolder:
                 raise CheckpointFormatError("file changed since it was opened (size/mtime differ)",
                                             path=info.file)
             fd = self._fds.setdefault(info.file, fd)
-        tensor = torch.empty(info.shape, dtype=info.dtype)
+        buffers = self.buffers
+        tensor = (buffers.empty(info.shape, info.dtype) if buffers is not None
+                  else torch.empty(info.shape, dtype=info.dtype))
         if entry.nbytes == 0:
             return tensor
         view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

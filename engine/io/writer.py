@@ -8,20 +8,34 @@ Usage::
         for name, tensor in tensors:
             writer.add_tensor(name, tensor)
 
-Tensors are copied (contiguous, on the CPU, own storage: tied or strided views are fine) into
-a shard buffer that is flushed to ``safetensors`` once it would exceed ``max_shard_bytes``, so
-memory stays at about one shard.
+One writing path: every shard is an ``engine.io.shard.ShardFile`` (header laid out first,
+each tensor written in place, then read back, compared and hashed in file order on the
+writer's checker thread while the next tensor is written). What differs is only when a
+shard's layout is known:
 
-Streaming mode: given ``plan=[(name, dtype, shape), ...]`` (every tensor, known up front, as a
-merge knows its output layout), the shard files and their headers are laid out when the writer
-opens and each tensor's bytes are written straight to its place in its shard (``pwrite``) as
-it is added, in any order: nothing is buffered, so memory stays at the tensor being added. A
-tensor must match its planned dtype and shape; a planned tensor never added is an error at
-finalize. Shards are split by the same ``max_shard_bytes`` rule, in plan order. On a clean exit the writer writes the index (sharded case),
-config.json, extra files and a manifest with sha256 per file, fsyncs everything, verifies by
-reopening every shard, and renames the staging folder to ``dest`` in one step. On any failure
-(KeyboardInterrupt included) the staging folder is removed and ``dest`` never appears; errors
-of the writer's own work become ExportError naming the destination.
+- given ``plan=[(name, dtype, shape), ...]`` (every tensor, known up front, as a merge knows
+  its output layout), every shard is laid out when the writer opens and each tensor goes
+  straight to its place as it is added, in any order: memory stays at the tensors being added
+  and checked. A tensor must match its planned dtype and shape, and is held, not copied,
+  until the checker thread has read it back: the caller hands it over and must not change it
+  in place afterwards (a merge writes each result once). A planned tensor never added is an
+  error at finalize;
+- without a plan, tensors are copied (contiguous, on the CPU, own storage: tied or strided
+  views are fine, later edits by the caller do not leak in) into a buffer that becomes a
+  shard once the next tensor would exceed ``max_shard_bytes``; such a shard holds its tensors
+  in ``safetensors.torch.save_file``'s order, byte for byte the file it would write.
+
+Shards are split by the same ``max_shard_bytes`` rule in both cases. On a clean exit the
+writer fsyncs the shards, writes the index (sharded case), config.json, extra files and a
+manifest with sha256 per file (the shards' from their write-time hashing, the others read
+once), fsyncs everything, verifies (every shard's header re-read by our strict parser and
+opened by safetensors: keys, dtypes, shapes, size; the file unchanged since it was hashed)
+and renames the staging folder to ``dest`` in one step. On any failure (KeyboardInterrupt
+included) the staging folder is removed and ``dest`` never appears; errors of the writer's
+own work become ExportError naming the destination.
+
+``times`` (an ``engine.io.stages.StageTimes``) collects seconds per stage (write, verify,
+hash, fsync, finalize); when given, the manifest records them under ``timings``.
 """
 
 from __future__ import annotations
@@ -30,36 +44,26 @@ import hashlib
 import json
 import math
 import os
-import struct
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import engine
 from engine.errors import DeltaWorkbenchError, ExportError
 from engine.io.header import TORCH_TO_SAFETENSORS, read_header
+from engine.io.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, shard_name
+from engine.io.shard import SHARD_METADATA, ShardFile, ShardResult, itemsize
+from engine.io.stages import StageTimes
 from engine.io.staging import (LOCK_NAME, check_destination, discard_staging,
                                 make_staging_with_parents, unregister_staging)
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-MANIFEST_NAME = "delta_workbench_manifest.json"
-SHARD_METADATA = {"format": "pt"}
 RESERVED_MANIFEST_KEYS = {"manifest_version", "engine_version", "created", "files",
-                          "tensor_count", "total_size"}
+                          "tensor_count", "total_size", "timings"}
 _HASH_CHUNK = 1 << 20
-
-
-def shard_name(index: int, count: int) -> str:
-    """Hugging Face shard naming: model-00001-of-00003.safetensors (1-based)."""
-    return f"model-{index:05d}-of-{count:05d}.safetensors"
 
 
 def sha256_file(path: Path) -> str:
@@ -68,14 +72,6 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -98,55 +94,31 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def _tensor_digest(tensor: torch.Tensor) -> str:
-    """Check value of a contiguous CPU tensor's raw bytes (any dtype, bf16 included), compared
-    with the bytes read back from the written shard. CRC-32 (with the length): it catches
-    accidental corruption, which is what the read-back guards against, at several GB/s."""
-    raw = tensor.reshape(-1).view(torch.uint8).numpy()
-    return f"{raw.nbytes}:{zlib.crc32(raw.data):08x}"
+def _write_unsynced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as handle:
+        handle.write(data)
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def _read_back(path: Path, header) -> tuple[dict[str, str], str]:
-    """(per-tensor digests as _tensor_digest computes them, sha256 of the file), in one
-    sequential pass of bounded reads."""
-    sha = hashlib.sha256()
-    digests: dict[str, str] = {}
-    spans = sorted((e.begin, e.end, e.name) for e in header.entries.values())
-    # hashlib releases the GIL on large buffers: sha256 runs in a helper thread while this
-    # thread computes the per-tensor digest of the same chunk
-    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-    pending = None
-    with hasher, open(path, "rb", buffering=0) as handle:
-        head = handle.read(header.data_start)
-        sha.update(head)
-        position = 0
-        for begin, end, name in spans:
-            if begin != position:  # the header check guarantees tiling; be safe anyway
-                raise ExportError("verification failed: data offsets do not tile the file", path=path)
-            crc = 0
-            left = end - begin
-            while left:
-                chunk = handle.read(min(left, _HASH_CHUNK * 16))
-                if not chunk:
-                    raise ExportError("verification failed: file shorter than its header says",
-                                      path=path, tensor=name)
-                if pending is not None:
-                    pending.result()
-                pending = hasher.submit(sha.update, chunk)
-                crc = zlib.crc32(chunk, crc)
-                left -= len(chunk)
-            digests[name] = f"{end - begin}:{crc:08x}"
-            position = end
-        if pending is not None:
-            pending.result()
-        sha.update(handle.read())
-    return digests, sha.hexdigest()
+def _split(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int) -> list[list]:
+    """Consecutive groups of entries, a new group once the next would exceed ``max_bytes``."""
+    groups: list[list] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = math.prod(entry[2]) * itemsize(entry[1])
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += nbytes
+    return groups
 
 
 class ModelWriter:
@@ -166,6 +138,7 @@ class ModelWriter:
         weights_name: str = SINGLE_NAME,
         config_name: str = CONFIG_NAME,
         late_files: Callable[[Path], dict[str, bytes]] | None = None,
+        times: StageTimes | None = None,
     ):
         self.dest = Path(dest).absolute()
         # A PEFT adapter is one adapter_model.safetensors beside adapter_config.json.
@@ -180,15 +153,18 @@ class ModelWriter:
         self.manifest_extra = dict(manifest_extra or {})
         self.input_folders = [Path(p) for p in input_folders]
         self.verify = verify
+        self.times = times if times is not None else StageTimes()
+        self._record_times = times is not None
         self.staging: Path | None = None
         self._created_parents: list[Path] = []
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []  # temporary shard path, tensor names
-        self._tensors: dict[str, tuple[str, tuple[int, ...], int, str]] = {}  # dtype, shape, nbytes, digest
+        self._shards: list[ShardFile] = []
+        self._results: list[ShardResult] = []
+        self._tensors: dict[str, tuple[str, tuple[int, ...], int]] = {}  # dtype name, shape, nbytes
         self._plan = [(n, d, tuple(int(x) for x in shape)) for n, d, shape in plan] if plan is not None else None
-        self._slots: dict[str, tuple[int, int, int, torch.dtype, tuple[int, ...]]] = {}  # fd, offset, nbytes, dtype, shape
-        self._fds: list[int] = []
+        self._where: dict[str, ShardFile] = {}  # planned tensor -> its shard
+        self._checker: ThreadPoolExecutor | None = None  # reads back, compares, hashes
         self._state = "new"
         self._check_arguments()
 
@@ -208,15 +184,16 @@ class ModelWriter:
         """Check the destination and create the staging folder beside it."""
         if self._state != "new":
             raise ExportError("writer already opened", path=self.dest)
-        self._check_destination()
+        check_destination(self.dest, self.input_folders)
         self._guard("creating the staging folder", self._make_staging)
+        self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-check")
         if self._plan is not None:
             self._guard("laying out the shards", self._layout_plan)
         self._state = "open"
         return self
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        """Copy one tensor into the current shard buffer, flushing the buffer when full."""
+        """Write one tensor in place (plan) or copy it into the shard buffer (no plan)."""
         if self._state == "new":
             self.open()
         if self._state != "open":
@@ -235,13 +212,22 @@ class ModelWriter:
             self.open()
         if self._state != "open":
             raise ExportError(f"cannot finalize: writer is {self._state}", path=self.dest)
-        self._guard("finalizing", self._finalize)
+        with self.times.stage("finalize"):
+            self._guard("finalizing", self._finalize)
+        self._stop_checker()
         self._state = "done"
         return self.dest
 
+    def _stop_checker(self) -> None:
+        checker, self._checker = self._checker, None
+        if checker is not None:
+            checker.shutdown(wait=True, cancel_futures=True)
+
     def abort(self) -> None:
         """Remove the staging folder (and parents this writer created). Safe to call twice."""
-        self._close_fds()
+        for shard in self._shards:
+            shard.close()  # waits for a check still running on it
+        self._stop_checker()
         discard_staging(self.staging, self._created_parents)
         self.staging = None
         self._buffer.clear()
@@ -291,9 +277,6 @@ class ModelWriter:
             raise ExportError(f"extra file name {name!r} is not a plain, free basename",
                               path=self.dest)
 
-    def _check_destination(self) -> None:
-        check_destination(self.dest, self.input_folders)
-
     def _make_staging(self) -> None:
         self.staging, self._created_parents = make_staging_with_parents(self.dest)
 
@@ -310,107 +293,68 @@ class ModelWriter:
             raise ExportError(f"{what} failed: {type(err).__name__}: {detail}",
                               path=self.dest) from err
 
+    def _new_shard(self, entries, order: str) -> ShardFile:
+        path = self.staging / f"shard-{len(self._shards) + 1:05d}.tmp.safetensors"
+        shard = ShardFile(path, entries, order=order, times=self.times, dest=self.dest,
+                          verify=self.verify, checker=self._checker)
+        self._shards.append(shard)
+        return shard
+
+    def _layout_plan(self) -> None:
+        for group in _split(self._plan, self.max_shard_bytes):
+            shard = self._new_shard(group, "plan")
+            self._where.update({name: shard for name, _, _ in group})
+
     def _add(self, name: str, tensor: torch.Tensor) -> None:
         if not isinstance(tensor, torch.Tensor):
             raise ExportError(f"not a tensor but {type(tensor).__name__}", path=self.dest, tensor=name)
         if tensor.layout != torch.strided or tensor.is_meta or tensor.dtype not in TORCH_TO_SAFETENSORS:
             raise ExportError(f"cannot store a {tensor.layout} tensor of {tensor.dtype}",
                               path=self.dest, tensor=name)
+        shape = tuple(tensor.shape)
+        nbytes = tensor.numel() * tensor.element_size()
         if self._plan is not None:
-            self._write_planned(name, tensor)
-            return
-        # A private contiguous CPU copy: tied weights, views and later in-place edits by the
-        # caller cannot alias what is saved.
-        owned = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-        nbytes = owned.numel() * owned.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._buffer[name] = owned
-        self._buffer_bytes += nbytes
-        digest = _tensor_digest(owned) if self.verify else ""
-        self._tensors[name] = (TORCH_TO_SAFETENSORS[owned.dtype], tuple(owned.shape), nbytes, digest)
-
-    # ----------------------------------------------------------------- streaming mode
-    def _layout_plan(self) -> None:
-        groups: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
-        size = 0
-        for name, dtype, shape in self._plan:
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if groups[-1] and size + nbytes > self.max_shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append((name, dtype, shape, nbytes))
-            size += nbytes
-        for index, group in enumerate(groups, start=1):
-            # larger elements first, as safetensors does, so every tensor's data stays aligned
-            ordered = sorted(group, key=lambda t: -torch.empty((), dtype=t[1]).element_size())
-            header: dict = {"__metadata__": SHARD_METADATA}
-            offset = 0
-            for name, dtype, shape, nbytes in ordered:
-                header[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(shape),
-                                "data_offsets": [offset, offset + nbytes]}
-                offset += nbytes
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * ((-len(raw)) % 8)
-            path = self.staging / f"shard-{index:05d}.tmp.safetensors"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            self._fds.append(fd)
-            prefix = struct.pack("<Q", len(raw)) + raw
-            _pwrite_all(fd, memoryview(prefix), 0)
-            os.ftruncate(fd, len(prefix) + offset)
-            data_start = len(prefix)
-            for name, dtype, shape, nbytes in ordered:
-                begin = header[name]["data_offsets"][0]
-                self._slots[name] = (fd, data_start + begin, nbytes, dtype, shape)
-            self._shards.append((path, [name for name, _, _, _ in group]))
-
-    def _write_planned(self, name: str, tensor: torch.Tensor) -> None:
-        slot = self._slots.get(name)
-        if slot is None:
-            raise ExportError("tensor not in the writer's plan", path=self.dest, tensor=name)
-        fd, offset, nbytes, dtype, shape = slot
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ExportError(f"planned as {dtype} {shape}, given {tensor.dtype} {tuple(tensor.shape)}",
-                              path=self.dest, tensor=name)
-        data = tensor.detach().to("cpu").contiguous()
-        digest = _tensor_digest(data) if self.verify else ""
-        if nbytes:
-            _pwrite_all(fd, memoryview(data.reshape(-1).view(torch.uint8).numpy()), offset)
-        self._tensors[name] = (TORCH_TO_SAFETENSORS[dtype], shape, nbytes, digest)
-
-    def _finish_planned(self) -> None:
-        missing = [n for n, _, _ in self._plan if n not in self._tensors]
-        if missing:
-            raise ExportError(f"{len(missing)} planned tensor(s) never added, first {missing[:3]}",
-                              path=self.dest, tensor=missing[0])
-        for fd in self._fds:
-            os.fsync(fd)
-        self._close_fds()
-
-    def _close_fds(self) -> None:
-        fds, self._fds = self._fds, []
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            shard = self._where.get(name)
+            if shard is None:
+                raise ExportError("tensor not in the writer's plan", path=self.dest, tensor=name)
+            dtype, planned_shape = shard.planned(name)
+            if tensor.dtype != dtype or shape != planned_shape:
+                raise ExportError(f"planned as {dtype} {planned_shape}, given {tensor.dtype} {shape}",
+                                  path=self.dest, tensor=name)
+            shard.write(name, tensor)
+        else:
+            # A private contiguous CPU copy: tied weights, views and later in-place edits by
+            # the caller cannot alias what is saved.
+            owned = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+            if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+                self._flush()
+            self._buffer[name] = owned
+            self._buffer_bytes += nbytes
+        self._tensors[name] = (TORCH_TO_SAFETENSORS[tensor.dtype], shape, nbytes)
 
     def _flush(self) -> None:
-        if self._plan is not None:
-            return
+        """The buffered tensors become one shard, written, checked and fsynced now."""
         if not self._buffer:
             return
-        path = self.staging / f"shard-{len(self._shards) + 1:05d}.tmp.safetensors"
-        save_file(self._buffer, str(path), metadata=SHARD_METADATA)
-        _fsync_file(path)
-        self._shards.append((path, list(self._buffer)))
-        self._buffer = {}
-        self._buffer_bytes = 0
+        buffered, self._buffer, self._buffer_bytes = self._buffer, {}, 0
+        shard = self._new_shard([(n, t.dtype, tuple(t.shape)) for n, t in buffered.items()],
+                                "safetensors")
+        for name, tensor in buffered.items():
+            shard.write(name, tensor)
+        self._results.append(shard.finish())
+
+    def _finish_shards(self) -> None:
+        if self._plan is not None:
+            missing = [n for n, _, _ in self._plan if n not in self._tensors]
+            if missing:
+                raise ExportError(f"{len(missing)} planned tensor(s) never added, first {missing[:3]}",
+                                  path=self.dest, tensor=missing[0])
+            self._results = [shard.finish() for shard in self._shards]
+        else:
+            self._flush()
 
     def _finalize(self) -> None:
-        if self._plan is not None:
-            self._finish_planned()
-        self._flush()
+        self._finish_shards()
         staging = self.staging
         if not self._shards:
             raise ExportError("no tensors were added", path=self.dest)
@@ -419,58 +363,60 @@ class ModelWriter:
             raise ExportError(f"{self.weights_name} must be one file; raise max_shard_bytes",
                               path=self.dest)
         weight_map: dict[str, str] = {}
-        final_names = []
-        for i, (tmp_path, names) in enumerate(self._shards, start=1):
+        files: dict[str, dict] = {}
+        finals: dict[str, tuple[ShardFile, ShardResult]] = {}
+        for i, (shard, result) in enumerate(zip(self._shards, self._results), start=1):
             final = self.weights_name if count == 1 else shard_name(i, count)
-            os.rename(tmp_path, staging / final)
-            final_names.append(final)
-            weight_map.update({n: final for n in names})
+            os.rename(shard.path, staging / final)
+            finals[final] = (shard, result)
+            files[final] = {"sha256": result.sha256, "size": result.size}
+            weight_map.update({n: final for n in shard.names})
+        # The small files are all written first, then fsynced: the first fsync commits the
+        # journal for all of them, so the others find nothing left to do.
+        small: dict[str, bytes] = {}
         if count > 1:
-            total = sum(nbytes for _, _, nbytes, _ in self._tensors.values())
+            total = sum(nbytes for _, _, nbytes in self._tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            _write_bytes(staging / INDEX_NAME, json.dumps(index, indent=2).encode())
+            small[INDEX_NAME] = json.dumps(index, indent=2).encode()
         if self.config is not None:
-            _write_bytes(staging / self.config_name, json.dumps(self.config, indent=2, sort_keys=True).encode())
+            small[self.config_name] = json.dumps(self.config, indent=2, sort_keys=True).encode()
         for name, source in self.extra_files.items():
-            _write_bytes(staging / name, self._extra_bytes(name, source))
+            small[name] = self._extra_bytes(name, source)
+        for name, data in small.items():
+            _write_unsynced(staging / name, data)
         if self.late_files is not None:
             for name, data in self.late_files(staging).items():
                 self._check_extra_name(name)
-                if name in self.extra_files or not isinstance(data, (bytes, bytearray)):
+                if name in small or not isinstance(data, (bytes, bytearray)):
                     raise ExportError(f"late file {name!r} must be new and given as bytes",
                                       path=self.dest)
-                _write_bytes(staging / name, bytes(data))
-
-        files = {}
-        read_back: dict[str, tuple] = {}
-        for path in sorted(staging.iterdir()):
-            if path.name == LOCK_NAME:
-                continue
-            if self.verify and path.name in final_names:
-                # one sequential read gives both the manifest's sha256 and the bytes check
-                header = read_header(path)
-                digests, sha = _read_back(path, header)
-                st = path.stat()
-                read_back[path.name] = (header, digests, st.st_size, st.st_mtime_ns)
-                files[path.name] = {"sha256": sha, "size": st.st_size}
-            else:
-                files[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+                small[name] = bytes(data)
+                _write_unsynced(staging / name, small[name])
+        with self.times.stage("fsync"):
+            for name in small:
+                _fsync_path(staging / name)
+        with self.times.stage("hash"):
+            for path in sorted(staging.iterdir()):  # the small files: read once for their sha256
+                if path.name != LOCK_NAME and path.name not in files:
+                    files[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
         manifest = {
             "manifest_version": 1,
             "engine_version": engine.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "tensor_count": len(self._tensors),
-            "total_size": sum(nbytes for _, _, nbytes, _ in self._tensors.values()),
-            "files": files,
+            "total_size": sum(nbytes for _, _, nbytes in self._tensors.values()),
+            "files": dict(sorted(files.items())),
             **self.manifest_extra,
         }
+        if self._record_times:
+            manifest["timings"] = self.times.seconds()
         _write_bytes(staging / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
         _fsync_dir(staging)
 
         if self.verify:
-            self._verify(final_names, weight_map, read_back)
+            self._verify(finals, weight_map)
         (staging / LOCK_NAME).unlink()
-        self._check_destination()  # someone may have filled dest meanwhile
+        check_destination(self.dest, self.input_folders)  # someone may have filled dest meanwhile
         os.rename(staging, self.dest)
         self.staging = None
         unregister_staging(staging)
@@ -488,27 +434,30 @@ class ModelWriter:
             raise ExportError(f"cannot read extra file {name!r} from {source}: {err.strerror}",
                               path=self.dest) from None
 
-    def _verify(self, shard_names: list[str], weight_map: dict[str, str], read_back: dict) -> None:
-        """Every shard read back: our strict header check, safetensors accepts it, keys, dtypes,
-        shapes, and every tensor's bytes equal to what was given (digests from the one read
-        that also gave the manifest's sha256; the file unchanged since)."""
-        for shard in shard_names:
-            path = self.staging / shard
-            expected = sorted(n for n, s in weight_map.items() if s == shard)
-            header, digests, size, mtime_ns = read_back[shard]
+    def _verify(self, finals: dict[str, tuple[ShardFile, ShardResult]], weight_map: dict[str, str]) -> None:
+        """Every shard as a reader sees it: our strict header check, safetensors accepts it,
+        keys, metadata, dtypes, shapes; its size and mtime those it had when its hash was done
+        (every tensor's bytes were read back and compared as it was written)."""
+        for final, (_, result) in finals.items():
+            path = self.staging / final
+            expected = sorted(n for n, s in weight_map.items() if s == final)
+            header = read_header(path)
             if sorted(header.entries) != expected or header.metadata != SHARD_METADATA:
-                raise ExportError(f"verification failed: {shard} keys or metadata differ", path=self.dest)
+                raise ExportError(f"verification failed: {final} keys or metadata differ", path=self.dest)
             with safe_open(str(path), framework="pt") as handle:  # safetensors accepts it
                 if sorted(handle.keys()) != expected:
-                    raise ExportError(f"verification failed: {shard} keys differ", path=self.dest)
+                    raise ExportError(f"verification failed: {final} keys differ", path=self.dest)
             for name in expected:
-                dtype_name, shape, _, digest = self._tensors[name]
+                dtype_name, shape, _ = self._tensors[name]
                 entry = header.entries[name]
                 if entry.dtype_name != dtype_name or entry.shape != shape:
                     raise ExportError("verification failed: dtype/shape differ",
                                       path=self.dest, tensor=name)
-                if digests[name] != digest:
-                    raise ExportError("verification failed: bytes differ", path=self.dest, tensor=name)
             st = path.stat()
-            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-                raise ExportError(f"verification failed: {shard} changed after it was hashed", path=self.dest)
+            if (st.st_size, st.st_mtime_ns) != (result.size, result.mtime_ns):
+                raise ExportError(f"verification failed: {final} changed after it was hashed",
+                                  path=self.dest)
+
+
+__all__ = ["CONFIG_NAME", "INDEX_NAME", "MANIFEST_NAME", "ModelWriter", "SHARD_METADATA",
+           "SINGLE_NAME", "sha256_file", "shard_name"]

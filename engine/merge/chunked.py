@@ -1,15 +1,19 @@
-"""Chunked CPU kernels for the deterministic task-vector methods and linear.
+"""Chunked CPU kernels for the deterministic task-vector methods, linear, slerp, model_stock.
 
 ``linear`` and every task-arithmetic variant (engine/merge/gta.py's ``Variant`` declarations)
-whose sparsification is none, magnitude or Breadcrumbs' magnitude_outliers, without ``rescale``,
-are elementwise once each model's trim threshold is known; the kernel reads the variant's
+whose sparsification is none, magnitude or Breadcrumbs' magnitude_outliers (without
+``rescale``), or DARE's random drop (with or without it), are elementwise once each model's
+trim threshold or drop stream is known; the kernel reads the variant's
 sparsification and consensus from its declaration, so a new such variant runs here unchanged. Computed over whole
 tensors, every step (bf16 -> fp32, subtract, weight, elect, sum, cast back) streams the full
 tensor through memory; computed over slices of ``CHUNK`` entries the fp32 temporaries stay in
 the CPU cache, which is several times faster and never holds an fp32 copy of a whole tensor.
 
 The arithmetic is the methods' own, step for step (``engine.merge.gta.combine``,
-``engine.merge.methods.linear``), so results are the same; tests compare them.
+``engine.merge.methods.linear``), so results are the same; tests compare them. slerp takes two
+passes: the norms and the dot product (float64 sums, as ``engine.merge.methods.slerp`` does
+them), then the weighted sum of the two tensors with the method's own weights; so does
+model_stock (the deltas' float64 Gram matrix, then t * mean + (1 - t) * base).
 
 Trimming (TIES, Breadcrumbs) needs, per model, the k-th largest |delta| of the whole tensor.
 It is found by selection, never a sort: a seeded sample brackets the k-th value, one chunked
@@ -17,43 +21,107 @@ pass counts the entries above the bracket and collects the few inside it, and ``
 those gives the exact threshold (a full ``kthvalue`` is the fallback should the bracket miss).
 Entries equal to the threshold are kept lowest flat index first, as ``sparsify.topk_mask`` does.
 
-Inputs are checked for NaN/Inf on the fly (a sum per chunk); the output too.
+DARE's drops are the method's own draws: ``torch.rand`` of a CPU generator gives the same
+stream drawn chunk by chunk in order as drawn at once, so each model's generator state where
+its draws begin is all the kernel needs (a shared generator draws model after model: the state
+where the next model begins is found by drawing this one's). The L1 rescale needs the sums of
+|delta| and |kept delta| over the whole tensor: a first pass draws and sums (float64, as
+``sparsify.apply_mask`` sums), the second draws again from the saved states and merges.
+
+NaN/Inf are found by one sum per chunk of the values stored in the output (after the cast, while
+the chunk is in cache, so the caller need not scan the output again). That sum also covers the
+inputs: every kernel multiplies and adds the inputs' values themselves (masks and signs only
+scale them, by 0 or 1 included, and NaN * 0 is NaN), so a NaN/Inf in any input leaves a NaN/Inf
+in the result at that place. Only when the sum is not finite is anything looked at exactly:
+the inputs (the error names the one holding a NaN/Inf), then the float32 result (recomputed for
+a lower-precision output, to tell a float32 overflow, an error, from an overflow of the cast,
+which the caller's ``overflow`` policy handles).
+
+Large tensors of the heavy kernels (a trim or a sign election: several times the operations
+per entry) are split into contiguous ranges of chunks computed by two threads at once (the
+caller's and one helper; torch releases the GIL inside each operation): every chunk is computed
+exactly as it would be alone, so the result is the same bit for bit. The trim masks allow it
+because a TopK carries how many threshold ties lie before each chunk (from the selection pass),
+so any chunk knows how many of its ties to keep without the chunks before it. The light kernels
+(linear, plain task arithmetic, slerp) stay on one thread: a merge's reader and writer threads
+keep the other core busy, and a second merge thread then only adds contention for the GIL (on a
+loaded 2-core machine, 35% more CPU time for task arithmetic).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.errors import NonFiniteError
 from engine.merge.gta import Variant
+from engine.merge.methods import model_stock as stock_method
+from engine.merge.methods import slerp as slerp_method
 from engine.merge.registry import MergeMethod
 from engine.merge.sparsify import kept_count
 
 CHUNK = 1 << 17
 _SAMPLE = 1 << 15
+SPLIT_MIN_CHUNKS = 8  # tensors of fewer chunks are computed by one thread
+_POOL: ThreadPoolExecutor | None = None
 
-# the deterministic sparsifications the kernels implement (random masks stay whole-tensor)
-SPARSIFICATIONS = (None, "magnitude", "magnitude_outliers")
+# the sparsifications the kernels implement (DELLA's rank-based drop stays whole-tensor)
+SPARSIFICATIONS = (None, "magnitude", "magnitude_outliers", "random")
+_RESCALE_EPS = 1e-7  # as engine.merge.sparsify
 
 
 @dataclass(frozen=True)
 class TopK:
     """The k largest |delta|: every entry above ``threshold`` plus the first ``at_keep`` entries
-    equal to it (flat order). k >= n is ``everything``, k <= 0 ``nothing``."""
+    equal to it (flat order). k >= n is ``everything``, k <= 0 ``nothing``. ``ties_before[c]``:
+    entries equal to the threshold in chunks before chunk ``c`` (one more item at the end)."""
 
     threshold: float = 0.0
     at_keep: int = 0
     everything: bool = False
     nothing: bool = False
+    ties_before: tuple[int, ...] = field(default=(), repr=False)
 
 
-def _chunks(n: int):
-    for start in range(0, n, CHUNK):
-        yield start, min(n, start + CHUNK)
+def _chunks(n: int, lo: int = 0, hi: int | None = None):
+    """(start, end) of chunks lo..hi-1 of a flat tensor of n entries (all by default)."""
+    hi = -(-n // CHUNK) if hi is None else hi
+    for c in range(lo, hi):
+        yield c * CHUNK, min(n, (c + 1) * CHUNK)
+
+
+def workers() -> int:
+    """Threads a large tensor is split over: two when this process may use two CPUs."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return 2 if cpus >= 2 else 1
+
+
+def _split(n: int, fn, parallel: bool = True) -> list:
+    """``fn(lo, hi)`` over ranges of the chunks of n entries: two halves on two threads for a
+    large tensor (when ``parallel``), else one call here. Results in chunk order; the helper is
+    always waited for (it writes into the caller's output), an error of either half raised."""
+    count = -(-n // CHUNK)
+    if not parallel or count < SPLIT_MIN_CHUNKS or workers() < 2:
+        return [fn(0, count)]
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunked")
+    mid = count // 2
+    helper = _POOL.submit(fn, mid, count)
+    try:
+        first = fn(0, mid)
+    except BaseException:
+        helper.exception()  # wait: it writes into the caller's output
+        raise
+    return [first, helper.result()]
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -81,57 +149,61 @@ def select_topk(base: torch.Tensor, model: torch.Tensor, k: int) -> TopK:
     hi_i, lo_i = math.floor((q - spread) * m), math.ceil((q + spread) * m)
     hi = float(sample[hi_i]) if hi_i >= 0 else math.inf
     lo = float(sample[lo_i]) if lo_i < m else -math.inf
-    above, band = 0, []
-    for s, e in _chunks(n):
-        mag = _delta_chunk(base, model, s, e).abs_()
-        if hi != math.inf:  # count of entries above hi, with float ops (bool ones are slow)
-            above += int((mag - hi).sign_().clamp_(min=0).sum())
-        in_band = mag >= lo if hi == math.inf else (mag <= hi if lo == -math.inf else (mag <= hi) & (mag >= lo))
-        band.append(mag[in_band])
-    band = torch.cat(band)
+
+    def scan(c_lo: int, c_hi: int):
+        above, band = 0, []
+        for s, e in _chunks(n, c_lo, c_hi):
+            mag = _delta_chunk(base, model, s, e).abs_()
+            if hi != math.inf:  # count of entries above hi, with float ops (bool ones are slow)
+                above += int((mag - hi).sign_().clamp_(min=0).sum())
+            in_band = mag >= lo if hi == math.inf else (mag <= hi if lo == -math.inf else (mag <= hi) & (mag >= lo))
+            band.append(mag[in_band])
+        return above, band
+
+    parts = _split(n, scan)
+    above = sum(a for a, _ in parts)
+    bands = [b for _, part in parts for b in part]  # one per chunk, in order
+    band = torch.cat(bands)
     rank = k - above  # rank of the k-th largest inside the band, from the top (1-based)
+    count = len(bands)
     if 1 <= rank <= band.numel():
         threshold = float(torch.kthvalue(band, band.numel() - rank + 1).values)
         greater = above + int((band > threshold).sum())
+        # the chunk of every band entry equal to the threshold
+        bounds = torch.tensor([b.numel() for b in bands]).cumsum(0)
+        at = torch.searchsorted(bounds, torch.nonzero(band == threshold).flatten(), right=True)
     else:  # the bracket missed (heavy ties or an unlucky sample): exact selection on everything
         mag = torch.cat([_delta_chunk(base, model, s, e).abs_() for s, e in _chunks(n)])
         threshold = float(torch.kthvalue(mag, n - k + 1).values)
         greater = int((mag > threshold).sum())
-    return TopK(threshold=threshold, at_keep=k - greater)
+        at = torch.nonzero(mag == threshold).flatten() // CHUNK
+    ties = torch.bincount(at, minlength=count).cumsum(0)
+    return TopK(threshold=threshold, at_keep=k - greater, ties_before=(0, *ties.tolist()))
 
 
-class _TopKCursor:
-    """Applies a TopK chunk by chunk, in flat order, keeping count of threshold ties kept.
+def topk_mask(rule: TopK, mag: torch.Tensor, c: int) -> torch.Tensor | None:
+    """The keep mask of chunk ``c`` (its |delta| ``mag``) under ``rule``; None keeps all.
 
     Masks are float 0/1 tensors built with sign arithmetic (``sign(mag - t)`` is 1 above the
     threshold, 0 at it): on the CPU, comparisons producing bool tensors and bool-float products
-    are several times slower than these float operations, and the values are the same."""
-
-    def __init__(self, rule: TopK):
-        self.rule = rule
-        self.left = rule.at_keep
-
-    def mask(self, mag: torch.Tensor) -> torch.Tensor | None:
-        rule = self.rule
-        if rule.everything:
-            return None
-        if rule.nothing:
-            return torch.zeros_like(mag)
-        keep = (mag - rule.threshold).sign_()  # -1 below, 0 at, +1 above the threshold
-        if self.left <= 0:
-            return keep.clamp_(min=0)
-        at = keep.abs().neg_().add_(1.0)  # 1 exactly at the threshold
-        keep.clamp_(min=0)
-        count = int(at.sum())
-        if count:
-            if count <= self.left:
-                keep.add_(at)
-                self.left -= count
-            else:  # the chunk holding the cut: keep the first `left` ties, in flat order
-                at_b = at.bool()
-                keep.add_((at_b & (torch.cumsum(at_b, dim=0) <= self.left)).to(keep.dtype))
-                self.left = 0
-        return keep
+    are several times slower than these float operations, and the values are the same. Of the
+    entries equal to the threshold, those kept are the first ``at_keep`` in flat order: this
+    chunk keeps what is left of them after the ties of the chunks before it."""
+    if rule.everything:
+        return None
+    if rule.nothing:
+        return torch.zeros_like(mag)
+    keep = (mag - rule.threshold).sign_()  # -1 below, 0 at, +1 above the threshold
+    left = rule.at_keep - rule.ties_before[c]
+    count = rule.ties_before[c + 1] - rule.ties_before[c]  # ties in this chunk
+    if left <= 0 or count == 0:
+        return keep.clamp_(min=0)
+    at = keep.abs().neg_().add_(1.0)  # 1 exactly at the threshold
+    keep.clamp_(min=0)
+    if count <= left:
+        return keep.add_(at)
+    at_b = at.bool()  # the chunk holding the cut: keep the first `left` ties, in flat order
+    return keep.add_((at_b & (torch.cumsum(at_b, dim=0) <= left)).to(keep.dtype))
 
 
 def _model_rules(sparsification, n: int, mp, base, model) -> list[tuple[TopK, bool]] | None:
@@ -150,21 +222,38 @@ def _model_rules(sparsification, n: int, mp, base, model) -> list[tuple[TopK, bo
     return [(select_topk(base, model, n - n_bottom), False), (select_topk(base, model, n_top), True)]
 
 
-def supports(method: MergeMethod, params) -> bool:
-    """Whether ``merge_into`` implements this method with these global parameters."""
+def supports(method: MergeMethod, params, n_models: int | None = None) -> bool:
+    """Whether ``merge_into`` implements this method with these global parameters (and this
+    many fine-tuned tensors, when given)."""
     if method.name == "linear":
         return True
+    if method.name == "slerp":
+        return n_models in (None, 1)
+    if method.name == "model_stock":
+        return not params.filter_wise and n_models is not None and n_models >= 2
     variant = method.module
     return (isinstance(variant, Variant) and variant.sparsification in SPARSIFICATIONS
-            and not params.rescale)
+            and (not params.rescale or variant.sparsification == "random"))
 
 
 def merge_into(method: MergeMethod, base: torch.Tensor | None, models: Sequence[torch.Tensor],
                model_params, params, out: torch.Tensor, *, labels: Sequence[str] | None = None,
-               name: str = "") -> torch.Tensor:
+               name: str = "", generator: torch.Generator | None = None) -> torch.Tensor:
     """Merge one tensor chunk by chunk into ``out`` (any float dtype, the inputs' shape).
 
-    ``labels`` name the inputs in errors (base first when there is one)."""
+    ``labels`` name the inputs in errors (base first when there is one); ``generator`` is the
+    tensor's shared generator of the random methods (``MergeSpec.generator``)."""
+    merge_checked(method, base, models, model_params, params, out, labels=labels, name=name,
+                  generator=generator)
+    return out
+
+
+def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequence[torch.Tensor],
+                  model_params, params, out: torch.Tensor, *, labels: Sequence[str] | None = None,
+                  name: str = "", generator: torch.Generator | None = None) -> bool:
+    """``merge_into``; True when every value written is known finite in ``out``'s dtype (the
+    cast checked on the fly), False when the sums cannot tell (a huge finite sum overflows, or
+    a cast overflowed): the caller then looks at ``out`` exactly."""
     flat_models = [m.reshape(-1) for m in models]
     flat_base = base.reshape(-1) if base is not None else None
     flat_out = out.view(-1)
@@ -172,71 +261,111 @@ def merge_into(method: MergeMethod, base: torch.Tensor | None, models: Sequence[
     inputs = ([flat_base] if flat_base is not None else []) + flat_models
     labels = list(labels) if labels is not None else (
         (["base"] if base is not None else []) + [f"input {i}" for i in range(len(models))])
-    sums = torch.zeros(len(inputs) + 1, dtype=torch.float32)
-    # One thread: the chunks are small, in-cache operations, where intra-op threads cost more
-    # than they give (and collapse when other processes share the cores). The caller overlaps
-    # reading and writing with this instead.
+    cast = out.dtype != torch.float32
+    # One thread per range: the chunks are small, in-cache operations, where intra-op threads
+    # cost more than they give (and collapse when other processes share the cores).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    rules, consensus, drops = [], None, None
     try:
         if method.name == "linear":
-            _linear(flat_models, model_params, params, flat_out, sums)
+            w = [float(x) for x in torch.tensor([mp.weight for mp in model_params], dtype=torch.float32)]
+            total = float(torch.tensor(w, dtype=torch.float32).sum())
+
+            def run(target, lo, hi):
+                return _linear(flat_models, w, total, params.normalize, target, lo, hi)
+        elif method.name == "slerp":
+            (model,) = flat_models
+            reduced = sum(_split(n, lambda lo, hi: _slerp_sums(flat_base, model, lo, hi), parallel=False))
+            n0, n1, d01 = math.sqrt(reduced[0]), math.sqrt(reduced[1]), float(reduced[2])
+            w0, w1 = (slerp_method.weights(params.t, n0, n1, d01, params.dot_threshold, params.eps)
+                      if bool(torch.isfinite(reduced).all()) else (math.nan, math.nan))
+
+            def run(target, lo, hi):
+                return _slerp(flat_base, model, w0, w1, target, lo, hi)
+        elif method.name == "model_stock":
+            gram = sum(_split(n, lambda lo, hi: _stock_gram(flat_base, flat_models, lo, hi), parallel=False))
+            t = stock_method.stock_t(gram.unsqueeze(0), len(flat_models)).to(torch.float32).reshape(())
+            one_minus_t = 1 - t
+
+            def run(target, lo, hi):
+                return _stock(flat_base, flat_models, t, one_minus_t, target, lo, hi)
         else:
             variant = method.module
-            consensus_method = params.consensus_method if variant.consensus else None
-            _gta(flat_base, flat_models, model_params, params, flat_out, sums, variant.sparsification,
-                 consensus_method, n)
-    finally:
-        torch.set_num_threads(threads)
-    if not bool(torch.isfinite(sums).all()):
-        # a NaN/Inf anywhere makes its sum non-finite; so can a huge sum: look exactly
+            consensus = params.consensus_method if variant.consensus else None
+            if variant.sparsification == "random":
+                drops = _dare_drops(flat_base, flat_models, model_params, params, generator, name)
+            else:
+                drops = None
+                rules = [_model_rules(variant.sparsification, n, mp, flat_base, m)
+                         for mp, m in zip(model_params, flat_models)]
+
+            def run(target, lo, hi):
+                for drop in drops or ():
+                    if drop is not None:
+                        drop.rewind()  # a pass covers every chunk, in order, on one thread
+                return _gta(flat_base, flat_models, model_params, params, target, rules, consensus, lo, hi,
+                            drops=drops)
+        # DARE's drops come from sequential streams: one thread
+        heavy = (consensus is not None or any(r is not None for r in rules)) and drops is None
+        stored = sum(_split(n, lambda lo, hi: run(flat_out, lo, hi), parallel=heavy))
+        if bool(torch.isfinite(stored)):
+            return True
+        # a NaN/Inf somewhere, or only a huge sum: look exactly
         for label, t in zip(labels, inputs):
             finite = torch.isfinite(t)
             if not bool(finite.all()):
                 raise NonFiniteError(f"{int((~finite).sum())} NaN/Inf value(s) in an input; merge refused",
                                      path=label, tensor=name or None)
-        bad = int((~torch.isfinite(flat_out)).sum())
+        result = flat_out
+        if cast:  # the float32 values, before the cast
+            result = torch.empty(n, dtype=torch.float32)
+            run(result, 0, -(-n // CHUNK))
+        bad = int((~torch.isfinite(result)).sum())
         if bad:
             raise NonFiniteError(f"{method.name} produced {bad} non-finite value(s)", tensor=name or None)
-    return out
+        return not cast  # float32: all finite; a cast: the caller looks at its values
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _linear(models, model_params, params, out, sums) -> None:
-    w = torch.tensor([mp.weight for mp in model_params], dtype=torch.float32)
-    total = w.sum()
-    weights = [float(x) for x in w]
-    for s, e in _chunks(out.numel()):
-        acc = None
-        for i, (m, wi) in enumerate(zip(models, weights)):
-            x = _f32(m[s:e])
-            sums[i] += x.sum()
-            x = x.mul_(wi)
-            acc = x if acc is None else acc.add_(x)
-        if params.normalize:
-            acc = acc.div_(total)
-        sums[-1] += acc.sum()
-        out[s:e] = acc
+def _store(result: torch.Tensor, out: torch.Tensor, s: int, e: int, acc: torch.Tensor) -> None:
+    """Store a chunk's float32 result in ``out`` (cast to its dtype); add up what was stored."""
+    out[s:e] = result
+    acc += result.sum() if out.dtype == torch.float32 else out[s:e].sum(dtype=torch.float32)
 
 
-def _gta(base, models, model_params, params, out, sums, sparsification, consensus, n) -> None:
+def _linear(models, weights, total, normalize, out, lo, hi) -> torch.Tensor:
+    acc = torch.zeros((), dtype=torch.float32)
+    for s, e in _chunks(out.numel(), lo, hi):
+        mixed = None
+        for m, wi in zip(models, weights):
+            x = _f32(m[s:e]).mul_(wi)
+            mixed = x if mixed is None else mixed.add_(x)
+        if normalize:
+            mixed = mixed.div_(total)
+        _store(mixed, out, s, e, acc)
+    return acc
+
+
+def _gta(base, models, model_params, params, out, rules, consensus, lo, hi, drops=None) -> torch.Tensor:
     weights = [float(x) for x in torch.tensor([mp.weight for mp in model_params], dtype=torch.float32)]
-    rules = [_model_rules(sparsification, n, mp, base, m) for mp, m in zip(model_params, models)]
-    cursors = [[(_TopKCursor(r), neg) for r, neg in rs] if rs is not None else None for rs in rules]
     w_sum = torch.tensor(weights, dtype=torch.float32).sum()
     plain_divisor = 1.0 if abs(float(w_sum)) < 1e-8 else w_sum
     lam = params.lambda_
-    for s, e in _chunks(n):
+    acc = torch.zeros((), dtype=torch.float32)
+    for c, (s, e) in enumerate(_chunks(out.numel(), lo, hi), start=lo):
         b = _f32(base[s:e])
-        sums[0] += b.sum()
         weighted = []
-        for i, (m, wi, cur) in enumerate(zip(models, weights, cursors)):
-            x = _f32(m[s:e])
-            sums[i + 1] += x.sum()
-            d = x.sub_(b)
-            if cur is not None:
+        for i, (m, wi) in enumerate(zip(models, weights)):
+            rs = rules[i] if rules else None
+            d = _f32(m[s:e]).sub_(b)
+            if drops is not None and drops[i] is not None:
+                d = drops[i].apply(d)
+            if rs is not None:
                 mag = d.abs()
-                for cursor, negate in cur:
-                    k = cursor.mask(mag)  # float 0/1, None = keep all
+                for rule, negate in rs:
+                    k = topk_mask(rule, mag, c)  # float 0/1, None = keep all
                     if negate:
                         k = torch.zeros_like(mag) if k is None else k.neg_().add_(1.0)
                     if k is not None:
@@ -270,5 +399,95 @@ def _gta(base, models, model_params, params, out, sums, sparsification, consensu
         if params.normalize:
             mixed = mixed / divisor
         result = b.add_(mixed.mul_(lam)) if lam != 1.0 else b.add_(mixed)
-        sums[-1] += result.sum()
-        out[s:e] = result
+        _store(result, out, s, e, acc)
+    return acc
+
+
+def _slerp_sums(base, model, lo, hi) -> torch.Tensor:
+    """float64 [sum b*b, sum m*m, sum b*m] over chunks lo..hi-1 (NaN/Inf propagate)."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for s, e in _chunks(base.numel(), lo, hi):
+        x, y = base[s:e].double(), model[s:e].double()
+        sums[0] += torch.dot(x, x)
+        sums[1] += torch.dot(y, y)
+        sums[2] += torch.dot(x, y)
+    return sums
+
+
+def _slerp(base, model, w0, w1, out, lo, hi) -> torch.Tensor:
+    acc = torch.zeros((), dtype=torch.float32)
+    for s, e in _chunks(out.numel(), lo, hi):
+        _store(_f32(base[s:e]).mul_(w0).add_(_f32(model[s:e]).mul_(w1)), out, s, e, acc)
+    return acc
+
+
+def _stock_gram(base, models, lo, hi) -> torch.Tensor:
+    """float64 [N, N]: sums over chunks lo..hi-1 of d_i * d_j (float32 deltas)."""
+    gram = torch.zeros(len(models), len(models), dtype=torch.float64)
+    for s, e in _chunks(base.numel(), lo, hi):
+        b = _f32(base[s:e])
+        d = torch.stack([_f32(m[s:e]).sub_(b) for m in models]).double()
+        gram += d @ d.T
+    return gram
+
+
+def _stock(base, models, t, one_minus_t, out, lo, hi) -> torch.Tensor:
+    acc = torch.zeros((), dtype=torch.float32)
+    for s, e in _chunks(out.numel(), lo, hi):
+        mean = torch.stack([_f32(m[s:e]) for m in models]).mean(dim=0)
+        _store((t * mean).add_(one_minus_t * _f32(base[s:e])), out, s, e, acc)
+    return acc
+
+
+class _Drop:
+    """One model's DARE drop, replayed chunk by chunk: its generator from the state where its
+    draws begin, its density, its rescale (``apply_mask``'s, the factor known in advance)."""
+
+    def __init__(self, state: torch.Tensor, density: float, rescale: str | None, factor):
+        self.state, self.generator = state, torch.Generator()
+        self.density, self.rescale, self.factor = density, rescale, factor
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Back to where this model's draws begin (before each pass over the tensor)."""
+        self.generator.set_state(self.state)
+
+    def apply(self, d: torch.Tensor) -> torch.Tensor:
+        keep = torch.rand(d.numel(), generator=self.generator) < self.density
+        masked = d.mul_(keep)
+        if self.rescale == "keep_probability":
+            return masked.div_(self.density)
+        if self.rescale == "l1" and self.factor is not None:
+            return masked.mul_(self.factor)
+        return masked
+
+
+def _dare_drops(base, models, model_params, params, shared, name) -> list[_Drop | None]:
+    """Each model's drop as ``gta.merge`` draws it (``common.generator_for``), found by a first
+    pass: it advances a shared generator past each model's draws and, for the L1 rescale, sums
+    |delta| and |kept delta| in float64."""
+    from engine.merge.common import generator_for
+
+    n = base.numel()
+    rescale = params.rescale_norm if params.rescale else None
+    drops: list[_Drop | None] = []
+    for i, (m, mp) in enumerate(zip(models, model_params)):
+        density = getattr(mp, "density", 1.0)
+        if density >= 1:  # the method returns the delta untouched, drawing nothing
+            drops.append(None)
+            continue
+        gen = generator_for(i, getattr(mp, "seed", None), shared, name)
+        state = gen.get_state()
+        factor = None
+        if rescale == "l1" or gen is shared:  # the stream must be drawn (to sum, or to pass it)
+            before = after = 0.0
+            for s, e in _chunks(n):
+                keep = torch.rand(e - s, generator=gen) < density
+                if rescale == "l1":
+                    d = _f32(m[s:e]).sub_(base[s:e].float())
+                    before += float(d.abs().sum(dtype=torch.float64))
+                    after += float(d.mul_(keep).abs_().sum(dtype=torch.float64))
+            if rescale == "l1" and before >= _RESCALE_EPS and after >= _RESCALE_EPS:
+                factor = torch.tensor(before / after, dtype=torch.float64)
+        drops.append(_Drop(state, density, rescale, factor))
+    return drops

@@ -1,9 +1,9 @@
 """Run a merge recipe tensor by tensor: read, merge in fp32 (fp64 for fp64 tensors; on CUDA
 when present), cast, check the cast values, write. Integer and bool tensors are copied.
 
-Memory stays at about one tensor per input model plus the writer's shard buffer: inputs are
-opened lazily (``ModelFolder``) and only the tensor being merged, and the next one (read by a
-prefetch thread while the current one is computed), are in RAM.
+Memory stays at a few tensors per input model: inputs are opened lazily (``ModelFolder``) and
+only the tensor being merged, the few read ahead by a prefetch thread (at most ``READ_AHEAD``,
+``READ_AHEAD_BYTES``) and the few merged ones waiting to be written and checked are in RAM.
 
 Everything that can be checked before work starts is checked first: the recipe, every model
 folder, the compatibility report (all mismatches at once), and the parameters resolved for
@@ -18,7 +18,9 @@ warnings and lists those tensors in the manifest (``cpu_fallback``).
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,8 @@ from engine.device import resolve_device
 from engine.errors import ConfigError, DeltaWorkbenchError, ParameterError
 from engine.export_card import CARD_NAME, merge_card
 from engine.io import ModelFolder, ModelWriter
+from engine.io.buffers import BufferPool
+from engine.io.stages import StageTimes
 from engine.io.side_files import TOKENIZER_FILES as SIDE_TOKENIZER_FILES
 from engine.io.side_files import read_side_files
 from engine.merge.registry import MergeMethod, get_method
@@ -43,6 +47,11 @@ from engine.recipe import DTYPES, MergeRecipe, check_recipe_paths, resolve_model
 # Files copied from the tokenizer source next to the merged weights (when present).
 TOKENIZER_FILES = (*SIDE_TOKENIZER_FILES, "generation_config.json")
 RECIPE_FILE = "merge_recipe.yml"
+# Reads queued ahead of the merge: up to this many tensors, and while the inputs queued stay
+# under this many bytes (at least one tensor is always read ahead).
+READ_AHEAD = 4
+READ_AHEAD_BYTES = 256 * 2**20
+WRITE_BEHIND = 2  # merged tensors waiting for the writer thread
 
 Progress = Callable[[float, str], None]
 
@@ -86,6 +95,7 @@ class MergeResult:
     device: str
     warnings: list[str]
     evaluation: dict | None = None    # the merged model's zoo-task scores (``evaluate=True``)
+    timings: dict | None = None       # seconds per stage (engine.io.stages), "wall" included
 
 
 def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
@@ -205,13 +215,13 @@ def _input_tensor(plan: MergePlan, folder: ModelFolder, name: str) -> torch.Tens
 
 def _merge_into(spec: MergeSpec, name: str, base_t, model_ts, out: torch.Tensor, *,
                 device: torch.device, stats=None, labels=None, cpu_fallback: list[str],
-                overflow: str = "refuse") -> torch.Tensor:
+                overflow: str = "refuse", times: StageTimes | None = None) -> torch.Tensor:
     """``spec.merge_into`` for one tensor; a CUDA out-of-memory on it is retried on the CPU
     (the same arithmetic, ``out`` rewritten whole) and the tensor's name is appended to
     ``cpu_fallback``, so one oversized tensor does not fail a merge of thousands."""
     try:
         return spec.merge_into(name, base_t, model_ts, out, device=device, stats=stats, labels=labels,
-                               overflow=overflow)
+                               overflow=overflow, times=times)
     except torch.OutOfMemoryError:
         if device.type != "cuda":
             raise
@@ -221,7 +231,7 @@ def _merge_into(spec: MergeSpec, name: str, base_t, model_ts, out: torch.Tensor,
         torch.cuda.empty_cache()
     cpu_fallback.append(name)
     return spec.merge_into(name, base_t, model_ts, out, device=torch.device("cpu"), stats=stats,
-                           labels=labels, overflow=overflow)
+                           labels=labels, overflow=overflow, times=times)
 
 
 def _read_inputs(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -273,6 +283,7 @@ def run_merge(
     stats_provider: Callable[[str], list[torch.Tensor]] | None = None,
     allowed_roots: Iterable[str | Path] | None = None,
     evaluate: bool = False,
+    times: StageTimes | None = None,
 ) -> MergeResult:
     """Merge per ``recipe`` into a new model folder ``out`` (atomic: all or nothing), with
     its model card (README.md). ``evaluate``: score the merged model on the zoo tasks before
@@ -281,10 +292,16 @@ def run_merge(
     ``stats_provider(name)`` gives fisher/regmean their per-tensor statistics; without one
     they are calibrated here (``engine.merge.calibration``, settings from the recipe's
     ``calibration`` parameter, on its ``data`` file, a ``calibration_task`` or the zoo
-    manifest's task)."""
+    manifest's task).
+
+    ``times`` collects seconds per stage (plan, read, convert, merge, check, write, verify,
+    hash, fsync, finalize, and the merge thread's waits for the reader and the writer); they go into
+    the manifest (``timings``) and ``MergeResult.timings``."""
     started = time.perf_counter()
+    times = times if times is not None else StageTimes()
     device = resolve_device(device)
-    plan = plan_merge(recipe, recipe_dir=recipe_dir, allowed_roots=allowed_roots)
+    with times.stage("plan"):  # open and check every input, resolve every tensor's parameters
+        plan = plan_merge(recipe, recipe_dir=recipe_dir, allowed_roots=allowed_roots)
     own_stats = None  # statistics calibrated here are closed (their spill folder removed) here
     if plan.method.stats is not None and stats_provider is None:
         # fisher / regmean: calibrate every input model on its task's prompts (before any
@@ -336,57 +353,95 @@ def run_merge(
 
     manifest = {"kind": "merge", "recipe": recipe.model_dump(mode="json", exclude_none=True),
                 "inputs": [str(f) for f in inputs_folders], "warnings": plan.warnings}
-    # Three stages overlap: a thread reads tensor i+1 (pread, no memory map), the caller's
-    # thread merges tensor i, a thread writes tensor i-1 in place in its shard (the writer
-    # knows the whole layout up front, so nothing is buffered). At most one tensor waits
-    # at each stage, so memory stays at a few tensors.
-    pending_write = None
+    # Four stages overlap: a thread reads the next tensors (pread, no memory map, into
+    # reused buffers), the caller's thread merges one (the heavy kernels' large tensors on two
+    # threads, see engine.merge.chunked), a thread writes the ones merged before in place in
+    # their shard (the writer knows the whole layout up front, so nothing is buffered), and the
+    # writer's checker thread reads each back, compares it and hashes it. Queues are short
+    # (READ_AHEAD, WRITE_BEHIND, the checker's), so memory stays at a few tensors.
+    folders = [f for f in {id(f): f for f in [*plan.opened, plan.layout, *plan.models,
+                                              *([plan.base] if plan.base else [])]}.values()
+               if isinstance(f, ModelFolder)]
+    input_bytes = [sum(m.info(name).nbytes for m in folders if name in m) for name, _, _ in layout]
+    pool = BufferPool(max_idle_bytes=2 * (len(plan.models) + 2) * max(
+        [math.prod(shape) * torch.empty((), dtype=d).element_size() for _, d, shape in layout] or [0]))
+    for folder in folders:
+        folder.buffers = pool
     cpu_fallback: list[str] = []  # tensors merged on the CPU after a CUDA out-of-memory
+    reads: deque = deque()
+    writes: deque = deque()
+
+    def read(name: str):
+        with times.stage("read"):
+            return _read_inputs(plan, name)
+
     try:
         with ModelWriter(out, config=output_config(plan), extra_files=extra,
                          max_shard_bytes=max_shard_bytes, manifest_extra=manifest,
                          input_folders=inputs_folders, plan=layout,
-                         late_files=card_files) as writer, \
+                         late_files=card_files, times=times) as writer, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read") as reader, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write") as writing:
+            queued = [0, 0]  # next tensor to read, input bytes queued
+
+            def read_ahead() -> None:
+                while queued[0] < len(layout) and len(reads) < READ_AHEAD and (
+                        not reads or queued[1] + input_bytes[queued[0]] <= READ_AHEAD_BYTES):
+                    reads.append((input_bytes[queued[0]], reader.submit(read, layout[queued[0]][0])))
+                    queued[1] += input_bytes[queued[0]]
+                    queued[0] += 1
+
             try:
-                pending = reader.submit(_read_inputs, plan, layout[0][0]) if layout else None
+                read_ahead()
                 for i, (name, out_dtype, shape) in enumerate(layout):
-                    inputs = pending.result()
-                    if i + 1 < len(layout):  # read the next tensor while this one is merged
-                        pending = reader.submit(_read_inputs, plan, layout[i + 1][0])
+                    nbytes, pending = reads.popleft()
+                    with times.stage("wait_read"):
+                        inputs = pending.result()
+                    queued[1] -= nbytes
+                    read_ahead()
                     stats = stats_provider(name) if stats_provider is not None else None
-                    merged = torch.empty(shape, dtype=out_dtype)
+                    merged = pool.empty(shape, out_dtype)
                     before = len(cpu_fallback)
                     _merge_into(plan.spec, name, inputs[0], inputs[1], merged, device=device,
                                 stats=stats, labels=labels, cpu_fallback=cpu_fallback,
-                                overflow=plan.recipe.overflow)
+                                overflow=plan.recipe.overflow, times=times)
                     on_cpu = len(cpu_fallback) > before
                     if on_cpu:
                         plan.warnings.append(f"tensor {name!r}: CUDA out of memory; merged on the "
                                              "CPU instead")
-                    del inputs
-                    if pending_write is not None:
-                        pending_write.result()
-                    pending_write = writing.submit(writer.add_tensor, name, merged)
+                    del inputs, stats
+                    while writes and (len(writes) >= WRITE_BEHIND or writes[0].done()):
+                        with times.stage("wait_write"):
+                            writes.popleft().result()  # a write error stops the merge here
+                    writes.append(writing.submit(writer.add_tensor, name, merged))
                     del merged
                     if progress is not None:
                         progress((i + 1) / len(layout),
                                  name + (" (on the CPU: CUDA out of memory)" if on_cpu else ""))
-                if pending_write is not None:
-                    pending_write.result()
+                with times.stage("wait_write"):
+                    while writes:
+                        writes.popleft().result()
                 if cpu_fallback:  # the manifest is written when the writer closes, below
                     writer.manifest_extra.update(cpu_fallback=list(cpu_fallback),
                                                  warnings=list(plan.warnings))
-            finally:  # never leave the writer (or its abort) racing the write thread
-                if pending_write is not None and not pending_write.done():
-                    pending_write.exception()
+            finally:  # never leave the writer (or its abort) racing the threads
+                for _, pending in reads:
+                    pending.cancel()
+                for pending in writes:
+                    if not pending.cancel():
+                        pending.exception()
     finally:
+        for folder in folders:
+            folder.buffers = None
+        pool.clear()
         plan.close()
         if own_stats is not None:
             own_stats.close()
+    timings = {"wall": round(time.perf_counter() - started, 3), **times.seconds(),
+               "cpu": times.cpu_seconds()}
     return MergeResult(out=Path(out), tensors=len(layout), seconds=time.perf_counter() - started,
-                       device=str(device), warnings=plan.warnings, evaluation=evaluation or None)
+                       device=str(device), warnings=plan.warnings, evaluation=evaluation or None,
+                       timings=timings)
 
 
 def merge_state_dicts(

@@ -108,8 +108,10 @@ def apply_mask(
         return masked
     if rescale == "keep_probability":
         return masked / keep_probability
-    before = delta.abs().sum()
-    after = masked.abs().sum()
+    # float64 sums (ours; mergekit's are float32): the factor then does not depend on how a
+    # kernel splits the tensor (engine.merge.chunked sums chunk by chunk)
+    before = delta.abs().sum(dtype=torch.float64)
+    after = masked.abs().sum(dtype=torch.float64)
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
         return masked
     return masked * (before / after)

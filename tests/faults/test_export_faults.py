@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file as real_save_file
 
-import engine.io.writer as writer_module
+import engine.io.shard as shard_module
+from engine.io.shard import _pwrite_all as real_pwrite_all
 from engine.errors import ExportError
 from engine.io import ModelFolder, ModelWriter, sweep_orphan_staging
 from tests.io.builders import TINY_CONFIG, snapshot, staging_leftovers, tiny_tensors, write_model
@@ -27,17 +27,20 @@ from tests.io.builders import TINY_CONFIG, snapshot, staging_leftovers, tiny_ten
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _fail_on_call(n: int, exc: BaseException):
-    calls = {"count": 0}
+def _fail_on_shard(n: int, exc: BaseException):
+    """A ``_pwrite_all`` that raises on the n-th shard file's first write: the file exists and
+    holds part of what was asked (as a real disk-full leaves it)."""
+    inodes: list[int] = []
 
-    def save_file(tensors, filename, metadata=None):
-        calls["count"] += 1
-        if calls["count"] == n:
-            # a real disk-full leaves a partial file behind: make one
-            Path(filename).write_bytes(b"partial")
-            raise exc
-        return real_save_file(tensors, filename, metadata=metadata)
-    return save_file
+    def pwrite_all(fd, data, offset):
+        inode = os.fstat(fd).st_ino
+        if inode not in inodes:
+            inodes.append(inode)
+            if len(inodes) == n:
+                os.pwrite(fd, b"partial", 0)
+                raise exc
+        return real_pwrite_all(fd, data, offset)
+    return pwrite_all
 
 
 def _export(dest, **kw):
@@ -48,8 +51,8 @@ def _export(dest, **kw):
 
 # ---------------------------------------------------------------- 14: disk full
 def test_disk_full_on_shard_two(tmp_path, monkeypatch):
-    monkeypatch.setattr(writer_module, "save_file",
-                        _fail_on_call(2, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    monkeypatch.setattr(shard_module, "_pwrite_all",
+                        _fail_on_shard(2, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
     dest = tmp_path / "merged"
     with pytest.raises(ExportError) as info:
         _export(dest)
@@ -59,7 +62,7 @@ def test_disk_full_on_shard_two(tmp_path, monkeypatch):
 
 
 def test_interrupt_during_shard_write(tmp_path, monkeypatch):
-    monkeypatch.setattr(writer_module, "save_file", _fail_on_call(2, KeyboardInterrupt()))
+    monkeypatch.setattr(shard_module, "_pwrite_all", _fail_on_shard(2, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         _export(tmp_path / "merged")
     assert snapshot(tmp_path) == []
@@ -77,12 +80,11 @@ def test_interrupt_between_tensors(tmp_path):
 
 
 def test_verification_catches_a_corrupted_shard(tmp_path, monkeypatch):
-    def corrupting_save(tensors, filename, metadata=None):
-        real_save_file(tensors, filename, metadata=metadata)
-        data = bytearray(Path(filename).read_bytes())
-        data[-1] ^= 0xFF  # flip bits in the last tensor's data: header still valid
-        Path(filename).write_bytes(bytes(data))
-    monkeypatch.setattr(writer_module, "save_file", corrupting_save)
+    def corrupting(fd, data, offset):
+        real_pwrite_all(fd, data, offset)
+        if offset > 8 and len(data) > 4:  # a tensor's data, not the header: flip its last byte
+            os.pwrite(fd, bytes([data[-1] ^ 0xFF]), offset + len(data) - 1)
+    monkeypatch.setattr(shard_module, "_pwrite_all", corrupting)
     with pytest.raises(ExportError, match="verification failed: bytes differ") as info:
         _export(tmp_path / "merged")
     assert info.value.tensor is not None and str(tmp_path / "merged") in str(info.value)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import engine.io.writer as writer_module
+import engine.io.shard as shard_module
 from engine.errors import ExportError
 from engine.io import ModelFolder, ModelWriter
 from engine.io.writer import INDEX_NAME, MANIFEST_NAME
@@ -108,7 +108,7 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, data, offset)
 
-    monkeypatch.setattr(writer_module.os, "pwrite", pwrite)
+    monkeypatch.setattr(shard_module.os, "pwrite", pwrite)
     with pytest.raises(ExportError, match="No space left on device"):
         write_streaming(tmp_path / "out", tensors, max_shard_bytes=300)
     assert snapshot(tmp_path) == []
@@ -127,14 +127,14 @@ def test_interrupt_between_tensors_leaves_nothing(tmp_path):
 
 def test_verification_catches_bytes_changed_after_writing(tmp_path, monkeypatch):
     tensors = tiny_tensors()
-    real = writer_module._pwrite_all
+    real = shard_module._pwrite_all
 
     def corrupting(fd, data, offset):
         real(fd, data, offset)
         if offset > 64 and len(data) > 4:  # a tensor's data, not the header
             os.pwrite(fd, bytes([data[0] ^ 0xFF]), offset)
 
-    monkeypatch.setattr(writer_module, "_pwrite_all", corrupting)
+    monkeypatch.setattr(shard_module, "_pwrite_all", corrupting)
     with pytest.raises(ExportError, match="verification failed: bytes differ"):
         write_streaming(tmp_path / "out", tensors)
     assert snapshot(tmp_path) == []

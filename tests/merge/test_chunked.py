@@ -77,8 +77,8 @@ def test_select_topk_matches_a_full_selection(k):
         assert rule.nothing
         return
     expected = topk_mask(mag, k)
-    cursor = chunked._TopKCursor(rule)
-    got = torch.cat([cursor.mask(mag[s:e]) for s, e in chunked._chunks(mag.numel())])
+    got = torch.cat([chunked.topk_mask(rule, mag[s:e], c)
+                     for c, (s, e) in enumerate(chunked._chunks(mag.numel()))])
     assert int(got.sum()) == k
     assert torch.equal(got, expected)
 
@@ -90,15 +90,23 @@ def test_bracket_miss_falls_back_to_exact_selection(monkeypatch):
     for k in (1, 100, 450, 899):
         rule = select_topk(base.reshape(-1), ft.reshape(-1), k)
         assert isinstance(rule, TopK)
-        cursor = chunked._TopKCursor(rule)
-        assert torch.equal(torch.cat([cursor.mask(mag[s:e]) for s, e in chunked._chunks(mag.numel())]),
+        assert torch.equal(torch.cat([chunked.topk_mask(rule, mag[s:e], c)
+                                      for c, (s, e) in enumerate(chunked._chunks(mag.numel()))]),
                            topk_mask(mag, k))
 
 
 def test_unsupported_settings_are_declined():
-    for name, params in (("dare_ties", {}), ("ties", {"rescale": True}), ("slerp", {"t": 0.5})):
+    for name, params in (("della", {}), ("della_linear", {}), ("ties", {"rescale": True})):
         m = get_method(name)
         assert not chunked.supports(m, m.parse_params(params))
+    dare = get_method("dare_ties")  # DARE's random drops, rescaled or not
+    assert chunked.supports(dare, dare.parse_params({})) and chunked.supports(dare, dare.parse_params({"rescale": False}))
+    stock = get_method("model_stock")
+    assert chunked.supports(stock, stock.parse_params({}), 2)
+    assert not chunked.supports(stock, stock.parse_params({"filter_wise": True}), 2)
+    slerp = get_method("slerp")  # one model besides the base, or the method refuses it
+    assert chunked.supports(slerp, slerp.parse_params({"t": 0.5}), 1)
+    assert not chunked.supports(slerp, slerp.parse_params({"t": 0.5}), 2)
 
 
 def test_nonfinite_inputs_are_named_and_huge_finite_sums_are_not_errors():
@@ -114,3 +122,150 @@ def test_nonfinite_inputs_are_named_and_huge_finite_sums_are_not_errors():
     out = chunked.merge_into(lin, None, big, lin.parse_model_params([{"weight": 1}, {"weight": 1}]),
                           lin.parse_params({}), torch.empty(50, 50))
     torch.testing.assert_close(out, big[0])
+
+
+@pytest.mark.parametrize("method, mps, params", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_two_threads_give_the_one_thread_result_bit_for_bit(method, mps, params, monkeypatch):
+    base, fts = quantized_family(shape=(61, 97))  # 6 chunks of 1000 entries
+    m = get_method(method)
+    p, parsed = m.parse_params(params), m.parse_model_params(mps)
+    use_base = base if m.requires_base else None
+    monkeypatch.setattr(chunked, "workers", lambda: 1)
+    alone = chunked.merge_into(m, use_base, fts, parsed, p, torch.empty(base.shape, dtype=torch.bfloat16))
+    monkeypatch.setattr(chunked, "workers", lambda: 2)
+    monkeypatch.setattr(chunked, "SPLIT_MIN_CHUNKS", 2)
+    calls = []
+    real = chunked._split
+    monkeypatch.setattr(chunked, "_split", lambda n, fn, parallel=True: calls.append(parallel) or real(n, fn))
+    split = chunked.merge_into(m, use_base, fts, parsed, p, torch.empty(base.shape, dtype=torch.bfloat16))
+    assert calls and torch.equal(split, alone)
+    assert torch.equal(split, m.merge(base, fts, parsed, p).to(torch.bfloat16))
+
+
+def test_an_error_in_the_helper_half_is_raised_after_both_halves_ended(monkeypatch):
+    monkeypatch.setattr(chunked, "workers", lambda: 2)
+    seen = []
+
+    def fn(lo, hi):
+        seen.append((lo, hi))
+        if lo > 0:
+            raise ValueError("helper failed")
+        return lo
+
+    with pytest.raises(ValueError, match="helper failed"):
+        chunked._split(20 * chunked.CHUNK, fn)
+    assert sorted(seen) == [(0, 10), (10, 20)]
+
+
+def test_cast_overflow_is_reported_for_the_exact_check():
+    lin = get_method("linear")
+    mps = lin.parse_model_params([{"weight": 1}, {"weight": 1}])
+    fine = [torch.full((40, 50), 2.0), torch.full((40, 50), 4.0)]
+    out = torch.empty(40, 50, dtype=torch.float16)
+    assert chunked.merge_checked(lin, None, fine, mps, lin.parse_params({}), out) is True
+    big = [torch.full((40, 50), 1e5), torch.full((40, 50), 1e5)]  # finite in fp32, Inf in fp16
+    assert chunked.merge_checked(lin, None, big, mps, lin.parse_params({}), out) is False
+    assert bool(torch.isinf(out).all())
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("colinear", [False, True])
+def test_chunked_slerp_equals_the_method_and_a_float64_reference(t, colinear, monkeypatch):
+    import math
+
+    monkeypatch.setattr(chunked, "SPLIT_MIN_CHUNKS", 2)
+    monkeypatch.setattr(chunked, "workers", lambda: 2)
+    base, (ft, *_) = quantized_family(shape=(61, 97))
+    if colinear:  # |cos| above the threshold: the lerp weights
+        ft = (base.float() * 1.5).to(torch.bfloat16)
+    m = get_method("slerp")
+    p = m.parse_params({"t": t})
+    mps = m.parse_model_params([{}])
+    out = torch.empty(base.shape, dtype=torch.float32)
+    chunked.merge_into(m, base, [ft], mps, p, out)
+    torch.testing.assert_close(out, m.merge(base, [ft], mps, p), rtol=1e-6, atol=1e-9)
+    a, b = base.double().flatten(), ft.double().flatten()
+    dot = float(a @ b / (a.norm() * b.norm()))
+    if abs(dot) > 0.9995:
+        expected = (1 - t) * base.double() + t * ft.double()
+    else:
+        theta = math.acos(dot)
+        expected = (math.sin((1 - t) * theta) * base.double() + math.sin(t * theta) * ft.double()) / math.sin(theta)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_slerp_names_a_nonfinite_input():
+    base, (ft, *_) = quantized_family(dtype=torch.float32)
+    ft[2, 2] = float("inf")
+    m = get_method("slerp")
+    with pytest.raises(NonFiniteError, match="model-a"):
+        chunked.merge_into(m, base, [ft], m.parse_model_params([{}]), m.parse_params({"t": 0.4}),
+                           torch.empty(base.shape), labels=["base", "model-a"], name="w")
+
+
+@pytest.mark.parametrize("n_models", [2, 3])
+def test_chunked_model_stock_equals_the_method(n_models):
+    base, fts = quantized_family(n_models=n_models, shape=(61, 97))
+    m = get_method("model_stock")
+    p, mps = m.parse_params({}), m.parse_model_params([{}] * n_models)
+    expected = m.merge(base, fts, mps, p)
+    out = torch.empty(base.shape, dtype=torch.float32)
+    chunked.merge_into(m, base, fts, mps, p, out)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-9)
+    out16 = torch.empty(base.shape, dtype=torch.bfloat16)
+    chunked.merge_into(m, base, fts, mps, p, out16)
+    assert (out16.float() - expected.to(torch.bfloat16).float()).abs().max() <= 2 ** -7 * expected.abs().max()
+
+
+DARE_CASES = [
+    ("dare_linear", [{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.7}, {"weight": 0.3, "density": 1.0}], {}),
+    ("dare_linear", [{"weight": 0.6, "density": 0.5}] * 3, {"rescale": False}),
+    ("dare_ties", [{"weight": 1.0, "density": 0.5}, {"weight": 0.8, "density": 0.3}, {"weight": 0.5, "density": 0.9}], {}),
+    ("dare_ties", [{"weight": 0.6, "density": 0.4}] * 3, {"rescale_norm": "keep_probability"}),
+    ("dare_ties", [{"weight": 0.6, "density": 0.4, "seed": 11}, {"weight": 0.6, "density": 0.4},
+                   {"weight": 0.6, "density": 0.4, "seed": 12}], {"consensus_method": "count"}),
+]
+
+
+@pytest.mark.parametrize("method, mps, params", DARE_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(DARE_CASES)])
+@pytest.mark.parametrize("shared", [True, False])
+def test_chunked_dare_draws_the_methods_masks(method, mps, params, shared):
+    base, fts = quantized_family(shape=(61, 97))
+    m = get_method(method)
+    p, parsed = m.parse_params(params), m.parse_model_params(mps)
+    assert chunked.supports(m, p)
+
+    def generator():
+        return torch.Generator().manual_seed(1234) if shared else None
+
+    expected = m.merge(base, fts, parsed, p, name="w", generator=generator())
+    out = torch.empty(base.shape, dtype=torch.float32)
+    chunked.merge_into(m, base, fts, parsed, p, out, name="w", generator=generator())
+    # the same drops: exactly the same zeros; the values up to the float64 L1 factor's rounding
+    assert torch.equal(out == base.float(), expected == base.float())
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_chunked_dare_rewinds_its_draws_for_the_exact_overflow_look():
+    lin = get_method("dare_linear")
+    mps = lin.parse_model_params([{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}])
+    base = torch.zeros(40, 50)
+    big = [torch.full((40, 50), 4e4), torch.full((40, 50), 4e4)]  # finite in fp32, Inf in fp16 where kept
+    out = torch.empty(40, 50, dtype=torch.float16)
+    checked = chunked.merge_checked(lin, base, big, mps, lin.parse_params({"rescale": False}), out, name="w",
+                                    generator=torch.Generator().manual_seed(3))
+    expected = lin.merge(base, big, mps, lin.parse_params({"rescale": False}), name="w",
+                         generator=torch.Generator().manual_seed(3))
+    assert checked is False and torch.equal(out, expected.to(torch.float16))
+
+
+@pytest.mark.parametrize("method, mps, params", [("slerp", [{}], {"t": 0.5}),
+                                                 ("ties", [{"weight": 1.0, "density": 0.5}], {}),
+                                                 ("model_stock", [{}, {}], {})])
+def test_a_method_needing_a_base_gets_its_own_error_without_one(method, mps, params):
+    from engine.errors import ParameterError
+    from engine.merge.executor import merge_state_dicts
+
+    fts = [{"w": torch.randn(40, 50, generator=torch.Generator().manual_seed(i))} for i in range(len(mps))]
+    with pytest.raises(ParameterError, match="needs a base"):
+        merge_state_dicts(method, None, fts, mps, params)

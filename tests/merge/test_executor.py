@@ -253,3 +253,46 @@ def test_cli_merge_writes_a_folder(family, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "engine", "merge", str(path), "--out", str(tmp_path / "m")],
                          capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "not empty" in bad.stderr
+
+
+@pytest.mark.parametrize("method, params", [("task_arithmetic", {"weight": 0.6}),
+                                            ("ties", {"weight": 0.6, "density": 0.5})])
+def test_pooled_buffers_two_thread_kernels_and_read_ahead_change_no_byte(family, tmp_path, monkeypatch,
+                                                                         method, params):
+    import json
+
+    import engine.io.buffers as buffers
+    from engine.io.names import MANIFEST_NAME
+    from engine.merge import chunked, executor
+
+    recipe = parse_recipe({
+        "merge_method": method, "base_model": str(family["base"]), "dtype": "bfloat16",
+        "models": [{"model": str(family["a"]), "parameters": params},
+                   {"model": str(family["b"]), "parameters": params}]})
+    monkeypatch.setattr(chunked, "workers", lambda: 1)
+    monkeypatch.setattr(executor, "READ_AHEAD", 1)
+    run_merge(recipe, tmp_path / "plain", device="cpu")
+    # every piece of the machinery on, even for these tiny tensors
+    monkeypatch.setattr(buffers, "MIN_POOLED", 64)
+    monkeypatch.setattr(chunked, "CHUNK", 256)
+    monkeypatch.setattr(chunked, "SPLIT_MIN_CHUNKS", 2)
+    monkeypatch.setattr(chunked, "workers", lambda: 2)
+    monkeypatch.setattr(executor, "READ_AHEAD", 3)
+    monkeypatch.setattr(executor, "READ_AHEAD_BYTES", 10_000)
+    reused = []
+    real_empty = buffers.BufferPool.empty
+
+    def counting(self, shape, dtype):
+        tensor = real_empty(self, shape, dtype)
+        reused.append(self.reused)
+        return tensor
+
+    monkeypatch.setattr(buffers.BufferPool, "empty", counting)
+    result = run_merge(recipe, tmp_path / "machinery", device="cpu")
+    assert reused and reused[-1] > 0  # buffers were handed out again
+    plain, machinery = _load(tmp_path / "plain"), _load(tmp_path / "machinery")
+    assert plain.keys() == machinery.keys()
+    assert all(torch.equal(plain[n], machinery[n]) for n in plain)
+    timings = json.loads((tmp_path / "machinery" / MANIFEST_NAME).read_text())["timings"]
+    assert {"read", "merge", "write", "verify", "hash", "fsync"} <= set(timings)
+    assert result.timings["wall"] > 0 and set(timings) <= set(result.timings)

@@ -10,10 +10,11 @@ Numerics: fine-tunes of one base are nearly colinear (cos 0.99 is typical), wher
 theta = acos(cos) amplifies any error in cos by 1 / sin(theta) (about 7 at cos 0.99). A float32
 dot product over millions of entries is off by ~1e-4 (the summation's rounding grows with the
 length), which moved the coefficients by ~1e-3 relative on a 32000 x 1024 head. So the two
-squared norms and the dot product are accumulated in float64, chunk by chunk (never a float64
+squared norms and the dot product are accumulated in float64, a slice at a time (never a float64
 copy of a whole tensor), and cos = dot / (|v0| |v1|) is formed from them: mathematically the
-dot of the normalised vectors mergekit computes, without rounding each normalised entry first.
-The coefficients are float64 scalars; only the final s0 v0 + s1 v1 runs in the work dtype.
+dot of the normalised vectors mergekit computes, without rounding each normalised entry first
+(ours: mergekit reduces in float32). The coefficients are float64 scalars; only the final
+w0 v0 + w1 v1 runs in the work dtype, as mergekit's.
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ PAPER = "Shoemake, Animating Rotation with Quaternion Curves, SIGGRAPH 1985 (sph
 REQUIRES_BASE = True
 MAX_MODELS = 1  # the base and ONE other model
 
-# entries per float64 chunk: two 1 MiB float64 temporaries, cache-sized
-CHUNK = 1 << 17
-
 
 class Params(MethodParams):
     t: float = Field(..., ge=0.0, le=1.0, description="Interpolation factor: 0 gives the base model, 1 the other model.")
@@ -50,39 +48,46 @@ def validate(params: Params, model_params: Sequence[ModelParams]) -> None:
     return None
 
 
-def moments(v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float, float]:
-    """(|v0|^2, |v1|^2, v0 . v1) of the flattened tensors, accumulated in float64 per chunk."""
+REDUCE_CHUNK = 1 << 20  # entries per step of the float64 reductions
+
+
+def norms_and_dot(v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float, float]:
+    """(|v0|, |v1|, v0 . v1) over the flattened tensors, accumulated in float64 a slice at a
+    time (no float64 copy of a whole tensor). Ours: mergekit reduces in float32; float64 makes
+    the angle independent of how a kernel splits the tensor (the chunked CPU kernel and this
+    whole-tensor path agree to ~1e-15)."""
     a, b = v0.reshape(-1), v1.reshape(-1)
-    acc = torch.zeros(3, dtype=torch.float64, device=a.device)
-    for start in range(0, a.numel(), CHUNK):
-        x = a[start:start + CHUNK].to(torch.float64)
-        y = b[start:start + CHUNK].to(torch.float64)
-        acc[0] += torch.dot(x, x)
-        acc[1] += torch.dot(y, y)
-        acc[2] += torch.dot(x, y)
-    s00, s11, s01 = acc.tolist()
-    return s00, s11, s01
+    s00 = s11 = s01 = 0.0
+    for start in range(0, a.numel(), REDUCE_CHUNK):
+        x, y = a[start:start + REDUCE_CHUNK].double(), b[start:start + REDUCE_CHUNK].double()
+        s00 += float(torch.dot(x, x))
+        s11 += float(torch.dot(y, y))
+        s01 += float(torch.dot(x, y))
+    return math.sqrt(s00), math.sqrt(s11), s01
+
+
+def weights(t: float, n0: float, n1: float, d01: float, dot_threshold: float = 0.9995,
+            eps: float = 1e-8) -> tuple[float, float]:
+    """(w0, w1) with slerp(v0, v1) = w0 * v0 + w1 * v1, from the norms and the dot product: the
+    cosine of the tensors normalised to unit length (a norm <= eps is not normalised); nearly
+    colinear (|cos| > dot_threshold) gives the lerp weights."""
+    dot = d01 / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
+    theta = math.acos(max(-1.0, min(1.0, dot)))
+    sin_theta = math.sin(theta)
+    if abs(dot) > dot_threshold or sin_theta < 1e-12:
+        return 1 - t, t
+    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
 def coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
                  eps: float = 1e-8) -> tuple[float, float]:
-    """(s0, s1) with slerp(v0, v1) = s0 v0 + s1 v1; (1 - t, t) where mergekit lerps."""
-    s00, s11, s01 = moments(v0, v1)
-    n0, n1 = math.sqrt(s00), math.sqrt(s11)
-    # mergekit normalises only a tensor whose norm exceeds eps; the dot is of what it gets
-    dot = s01 / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
-    if abs(dot) > dot_threshold:
-        return 1.0 - t, t
-    theta = math.acos(max(-1.0, min(1.0, dot)))
-    sin_theta = math.sin(theta)
-    if sin_theta < 1e-12:
-        return 1.0 - t, t
-    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+    """(w0, w1) with slerp(v0, v1) = w0 v0 + w1 v1; (1 - t, t) where mergekit lerps."""
+    return weights(t, *norms_and_dot(v0, v1), dot_threshold, eps)
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
-    s0, s1 = coefficients(t, v0, v1, dot_threshold, eps)
-    return torch.mul(v0, s0).add_(v1, alpha=s1)
+    w0, w1 = coefficients(t, v0, v1, dot_threshold, eps)
+    return w0 * v0 + w1 * v1
 
 
 def merge_tensor(

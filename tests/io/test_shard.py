@@ -1,0 +1,120 @@
+"""engine.io.shard: one safetensors file written in place, read back and hashed as it is written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import engine.io.shard as shard_module
+from engine.errors import ExportError
+from engine.io import ModelWriter
+from engine.io.names import MANIFEST_NAME
+from engine.io.shard import PIECE, ShardFile
+from engine.io.stages import StageTimes
+from tests.io.builders import TINY_CONFIG
+
+
+def mixed():
+    gen = torch.Generator().manual_seed(3)
+    return {
+        "b.weight": torch.randn(7, 5, generator=gen).to(torch.bfloat16),
+        "a.weight": torch.randn(3, generator=gen),
+        "ids": torch.arange(6, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "half": torch.randn(2, 2, generator=gen).half(),
+        "double": torch.randn(4, generator=gen, dtype=torch.float64),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "byte": torch.tensor([1, 2, 3], dtype=torch.uint8),
+        "gewicht.ä": torch.ones(2),  # non-ASCII names are stored as UTF-8, as safetensors does
+        # larger than one read-back piece, and not a multiple of it
+        "big": torch.randn(PIECE // 4 + 333, generator=gen),
+    }
+
+
+def write_shard(path, tensors, order, names=None, **kw):
+    shard = ShardFile(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], order=order, **kw)
+    for name in names or list(tensors):
+        shard.write(name, tensors[name])
+    return shard.finish()
+
+
+def test_safetensors_order_is_byte_for_byte_save_file(tmp_path):
+    tensors = mixed()
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    result = write_shard(tmp_path / "ours.safetensors", tensors, "safetensors")
+    ours, ref = (tmp_path / "ours.safetensors").read_bytes(), (tmp_path / "ref.safetensors").read_bytes()
+    assert ours == ref
+    assert result.sha256 == hashlib.sha256(ref).hexdigest() and result.size == len(ref)
+
+
+@pytest.fixture
+def checker():
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("threaded", [False, True])
+def test_sha256_in_any_write_order_is_the_files(tmp_path, verify, threaded, checker):
+    tensors = mixed()
+    names = list(tensors)
+    random.Random(0).shuffle(names)
+    result = write_shard(tmp_path / "s.safetensors", tensors, "plan", names=names, verify=verify,
+                         checker=checker if threaded else None)
+    assert result.sha256 == hashlib.sha256((tmp_path / "s.safetensors").read_bytes()).hexdigest()
+
+
+def test_plan_order_keeps_the_callers_order_within_an_element_size(tmp_path):
+    tensors = {"z": torch.ones(3), "m": torch.ones(2, dtype=torch.bfloat16), "a": torch.ones(2),
+               "q": torch.ones(1, dtype=torch.float64)}
+    write_shard(tmp_path / "s.safetensors", tensors, "plan")
+    raw = (tmp_path / "s.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    by_offset = sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")
+    assert [k for _, k in by_offset] == ["q", "z", "a", "m"]
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_bytes_changed_between_write_and_read_back_are_caught_naming_the_tensor(tmp_path, monkeypatch,
+                                                                                threaded, checker):
+    real = shard_module._pwrite_all
+
+    def corrupting(fd, data, offset):
+        real(fd, data, offset)
+        if len(data) > PIECE:  # only "big": flip a byte in its second piece
+            os.pwrite(fd, bytes([data[PIECE + 1] ^ 0x01]), offset + PIECE + 1)
+
+    monkeypatch.setattr(shard_module, "_pwrite_all", corrupting)
+    with pytest.raises(ExportError, match="bytes differ") as info:
+        write_shard(tmp_path / "s.safetensors", mixed(), "plan", checker=checker if threaded else None)
+    assert info.value.tensor == "big"
+
+
+def test_a_tensor_written_twice_is_refused(tmp_path):
+    t = torch.ones(2)
+    shard = ShardFile(tmp_path / "s.safetensors", [("a", t.dtype, (2,))])
+    shard.write("a", t)
+    with pytest.raises(ExportError, match="added twice"):
+        shard.write("a", t)
+    shard.close()
+
+
+def test_stage_times_are_recorded_in_the_manifest(tmp_path):
+    times = StageTimes()
+    tensors = mixed()
+    plan = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with ModelWriter(tmp_path / "out", config=TINY_CONFIG, plan=plan, times=times) as writer:
+        for name, t in tensors.items():
+            writer.add_tensor(name, t)
+    timings = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["timings"]
+    assert {"write", "verify", "hash", "fsync"} <= set(timings)
+    assert all(v >= 0 for v in timings.values())
+    assert times.calls()["write"] >= len(tensors) - 1  # the empty tensor writes nothing
