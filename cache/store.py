@@ -1,15 +1,9 @@
 """The DuckDB metric store: disposable, keyed so that a stale row can never be read.
 
 Key of a row: ``(fingerprint, tensor, metric, params, engine_version)``, by the one rule in
-``engine.metric_cache`` (the store is one ``MetricCache``; the read-only and recording views
-live beside the rule):
-
-- ``fingerprint``: sha256 of the canonical JSON of the input files' fingerprints (name, size,
-  mtime_ns, header sha256, from ``ModelFolder.file_fingerprints()``), built by
-  :func:`fingerprint_key`. A file that is rewritten or touched gets a new mtime, so a new key:
-  there is no invalidation, only garbage collection (:meth:`MetricStore.gc`).
-- ``tensor``, ``metric`` (a metric group, e.g. ``"delta"``), ``params`` (canonical JSON of the
-  parameters that produced the value) and ``engine_version``.
+``engine.metric_cache`` (what each field is, and why a stale value can never be read, is said
+there; the store is one ``MetricCache``, and its read-only and recording views live beside the
+rule). There is no invalidation, only garbage collection (:meth:`MetricStore.gc`).
 
 The value is JSON text. Writes of one batch are one transaction (a crash keeps whole batches).
 
