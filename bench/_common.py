@@ -3,9 +3,89 @@ of the generated ~270M-parameter models."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import time
 from pathlib import Path
 
 README = Path(__file__).resolve().parent / "README.md"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_conditions() -> dict:
+    """What the numbers were measured on (no host name): cores, load, versions, date."""
+    import torch
+
+    return {"cores": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
+            "machine": platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
+
+
+def describe_machine(m: dict) -> str:
+    """One phrase for a README from ``machine_conditions()``'s record."""
+    return (f"{m['cores']} cores, load average {m['load_average_1m']:.1f} at the end, torch {m['torch']}, "
+            f"measured {m['date']}")
+
+
+class OtherWork:
+    """CPU time the rest of the machine used while a bench ran, without the bench's own processes.
+
+    The load average after a run counts the run itself (a bench that keeps two cores busy leaves
+    a 1-minute load near 2 on a 2-core machine whatever else ran), so it cannot tell an idle
+    machine from a loaded one. This reads the machine's busy time from /proc/stat at start and
+    end and subtracts the CPU time of this process and of its waited-for children
+    (``os.times()``): what is left is other work, reported as busy cores on average.
+    """
+
+    def __enter__(self) -> "OtherWork":
+        self._busy0, self._own0, self._t0 = self._busy(), self._own(), time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall_s = time.monotonic() - self._t0
+        self.machine_busy_s = self._busy() - self._busy0
+        self.own_cpu_s = self._own() - self._own0
+        self.other_cpu_s = max(0.0, self.machine_busy_s - self.own_cpu_s)
+        self.other_cores = self.other_cpu_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    @staticmethod
+    def _busy() -> float:
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def record(self) -> dict:
+        return {"wall_s": round(self.wall_s, 2), "machine_busy_cpu_s": round(self.machine_busy_s, 2),
+                "own_cpu_s": round(self.own_cpu_s, 2), "other_cpu_s": round(self.other_cpu_s, 2),
+                "other_busy_cores": round(self.other_cores, 3)}
+
+
+def save_results(name: str, record: dict) -> Path:
+    """Write a bench's raw numbers to bench/results/NAME.json (atomically: a half-written file
+    would break ``--render``)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_results(name: str) -> dict:
+    """The raw numbers a bench saved with ``save_results``."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path.name}: no saved results; run the bench first")
+    return json.loads(path.read_text())
 
 
 def write_readme_section(section: str, body: str) -> None:

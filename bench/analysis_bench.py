@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._common import write_readme_section, llama_shapes  # noqa: E402
 WORK = ROOT / "bench" / "work" / "analysis"
-OUT = ROOT / "bench" / "out" / "analysis.json"
+OUT = ROOT / "bench" / "results" / "analysis.json"
 SECTION = "## Delta analysis: speed, cache and accuracy"
 
 # ~270M parameters: 32000 x 1024 embeddings and head (65.5M) + 16 layers x 12.85M
@@ -201,13 +201,18 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", action="store_true", help="write the section of bench/README.md")
     parser.add_argument("--skip-randomized", action="store_true")
     parser.add_argument("--small", action="store_true", help="a small model (smoke test; no README)")
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite the README section from bench/results/analysis.json; measure nothing")
     args = parser.parse_args(argv)
+    if args.render:
+        readme_from_saved()
+        return 0
     global WORK, OUT
     config = dict(CONFIG)
     if args.small:
         config.update(vocab_size=4000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4)
-        WORK, OUT = WORK / "small", OUT.with_name("analysis_small.json")
+        WORK, OUT = WORK / "small", ROOT / "bench" / "out" / "analysis_small.json"  # a smoke test: not a result
         args.readme = False
 
     threads = str(args.threads)
@@ -268,7 +273,7 @@ def main(argv=None) -> int:
         print(f"randomized {rand_s:.0f}s: {json.dumps(randomized)}", file=sys.stderr)
 
     results = {
-        "parameters": params, "generate_s": gen_s, "threads": args.threads,
+        "parameters": params, "generate_s": gen_s, "threads": args.threads, "cores": os.cpu_count(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}",
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "cold": {**cold_t, "in_process_s": cold["seconds"]},
@@ -296,13 +301,12 @@ def readme_section(r: dict) -> str:
     e = lambda x: f"{x:.1e}"  # noqa: E731
     lines = [
         f"`python bench/analysis_bench.py --threads {r['threads']} --readme` (models generated once under "
-        "`bench/work/analysis/`, git-ignored; raw numbers in `bench/out/analysis.json`).", "",
+        "`bench/work/analysis/`, git-ignored; raw numbers in `bench/results/analysis.json`, `--render` "
+        "rewrites this section from them).", "",
         f"A {r['parameters'] / 1e6:.0f}M-parameter bf16 Llama base and one fine-tune (random weights; every "
         f"matrix delta = rank-{DELTA_RANK} part + dense noise, stored in bf16), all metrics of every tensor "
         f"(`--top-k {TOP_K}`, one fine-tune so no pairs). Machine: {r['machine']}, {r['threads']} threads; "
-        "**shared with other jobs** during the run (load average "
-        f"{r['load_average_before'][0]:.1f} before, {r['load_average_after'][0]:.1f} after on 2 cores), "
-        "so wall times are pessimistic.", "",
+        + shared_note(r), "",
         "| run | wall (process) | in-process | peak RSS |", "|---|---|---|---|",
         f"| cold (empty cache) | {r['cold']['wall_s']:.1f} s | {r['cold']['in_process_s']:.1f} s | "
         f"{r['cold']['peak_rss_mib']:.0f} MiB |",
@@ -345,12 +349,23 @@ def readme_section(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shared_note(r: dict) -> str:
+    """How loaded the cores were: the load average before and after, per core."""
+    before, after = r["load_average_before"][0], r["load_average_after"][0]
+    cores = r.get("cores") or os.cpu_count()
+    text = f"load average {before:.1f} before, {after:.1f} after on {cores} cores"
+    # the run itself adds up to ``threads`` to the load average after it
+    if before > 0.5 * cores:
+        return f"**shared with other jobs** during the run ({text}), so wall times are pessimistic."
+    return f"no other work running ({text}; the run's own threads count in the second)."
+
+
 def write_readme(body: str) -> None:
     write_readme_section(SECTION, body)
 
 
 def readme_from_saved() -> None:
-    """Rewrite the README section from bench/out/analysis.json (no new measurement)."""
+    """Rewrite the README section from bench/results/analysis.json (no new measurement)."""
     write_readme(readme_section(json.loads(OUT.read_text())))
 
 

@@ -16,6 +16,7 @@ with --readme.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -26,6 +27,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app.py sets it, before torch loads
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._common import RESULTS, machine_conditions, save_results  # noqa: E402
+
 SECTION = "## Page render time"
 NO_CHART_PAGES = {"pages/models.py", "pages/jobs.py", "pages/export.py"}
 PAGES = [("Models", "pages/models.py"),
@@ -71,7 +74,7 @@ OMP_NOTE = (' `app.py` sets `OMP_WAIT_POLICY=PASSIVE` before torch loads (this s
             '0.2 to 0.4 s on these shared cores (measured before the fix, same machine).')
 
 
-def write_readme(label: str, repeats: int, table: list[str], conditions: str) -> None:
+def write_readme(label: str, table: list[str], conditions: str) -> None:
     """Replace this zoo's table in the section (one sub-section per zoo kind), keep the rest."""
     readme = ROOT / "bench" / "README.md"
     text = readme.read_text() if readme.exists() else "# Benchmarks\n"
@@ -177,7 +180,14 @@ def main() -> int:
     parser.add_argument("--readme", action="store_true", help="write the table into bench/README.md")
     parser.add_argument("--big-base", help="also: the spectra page on a big base (job, ingest, warm renders)")
     parser.add_argument("--big-finetuned", action="append", default=[], help="fine-tune of --big-base (repeat)")
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite the section from bench/results/page_render_*.json; measure nothing")
     args = parser.parse_args()
+    if args.render:
+        for path in sorted(RESULTS.glob("page_render_*.json")):
+            table, conditions = subsection(json.loads(path.read_text()))
+            write_readme(path.stem.removeprefix("page_render_"), table, conditions)
+        return 0
     if not args.zoo or not (Path(args.zoo) / "zoo.json").is_file():
         parser.error("--zoo must name a built demo zoo (zoo.json at its root)")
 
@@ -191,8 +201,6 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    import json
-
     manifest = json.loads((Path(args.zoo) / "zoo.json").read_text())
     label = "quick" if manifest.get("quick") else "full"
     params = {m["path"]: m.get("num_parameters") for m in manifest["models"]}
@@ -216,18 +224,38 @@ def main() -> int:
         big = big_model_flow(args.big_base, args.big_finetuned, args.repeats, work)
         print(f"big models: {big}", flush=True)
 
-    load = os.getloadavg()[0]
+    record = {"label": label, "repeats": args.repeats, "threads": args.threads, "warmup_s": warmup,
+              "small_base_parameters": params.get("small/base"), "large_base_parameters": params.get("large/base"),
+              "rows": [{"page": t, "cold_s": c, "warm_median_s": w, "warm_max_s": m, "rerun_median_s": r}
+                       for t, c, w, m, r in rows],
+              "density_change_s": density, "big": big, "machine": machine_conditions()}
+    save_results(f"page_render_{label}", record)
+    table, conditions = subsection(record)
+    print("\n".join(table))
+    print(conditions)
+    if args.readme:
+        write_readme(label, table, conditions)
+    return 0
+
+
+def subsection(r: dict) -> tuple[list[str], str]:
+    """One zoo kind's table and conditions from a saved record (bench/results/page_render_KIND.json)."""
     table = ["| page | cold s (computes, fills the cache) | warm s, median (fresh session) | warm s, max | "
              "rerun s, median |", "|---|---|---|---|---|"]
-    table += [f"| {t} | {c:.2f} | {w:.2f} | {m:.2f} | {r:.2f} |" for t, c, w, m, r in rows]
-    worst = max(r[3] for r in rows)
-    conditions = (f"Conditions: {label} zoo (small/base {params.get('small/base')} parameters, large/base "
-                  f"{params.get('large/base')}; 5 small fine-tunes selected, the app's default); "
-                  f"{args.repeats} warm renders per page; torch threads {args.threads}; 2 CPU cores shared "
-                  f"with other work (load average {load:.1f}); first app render (imports) {warmup:.1f} s, "
-                  f"not counted. Slowest warm render: {worst:.2f} s (target: under 2 s). A widget change "
-                  f"that needs new metrics (similarity page, top-k density 0.2 -> 0.5: pair metrics "
-                  f"computed, per-tensor ones read from the cache): {density:.2f} s.")
+    table += [f"| {row['page']} | {row['cold_s']:.2f} | {row['warm_median_s']:.2f} | {row['warm_max_s']:.2f} | "
+              f"{row['rerun_median_s']:.2f} |" for row in r["rows"]]
+    worst = max(row["warm_max_s"] for row in r["rows"])
+    m = r["machine"]
+    conditions = (f"Conditions: {r['label']} zoo (small/base {r['small_base_parameters']} parameters, large/base "
+                  f"{r['large_base_parameters']}; 5 small fine-tunes selected, the app's default); "
+                  f"{r['repeats']} warm renders per page; torch threads {r['threads']}; {m['cores']} CPU cores "
+                  f"(load average {m['load_average_1m']:.1f} at the end), measured {m['date']}; first app render "
+                  f"(imports) {r['warmup_s']:.1f} s, not counted. Slowest warm render: {worst:.2f} s (target: "
+                  f"under 2 s). A widget change that needs new metrics (similarity page, top-k density 0.2 -> "
+                  f"0.5: pair metrics computed, per-tensor ones read from the cache): {r['density_change_s']:.2f} s. "
+                  f"Raw numbers: `bench/results/page_render_{r['label']}.json` (`--render` rewrites this "
+                  "section from them).")
+    big = r.get("big")
     if big is not None:
         conditions += (
             f"\n\nBig models (the job path): the spectra page on a {big['params'] / 1e6:.0f}M-parameter base "
@@ -237,11 +265,7 @@ def main() -> int:
             f"that ingests them into DuckDB and draws {big['ingest']:.2f} s; later renders, fresh sessions, "
             f"median {big['warm_median']:.2f} s (max {big['warm_max']:.2f}). Reproduce: add "
             "`--big-base BASE --big-finetuned FT` (the 271M pair `bench/analysis_bench.py` generates).")
-    print(conditions)
-    if args.readme:
-        write_readme(label, args.repeats, table, conditions)
-    return 0
-
+    return table, conditions
 
 if __name__ == "__main__":
     sys.exit(main())

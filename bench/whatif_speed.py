@@ -12,7 +12,6 @@ reported separately. Writes a table into bench/README.md with --readme.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -22,27 +21,41 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import write_readme_section  # noqa: E402
+from bench._common import load_results, machine_conditions, save_results, write_readme_section  # noqa: E402
 SECTION = "## What-if merge latency"
+NAME = "whatif_speed"
 
 
-def default_params(name: str, n: int):
-    """(per-model params, global params) giving each method a typical setting."""
-    w = [{"weight": 1.0 / n} for _ in range(n)]
-    wd = [{"weight": 1.0, "density": 0.5} for _ in range(n)]
-    table = {
-        "linear": (w, {}), "task_arithmetic": ([{"weight": 1.0}] * n, {}),
-        "ties": (wd, {}), "dare_linear": ([{"weight": 1.0, "density": 0.5}] * n, {}),
-        "dare_ties": (wd, {}), "breadcrumbs": ([{"weight": 1.0, "density": 0.5, "gamma": 0.01}] * n, {}),
-        "breadcrumbs_ties": ([{"weight": 1.0, "density": 0.5, "gamma": 0.01}] * n, {}),
-        "della": ([{"weight": 1.0, "density": 0.5, "epsilon": 0.1}] * n, {}),
-        "della_linear": ([{"weight": 1.0, "density": 0.5, "epsilon": 0.1}] * n, {}),
-        "slerp": None, "model_stock": ([{}] * n, {}), "consensus": ([{}] * n, {}),
-        "tsv": ([{}] * n, {}), "emr": ([{}] * n, {}), "fisher": ([{}] * n, {"calibration": {"n": 32}}),
-        "regmean": ([{}] * n, {"calibration": {"n": 32}}), "channel_merging": ([{}] * n, {"num_groups": 4}),
-        "sotu": ([{"weight": 1.0, "density": 0.2}] * n, {}),
-    }
-    return table.get(name, ([{}] * n, {}))
+# Typical settings where a method's defaults alone are not what a user would try first;
+# every other method runs with its registry defaults (see ``method_settings``).
+TYPICAL = {
+    "ties": ({"weight": 1.0, "density": 0.5}, {}), "dare_linear": ({"weight": 1.0, "density": 0.5}, {}),
+    "dare_ties": ({"weight": 1.0, "density": 0.5}, {}),
+    "breadcrumbs": ({"weight": 1.0, "density": 0.5, "gamma": 0.01}, {}),
+    "breadcrumbs_ties": ({"weight": 1.0, "density": 0.5, "gamma": 0.01}, {}),
+    "della": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {}),
+    "della_linear": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {}),
+    "fisher": ({}, {"calibration": {"n": 32}}), "regmean": ({}, {"calibration": {"n": 32}}),
+    "channel_merging": ({}, {"num_groups": 4}), "sotu": ({"weight": 1.0, "density": 0.2}, {}),
+}
+
+
+def method_settings(name: str, n: int) -> tuple[int, list[dict], dict]:
+    """(fine-tunes used, per-model params, global params) for one method, from the registry:
+    at most its ``max_models`` fine-tunes, its form's starting weight, ``t = 0.5`` where a
+    method requires an interpolation factor, and the TYPICAL overrides."""
+    from engine.merge.registry import get_method
+
+    method = get_method(name)
+    used = min(n, method.max_models or n)
+    per_model, params = TYPICAL.get(name, ({}, {}))
+    per_model = dict(per_model)
+    if "weight" in method.model_params_class.model_fields and "weight" not in per_model:
+        per_model["weight"] = method.starting_weight(used)
+    params = dict(params)
+    if "t" in method.params_class.model_fields and method.params_class.model_fields["t"].is_required():
+        params["t"] = 0.5
+    return used, [dict(per_model) for _ in range(used)], params
 
 
 def synthetic_full_zoo(root: Path) -> Path:
@@ -90,7 +103,12 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic-full", default=None, metavar="DIR",
                         help="build (once) and use a random zoo of the full small architecture in DIR")
     parser.add_argument("--readme", action="store_true")
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite the README section from bench/results/whatif_speed.json; measure nothing")
     args = parser.parse_args(argv)
+    if args.render:
+        write_readme_section(SECTION, render(load_results(NAME)))
+        return 0
     torch.set_num_threads(args.threads)
     from engine.zoo import default_zoo_dir
 
@@ -106,14 +124,13 @@ def main(argv=None) -> int:
                             n_generic=args.n_generic, device="cpu")
     open_s = time.perf_counter() - started
     rows = []
+    sessions = {len(fts): session}
     for name in list_methods():
-        spec = default_params(name, len(fts))
-        if spec is None:  # slerp: the base and one fine-tune
-            sub = WhatIfSession(base["abs_path"], [fts[0]["abs_path"]], n_per_task=args.n_per_task,
-                                n_generic=args.n_generic, device="cpu")
-            runner, mps, params = sub, [{}], {"t": 0.5}
-        else:
-            runner, (mps, params) = session, spec
+        used, mps, params = method_settings(name, len(fts))
+        if used not in sessions:  # a method taking fewer fine-tunes: the first ``used`` of them
+            sessions[used] = WhatIfSession(base["abs_path"], [m["abs_path"] for m in fts[:used]],
+                                           n_per_task=args.n_per_task, n_generic=args.n_generic, device="cpu")
+        runner = sessions[used]
         times, first = [], None
         for rep in range(args.reps + 1):
             t = time.perf_counter()
@@ -124,38 +141,54 @@ def main(argv=None) -> int:
             else:
                 times.append(elapsed)
         acc = statistics.mean(v["accuracy"] for v in result["tasks"].values())
-        rows.append((name, first, statistics.median(times), result["seconds"]["merge"],
+        rows.append((name, used, first, statistics.median(times), result["seconds"]["merge"],
                      result["seconds"]["evaluate"], acc))
         print(f"{name:18s} first {first:6.2f}s  median {statistics.median(times):6.2f}s  "
               f"(merge {result['seconds']['merge']:.3f}s, evaluate {result['seconds']['evaluate']:.3f}s)",
               flush=True)
     params_count = sum(t.numel() for t in session.base.values())
-    lines = ["| method | first call s (incl. calibration) | per call s, median | merge s | evaluate s |",
-             "|---|---|---|---|---|"]
-    for name, first, med, merge_s, eval_s, _ in rows:
-        lines.append(f"| {name} | {first:.2f} | {med:.2f} | {merge_s:.3f} | {eval_s:.3f} |")
-    worst = max(r[2] for r in rows)
     kind = "synthetic full-size (random weights)" if manifest.get("synthetic") else (
         "quick" if manifest.get("quick") else "full")
-    conditions = (f"zoo `{kind}` small family: base + {len(fts)} "
-                  f"fine-tunes, {params_count / 1e6:.2f}M parameters each; {args.n_per_task} held-out "
-                  f"examples per task x {len(result['tasks'])} tasks, perplexity "
-                  f"{'on ' + str(args.n_generic) + ' lines' if args.n_generic else 'skipped'}; "
-                  f"{args.threads} torch thread(s), {os.cpu_count()} cores shared with other work "
-                  f"(load average {os.getloadavg()[0]:.1f}); session opened in {open_s:.1f}s.")
-    table = "\n".join(lines)
-    print(table)
-    print(conditions)
-    print(f"slowest per-call median: {worst:.2f}s")
+    record = {
+        "zoo_kind": kind, "fine_tunes": len(fts), "parameters": params_count,
+        "n_per_task": args.n_per_task, "n_generic": args.n_generic, "tasks": len(result["tasks"]),
+        "threads": args.threads, "reps": args.reps, "open_s": open_s,
+        "synthetic_full": bool(args.synthetic_full), "machine": machine_conditions(),
+        "rows": [{"method": name, "fine_tunes": used, "first_s": first, "median_s": med, "merge_s": merge_s,
+                  "evaluate_s": eval_s, "mean_accuracy": acc}
+                 for name, used, first, med, merge_s, eval_s, acc in rows],
+    }
+    save_results(NAME, record)
+    body = render(record)
+    print(body)
     if args.readme:
-        body = (f"`engine.merge.whatif.WhatIfSession.evaluate`: merge in memory (the same per-tensor "
-                f"code as `python -m engine merge`) and score on every zoo task, nothing written.\n\n"
-                f"Reproduce: `python bench/whatif_speed.py {'--synthetic-full bench/work/synthetic_zoo' if args.synthetic_full else '--zoo ZOO'} "
-                f"--n-per-task {args.n_per_task} --readme` (a real zoo: `--zoo ZOO`).\n\n{table}\n\n"
-                f"Conditions: {conditions} Slowest per-call median: {worst:.2f} s (target: under 5 s).\n")
         write_readme_section(SECTION, body)
     return 0
 
+
+def render(r: dict) -> str:
+    """The README section from a saved record (bench/results/whatif_speed.json)."""
+    lines = ["| method | fine-tunes | first call s (incl. calibration) | per call s, median | merge s | evaluate s |",
+             "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['method']} | {row['fine_tunes']} | {row['first_s']:.2f} | {row['median_s']:.2f} | "
+                     f"{row['merge_s']:.3f} | {row['evaluate_s']:.3f} |")
+    worst = max(row["median_s"] for row in r["rows"])
+    m = r["machine"]
+    conditions = (f"zoo `{r['zoo_kind']}` small family: base + {r['fine_tunes']} "
+                  f"fine-tunes, {r['parameters'] / 1e6:.2f}M parameters each; {r['n_per_task']} held-out "
+                  f"examples per task x {r['tasks']} tasks, perplexity "
+                  f"{'on ' + str(r['n_generic']) + ' lines' if r['n_generic'] else 'skipped'}; "
+                  f"{r['threads']} torch thread(s), {m['cores']} cores (load average "
+                  f"{m['load_average_1m']:.1f} at the end), measured {m['date']}; session opened in "
+                  f"{r['open_s']:.1f}s.")
+    where = "--synthetic-full bench/work/synthetic_zoo" if r["synthetic_full"] else "--zoo ZOO"
+    return (f"`engine.merge.whatif.WhatIfSession.evaluate`: merge in memory (the same per-tensor "
+            f"code as `python -m engine merge`) and score on every zoo task, nothing written.\n\n"
+            f"Reproduce: `python bench/whatif_speed.py {where} --n-per-task {r['n_per_task']} --readme`"
+            f"{' (a real zoo: `--zoo ZOO`)' if r['synthetic_full'] else ''}; raw numbers in `bench/results/{NAME}.json`, `--render` rewrites "
+            f"this section from them.\n\n" + "\n".join(lines) + "\n\n"
+            f"Conditions: {conditions} Slowest per-call median: {worst:.2f} s (target: under 5 s).\n")
 
 if __name__ == "__main__":
     raise SystemExit(main())
