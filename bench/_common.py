@@ -122,6 +122,38 @@ def write_marked_section(name: str, body: str, readme: Path = README) -> None:
     readme.write_text(text)
 
 
+# Typical settings where a method's defaults alone are not what a user would try first;
+# every other method runs with its registry defaults (see ``typical_merge_settings``).
+TYPICAL = {
+    "ties": ({"weight": 1.0, "density": 0.5}, {}), "dare_linear": ({"weight": 1.0, "density": 0.5}, {}),
+    "dare_ties": ({"weight": 1.0, "density": 0.5}, {}),
+    "breadcrumbs": ({"weight": 1.0, "density": 0.5, "gamma": 0.01}, {}),
+    "breadcrumbs_ties": ({"weight": 1.0, "density": 0.5, "gamma": 0.01}, {}),
+    "della": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {}),
+    "della_linear": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {}),
+    "fisher": ({}, {"calibration": {"n": 32}}), "regmean": ({}, {"calibration": {"n": 32}}),
+    "channel_merging": ({}, {"num_groups": 4}), "sotu": ({"weight": 1.0, "density": 0.2}, {}),
+}
+
+
+def typical_merge_settings(name: str, n: int) -> tuple[int, list[dict], dict]:
+    """(fine-tunes used, per-model params, global params) for one method, from the registry:
+    at most its ``max_models`` fine-tunes, its form's starting weight, ``t = 0.5`` where a
+    method requires an interpolation factor, and the TYPICAL overrides."""
+    from engine.merge.registry import get_method
+
+    method = get_method(name)
+    used = min(n, method.max_models or n)
+    per_model, params = TYPICAL.get(name, ({}, {}))
+    per_model = dict(per_model)
+    if "weight" in method.model_params_class.model_fields and "weight" not in per_model:
+        per_model["weight"] = method.starting_weight(used)
+    params = dict(params)
+    if "t" in method.params_class.model_fields and method.params_class.model_fields["t"].is_required():
+        params["t"] = 0.5
+    return used, [dict(per_model) for _ in range(used)], params
+
+
 def llama_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of an untied Llama with config ``c`` (hidden_size,
     intermediate_size, vocab_size, num_hidden_layers, num_attention_heads, num_key_value_heads)."""

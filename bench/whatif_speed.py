@@ -21,41 +21,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._common import load_results, machine_conditions, save_results, write_readme_section  # noqa: E402
+from bench._common import (load_results, machine_conditions, save_results, typical_merge_settings,  # noqa: E402
+                           write_readme_section)
 SECTION = "## What-if merge latency"
 NAME = "whatif_speed"
-
-
-# Typical settings where a method's defaults alone are not what a user would try first;
-# every other method runs with its registry defaults (see ``method_settings``).
-TYPICAL = {
-    "ties": ({"weight": 1.0, "density": 0.5}, {}), "dare_linear": ({"weight": 1.0, "density": 0.5}, {}),
-    "dare_ties": ({"weight": 1.0, "density": 0.5}, {}),
-    "breadcrumbs": ({"weight": 1.0, "density": 0.5, "gamma": 0.01}, {}),
-    "breadcrumbs_ties": ({"weight": 1.0, "density": 0.5, "gamma": 0.01}, {}),
-    "della": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {}),
-    "della_linear": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {}),
-    "fisher": ({}, {"calibration": {"n": 32}}), "regmean": ({}, {"calibration": {"n": 32}}),
-    "channel_merging": ({}, {"num_groups": 4}), "sotu": ({"weight": 1.0, "density": 0.2}, {}),
-}
-
-
-def method_settings(name: str, n: int) -> tuple[int, list[dict], dict]:
-    """(fine-tunes used, per-model params, global params) for one method, from the registry:
-    at most its ``max_models`` fine-tunes, its form's starting weight, ``t = 0.5`` where a
-    method requires an interpolation factor, and the TYPICAL overrides."""
-    from engine.merge.registry import get_method
-
-    method = get_method(name)
-    used = min(n, method.max_models or n)
-    per_model, params = TYPICAL.get(name, ({}, {}))
-    per_model = dict(per_model)
-    if "weight" in method.model_params_class.model_fields and "weight" not in per_model:
-        per_model["weight"] = method.starting_weight(used)
-    params = dict(params)
-    if "t" in method.params_class.model_fields and method.params_class.model_fields["t"].is_required():
-        params["t"] = 0.5
-    return used, [dict(per_model) for _ in range(used)], params
 
 
 def synthetic_full_zoo(root: Path) -> Path:
@@ -126,7 +95,7 @@ def main(argv=None) -> int:
     rows = []
     sessions = {len(fts): session}
     for name in list_methods():
-        used, mps, params = method_settings(name, len(fts))
+        used, mps, params = typical_merge_settings(name, len(fts))
         if used not in sessions:  # a method taking fewer fine-tunes: the first ``used`` of them
             sessions[used] = WhatIfSession(base["abs_path"], [m["abs_path"] for m in fts[:used]],
                                            n_per_task=args.n_per_task, n_generic=args.n_generic, device="cpu")
