@@ -264,7 +264,8 @@ def render(results: dict) -> str:
                                  for x in results["runs"] if x["tool"] == "floor")
     busy = cond.get("other_work", {}).get("other_busy_cores")
     other = f"other processes kept {busy:.2f} cores busy on average" if busy is not None else ""
-    loaded = (f"**measured under load** ({other}: above {LOAD_LIMIT_PER_CORE} per core; --force-loaded)"
+    why = f"{other}: " if other else ""
+    loaded = (f"**measured under load** ({why}above {LOAD_LIMIT_PER_CORE} per core; --force-loaded)"
               if cond["loaded"] else f"an idle machine ({other})" if other else "an idle machine")
     return (
         "A ~270M-parameter bf16 Llama (16 layers, hidden 1024, vocab 32000, untied) and two fine-tunes "
@@ -293,7 +294,7 @@ def render(results: dict) -> str:
         "`convert` is inside `merge` for the chunked kernels; `finalize` includes the final fsync):\n\n" + "\n".join(stage_lines) + "\n\n"
         f"Conditions: {cond['cpus']} CPU cores, torch {cond['torch']}, mergekit {cond['mergekit']}; load "
         f"average {cond['load_before'][0]:.2f} before and {cond['load_after'][0]:.2f} after, {loaded}; "
-        f"{cond['reps']} runs per row, tools alternating.\n")
+        f"{cond['reps']} runs per row, tools alternating." + (f" {cond['note']}" if cond.get("note") else "") + "\n")
 
 
 def mergekit_version(exe: str | None) -> str:
@@ -315,6 +316,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mergekit-bf16", action="store_true", help="also time mergekit with dtype bfloat16")
     parser.add_argument("--readme", action="store_true",
                         help="write bench/results/merge_speed.json and the README section (idle machine only)")
+    parser.add_argument("--note", default=None, help="a sentence about the run's conditions, kept in the results")
     parser.add_argument("--force-loaded", action="store_true",
                         help=f"write the README even above a load of {LOAD_LIMIT_PER_CORE} per core")
     parser.add_argument("--render", action="store_true",
@@ -371,7 +373,7 @@ def main(argv=None) -> int:
                        "load_before": [round(x, 2) for x in load_before],
                        "load_after": [round(x, 2) for x in load_after],
                        "load_limit_per_core": LOAD_LIMIT_PER_CORE, "loaded": loaded,
-                       "other_work": other.record(),
+                       "other_work": other.record(), "note": args.note,
                        "reps": args.reps, "date": time.strftime("%Y-%m-%d")},
         "methods": methods, "rows": summarize(runs), "runs": runs,
     }

@@ -27,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app.py sets it, before torch loads
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import _common  # noqa: E402
 from bench._common import RESULTS, machine_conditions, save_results  # noqa: E402
 
 SECTION = "## Page render time"
@@ -76,7 +77,7 @@ OMP_NOTE = (' `app.py` sets `OMP_WAIT_POLICY=PASSIVE` before torch loads (this s
 
 def write_readme(label: str, table: list[str], conditions: str) -> None:
     """Replace this zoo's table in the section (one sub-section per zoo kind), keep the rest."""
-    readme = ROOT / "bench" / "README.md"
+    readme = _common.README
     text = readme.read_text() if readme.exists() else "# Benchmarks\n"
     intro = ("Each analysis page rendered under `streamlit.testing` AppTest (the whole script run: app, "
              "sidebar, page). Cold: a fresh session with an empty metric cache of its own (metrics "
@@ -171,7 +172,7 @@ def param_change(page: str, key: str, value) -> float:
     return took
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default=os.environ.get("DELTA_WORKBENCH_ZOO"),
                         help="demo zoo folder (default: $DELTA_WORKBENCH_ZOO)")
@@ -182,7 +183,7 @@ def main() -> int:
     parser.add_argument("--big-finetuned", action="append", default=[], help="fine-tune of --big-base (repeat)")
     parser.add_argument("--render", action="store_true",
                         help="rewrite the section from bench/results/page_render_*.json; measure nothing")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.render:
         for path in sorted(RESULTS.glob("page_render_*.json")):
             table, conditions = subsection(json.loads(path.read_text()))

@@ -3,22 +3,15 @@ its CPU-vs-CPU run (the only one a CPU machine can make) passes end to end and w
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-from pathlib import Path
-
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.gpu_check")
 
 
 def test_compare_names_the_worst_tensor_and_the_missing_ones(gpu_check):
