@@ -150,10 +150,11 @@ def target_names(params: Params, layout) -> set[str]:
 def repair_tensor(inputs, params: Params):
     if not inputs.target:
         return inputs.finetuned, None
-    delta, report = irr_matrix(inputs.finetuned - inputs.aligned, inputs.safety_vector,
-                               inputs.fisher, inputs.task_hessian, params,
-                               name=inputs.name, path=inputs.path)
-    return inputs.aligned + delta, report
+    original = inputs.finetuned - inputs.aligned
+    delta, report = irr_matrix(original, inputs.safety_vector, inputs.fisher, inputs.task_hessian,
+                               params, name=inputs.name, path=inputs.path)
+    # an entry IRR left alone is the fine-tune's own value (W_a + (W_f - W_a) can round)
+    return torch.where(delta == original, inputs.finetuned, inputs.aligned + delta), report
 
 
 __all__ = ["NAME", "PAPER", "Params", "irr_matrix", "removal_mask", "repair_tensor",

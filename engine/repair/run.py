@@ -109,7 +109,10 @@ class _Reader:
     def inputs(self, name: str, *, target: bool, need_vector: bool) -> TensorInputs:
         a32 = read_model_tensor(self.a, name).to(device=self.device, dtype=torch.float32)
         check_finite(a32, self.a, name, REFUSED)
-        f32 = a32 + task_vector32(a32, self.f, name)
+        if getattr(self.f, "is_adapter", False):  # a LoRA fine-tune: base + its factors
+            f32 = a32 + task_vector32(a32, self.f, name)
+        else:  # read as stored, so kept entries can equal it bit for bit
+            f32 = read_model_tensor(self.f, name).to(device=self.device, dtype=torch.float32)
         check_finite(f32, self.f, name, REFUSED)
         vector = None
         if need_vector:
