@@ -58,8 +58,12 @@ def _same_tensors(aligned: ModelFolder, other: ModelFolder, role: str) -> None:
     try:
         require_compatible(aligned, [other])
     except IncompatibleModelsError as err:
-        raise IncompatibleModelsError(f"the {role} is not a model of the aligned model's shape: "
-                                      f"{err.reason}", reasons=err.reasons, path=other.path) from None
+        reasons = err.reasons or [err.reason]
+        tensor_reasons = [r for r in reasons if "tensor '" in r]
+        first = (tensor_reasons or reasons)[0].split(": ", 1)[-1]
+        raise IncompatibleModelsError(
+            f"the {role} is not a model of the aligned model's shape: {len(reasons)} "
+            f"mismatch(es), e.g. {first}", reasons=reasons, path=other.path) from None
     extra = [n for n in other.tensor_names if n not in aligned]
     if extra:
         raise IncompatibleModelsError(f"the {role} has a tensor the aligned model lacks "
@@ -153,6 +157,10 @@ def repair(aligned: str | Path, finetuned: str | Path, out: str | Path, method: 
         try:
             if u is not None:
                 _same_tensors(a, u, "unaligned model")
+            if "task_hessian" in spec.stats and task_file is None:  # refused before any write
+                from engine.repair.statistics import task_examples
+
+                task_examples(1, 0, task=opts.task, finetuned=f.path)
             layout = layout_of(f.config, f.path / "config.json")
             targets = spec.module.target_names(opts, layout)
             shares = _matched_shares(getattr(opts, "match_manifest", None))
