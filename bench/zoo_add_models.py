@@ -17,15 +17,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from engine.evaluate.scoring import Evaluator
-from engine.evaluate.tokenizer import build_tokenizer
-from engine.zoo import MANIFEST_NAME
-from engine.evaluate.tokenizer import tokenizer_files
-from engine.zoo.build import _entry, load_trained_model, stage_seed, write_model
-from engine.zoo.plan import FULL_ARCHS, QUICK_ARCHS, zoo_plan
-from engine.zoo.train import train
+import torch  # noqa: E402
+
+from engine.evaluate.scoring import Evaluator  # noqa: E402
+from engine.evaluate.tokenizer import build_tokenizer  # noqa: E402
+from engine.zoo import MANIFEST_NAME  # noqa: E402
+from engine.evaluate.tokenizer import tokenizer_files  # noqa: E402
+from engine.zoo.build import _entry, load_trained_model, stage_seed, write_model  # noqa: E402
+from engine.zoo.plan import FULL_ARCHS, QUICK_ARCHS, zoo_plan  # noqa: E402
+from engine.zoo.train import train  # noqa: E402
 
 
 def main(zoo: Path) -> None:

@@ -75,10 +75,6 @@ class RepairMethod:
         except ValidationError as err:
             raise ParameterError(format_validation_error(f"{self.name} parameters", err)) from None
 
-    def needs(self, params: BaseModel) -> set[str]:
-        """The statistics these parameters need (a safety vector only for its methods)."""
-        return set(self.stats)
-
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "paper": self.paper, "statistics": list(self.stats),
                 "knob": self.knob, "params_schema": self.params_class.model_json_schema(by_alias=True)}

@@ -23,3 +23,12 @@ def test_repair_command_writes_and_summarises(quick_zoo, tmp_path, capsys):
     manifest = json.loads((tmp_path / "out/delta_workbench_manifest.json").read_text())
     assert manifest["repair"]["safety_vector"] == "alignment_delta"
     assert manifest["repair"]["data"]["task_examples"] == 128
+
+
+def test_methods_lists_the_repair_registry(capsys):
+    assert main(["methods", "repair", "--json"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert [d["name"] for d in described] == ["safe_delta", "irr", "resta", "random_mask", "delta_scale"]
+    safe_delta = described[0]["params_schema"]["properties"]
+    assert safe_delta["s"]["default"] == 0.1 and safe_delta["exclude_top"]["default"] == 0.15
+    assert safe_delta["budget"]["default"] == "paper"
