@@ -158,6 +158,72 @@ def verdicts(rows: list[dict], ft: str) -> list[str]:
     return out
 
 
+def findings(rows: list[dict]) -> list[str]:
+    """The section's reading of the rows (every number looked up in them)."""
+    def row(ft, label):
+        return next(r for r in rows if r["finetune"] == ft and r["label"] == label)
+
+    e, b = "safety/erased", "safety/benign"
+    sd, sd_ab = row(e, "safe_delta fraction s=0.5"), row(e, "safe_delta fraction s=0.5 no-comp")
+    sd_rnd = row(e, "random_mask ~ safe_delta fraction s=0.5")
+    full = row(e, "safe_delta paper s=1000")
+    irr0, irr0_ab = row(e, "irr keep=0"), row(e, "irr keep=0 no-recal")
+    irr0_b = row(b, "irr keep=0")
+    ds = row(e, "delta_scale alpha=0.25")
+    best_sum = max((r for r in rows if r["finetune"] == e and r.get("method")),
+                   key=lambda r: min(r["refuse"], r["reverse"]))
+    repaired = [r for r in rows if r.get("method")]
+    rev_when_safe = max(r["reverse"] for r in repaired if r["refuse"] >= 0.9)
+    safe_when_useful = max(r["refuse"] for r in repaired if r["reverse"] >= 0.9)
+    resta = max(r["refuse"] for r in repaired if r["method"] == "resta")
+    ft_nonlinear = max(r["reverse"] for r in repaired if r["label"].endswith("ft-nonlinear"))
+    return [
+        "**Finding.** Neither target is met on these models, by any method or baseline: over "
+        "both fine-tunes, the settings that bring refusal to 0.9 or more keep reverse at most "
+        f"{rev_when_safe:.2f}, and those that keep reverse at 0.9 or more refuse at most "
+        f"{safe_when_useful:.2f} (the most balanced row of `safety/erased`, {best_sum['label']}, "
+        f"has refusal {best_sum['refuse']:.2f} and reverse {best_sum['reverse']:.2f}). "
+        "`safety/benign`, fine-tuned on reverse alone, loses refusal as completely as "
+        "`safety/erased` (1.00 -> 0.00): the benign-data erosion Safe Delta's paper describes "
+        "happens here too. A likely reason the two cannot be had together at this scale "
+        "(not tested further): the harmful-marked prompts carry the task tags (`rev:!abc=`), so "
+        "the refusal and the reverse binding compete for the same prompts.",
+        "",
+        f"- **Safe Delta restores refusal, not utility.** At s = 0.5 (fraction budget, "
+        f"{sd['kept_share']:.0%} of the delta kept) refusal is {sd['refuse']:.2f} with "
+        f"compensation, {sd_ab['refuse']:.2f} without it (the ablation) and "
+        f"{sd_rnd['refuse']:.2f} for a random mask of the same per-matrix share: the safety "
+        f"compensation does what the paper says. Reverse stays at {sd['reverse']:.2f}: even "
+        f"with everything but the 15% excluded entries kept (paper budget, s = 1000: "
+        f"{full['kept_share']:.0%} kept) reverse is {full['reverse']:.2f}, since the "
+        "compensation moves the layers' outputs on safety data back to the aligned model's and "
+        "the embeddings, head and norms are the aligned model's (the paper's policy; with the "
+        f"fine-tune's, `ft-nonlinear`, ours, reverse reaches at most {ft_nonlinear:.2f}). The "
+        "paper's own budget is not scale-free: at "
+        "its s = 0.1 it keeps "
+        f"{row(e, 'safe_delta paper s=0.1')['kept_share']:.1%} of the zoo's large deltas.",
+        f"- **IRR trades one for the other along keep_conflicting.** Removing every conflicting "
+        f"entry ({1 - irr0['kept_share']:.0%} of the delta) gives refusal {irr0['refuse']:.2f} "
+        f"and reverse {irr0['reverse']:.2f} on `safety/erased` ({irr0_b['refuse']:.2f} / "
+        f"{irr0_b['reverse']:.2f} on `safety/benign`); the recalibration raises reverse over "
+        f"plain removal ({irr0['reverse']:.2f} vs {irr0_ab['reverse']:.2f}) and lowers refusal "
+        f"({irr0['refuse']:.2f} vs {irr0_ab['refuse']:.2f}), as it pulls the layers back "
+        "towards the fine-tune on task data.",
+        f"- **Baselines** lie on the same front: plain scaling (alpha 0.25: refusal "
+        f"{ds['refuse']:.2f}, reverse {ds['reverse']:.2f}) and RESTA's safety-vector addition, "
+        f"whose refusal is at most {resta:.2f} at any beta.",
+        "- **Against the papers.** Safe Delta's README reports HEx-PHI keyword ASR 5.15% "
+        "(Llama-2-7B-chat) -> 96.67% after PureBad-100 fine-tuning -> 5.45% after Safe Delta, "
+        "with utility kept; we reproduce the safety half (attack success 100% -> 0%) and not the "
+        "utility half. IRR claims safety restored with downstream performance maintained; on "
+        "the zoo it restores refusal only partly. The papers' main tables were not retrieved, "
+        "so no other number of theirs is quoted. Toy-scale caveat: 2-layer, 128-wide models "
+        "whose deltas are ~20% of the weights, where one task's skill and the refusal share "
+        "their prompts; the papers' 7B models have deltas of ~1e-4 relative size.",
+        "",
+    ]
+
+
 def render(rows: list[dict], n: int, seconds: float | None) -> str:
     aligned = next(r for r in rows if r["label"] == "aligned")
     lines = ["## Safety repair on the zoo's safety family", "",
@@ -168,7 +234,11 @@ def render(rows: list[dict], n: int, seconds: float | None) -> str:
              "other skill; kept = entry-weighted share of the repaired matrices' delta entries that "
              "keep their fine-tuned value. Raw rows: `bench/results/repair_quality.json`.", "",
              f"Aligned model: refusal {aligned['refuse']:.2f}, reverse {aligned['reverse']:.2f}, "
-             f"upper {aligned['upper']:.2f}, perplexity {aligned['perplexity']:.2f}.", ""]
+             f"upper {aligned['upper']:.2f}, perplexity {aligned['perplexity']:.2f}. The zoo's "
+             "`safety/unaligned` (the aligned model fine-tuned 200 steps on compliance) gives "
+             "IRR's and RESTA's safety vector; both new zoo models were trained by "
+             "`bench/zoo_add_models.py` into a copy of the full zoo.", "",
+             *findings(rows)]
     for ft in dict.fromkeys(r["finetune"] for r in rows if r["finetune"]):
         mine = [r for r in rows if r["finetune"] == ft]
         base = mine[0]
