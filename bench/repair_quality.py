@@ -214,12 +214,12 @@ def findings(rows: list[dict]) -> list[str]:
         f"whose refusal is at most {resta:.2f} at any beta.",
         "- **Against the papers.** Safe Delta's README reports HEx-PHI keyword ASR 5.15% "
         "(Llama-2-7B-chat) -> 96.67% after PureBad-100 fine-tuning -> 5.45% after Safe Delta, "
-        "with utility kept; we reproduce the safety half (attack success 100% -> 0%) and not the "
+        "and claims the fine-tune's utility is kept; we reproduce the safety half (attack success 100% -> 0%) and not the "
         "utility half. IRR claims safety restored with downstream performance maintained; on "
         "the zoo it restores refusal only partly. The papers' main tables were not retrieved, "
         "so no other number of theirs is quoted. Toy-scale caveat: 2-layer, 128-wide models "
         "whose deltas are ~20% of the weights, where one task's skill and the refusal share "
-        "their prompts; the papers' 7B models have deltas of ~1e-4 relative size.",
+        "their prompts; the papers' 7B fine-tunes move weights by ~1e-4 to 1e-3.",
         "",
     ]
 
@@ -237,7 +237,8 @@ def render(rows: list[dict], n: int, seconds: float | None) -> str:
              f"upper {aligned['upper']:.2f}, perplexity {aligned['perplexity']:.2f}. The zoo's "
              "`safety/unaligned` (the aligned model fine-tuned 200 steps on compliance) gives "
              "IRR's and RESTA's safety vector; both new zoo models were trained by "
-             "`bench/zoo_add_models.py` into a copy of the full zoo.", "",
+             "`bench/zoo_add_models.py ZOO` (the build's code and seeds) into a copy of the full "
+             "zoo, and this bench ran on that copy (one shared core).", "",
              *findings(rows)]
     for ft in dict.fromkeys(r["finetune"] for r in rows if r["finetune"]):
         mine = [r for r in rows if r["finetune"] == ft]
