@@ -214,7 +214,8 @@ def findings(rows: list[dict]) -> list[str]:
         f"whose refusal is at most {resta:.2f} at any beta.",
         "- **Against the papers.** Safe Delta's README reports HEx-PHI keyword ASR 5.15% "
         "(Llama-2-7B-chat) -> 96.67% after PureBad-100 fine-tuning -> 5.45% after Safe Delta, "
-        "and claims the fine-tune's utility is kept; we reproduce the safety half (attack success 100% -> 0%) and not the "
+        "and the paper claims the utility is kept; we reproduce the safety half (attack success "
+        "100% -> 0%) and not the "
         "utility half. IRR claims safety restored with downstream performance maintained; on "
         "the zoo it restores refusal only partly. The papers' main tables were not retrieved, "
         "so no other number of theirs is quoted. Toy-scale caveat: 2-layer, 128-wide models "

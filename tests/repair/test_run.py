@@ -120,3 +120,10 @@ def test_random_mask_matches_a_reference_manifest(tmp_path, pair):
         for name, r in ref.report.items():
             numel = folder.info(name).numel
             assert result.report[name]["kept_share"] == round(r["kept_share"] * numel) / numel
+
+
+def test_safe_delta_all_linears_repairs_the_untied_head_too(tmp_path, pair):
+    result = repair(pair["aligned"], pair["erased"], tmp_path / "o", "safe_delta",
+                    {"budget": "fraction", "s": 0.3, "tensors": "all_linears"}, device="cpu")
+    assert "lm_head.weight" in result.report and len(result.report) == 15
+    assert 0 < result.report["lm_head.weight"]["kept_share"] < 1
