@@ -6,7 +6,8 @@ Order of work (everything that can be refused is refused before the output is op
    strict reader; the fine-tune must have the aligned model's tensors, shapes and config (a
    mismatch names the tensor), and so must the unaligned model;
 2. the calibration files (``--calibration`` for safety data, ``--task-data`` for IRR's task
-   data), read by the project's calibration reader;
+   data), read by the project's calibration reader; the models whose activations are needed
+   loaded, the safety examples checked against the aligned model, IRR's Fisher computed;
 3. the output, through the staged atomic writer, laid out from the fine-tune's tensors:
    - tensors the method does not repair with statistics stream one at a time (aligned,
      fine-tuned and, where needed, unaligned tensor read, combined, written);
@@ -14,6 +15,7 @@ Order of work (everything that can be refused is refused before the output is op
      statistics of one layer at a time, from the model whose activations the method uses
      (Safe Delta: the aligned model on safety data; IRR: the fine-tune on its task data,
      true-sequential, with the Fisher of the aligned model computed first).
+   A NaN/Inf found on the way (a tensor, a Hessian) aborts the write: nothing appears.
 4. the manifest (method, parameters, per-matrix report, inputs' fingerprints, the data used)
    and a model card, in the same atomic write.
 
@@ -187,6 +189,15 @@ def repair(aligned: str | Path, finetuned: str | Path, out: str | Path, method: 
                               body=f"The fine-tune repaired for safety by {label} ({spec.paper}) "
                                    "against its aligned model.")
             extra = {**read_side_files(f.path, SIDE_FILES), CARD_NAME: card.encode()}
+            streamed = [n for n in names if n not in targets or spec.stats in ((), ("safety_vector",))]
+            pending = [n for n in names if n not in streamed]
+            prepared = None
+            if pending:  # models loaded, data checked, Fisher computed: before any write
+                from engine.repair.sweep import prepare, repair_layers
+
+                prepared = prepare(spec, opts, reader, pending, say=say, data_notes=data_notes,
+                                   warnings=warnings, safety_file=safety_file,
+                                   task_file=task_file, device=compute)
             with ModelWriter(out, config=f.config, extra_files=extra, manifest_extra=manifest,
                              input_folders=[a.path, f.path] + ([u.path] if u is not None else []),
                              plan=plan) as writer:
@@ -200,20 +211,14 @@ def repair(aligned: str | Path, finetuned: str | Path, out: str | Path, method: 
                         report[name] = info
                     return result
 
-                streamed = [n for n in names if n not in targets or not spec.stats
-                            or spec.stats == ("safety_vector",)]
                 for i, name in enumerate(streamed):
                     say(0.5 * i / max(1, len(names)), name)
                     inputs = reader.inputs(name, target=name in targets, need_vector=needs_vector)
                     inputs.share = shares.get(name)
                     emit(name, inputs)
-                pending = [n for n in names if n not in streamed]
-                if pending:
-                    from engine.repair.sweep import repair_layers
-
-                    repair_layers(spec, opts, reader, pending, emit, say=say, data_notes=data_notes,
-                                  warnings=warnings, safety_file=safety_file, task_file=task_file,
-                                  device=compute)
+                if prepared is not None:
+                    repair_layers(prepared, reader, pending, emit, say=say,
+                                  need_vector=needs_vector)
         finally:
             if u is not None:
                 u.close()

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.errors import ConfigError
@@ -55,12 +57,22 @@ def _full_pass_hessians(model, samples, linears: dict) -> dict[str, torch.Tensor
     return {n: (2.0 / len(samples) * s).float() for n, s in sums.items()}
 
 
-def repair_layers(spec, opts, reader, pending, emit, *, say, data_notes, warnings,
-                  safety_file, task_file, device) -> None:
-    """Repair the ``pending`` linear weights layer by layer, handing each to ``emit``."""
+@dataclass
+class Prepared:
+    """What the layer loop needs, ready before the output is opened."""
+
+    kind: str                      # "safety_hessian" | "task_hessian"
+    model: torch.nn.Module         # the model whose activations are used
+    samples: list[list[int]]       # token ids, one calibration sample each
+    sequential: bool
+    fisher: dict[str, torch.Tensor]
+
+
+def prepare(spec, opts, reader, pending, *, say, data_notes, warnings, safety_file, task_file,
+            device) -> Prepared:
+    """Load the model(s), draw and check the data (a safety file without refusals is refused
+    here, before anything is written) and compute IRR's Fisher."""
     kind = "task_hessian" if "task_hessian" in spec.stats else "safety_hessian"
-    need_vector = "safety_vector" in spec.stats
-    pending = list(pending)
     fisher: dict[str, torch.Tensor] = {}
     aligned_model, tokenizer = _load(reader.a, device)
     safety, notes = safety_examples(getattr(opts, "n_fisher", None) or opts.n_calibration,
@@ -70,8 +82,8 @@ def repair_layers(spec, opts, reader, pending, emit, *, say, data_notes, warning
     data_notes["safety_examples"] = len(safety)
     data_notes["safety_source"] = str(safety_file.path) if safety_file else "zoo task refuse (train)"
     if kind == "task_hessian":
-        say(0.5, "Fisher of the aligned model on its refusals")
-        fisher = batch_fisher(aligned_model, tokenizer, safety, pending,
+        say(0.0, "Fisher of the aligned model on its refusals")
+        fisher = batch_fisher(aligned_model, tokenizer, safety, list(pending),
                               batch_size=opts.fisher_batch_size)
         del aligned_model
         model, tokenizer = _load(reader.f, device)
@@ -79,11 +91,20 @@ def repair_layers(spec, opts, reader, pending, emit, *, say, data_notes, warning
                                         data=task_file, finetuned=reader.f.path)
         warnings.extend(notes)
         data_notes["task_examples"] = len(examples)
-        data_notes["task_source"] = str(task_file.path) if task_file else f"zoo task {opts.task or 'of the fine-tune'} (train)"
+        data_notes["task_source"] = (str(task_file.path) if task_file
+                                     else f"zoo task {opts.task or 'of the fine-tune'} (train)")
         sequential = opts.sequential
     else:
         model, examples, sequential = aligned_model, safety, False
-    samples = _samples(tokenizer, examples)
+    return Prepared(kind, model, _samples(tokenizer, examples), sequential, fisher)
+
+
+def repair_layers(prepared: Prepared, reader, pending, emit, *, say, need_vector: bool) -> None:
+    """Repair the ``pending`` linear weights layer by layer, handing each to ``emit``."""
+    kind, model, samples, sequential = (prepared.kind, prepared.model, prepared.samples,
+                                        prepared.sequential)
+    fisher = prepared.fisher
+    pending = list(pending)
     prefix, layers = decoder_layers(model)
     inputs = first_layer_inputs(model, samples)
     done = 0
@@ -131,4 +152,4 @@ def _done_names(layers, prefix) -> set[str]:
     return {n for i, layer in enumerate(layers) for n in linear_modules(layer, f"{prefix}.{i}")}
 
 
-__all__ = ["repair_layers"]
+__all__ = ["Prepared", "prepare", "repair_layers"]
