@@ -254,13 +254,14 @@ def render(rows: list[dict], n: int, seconds: float | None) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=None)
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--finetunes", nargs="+", default=FINETUNES)
     parser.add_argument("--render", action="store_true", help="render the saved rows only")
-    args = parser.parse_args()
+    parser.add_argument("--readme", type=Path, default=REPO / "bench" / "README.md")
+    args = parser.parse_args(argv)
     if args.render:
         saved = json.loads(RESULTS.read_text())
         rows, n, seconds = saved["rows"], saved["n"], saved.get("seconds")
@@ -275,9 +276,10 @@ def main() -> None:
             "added_models": json.loads((args.zoo / "zoo.json").read_text()).get("added_models")},
             "rows": rows}, indent=1) + "\n")
     body = render(rows, n, seconds)
-    write_marked_section(SECTION, body)
+    write_marked_section(SECTION, body, args.readme)
     print(body)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
