@@ -156,6 +156,7 @@ def repair(aligned: str | Path, finetuned: str | Path, out: str | Path, method: 
     with ModelFolder(aligned) as a, ModelFolder(finetuned) as f:
         _same_tensors(a, f, "fine-tune")
         u = ModelFolder(unaligned) if needs_vector else None
+        scratch: list = []  # scratch folders of the statistics, removed at the end
         try:
             if u is not None:
                 _same_tensors(a, u, "unaligned model")
@@ -197,7 +198,7 @@ def repair(aligned: str | Path, finetuned: str | Path, out: str | Path, method: 
 
                 prepared = prepare(spec, opts, reader, pending, say=say, data_notes=data_notes,
                                    warnings=warnings, safety_file=safety_file,
-                                   task_file=task_file, device=compute)
+                                   task_file=task_file, device=compute, cleanup=scratch)
             with ModelWriter(out, config=f.config, extra_files=extra, manifest_extra=manifest,
                              input_folders=[a.path, f.path] + ([u.path] if u is not None else []),
                              plan=plan) as writer:
@@ -220,6 +221,9 @@ def repair(aligned: str | Path, finetuned: str | Path, out: str | Path, method: 
                     repair_layers(prepared, reader, pending, emit, say=say,
                                   need_vector=needs_vector)
         finally:
+            from engine.repair.sweep import discard
+
+            discard(scratch)
             if u is not None:
                 u.close()
     summary = summarize(report, plan)

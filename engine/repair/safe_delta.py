@@ -10,7 +10,9 @@ harmful prompts with the aligned model's refusals, ``engine.repair.obs``):
    safety data; ``W_cur`` carries the compensation of earlier blocks). Every entry of column j
    has the key ``1 / d_j^2``: with utility modelled as ``delta^2``, ascending key is best
    utility per safety cost first.
-3. The ``exclude_top`` share (0.15) of the block's entries with the largest key is never kept;
+3. The ``exclude_top`` share (0.15) of the block's entries with the largest key is never kept
+   (ties in stable index order; the authors' unstable sort and slice ``[0:-k]`` keep nothing
+   when k rounds to 0, ours then excludes nothing);
    the rest, in ascending key order, are kept while the running sum of their costs stays within
    the block's budget:
    - ``budget: paper``: ``eps = mean(1/d^2) * (s / 2) * (rows / 4096)`` (the code's rule,

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import ConfigError
-from engine.merge.calibration import encode
+from engine.io.staging import discard_staging, make_scratch_dir
+from engine.merge.calibration import StatsFile, encode
 from engine.repair.layerwise import (decoder_layers, first_layer_inputs, input_groups,
                                      layer_hessians, linear_modules, run_layer)
 from engine.repair.statistics import batch_fisher, safety_examples, task_examples
@@ -65,15 +66,32 @@ class Prepared:
     model: torch.nn.Module         # the model whose activations are used
     samples: list[list[int]]       # token ids, one calibration sample each
     sequential: bool
-    fisher: dict[str, torch.Tensor]
+    fisher: object                 # .get(name) -> the Fisher of one weight (a StatsFile)
+
+
+def _spill(fisher: dict[str, torch.Tensor], cleanup: list) -> StatsFile:
+    """The Fisher written to a private scratch file (the staging convention: swept if the run
+    is killed) and read back one tensor at a time, so it is not held beside the running model."""
+    folder = make_scratch_dir("repair-fisher")
+    cleanup.append(folder)
+    stored = StatsFile.write(fisher, folder / "fisher.safetensors", "fisher")
+    fisher.clear()
+    return stored
+
+
+def discard(cleanup: list) -> None:
+    """Remove the scratch folders ``prepare`` made."""
+    while cleanup:
+        discard_staging(cleanup.pop(), [])
 
 
 def prepare(spec, opts, reader, pending, *, say, data_notes, warnings, safety_file, task_file,
-            device) -> Prepared:
+            device, cleanup: list) -> Prepared:
     """Load the model(s), draw and check the data (a safety file without refusals is refused
-    here, before anything is written) and compute IRR's Fisher."""
+    here, before anything is written) and compute IRR's Fisher (spilled to a scratch file that
+    ``discard(cleanup)`` removes)."""
     kind = "task_hessian" if "task_hessian" in spec.stats else "safety_hessian"
-    fisher: dict[str, torch.Tensor] = {}
+    fisher = {}
     aligned_model, tokenizer = _load(reader.a, device)
     safety, notes = safety_examples(getattr(opts, "n_fisher", None) or opts.n_calibration,
                                     opts.calibration_seed, data=safety_file,
@@ -83,8 +101,8 @@ def prepare(spec, opts, reader, pending, *, say, data_notes, warnings, safety_fi
     data_notes["safety_source"] = str(safety_file.path) if safety_file else "zoo task refuse (train)"
     if kind == "task_hessian":
         say(0.0, "Fisher of the aligned model on its refusals")
-        fisher = batch_fisher(aligned_model, tokenizer, safety, list(pending),
-                              batch_size=opts.fisher_batch_size)
+        fisher = _spill(batch_fisher(aligned_model, tokenizer, safety, list(pending),
+                                     batch_size=opts.fisher_batch_size), cleanup)
         del aligned_model
         model, tokenizer = _load(reader.f, device)
         examples, notes = task_examples(opts.n_calibration, opts.calibration_seed, task=opts.task,
@@ -113,7 +131,7 @@ def repair_layers(prepared: Prepared, reader, pending, emit, *, say, need_vector
         nonlocal done
         say(0.5 + 0.5 * done / max(1, len(pending)), name)
         item = reader.inputs(name, target=True, need_vector=need_vector)
-        item.fisher = fisher.pop(name, None)
+        item.fisher = fisher.get(name) if kind == "task_hessian" else None
         setattr(item, kind, hessian)
         repaired = emit(name, item)
         if kind == "task_hessian":  # the running model carries the repair forward
@@ -152,4 +170,4 @@ def _done_names(layers, prefix) -> set[str]:
     return {n for i, layer in enumerate(layers) for n in linear_modules(layer, f"{prefix}.{i}")}
 
 
-__all__ = ["Prepared", "prepare", "repair_layers"]
+__all__ = ["Prepared", "discard", "prepare", "repair_layers"]

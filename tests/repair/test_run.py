@@ -79,7 +79,8 @@ def test_irr_keeping_every_conflict_is_the_finetune(tmp_path, pair):
     assert all(torch.equal(out[n], f[n]) for n in out)
 
 
-def test_irr_removes_and_reports_per_matrix(tmp_path, pair):
+def test_irr_removes_and_reports_per_matrix(tmp_path, pair, monkeypatch):
+    monkeypatch.setenv("DELTA_WORKBENCH_HOME", str(tmp_path / "home"))
     result = repair(pair["aligned"], pair["erased"], tmp_path / "o", "irr",
                     {"safety_vector": "alignment_delta", "targets": "qv"}, unaligned=pair["base"],
                     device="cpu")
@@ -88,6 +89,8 @@ def test_irr_removes_and_reports_per_matrix(tmp_path, pair):
     for r in result.report.values():
         assert 0 < r["removed_share"] <= r["conflict_share"] + 0.2
         assert r["task_drift_after"] <= r["task_drift_plain_removal"]
+    scratch = tmp_path / "home" / "scratch"  # the spilled Fisher is gone
+    assert not scratch.exists() or not any(scratch.iterdir())
 
 
 def test_layerwise_hessians_equal_the_full_forward_gram_matrices(pair):
