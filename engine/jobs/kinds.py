@@ -274,7 +274,7 @@ class RepairJobParams(_Params):
         for path in (self.aligned, self.finetuned, self.unaligned):
             if path is not None:
                 resolve_user_path(path, roots, kind="dir")
-        for path in (self.calibration, self.task_data):
+        for path in (self.calibration, self.task_data, (self.params or {}).get("match_manifest")):
             if path is not None:
                 resolve_user_path(path, roots, kind="file")
         get_method(self.method).parse_params(self.params)

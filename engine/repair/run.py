@@ -41,6 +41,7 @@ from engine.task_vectors import check_finite, read_model_tensor, task_vector32
 Progress = Callable[[float, str], None]
 SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")
 REFUSED = "repair refused"
+MAX_MANIFEST_BYTES = 1 << 24
 
 
 @dataclass
@@ -98,7 +99,9 @@ def _matched_shares(path: str | None) -> dict[str, float]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError("match_manifest: not a file", path=file)
-    data = parse_json(file.read_bytes()[:1 << 24], source=str(file))
+    if file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ConfigError(f"match_manifest: over {MAX_MANIFEST_BYTES} bytes", path=file)
+    data = parse_json(file.read_bytes(), source=str(file))
     report = data.get("repair", {}).get("report") if isinstance(data, dict) else None
     if not isinstance(report, dict):
         raise ConfigError("match_manifest: not the manifest of a repair output", path=file)
@@ -154,6 +157,10 @@ def repair(aligned: str | Path, finetuned: str | Path, out: str | Path, method: 
                  if task_data is not None else None)
     warnings: list[str] = []
     with ModelFolder(aligned) as a, ModelFolder(finetuned) as f:
+        from engine.io.staging import check_destination
+
+        inputs_given = [a.path, f.path] + ([Path(unaligned)] if needs_vector else [])
+        check_destination(Path(out).absolute(), inputs_given)  # before any model is loaded
         _same_tensors(a, f, "fine-tune")
         u = ModelFolder(unaligned) if needs_vector else None
         scratch: list = []  # scratch folders of the statistics, removed at the end

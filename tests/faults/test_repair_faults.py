@@ -148,3 +148,23 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path, zoo, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: irr needs a safety vector")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_destination_that_is_not_empty_is_refused_before_any_model_loads(tmp_path, zoo, monkeypatch):
+    import engine.evaluate.loading as loading
+    from engine.errors import ExportError
+
+    monkeypatch.setattr(loading, "load_model_folder", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(tmp_path, lambda: repair(zoo["aligned"], zoo["erased"], out, "safe_delta"),
+                   ExportError, str(out))
+
+
+def test_a_match_manifest_that_is_not_a_repair_manifest_is_refused(tmp_path, zoo):
+    bogus = tmp_path / "manifest.json"
+    bogus.write_text(json.dumps({"kind": "merge"}))
+    assert_refused(tmp_path, lambda: repair(zoo["aligned"], zoo["erased"], tmp_path / "o", "random_mask",
+                                            {"match_manifest": str(bogus)}),
+                   ConfigError, str(bogus), "not the manifest of a repair output")
