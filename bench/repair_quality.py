@@ -111,7 +111,10 @@ def measure(zoo: Path, n: int, finetunes: list[str]) -> list[dict]:
                 result = repair(aligned, zoo / ft, out, method, params, device="cpu",
                                 unaligned=other if method in ("irr", "resta") else None)
                 seconds = time.perf_counter() - started
-                row = {"finetune": ft, "label": label, "method": method, "params": result.params,
+                recorded = dict(result.params)
+                if match is not None:  # the reference run, not its temporary folder
+                    recorded["match_manifest"] = f"the manifest of: {match}"
+                row = {"finetune": ft, "label": label, "method": method, "params": recorded,
                        "kept_share": result.summary["kept_share"], "repair_seconds": round(seconds, 2),
                        **score(out, n)}
                 rows.append(row)
