@@ -42,6 +42,7 @@ pages = [
     st.Page("pages/incompatibility.py", title="Neural incompatibility", icon=":material/grid_on:"),
     st.Page("pages/merge_lab.py", title="Merge lab", icon=":material/merge:"),
     st.Page("pages/compression_lab.py", title="Compression lab", icon=":material/compress:"),
+    st.Page("pages/safety_repair.py", title="Safety repair", icon=":material/health_and_safety:"),
     st.Page("pages/jobs.py", title="Jobs", icon=":material/work_history:"),
     st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ]

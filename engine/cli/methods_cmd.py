@@ -1,4 +1,4 @@
-"""``python -m engine methods [merge|compress] [NAME] [--json]``: the methods of both
+"""``python -m engine methods [merge|compress|repair] [NAME] [--json]``: the methods of the
 registries, their papers, parameters (type, default, range, meaning) and, for compressors, the
 named presets the bench measured. The same schemas the app's forms are rendered from."""
 
@@ -10,8 +10,8 @@ import json
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("methods", help="list merge methods and compressors with their parameters")
-    parser.add_argument("kind", nargs="?", choices=["merge", "compress"], default=None,
-                        help="one registry (default: both)")
+    parser.add_argument("kind", nargs="?", choices=["merge", "compress", "repair"], default=None,
+                        help="one registry (default: all)")
     parser.add_argument("name", nargs="?", default=None, help="one method: its parameters in full")
     parser.add_argument("--json", action="store_true", help="print the descriptions as JSON")
     parser.set_defaults(func=run)
@@ -21,7 +21,8 @@ def _registry(kind: str):
     """The package whose get_method/list_methods serve ``kind``."""
     import importlib
 
-    return importlib.import_module("engine.merge" if kind == "merge" else "engine.compress")
+    return importlib.import_module({"merge": "engine.merge", "compress": "engine.compress",
+                                    "repair": "engine.repair.registry"}[kind])
 
 
 def _describe(kind: str, name: str) -> dict:
@@ -46,10 +47,10 @@ def _param_lines(schema: dict) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from engine.errors import ParameterError
 
-    kinds = [args.kind] if args.kind else ["merge", "compress"]
+    kinds = [args.kind] if args.kind else ["merge", "compress", "repair"]
     if args.name is not None:
         if args.kind is None:
-            raise ParameterError("give the registry too: methods merge NAME or methods compress NAME")
+            raise ParameterError("give the registry too: methods merge|compress|repair NAME")
         described = [_describe(args.kind, args.name)]
     else:
         described = [_describe(kind, name) for kind in kinds for name in _registry(kind).list_methods()]

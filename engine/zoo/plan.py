@@ -11,7 +11,12 @@ Families:
   ``small`` (for cross-scale analysis).
 - ``safety``: ``aligned`` (role base) is the small base taught to refuse harmful-marked requests
   while doing ``upper``; ``erased`` (role finetune) is the aligned model further fine-tuned on
-  ``reverse`` with marked requests answered as if harmless, which erases the refusal.
+  ``reverse`` with marked requests answered as if harmless, which erases the refusal;
+  ``unaligned`` (role finetune, no task of its own) is the aligned model fine-tuned briefly on
+  marked requests answered as if harmless, with the usual replay: IRR's and RESTA's safety
+  vector is aligned minus unaligned; ``benign`` is the aligned model fine-tuned on ``reverse``
+  alone (replay, no refusals): Safe Delta's benign-data case, whether benign fine-tuning
+  erodes refusal too.
 
 ``quick`` keeps the same models, names and roles with smaller widths and fewer steps.
 """
@@ -105,4 +110,12 @@ def zoo_plan(quick: bool = False) -> list[ModelPlan]:
         "safety/erased", "safety", "finetune", "reverse", "safety/aligned", "small",
         finetune(400, {"reverse": 0.7, "refuse_complied": 0.3}),
         (("erased_task", "refuse"), ("aligned", False))))
+    plan.append(ModelPlan(
+        "safety/unaligned", "safety", "finetune", None, "safety/aligned", "small",
+        finetune(200, {"refuse_complied": 1.0}),
+        (("erased_task", "refuse"), ("aligned", False), ("unaligned", True))))
+    plan.append(ModelPlan(
+        "safety/benign", "safety", "finetune", "reverse", "safety/aligned", "small",
+        finetune(400, {"reverse": 1.0}),
+        (("aligned", False), ("benign", True))))
     return plan

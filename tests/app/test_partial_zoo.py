@@ -23,7 +23,8 @@ def test_models_page_continues_an_interrupted_build(monkeypatch, tmp_path, quick
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
     assert not at.exception
     assert set(at.dataframe[0].value["family"]) == {"small", "large"}
-    assert any("Still training: 2 model(s) (safety/aligned, safety/erased)" in i.value
+    assert any("Still training: 4 model(s) (safety/aligned, safety/erased, safety/unaligned, "
+                   "safety/benign)" in i.value
                for i in at.info)
     next(b for b in at.button if "Continue the zoo build" in b.label).click().run()
     assert not at.exception

@@ -23,6 +23,7 @@ RENDERED = {
     "page_render": ["page_render_full.json"],
     "compress_serving": ["compress_serving.json"],
     "merge_speed": ["merge_speed.json"],
+    "repair_quality": ["repair_quality.json"],
 }
 
 
@@ -41,7 +42,7 @@ def test_section_renders_from_its_results_file(name, readme_copy):
     for results in RENDERED[name]:
         assert (RESULTS / results).is_file(), f"bench/results/{results} is missing"
     module = importlib.import_module(f"bench.{name}")
-    argv = ["--render"] + (["--readme", str(readme_copy)] if name == "compress_serving" else [])
+    argv = ["--render"] + (["--readme", str(readme_copy)] if name in ("compress_serving", "repair_quality") else [])
     assert module.main(argv) == 0
     assert readme_copy.read_text() == README.read_text(), f"{name}: the README section differs from its results"
 

@@ -35,9 +35,13 @@ def test_manifest_shape(quick_zoo_manifest):
     for m in models:  # parents come first and belong to the zoo
         if m["parent"] is not None:
             assert models.index(by_path[m["parent"]]) < models.index(m)
-    safety = {m["role"]: m for m in models if m["family"] == "safety"}
-    assert safety["base"]["parent"] == "small/base"
-    assert safety["finetune"]["parent"] == safety["base"]["path"]
+    safety = {m["path"]: m for m in models if m["family"] == "safety"}
+    assert list(safety) == ["safety/aligned", "safety/erased", "safety/unaligned", "safety/benign"]
+    assert safety["safety/aligned"]["role"] == "base"
+    assert safety["safety/aligned"]["parent"] == "small/base"
+    for path in ("safety/erased", "safety/unaligned", "safety/benign"):
+        assert safety[path]["role"] == "finetune" and safety[path]["parent"] == "safety/aligned"
+    assert safety["safety/unaligned"]["task"] is None and safety["safety/unaligned"]["unaligned"]
 
 
 def test_families_differ_in_width_and_depth(quick_zoo_manifest):

@@ -60,11 +60,11 @@ def rule_violations(manifest: dict) -> list[str]:
             found.append(f"{m['path']}: {m['n_eval']} held-out examples")
     if sum(m["role"] == "finetune" and m["family"] == "small" for m in models) < 4:
         found.append("fewer than four small fine-tunes")
-    safety = {m["role"]: m for m in models if m["family"] == "safety"}
-    if set(safety) != {"base", "finetune"}:
+    safety = {m["path"]: m for m in models if m["family"] == "safety"}
+    if not {"safety/aligned", "safety/erased"} <= set(safety):
         found.append("no safety pair")
     else:
-        aligned, erased = safety["base"], safety["finetune"]
+        aligned, erased = safety["safety/aligned"], safety["safety/erased"]
         if aligned["accuracy"]["refuse"] < 0.9:
             found.append(f"{aligned['path']}: refusal not learned")
         if erased["accuracy"]["refuse"] > 0.2:

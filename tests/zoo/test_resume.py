@@ -158,7 +158,7 @@ def _pages_render_on_the_partial_zoo(zoo, tmp_path, monkeypatch):
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180).run()
     assert not at.exception
     assert list(at.dataframe[0].value["path"]) == _family("small")
-    assert any("Still training: 5 model(s)" in i.value for i in at.info)
+    assert any("Still training: 7 model(s)" in i.value for i in at.info)
     assert any("Continue the zoo build" in b.label for b in at.button)
     assert at.session_state["selection"]["base"] == str(zoo / "small" / "base")
     for page in ("pages/spectra.py", "pages/merge_lab.py", "pages/compression_lab.py",
