@@ -4,13 +4,15 @@ A recipe names the models (or full-depth slices of them), the base model, the me
 parameters. Parameter values may be scalars, gradients (lists interpolated over layers) or
 filter conditions; they are resolved per tensor by ``engine.merge.params``.
 
-Supported mergekit keys: ``models`` (``model`` + ``parameters``), ``slices`` whose sources all
-cover the same layer range, ``base_model``, ``merge_method``, ``parameters``, ``dtype``,
+Supported mergekit keys: ``models`` (``model`` + ``parameters``), ``slices`` (each with
+``sources`` of ``model`` + half-open ``layer_range`` + ``parameters``, its own ``parameters`` and
+``base_model``: one slice over every layer merges whole models, anything else is a layer stack,
+``engine.merge.slices``), ``base_model``, ``merge_method``, ``parameters``, ``dtype``,
 ``out_dtype``, ``tokenizer_source`` ("base" or one of the input models), ``tokenizer``
 (``source`` only), ``name``, ``chat_template`` (kept in the manifest). A model may be a PEFT
 LoRA adapter: mergekit's ``BASE+ADAPTER`` reference, or an adapter folder alone (its base is
 the recipe's ``base_model``); its task vector is read module by module (``engine.lora``). Hub
-ids and frankenmerge slices are refused with a clear message.
+ids are refused with a clear message.
 
 Our extensions: ``vocab_policy``, ``seed``, and ``overflow``: what happens when a merged value
 does not fit the output dtype (a float32 result of 3e38 cast to float16 is Inf). ``refuse``
@@ -57,8 +59,10 @@ class SliceSource(BaseModel):
 
 class Slice(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    sources: list[SliceSource]
+    sources: list[SliceSource] = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
+    base_model: str | None = None        # this slice's base (mergekit's; else the recipe's)
+    residual_weight: float | None = None  # accepted as mergekit 0.1.5 accepts it, and unused there too
 
 
 class TokenizerSettings(BaseModel):
@@ -72,7 +76,7 @@ class MergeRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: str
     models: list[InputModel] | None = None
-    slices: list[Slice] | None = None
+    slices: list[Slice] | None = Field(None, min_length=1)
     base_model: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
@@ -102,22 +106,25 @@ class MergeRecipe(BaseModel):
             raise ValueError("overflow must be 'refuse' or 'clamp'")
         return self
 
+    def uniform_slice(self) -> bool:
+        """Whether the recipe is ``models``, or one slice whose sources share one layer range
+        (merged as ``models`` when that range is every layer; anything else is a layer stack,
+        ``engine.merge.slices``)."""
+        if self.slices is None:
+            return True
+        return (len(self.slices) == 1 and self.slices[0].base_model is None
+                and len({tuple(s.layer_range) for s in self.slices[0].sources}) == 1)
+
     def input_models(self) -> list[InputModel]:
-        """The models with their own per-model parameters (slices must be full-depth and
-        uniform; the slice's shared ``parameters`` are a scope of ``parameter_scopes``)."""
+        """The models with their own per-model parameters (``models``, or the sources of a
+        uniform slice; the slice's shared ``parameters`` are a scope of ``parameter_scopes``)."""
         if self.models is not None:
             return list(self.models)
         assert self.slices is not None
-        if len(self.slices) != 1:
-            raise ParameterError(
-                "recipes with several slices (frankenmerges) are not supported: use one slice whose "
-                "sources share one layer range"
-            )
-        sources = self.slices[0].sources
-        ranges = {tuple(s.layer_range) for s in sources}
-        if len(ranges) != 1:
-            raise ParameterError(f"slice sources have different layer ranges {sorted(ranges)}")
-        return [InputModel(model=s.model, parameters=dict(s.parameters)) for s in sources]
+        if not self.uniform_slice():
+            raise ParameterError("a layer stack (several slices, or sources of different layer "
+                                 "ranges) is planned slice by slice (engine.merge.slices)")
+        return [InputModel(model=s.model, parameters=dict(s.parameters)) for s in self.slices[0].sources]
 
     def parameter_scopes(self) -> list[dict[str, Any]]:
         """The global parameter scopes, outer to inner: the recipe's ``parameters``, then the
@@ -154,6 +161,8 @@ class MergeRecipe(BaseModel):
         refs = [("base_model", self.base_model)] if self.base_model is not None else []
         refs += [(f"models[{i}].model", m.model) for i, m in enumerate(self.models or [])]
         for i, piece in enumerate(self.slices or []):
+            if piece.base_model is not None:
+                refs.append((f"slices[{i}].base_model", piece.base_model))
             refs += [(f"slices[{i}].sources[{j}].model", s.model) for j, s in enumerate(piece.sources)]
         source = (self.tokenizer.source if self.tokenizer else None) or self.tokenizer_source
         if source not in (None, "base", "union"):

@@ -38,10 +38,12 @@ from engine.io.stages import StageTimes
 from engine.io.side_files import TOKENIZER_FILES as SIDE_TOKENIZER_FILES
 from engine.io.side_files import read_side_files
 from engine.merge.registry import MergeMethod, get_method
+from engine.merge.slices import LayerStack, num_layers_of, plan_layer_stack, stack_config
 from engine.merge.spec import MergeSpec
 from engine.lora.adapter import LoraAdapter, is_adapter_folder
 from engine.lora.finetune import AdapterFinetune
 from engine.task_vectors import read_model_tensor
+from engine.tensor_names import layer_index_of
 from engine.recipe import DTYPES, MergeRecipe, check_recipe_paths, resolve_model_ref, split_lora_ref
 
 # Files copied from the tokenizer source next to the merged weights (when present).
@@ -71,6 +73,7 @@ class MergePlan:
     num_layers: int | None
     warnings: list[str] = field(default_factory=list)
     opened: list = field(default_factory=list)  # everything plan_merge opened (adapters' bases too)
+    stack: LayerStack | None = None   # a frankenmerge: where each output tensor comes from
 
     def close(self) -> None:
         for folder in {id(f): f for f in [self.layout, self.tokenizer_folder, *self.models,
@@ -112,10 +115,11 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
 
     if roots is not None:
         check_recipe_paths(recipe, roots, recipe_dir=recipe_dir)  # every key, before any is opened
-    entries = recipe.input_models()
+    stacked = is_layer_stack(recipe, _resolve_model_path)
+    entries = [] if stacked else recipe.input_models()
     base_path = (_resolve_model_path(split_lora_ref(recipe.base_model)[0], "base_model")
                  if recipe.base_model else None)
-    if method.requires_base and base_path is None:
+    if method.requires_base and base_path is None and not stacked:  # a stack's slices may name theirs
         raise ParameterError(f"{method.name} needs a base_model")
 
     opened: dict[Path, ModelFolder] = {}
@@ -151,6 +155,11 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
 
     try:
         base = open_model(recipe.base_model, "base_model", None) if base_path is not None else None
+        if stacked:
+            plan = _plan_stack(recipe, method, base, open_model,
+                               lambda: _tokenizer_folder(recipe, None, open_folder, _resolve_model_path))
+            plan.opened = [*adapters, *opened.values()]
+            return plan
         models, settings = [], []
         entry_keys = [key for key, _ in recipe.model_refs() if key.endswith(".model")]
         for entry, key in zip(entries, entry_keys):
@@ -167,18 +176,12 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
         report = require_compatible(layout, [m for m in models if m is not layout],
                                     vocab_policy=recipe.vocab_policy)
         num_layers = layout.config.get("num_hidden_layers", layout.config.get("n_layer"))
-        if recipe.layer_range() is not None and num_layers is not None:
-            lo, hi = recipe.layer_range()
-            if (lo, hi) != (0, num_layers):
-                raise ParameterError(f"slice layer_range {[lo, hi]} must cover all {num_layers} "
-                                     "layers (partial slices are not supported)")
-
-        tok_ref = recipe.tokenizer_model()
-        if tok_ref == "base":
-            tokenizer_folder = layout
-        else:
-            tok_key = "tokenizer.source" if recipe.tokenizer else "tokenizer_source"
-            tokenizer_folder = open_folder(_resolve_model_path(tok_ref, tok_key))
+        if recipe.slices is not None and num_layers is not None:
+            lo, hi = recipe.slices[0].sources[0].layer_range
+            if (lo, hi) != (0, num_layers):  # only LoRA adapters get here (see is_layer_stack)
+                raise ParameterError(f"recipe key slices[0]: layer_range {[lo, hi]} of a LoRA "
+                                     f"adapter must cover all {num_layers} layers")
+        tokenizer_folder = _tokenizer_folder(recipe, layout, open_folder, _resolve_model_path)
 
         spec = MergeSpec.build(method, recipe.parameter_scopes(), settings,
                                num_layers=num_layers, seed=recipe.seed)
@@ -197,6 +200,55 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
         raise
     plan.opened = [*adapters, *opened.values()]
     return plan
+
+
+def is_layer_stack(recipe: MergeRecipe, resolve: Callable[[str, str], Path]) -> bool:
+    """Whether a recipe stacks layer ranges (several slices, sources of different ranges, or
+    one range short of the whole model) rather than merging whole models."""
+    if recipe.slices is None:
+        return False
+    if not recipe.uniform_slice():
+        return True
+    first = recipe.slices[0].sources[0]
+    base_ref, adapter_ref = split_lora_ref(first.model)
+    path = resolve(base_ref, "slices[0].sources[0].model")
+    if adapter_ref is not None or is_adapter_folder(path):
+        return False  # LoRA adapters: whole models only (a partial range is refused in the plan)
+    with ModelFolder(path) as folder:
+        return tuple(first.layer_range) != (0, num_layers_of(folder))
+
+
+def _tokenizer_folder(recipe: MergeRecipe, layout: ModelFolder | None, open_folder,
+                      resolve) -> ModelFolder | None:
+    """The folder whose tokenizer files are written (``layout`` for "base")."""
+    tok_ref = recipe.tokenizer_model()
+    if tok_ref == "base":
+        return layout
+    tok_key = "tokenizer.source" if recipe.tokenizer else "tokenizer_source"
+    return open_folder(resolve(tok_ref, tok_key))
+
+
+def _plan_stack(recipe: MergeRecipe, method: MergeMethod, base: ModelFolder | None,
+                open_model, tokenizer_folder) -> MergePlan:
+    """The plan of a layer stack (``engine.merge.slices``): every source and slice base opened,
+    the models' non-layer tensors checked against the layout, every output tensor routed."""
+    sources = [[open_model(s.model, f"slices[{i}].sources[{j}].model", base)
+                for j, s in enumerate(piece.sources)] for i, piece in enumerate(recipe.slices)]
+    bases = [open_model(piece.base_model, f"slices[{i}].base_model", None)
+             if piece.base_model is not None else base for i, piece in enumerate(recipe.slices)]
+    layout = base if base is not None else sources[0][0]
+    distinct = list({id(f): f for f in [*(f for row in sources for f in row),
+                                         *(b for b in bases if b is not None)]}.values())
+    report = require_compatible(layout, [f for f in distinct if f is not layout],
+                                vocab_policy=recipe.vocab_policy, layer_stack=True)
+    stack = plan_layer_stack(recipe, method, sources, bases, layout)
+    models = [f for f in distinct if f is not layout and not any(f is b for b in bases)]
+    return MergePlan(recipe=recipe, method=method, base=base, layout=layout,
+                     models=models or [sources[0][0]], spec=stack.specs[0],
+                     tokenizer_folder=tokenizer_folder() or layout,
+                     vocab_target=report.info.get("vocab", {}).get("target"),
+                     num_layers=len(stack.layer_sources),
+                     warnings=list(report.warnings) + stack.warnings, stack=stack)
 
 
 def _input_tensor(plan: MergePlan, folder: ModelFolder, name: str) -> torch.Tensor:
@@ -237,6 +289,10 @@ def _merge_into(spec: MergeSpec, name: str, base_t, model_ts, out: torch.Tensor,
 def _read_inputs(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """One tensor of every input, read without memory maps (NaN/Inf are caught by the merge,
     which names the folder)."""
+    if plan.stack is not None:
+        route = plan.stack.routes[name]
+        base_t = _input_tensor(plan, *route.base) if route.base is not None else None
+        return base_t, [_input_tensor(plan, folder, source) for folder, source in route.models]
     base_t = _input_tensor(plan, plan.base, name) if plan.base is not None else None
     return base_t, [_input_tensor(plan, m, name) for m in plan.models]
 
@@ -245,8 +301,12 @@ def output_layout(plan: MergePlan) -> list[tuple[str, torch.dtype, tuple[int, ..
     """(name, dtype, shape) of every output tensor, in the layout's order (vocab by policy)."""
     embed, head = embed_head_names(plan.layout)
     out = []
-    for name in plan.layout.tensor_names:
-        info = plan.layout.info(name)
+    for name in (plan.stack.routes if plan.stack is not None else plan.layout.tensor_names):
+        info = plan.layout.info(name) if name in plan.layout else None
+        if plan.stack is not None and (info is None or layer_index_of(name) is not None):
+            route = plan.stack.routes[name]
+            folder, source = route.models[0]
+            info = folder.info(source)
         shape = tuple(info.shape)
         if plan.vocab_target is not None and name in (embed, head) and shape and shape[0] != plan.vocab_target:
             shape = (plan.vocab_target, *shape[1:])
@@ -256,6 +316,8 @@ def output_layout(plan: MergePlan) -> list[tuple[str, torch.dtype, tuple[int, ..
 
 def output_config(plan: MergePlan) -> dict:
     config = dict(plan.layout.config)
+    if plan.stack is not None:
+        config = stack_config(config, plan.stack.layer_sources)
     if plan.recipe.dtype or plan.recipe.out_dtype:
         dtype_name = str(plan.recipe.output_dtype(torch.float32)).removeprefix("torch.")
         config["torch_dtype"] = dtype_name
@@ -362,7 +424,11 @@ def run_merge(
     folders = [f for f in {id(f): f for f in [*plan.opened, plan.layout, *plan.models,
                                               *([plan.base] if plan.base else [])]}.values()
                if isinstance(f, ModelFolder)]
-    input_bytes = [sum(m.info(name).nbytes for m in folders if name in m) for name, _, _ in layout]
+    if plan.stack is not None:
+        input_bytes = [sum(f.info(src).nbytes for f, src in [*([r.base] if r.base else []), *r.models]
+                           if src in f) for r in (plan.stack.routes[name] for name, _, _ in layout)]
+    else:
+        input_bytes = [sum(m.info(name).nbytes for m in folders if name in m) for name, _, _ in layout]
     pool = BufferPool(max_idle_bytes=2 * (len(plan.models) + 2) * max(
         [math.prod(shape) * torch.empty((), dtype=d).element_size() for _, d, shape in layout] or [0]))
     for folder in folders:
@@ -402,8 +468,10 @@ def run_merge(
                     stats = stats_provider(name) if stats_provider is not None else None
                     merged = pool.empty(shape, out_dtype)
                     before = len(cpu_fallback)
-                    _merge_into(plan.spec, name, inputs[0], inputs[1], merged, device=device,
-                                stats=stats, labels=labels, cpu_fallback=cpu_fallback,
+                    route = plan.stack.routes[name] if plan.stack is not None else None
+                    _merge_into(route.spec if route else plan.spec, name, inputs[0], inputs[1], merged,
+                                device=device, stats=stats,
+                                labels=route.labels() if route else labels, cpu_fallback=cpu_fallback,
                                 overflow=plan.recipe.overflow, times=times)
                     on_cpu = len(cpu_fallback) > before
                     if on_cpu:
