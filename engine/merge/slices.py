@@ -32,7 +32,7 @@ from engine.io import ModelFolder
 from engine.merge.registry import MergeMethod
 from engine.merge.spec import MergeSpec
 from engine.recipe import MergeRecipe
-from engine.tensor_names import LAYER_RE, layer_index_of
+from engine.tensor_names import LAYER_RE, layer_index_of, split_layer
 
 # Config keys holding the layer count, by family (Llama and most: num_hidden_layers; GPT-2: n_layer).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -92,6 +92,15 @@ def _layer_tensors(folder: ModelFolder) -> dict[int, list[str]]:
     return out
 
 
+def _prefix(folder: ModelFolder) -> str:
+    """What comes before a block's index in the folder's names (``model.layers``, ``transformer.h``)."""
+    for name in folder.tensor_names:
+        match = LAYER_RE.search(name)
+        if match is not None:
+            return name[:match.start(1) - 1]
+    raise ValueError(f"{folder.path} has no layers")
+
+
 def _slice_layer_of(start: int):
     def layer_of(name: str) -> int | None:
         layer = layer_index_of(name)
@@ -134,6 +143,7 @@ def plan_layer_stack(recipe: MergeRecipe, method: MergeMethod, sources: list[lis
         raise ParameterError(f"recipe key slices: {method.name} calibrates or rescales over the "
                              "whole model; it merges `models` or one full-depth slice, not a layer stack")
     lengths = check_ranges(recipe, sources)
+    reference = {split_layer(n)[1] for n in _layer_tensors(layout).get(0, [])}
     routes: dict[str, Route] = {}
     layer_sources: list[tuple[ModelFolder, int]] = []
     specs: list[MergeSpec] = []
@@ -174,7 +184,15 @@ def plan_layer_stack(recipe: MergeRecipe, method: MergeMethod, sources: list[lis
         by_layer = _layer_tensors(template)
         for k in range(length):
             out_layer = offset + k
-            for name in by_layer.get(template_start + k, []):
+            names = by_layer.get(template_start + k, [])
+            lacking = sorted(reference - {split_layer(n)[1] for n in names})
+            if lacking:  # every layer has the layout's tensors (a layer without them is broken)
+                missing = rename_layer(f"{_prefix(layout)}.0.{lacking[0]}", template_start + k)
+                raise IncompatibleModelsError(
+                    f"recipe key slices[{i}].sources[0]: the model lacks {missing!r}"
+                    + (f" (+{len(lacking) - 1} more)" if len(lacking) > 1 else ""),
+                    path=template.path, tensor=missing)
+            for name in names:
                 out_name = rename_layer(name, out_layer)
                 shape = template.info(name).shape
                 picks = [("base", *base_in)] if base_in else []
