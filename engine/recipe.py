@@ -8,8 +8,8 @@ Supported mergekit keys: ``models`` (``model`` + ``parameters``), ``slices`` (ea
 ``sources`` of ``model`` + half-open ``layer_range`` + ``parameters``, its own ``parameters`` and
 ``base_model``: one slice over every layer merges whole models, anything else is a layer stack,
 ``engine.merge.slices``), ``base_model``, ``merge_method``, ``parameters``, ``dtype``,
-``out_dtype``, ``tokenizer_source`` ("base" or one of the input models), ``tokenizer``
-(``source`` only), ``name``, ``chat_template`` (kept in the manifest). A model may be a PEFT
+``out_dtype``, ``tokenizer_source`` and ``tokenizer`` (``source``: union, base or a model;
+``tokens``; ``pad_to_multiple_of``: ``engine.merge.vocab``), ``name``, ``chat_template``. A model may be a PEFT
 LoRA adapter: mergekit's ``BASE+ADAPTER`` reference, or an adapter folder alone (its base is
 the recipe's ``base_model``); its task vector is read module by module (``engine.lora``). Hub
 ids are refused with a clear message.
@@ -26,7 +26,7 @@ rules as a model folder (``resolve_data_ref``).
 from __future__ import annotations
 
 from pathlib import Path, PurePath
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import torch
 import yaml
@@ -65,9 +65,41 @@ class Slice(BaseModel):
     residual_weight: float | None = None  # accepted as mergekit 0.1.5 accepts it, and unused there too
 
 
+class ZeroEmbedding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(BaseModel):
+    """A given row of a given model: ``token_id``, or the id ``token`` has in its tokenizer."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "ModelTokenEmbedding":
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class TokenEmbedding(BaseModel):
+    """mergekit's ``tokens`` entry: where the token's row comes from (a model path, zero, a
+    model's given row), and ``force`` (that row in every model, even those that have the token)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: ZeroEmbedding | ModelTokenEmbedding | str | None = None
+    force: bool = False
+
+
 class TokenizerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    source: str = "base"
+    source: str = "union"  # mergekit's default for a `tokenizer` mapping
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(None, gt=0)
 
 
 class MergeRecipe(BaseModel):
@@ -104,6 +136,8 @@ class MergeRecipe(BaseModel):
             raise ValueError("vocab_policy must be 'refuse', 'truncate' or 'pad_from_base'")
         if self.overflow not in OVERFLOW_POLICIES:
             raise ValueError("overflow must be 'refuse' or 'clamp'")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give one of tokenizer_source or tokenizer, not both (as mergekit)")
         return self
 
     def uniform_slice(self) -> bool:
@@ -148,10 +182,13 @@ class MergeRecipe(BaseModel):
         return DTYPES[name] if name and fallback.is_floating_point else fallback
 
     def tokenizer_model(self) -> str:
-        source = (self.tokenizer.source if self.tokenizer else None) or self.tokenizer_source or "base"
-        if source == "union":
-            raise ParameterError("tokenizer_source 'union' is not supported: choose 'base' or one input model")
-        return source
+        """``union``, ``base`` or a model reference (``base`` when the recipe says nothing)."""
+        return (self.tokenizer.source if self.tokenizer else None) or self.tokenizer_source or "base"
+
+    def merges_tokenizer(self) -> bool:
+        """Whether the recipe asks for a tokenizer (``tokenizer`` or ``tokenizer_source``): then
+        embedding rows follow tokens (``engine.merge.vocab``)."""
+        return self.tokenizer is not None or self.tokenizer_source is not None
 
     def model_refs(self) -> list[tuple[str, str]]:
         """Every model folder the recipe names, with the key that names it
@@ -167,6 +204,10 @@ class MergeRecipe(BaseModel):
         source = (self.tokenizer.source if self.tokenizer else None) or self.tokenizer_source
         if source not in (None, "base", "union"):
             refs.append(("tokenizer.source" if self.tokenizer else "tokenizer_source", source))
+        for token, entry in ((self.tokenizer.tokens or {}) if self.tokenizer else {}).items():
+            ref = entry.source if isinstance(entry.source, str) else getattr(entry.source, "model", None)
+            if ref is not None:
+                refs.append((f"tokenizer.tokens[{token!r}].source", ref))
         out = []
         for key, ref in refs:
             base, adapter = split_lora_ref(ref)

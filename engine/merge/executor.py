@@ -40,6 +40,7 @@ from engine.io.side_files import read_side_files
 from engine.merge.registry import MergeMethod, get_method
 from engine.merge.slices import LayerStack, num_layers_of, plan_layer_stack, stack_config
 from engine.merge.spec import MergeSpec
+from engine.merge.vocab import VocabPlan, build_vocab_plan, has_tokenizer, retemplated_files, tokenizer_path
 from engine.lora.adapter import LoraAdapter, is_adapter_folder
 from engine.lora.finetune import AdapterFinetune
 from engine.task_vectors import read_model_tensor
@@ -74,6 +75,7 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
     opened: list = field(default_factory=list)  # everything plan_merge opened (adapters' bases too)
     stack: LayerStack | None = None   # a frankenmerge: where each output tensor comes from
+    vocab: VocabPlan | None = None    # a merged tokenizer: embedding rows follow tokens
 
     def close(self) -> None:
         for folder in {id(f): f for f in [self.layout, self.tokenizer_folder, *self.models,
@@ -157,10 +159,11 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
         base = open_model(recipe.base_model, "base_model", None) if base_path is not None else None
         if stacked:
             plan = _plan_stack(recipe, method, base, open_model,
-                               lambda: _tokenizer_folder(recipe, None, open_folder, _resolve_model_path))
+                               lambda: _tokenizer_folder(recipe, None, open_folder, _resolve_model_path),
+                               _resolve_model_path)
             plan.opened = [*adapters, *opened.values()]
             return plan
-        models, settings = [], []
+        models, settings, keys = [], [], []
         entry_keys = [key for key, _ in recipe.model_refs() if key.endswith(".model")]
         for entry, key in zip(entries, entry_keys):
             if (base_path is not None and (method.requires_base or method.optional_base)
@@ -169,27 +172,33 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
                 continue  # mergekit lists the base among the models; it contributes as the base
             models.append(open_model(entry.model, key, base))
             settings.append(entry.parameters)
+            keys.append(key)
         if not models:
             raise ParameterError(f"{method.name}: no models to merge besides the base")
         layout = base if base is not None else models[0]
+        tokenizer_folder = _tokenizer_folder(recipe, layout, open_folder, _resolve_model_path)
+        inputs = [*([("base_model", base)] if base is not None else []), *zip(keys, models)]
+        merging_vocab = _merges_vocab(recipe, layout)
 
         report = require_compatible(layout, [m for m in models if m is not layout],
-                                    vocab_policy=recipe.vocab_policy)
+                                    vocab_policy="pad_from_base" if merging_vocab else recipe.vocab_policy)
+        vocab = (build_vocab_plan(recipe, inputs, layout, resolve=_resolve_model_path,
+                                  source_folder=tokenizer_folder) if merging_vocab else None)
         num_layers = layout.config.get("num_hidden_layers", layout.config.get("n_layer"))
         if recipe.slices is not None and num_layers is not None:
             lo, hi = recipe.slices[0].sources[0].layer_range
             if (lo, hi) != (0, num_layers):  # only LoRA adapters get here (see is_layer_stack)
                 raise ParameterError(f"recipe key slices[0]: layer_range {[lo, hi]} of a LoRA "
                                      f"adapter must cover all {num_layers} layers")
-        tokenizer_folder = _tokenizer_folder(recipe, layout, open_folder, _resolve_model_path)
 
         spec = MergeSpec.build(method, recipe.parameter_scopes(), settings,
                                num_layers=num_layers, seed=recipe.seed)
         plan = MergePlan(
             recipe=recipe, method=method, base=base, layout=layout, models=models, spec=spec,
             tokenizer_folder=tokenizer_folder,
-            vocab_target=report.info.get("vocab", {}).get("target"),
-            num_layers=num_layers, warnings=list(report.warnings) + list(spec.warnings),
+            vocab_target=None if vocab else report.info.get("vocab", {}).get("target"),
+            num_layers=num_layers, vocab=vocab,
+            warnings=list(report.warnings) + list(spec.warnings) + (vocab.warnings if vocab else []),
         )
         # Resolve and validate the parameters of every tensor now (cheap), so that a bad
         # gradient or filter value fails before any tensor is read.
@@ -218,6 +227,17 @@ def is_layer_stack(recipe: MergeRecipe, resolve: Callable[[str, str], Path]) -> 
         return tuple(first.layer_range) != (0, num_layers_of(folder))
 
 
+def _merges_vocab(recipe: MergeRecipe, tokenizer_base: ModelFolder) -> bool:
+    """Whether embedding rows follow a merged tokenizer (``engine.merge.vocab``): a ``tokenizer``
+    mapping or ``tokenizer_source: union`` always; a legacy ``tokenizer_source`` naming base or
+    a model when the tokenizer base has a tokenizer (else its files are copied as they are)."""
+    if not recipe.merges_tokenizer():
+        return False
+    if recipe.tokenizer is not None or recipe.tokenizer_model() == "union":
+        return True
+    return has_tokenizer(tokenizer_path(tokenizer_base))
+
+
 def _tokenizer_folder(recipe: MergeRecipe, layout: ModelFolder | None, open_folder,
                       resolve) -> ModelFolder | None:
     """The folder whose tokenizer files are written (``layout`` for "base")."""
@@ -229,7 +249,7 @@ def _tokenizer_folder(recipe: MergeRecipe, layout: ModelFolder | None, open_fold
 
 
 def _plan_stack(recipe: MergeRecipe, method: MergeMethod, base: ModelFolder | None,
-                open_model, tokenizer_folder) -> MergePlan:
+                open_model, tokenizer_folder, resolve) -> MergePlan:
     """The plan of a layer stack (``engine.merge.slices``): every source and slice base opened,
     the models' non-layer tensors checked against the layout, every output tensor routed."""
     sources = [[open_model(s.model, f"slices[{i}].sources[{j}].model", base)
@@ -239,16 +259,27 @@ def _plan_stack(recipe: MergeRecipe, method: MergeMethod, base: ModelFolder | No
     layout = base if base is not None else sources[0][0]
     distinct = list({id(f): f for f in [*(f for row in sources for f in row),
                                          *(b for b in bases if b is not None)]}.values())
-    report = require_compatible(layout, [f for f in distinct if f is not layout],
-                                vocab_policy=recipe.vocab_policy, layer_stack=True)
+    merging_vocab = _merges_vocab(recipe, layout)
+    report = require_compatible(layout, [f for f in distinct if f is not layout], layer_stack=True,
+                                vocab_policy="pad_from_base" if merging_vocab else recipe.vocab_policy)
     stack = plan_layer_stack(recipe, method, sources, bases, layout)
     models = [f for f in distinct if f is not layout and not any(f is b for b in bases)]
+    tokenizer = tokenizer_folder() or layout
+    vocab = None
+    if merging_vocab:
+        keys = {id(f): f"slices[{i}].sources[{j}].model" for i, row in enumerate(sources)
+                for j, f in reversed(list(enumerate(row)))}
+        keys.update({id(b): (f"slices[{i}].base_model" if recipe.slices[i].base_model else "base_model")
+                     for i, b in enumerate(bases) if b is not None})
+        vocab = build_vocab_plan(recipe, [(keys[id(f)], f) for f in distinct], layout, resolve=resolve,
+                                 source_folder=tokenizer)
     return MergePlan(recipe=recipe, method=method, base=base, layout=layout,
                      models=models or [sources[0][0]], spec=stack.specs[0],
-                     tokenizer_folder=tokenizer_folder() or layout,
-                     vocab_target=report.info.get("vocab", {}).get("target"),
-                     num_layers=len(stack.layer_sources),
-                     warnings=list(report.warnings) + stack.warnings, stack=stack)
+                     tokenizer_folder=tokenizer,
+                     vocab_target=None if vocab else report.info.get("vocab", {}).get("target"),
+                     num_layers=len(stack.layer_sources), vocab=vocab,
+                     warnings=list(report.warnings) + stack.warnings + (vocab.warnings if vocab else []),
+                     stack=stack)
 
 
 def _input_tensor(plan: MergePlan, folder: ModelFolder, name: str) -> torch.Tensor:
@@ -291,10 +322,16 @@ def _read_inputs(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[
     which names the folder)."""
     if plan.stack is not None:
         route = plan.stack.routes[name]
-        base_t = _input_tensor(plan, *route.base) if route.base is not None else None
-        return base_t, [_input_tensor(plan, folder, source) for folder, source in route.models]
-    base_t = _input_tensor(plan, plan.base, name) if plan.base is not None else None
-    return base_t, [_input_tensor(plan, m, name) for m in plan.models]
+        pairs = [route.base] if route.base is not None else []
+        pairs += route.models
+    else:
+        pairs = ([(plan.base, name)] if plan.base is not None else []) + [(m, name) for m in plan.models]
+    has_base = plan.base is not None if plan.stack is None else route.base is not None
+    tensors = [_input_tensor(plan, folder, source) for folder, source in pairs]
+    if plan.vocab is not None and name in embed_head_names(plan.layout):
+        # rows moved to the merged vocabulary by token, before the method sees them
+        tensors = plan.vocab.permute([(folder, t) for (folder, _), t in zip(pairs, tensors)])
+    return (tensors[0] if has_base else None), tensors[1 if has_base else 0:]
 
 
 def output_layout(plan: MergePlan) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -310,6 +347,8 @@ def output_layout(plan: MergePlan) -> list[tuple[str, torch.dtype, tuple[int, ..
         shape = tuple(info.shape)
         if plan.vocab_target is not None and name in (embed, head) and shape and shape[0] != plan.vocab_target:
             shape = (plan.vocab_target, *shape[1:])
+        if plan.vocab is not None and name in (embed, head):
+            shape = (plan.vocab.rows, *shape[1:])
         out.append((name, plan.recipe.output_dtype(info.dtype), shape))
     return out
 
@@ -325,6 +364,8 @@ def output_config(plan: MergePlan) -> dict:
             config["dtype"] = dtype_name
     if plan.vocab_target is not None and config.get("vocab_size") not in (None, plan.vocab_target):
         config["vocab_size"] = plan.vocab_target
+    if plan.vocab is not None:
+        config["vocab_size"] = plan.vocab.rows
     return config
 
 
@@ -392,6 +433,11 @@ def run_merge(
                 own_stats.close()
             raise
     extra: dict = dict(tokenizer_files(plan.tokenizer_folder))
+    if plan.vocab is not None:  # the merged tokenizer's files replace the source's
+        extra = {k: v for k, v in extra.items() if k == "generation_config.json"}
+        extra.update(plan.vocab.files)
+    elif recipe.chat_template:
+        extra.update(retemplated_files(plan.tokenizer_folder, recipe, [plan.layout, *plan.models]))
     extra[RECIPE_FILE] = recipe.to_yaml().encode()
     evaluation: dict = {}
 
