@@ -242,7 +242,7 @@ def _tokenizer_folder(recipe: MergeRecipe, layout: ModelFolder | None, open_fold
                       resolve) -> ModelFolder | None:
     """The folder whose tokenizer files are written (``layout`` for "base")."""
     tok_ref = recipe.tokenizer_model()
-    if tok_ref == "base":
+    if tok_ref in ("base", "union"):
         return layout
     tok_key = "tokenizer.source" if recipe.tokenizer else "tokenizer_source"
     return open_folder(resolve(tok_ref, tok_key))
