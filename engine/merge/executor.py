@@ -183,7 +183,8 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
         report = require_compatible(layout, [m for m in models if m is not layout],
                                     vocab_policy="pad_from_base" if merging_vocab else recipe.vocab_policy)
         vocab = (build_vocab_plan(recipe, inputs, layout, resolve=_resolve_model_path,
-                                  source_folder=tokenizer_folder) if merging_vocab else None)
+                                  source_folder=tokenizer_folder, base_model=base)
+                 if merging_vocab else None)
         num_layers = layout.config.get("num_hidden_layers", layout.config.get("n_layer"))
         if recipe.slices is not None and num_layers is not None:
             lo, hi = recipe.slices[0].sources[0].layer_range
@@ -272,7 +273,7 @@ def _plan_stack(recipe: MergeRecipe, method: MergeMethod, base: ModelFolder | No
         keys.update({id(b): (f"slices[{i}].base_model" if recipe.slices[i].base_model else "base_model")
                      for i, b in enumerate(bases) if b is not None})
         vocab = build_vocab_plan(recipe, [(keys[id(f)], f) for f in distinct], layout, resolve=resolve,
-                                 source_folder=tokenizer)
+                                 source_folder=tokenizer, base_model=base)
     return MergePlan(recipe=recipe, method=method, base=base, layout=layout,
                      models=models or [sources[0][0]], spec=stack.specs[0],
                      tokenizer_folder=tokenizer,

@@ -166,9 +166,11 @@ class VocabPlan:
 
 
 def build_vocab_plan(recipe, inputs: Sequence[tuple[str, object]], base_folder, *, resolve,
-                     source_folder=None) -> VocabPlan:
+                     source_folder=None, base_model=None) -> VocabPlan:
     """The output tokenizer and each input's row map. ``inputs``: (recipe key, folder) of every
-    model whose vocabulary tensors are merged; ``base_folder``: the tokenizer base;
+    model whose vocabulary tensors are merged; ``base_folder``: the tokenizer base (the
+    ``base_model``, else the first model); ``base_model``: the recipe's base folder, whose row a
+    token missing elsewhere takes (None without one: the mean, as mergekit);
     ``source_folder``: the folder a model-path ``source`` names; ``resolve(ref, key)``: a recipe
     reference to a resolved path (the recipe's path rules). Raises before any work."""
     settings = recipe.tokenizer
@@ -238,7 +240,7 @@ def build_vocab_plan(recipe, inputs: Sequence[tuple[str, object]], base_folder, 
         rows += pad - rows % pad
     _apply_chat_template(out_tok, recipe, folders, loaded)
     return VocabPlan(files=_save(out_tok), tokens=tokens, rows=rows, perms=perms,
-                     base_key=id(base_folder), rules=rules, forced=frozenset(forced), warnings=warnings)
+                     base_key=id(base_model) if base_model is not None else None, rules=rules, forced=frozenset(forced), warnings=warnings)
 
 
 def _copy(tokenizer):

@@ -65,6 +65,7 @@ def zoo(tmp_path_factory):
         "chat": hf_model(root / "chat", len(WORDS) + 2, 1, WORDS, CHAT),
         "perm": hf_model(root / "perm", len(WORDS), 2, shuffled),
         "extra": hf_model(root / "extra", len(WORDS) + 1, 3, WORDS + ["zz"]),
+        "extra2": hf_model(root / "extra2", len(WORDS) + 1, 4, WORDS + ["zz"]),
     }
 
 
@@ -124,6 +125,21 @@ def test_union_of_a_fine_tune_with_added_tokens_and_a_shuffled_one(zoo, tmp_path
         torch.testing.assert_close(got[vocab[token]], ins[1][token], rtol=1e-6, atol=1e-6)
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == len(WORDS) + 2
+
+
+def test_without_a_base_a_token_two_models_have_takes_their_mean(zoo, tmp_path):
+    """No base_model: the first model is only the tokenizer base; the model lacking 'zz' gets
+    the mean of the two rows that exist (mergekit's rule uses a base only when there is one)."""
+    recipe = {"merge_method": "linear", "dtype": "float32", "tokenizer": {"source": "union"},
+              "models": [{"model": str(zoo[k]), "parameters": {"weight": w}}
+                         for k, w in (("base", 0.5), ("extra", 0.25), ("extra2", 0.25))]}
+    out = merge(recipe, tmp_path / "out")
+    vocab = vocab_of(out)
+    got = load_tensors(out)[EMBED].double()
+    base, extra, extra2 = (rows_by_token(zoo[k], EMBED) for k in ("base", "extra", "extra2"))
+    mean = (extra["zz"] + extra2["zz"]) / 2
+    torch.testing.assert_close(got[vocab["zz"]], 0.5 * mean + 0.25 * extra["zz"] + 0.25 * extra2["zz"],
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_union_with_a_base_tokens_entries_force_and_padding(zoo, tmp_path):
@@ -233,6 +249,10 @@ PARITY = {
         "tokenizer": {"source": "union", "tokens": {"<|im_end|>": {"source": {"kind": "zero"}, "force": True}}},
         "models": [{"model": str(z["chat"]), "parameters": {"weight": 0.7}},
                    {"model": str(z["perm"]), "parameters": {"weight": 0.3}}]},
+    "union_mean_no_base": lambda z: {
+        "merge_method": "linear", "dtype": "float32", "tokenizer": {"source": "union"},
+        "models": [{"model": str(z[k]), "parameters": {"weight": w}}
+                   for k, w in (("base", 0.5), ("extra", 0.25), ("extra2", 0.25))]},
     "source_chat_padded": lambda z: {
         "merge_method": "linear", "dtype": "float32",
         "tokenizer": {"source": str(z["chat"]), "pad_to_multiple_of": 8},
