@@ -264,7 +264,7 @@ def _plan_stack(recipe: MergeRecipe, method: MergeMethod, base: ModelFolder | No
     report = require_compatible(layout, [f for f in distinct if f is not layout], layer_stack=True,
                                 vocab_policy="pad_from_base" if merging_vocab else recipe.vocab_policy)
     stack = plan_layer_stack(recipe, method, sources, bases, layout)
-    models = [f for f in distinct if f is not layout and not any(f is b for b in bases)]
+    models = [f for f in distinct if f is not layout]  # slice bases too: never a destination
     tokenizer = tokenizer_folder() or layout
     vocab = None
     if merging_vocab:
