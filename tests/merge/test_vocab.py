@@ -285,3 +285,27 @@ def test_tokenizer_merges_match_mergekit(zoo, tmp_path, name):
         assert diff <= 1e-4 * scale, f"{tensor}: max |ours - mergekit| {diff:.3g}"
     assert (json.loads((ours_dir / "config.json").read_text())["vocab_size"]
             == json.loads((theirs_dir / "config.json").read_text())["vocab_size"])
+
+
+def test_legacy_tokenizer_source_union_is_the_tokenizer_mapping(zoo, tmp_path):
+    models = [{"model": str(zoo[k]), "parameters": {"weight": 0.5}} for k in ("base", "chat")]
+    a = load_tensors(merge({"merge_method": "linear", "models": models, "tokenizer_source": "union"}, tmp_path / "a"))
+    b = load_tensors(merge({"merge_method": "linear", "models": models, "tokenizer": {"source": "union"}}, tmp_path / "b"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_frankenmerge_with_a_union_takes_each_end_from_its_own_slice(zoo, tmp_path):
+    """Embeddings come from the first slice's sources (base only: the added tokens are in none of
+    them, a zero row, as mergekit), the head from the last slice's (chat: its own rows)."""
+    out = merge({"merge_method": "passthrough", "dtype": "float32", "tokenizer": {"source": "union"},
+                 "slices": [{"sources": [{"model": str(zoo["base"]), "layer_range": [0, 1]}]},
+                            {"sources": [{"model": str(zoo["chat"]), "layer_range": [1, 2]}]}]}, tmp_path / "out")
+    vocab, got = vocab_of(out), load_tensors(out)
+    base, chat_head = rows_by_token(zoo["base"], EMBED), rows_by_token(zoo["chat"], HEAD)
+    for token, i in vocab.items():
+        want = base[token] if token in base else torch.zeros_like(base["a"])
+        torch.testing.assert_close(got[EMBED][i].double(), want, rtol=0, atol=0, msg=token)
+        torch.testing.assert_close(got[HEAD][i].double(), chat_head[token], rtol=0, atol=0, msg=token)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False).config.vocab_size == len(WORDS) + 2
