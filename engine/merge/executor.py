@@ -185,6 +185,10 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
         vocab = (build_vocab_plan(recipe, inputs, layout, resolve=_resolve_model_path,
                                   source_folder=tokenizer_folder, base_model=base)
                  if merging_vocab else None)
+        if vocab is not None and method.stats is not None and not vocab.is_identity():
+            raise ParameterError(f"recipe key {'tokenizer' if recipe.tokenizer else 'tokenizer_source'}: "
+                                 f"{method.name} calibrates each model in its own vocabulary; a merged "
+                                 "tokenizer that moves, adds or pads rows is not supported with it")
         num_layers = layout.config.get("num_hidden_layers", layout.config.get("n_layer"))
         if recipe.slices is not None and num_layers is not None:
             lo, hi = recipe.slices[0].sources[0].layer_range

@@ -102,6 +102,13 @@ class VocabPlan:
     forced: frozenset[int] = frozenset()
     warnings: list[str] = field(default_factory=list)
 
+    def is_identity(self) -> bool:
+        """Whether every model keeps its own rows in place (same tokens, same ids, no padding,
+        nothing forced)."""
+        ids = torch.arange(len(self.tokens))
+        return (self.rows == len(self.tokens) and not self.forced
+                and all(p.shape == ids.shape and torch.equal(p, ids) for p in self.perms.values()))
+
     def permute(self, inputs: Sequence[tuple[object, torch.Tensor]]) -> list[torch.Tensor]:
         """Every input's vocabulary tensor (rows = tokens) on the output vocabulary: its own row
         where it has the token and nothing forces another, else the rule's row (see the module

@@ -98,3 +98,13 @@ def test_the_union_done_right_merges(models, tmp_path, capsys):
     code = main(["merge", str(path), "--out", str(tmp_path / "out"), "--quiet", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
     assert '"vocab_size": 21' in (tmp_path / "out" / "config.json").read_text()
+
+
+def test_a_union_that_moves_rows_is_refused_for_calibrated_methods(models, tmp_path, capsys):
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump({**recipe(models, tokenizer={"source": "union"}), "merge_method": "fisher"}))
+    before = snapshot(tmp_path)
+    code = main(["merge", str(path), "--out", str(tmp_path / "out"), "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "recipe key tokenizer" in err and "fisher calibrates" in err and "\n" not in err, err
+    assert snapshot(tmp_path) == before
