@@ -284,3 +284,25 @@ def test_frankenmerges_match_mergekit(mk_frankenmerges, arch, name):
         scale = float(t.abs().max()) or 1.0
         diff = float((ours[tensor].double() - t.double()).abs().max())
         assert diff <= 1e-4 * scale, f"{tensor}: max |ours - mergekit| {diff:.3g} (max |mergekit| {scale:.3g})"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_repeated_layer_with_its_outputs_scaled_to_zero_changes_nothing(tmp_path, arch):
+    """A self-merge repeating layer 1 with `scale: 0` on the projections that write to the
+    residual stream (o_proj, down_proj) adds nothing to it: transformers computes the same
+    logits as the original model (an end-to-end check of stacking, renaming, config and scale)."""
+    from transformers import AutoModelForCausalLM
+
+    f = _hf_family(tmp_path, arch, n=1)
+    a = str(f["m0"])
+    zero = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]
+    out = merge({"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": a, "layer_range": [0, 2]}]},
+        {"sources": [{"model": a, "layer_range": [1, 2], "parameters": {"scale": zero}}]},
+        {"sources": [{"model": a, "layer_range": [2, 3]}]}]}, tmp_path / "out").out
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    original = AutoModelForCausalLM.from_pretrained(a, trust_remote_code=False)
+    stacked = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+    assert stacked.config.num_hidden_layers == 4
+    with torch.no_grad():
+        torch.testing.assert_close(stacked(ids).logits, original(ids).logits, rtol=1e-5, atol=1e-5)
