@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from engine.errors import IncompatibleModelsError
 from engine.io.header import TORCH_TO_SAFETENSORS
 from engine.io.reader import ModelFolder
+from engine.tensor_names import layer_index_of
 
 VocabPolicy = Literal["refuse", "truncate", "pad_from_base"]
 
@@ -108,8 +109,13 @@ def compatibility_report(
     *,
     vocab_policy: VocabPolicy = "refuse",
     allow_architecture_mismatch: bool = False,
+    layer_stack: bool = False,
 ) -> CompatReport:
-    """Compare headers and configs of ``finetunes`` against ``base``; list every problem."""
+    """Compare headers and configs of ``finetunes`` against ``base``; list every problem.
+
+    ``layer_stack``: the models give layers to a frankenmerge (``engine.merge.slices``), so
+    their depths may differ and their layer tensors are checked layer by layer there; only the
+    tensors outside the layers and the other structural fields are compared here."""
     if vocab_policy not in ("refuse", "truncate", "pad_from_base"):
         raise ValueError(f"unknown vocab_policy {vocab_policy!r}")
     errors: list[str] = []
@@ -143,6 +149,8 @@ def compatibility_report(
                 msg + (" (allowed by expert override)" if allow_architecture_mismatch else ""))
         base_text, ft_text = _text_config(base.config), _text_config(ft.config)
         for key in STRUCTURAL_FIELDS:
+            if layer_stack and key == "num_hidden_layers":
+                continue
             if key in base_text and key in ft_text and base_text[key] != ft_text[key]:
                 errors.append(f"{where}: config {key} = {ft_text[key]} differs from base {base_text[key]}")
 
@@ -161,7 +169,7 @@ def compatibility_report(
 
         mismatches = []
         for name in base.tensor_names:
-            if name not in ft:
+            if name not in ft or (layer_stack and layer_index_of(name) is not None):
                 continue
             b_shape, f_shape = base.info(name).shape, ft.info(name).shape
             if name in vocab_tensors and len(b_shape) == len(f_shape) >= 1:
@@ -174,8 +182,10 @@ def compatibility_report(
         info["shape_mismatches"][where] = mismatches
 
         # A head absent because the embeddings are tied is not missing (either side).
-        missing = [n for n in base.tensor_names if n not in ft and not (n == base_head and ft_tied)]
-        extra = [n for n in ft.tensor_names if n not in base and not (n == base_head and base_tied)]
+        missing = [n for n in base.tensor_names if n not in ft and not (n == base_head and ft_tied)
+                   and not (layer_stack and layer_index_of(n) is not None)]
+        extra = [n for n in ft.tensor_names if n not in base and not (n == base_head and base_tied)
+                 and not (layer_stack and layer_index_of(n) is not None)]
         if base_head in base and base_head not in ft and ft_tied and not base_tied:
             warnings.append(f"{where}: ties {base_head} to its embeddings while the base has its own "
                             "head; its head is taken to be its embedding matrix")

@@ -4,13 +4,15 @@ A recipe names the models (or full-depth slices of them), the base model, the me
 parameters. Parameter values may be scalars, gradients (lists interpolated over layers) or
 filter conditions; they are resolved per tensor by ``engine.merge.params``.
 
-Supported mergekit keys: ``models`` (``model`` + ``parameters``), ``slices`` whose sources all
-cover the same layer range, ``base_model``, ``merge_method``, ``parameters``, ``dtype``,
-``out_dtype``, ``tokenizer_source`` ("base" or one of the input models), ``tokenizer``
-(``source`` only), ``name``, ``chat_template`` (kept in the manifest). A model may be a PEFT
+Supported mergekit keys: ``models`` (``model`` + ``parameters``), ``slices`` (each with
+``sources`` of ``model`` + half-open ``layer_range`` + ``parameters``, its own ``parameters`` and
+``base_model``: one slice over every layer merges whole models, anything else is a layer stack,
+``engine.merge.slices``), ``base_model``, ``merge_method``, ``parameters``, ``dtype``,
+``out_dtype``, ``tokenizer_source`` and ``tokenizer`` (``source``: union, base or a model;
+``tokens``; ``pad_to_multiple_of``: ``engine.merge.vocab``), ``name``, ``chat_template``. A model may be a PEFT
 LoRA adapter: mergekit's ``BASE+ADAPTER`` reference, or an adapter folder alone (its base is
 the recipe's ``base_model``); its task vector is read module by module (``engine.lora``). Hub
-ids and frankenmerge slices are refused with a clear message.
+ids are refused with a clear message.
 
 Our extensions: ``vocab_policy``, ``seed``, and ``overflow``: what happens when a merged value
 does not fit the output dtype (a float32 result of 3e38 cast to float16 is Inf). ``refuse``
@@ -24,7 +26,7 @@ rules as a model folder (``resolve_data_ref``).
 from __future__ import annotations
 
 from pathlib import Path, PurePath
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import torch
 import yaml
@@ -57,13 +59,47 @@ class SliceSource(BaseModel):
 
 class Slice(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    sources: list[SliceSource]
+    sources: list[SliceSource] = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
+    base_model: str | None = None        # this slice's base (mergekit's; else the recipe's)
+    residual_weight: float | None = None  # accepted as mergekit 0.1.5 accepts it, and unused there too
+
+
+class ZeroEmbedding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(BaseModel):
+    """A given row of a given model: ``token_id``, or the id ``token`` has in its tokenizer."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "ModelTokenEmbedding":
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class TokenEmbedding(BaseModel):
+    """mergekit's ``tokens`` entry: where the token's row comes from (a model path, zero, a
+    model's given row), and ``force`` (that row in every model, even those that have the token)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: ZeroEmbedding | ModelTokenEmbedding | str | None = None
+    force: bool = False
 
 
 class TokenizerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    source: str = "base"
+    source: str = "union"  # mergekit's default for a `tokenizer` mapping
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(None, gt=0)
 
 
 class MergeRecipe(BaseModel):
@@ -72,7 +108,7 @@ class MergeRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: str
     models: list[InputModel] | None = None
-    slices: list[Slice] | None = None
+    slices: list[Slice] | None = Field(None, min_length=1)
     base_model: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
@@ -100,24 +136,29 @@ class MergeRecipe(BaseModel):
             raise ValueError("vocab_policy must be 'refuse', 'truncate' or 'pad_from_base'")
         if self.overflow not in OVERFLOW_POLICIES:
             raise ValueError("overflow must be 'refuse' or 'clamp'")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give one of tokenizer_source or tokenizer, not both (as mergekit)")
         return self
 
+    def uniform_slice(self) -> bool:
+        """Whether the recipe is ``models``, or one slice whose sources share one layer range
+        (merged as ``models`` when that range is every layer; anything else is a layer stack,
+        ``engine.merge.slices``)."""
+        if self.slices is None:
+            return True
+        return (len(self.slices) == 1 and self.slices[0].base_model is None
+                and len({tuple(s.layer_range) for s in self.slices[0].sources}) == 1)
+
     def input_models(self) -> list[InputModel]:
-        """The models with their own per-model parameters (slices must be full-depth and
-        uniform; the slice's shared ``parameters`` are a scope of ``parameter_scopes``)."""
+        """The models with their own per-model parameters (``models``, or the sources of a
+        uniform slice; the slice's shared ``parameters`` are a scope of ``parameter_scopes``)."""
         if self.models is not None:
             return list(self.models)
         assert self.slices is not None
-        if len(self.slices) != 1:
-            raise ParameterError(
-                "recipes with several slices (frankenmerges) are not supported: use one slice whose "
-                "sources share one layer range"
-            )
-        sources = self.slices[0].sources
-        ranges = {tuple(s.layer_range) for s in sources}
-        if len(ranges) != 1:
-            raise ParameterError(f"slice sources have different layer ranges {sorted(ranges)}")
-        return [InputModel(model=s.model, parameters=dict(s.parameters)) for s in sources]
+        if not self.uniform_slice():
+            raise ParameterError("a layer stack (several slices, or sources of different layer "
+                                 "ranges) is planned slice by slice (engine.merge.slices)")
+        return [InputModel(model=s.model, parameters=dict(s.parameters)) for s in self.slices[0].sources]
 
     def parameter_scopes(self) -> list[dict[str, Any]]:
         """The global parameter scopes, outer to inner: the recipe's ``parameters``, then the
@@ -141,10 +182,13 @@ class MergeRecipe(BaseModel):
         return DTYPES[name] if name and fallback.is_floating_point else fallback
 
     def tokenizer_model(self) -> str:
-        source = (self.tokenizer.source if self.tokenizer else None) or self.tokenizer_source or "base"
-        if source == "union":
-            raise ParameterError("tokenizer_source 'union' is not supported: choose 'base' or one input model")
-        return source
+        """``union``, ``base`` or a model reference (``base`` when the recipe says nothing)."""
+        return (self.tokenizer.source if self.tokenizer else None) or self.tokenizer_source or "base"
+
+    def merges_tokenizer(self) -> bool:
+        """Whether the recipe asks for a tokenizer (``tokenizer`` or ``tokenizer_source``): then
+        embedding rows follow tokens (``engine.merge.vocab``)."""
+        return self.tokenizer is not None or self.tokenizer_source is not None
 
     def model_refs(self) -> list[tuple[str, str]]:
         """Every model folder the recipe names, with the key that names it
@@ -154,10 +198,16 @@ class MergeRecipe(BaseModel):
         refs = [("base_model", self.base_model)] if self.base_model is not None else []
         refs += [(f"models[{i}].model", m.model) for i, m in enumerate(self.models or [])]
         for i, piece in enumerate(self.slices or []):
+            if piece.base_model is not None:
+                refs.append((f"slices[{i}].base_model", piece.base_model))
             refs += [(f"slices[{i}].sources[{j}].model", s.model) for j, s in enumerate(piece.sources)]
         source = (self.tokenizer.source if self.tokenizer else None) or self.tokenizer_source
         if source not in (None, "base", "union"):
             refs.append(("tokenizer.source" if self.tokenizer else "tokenizer_source", source))
+        for token, entry in ((self.tokenizer.tokens or {}) if self.tokenizer else {}).items():
+            ref = entry.source if isinstance(entry.source, str) else getattr(entry.source, "model", None)
+            if ref is not None:
+                refs.append((f"tokenizer.tokens[{token!r}].source", ref))
         out = []
         for key, ref in refs:
             base, adapter = split_lora_ref(ref)

@@ -12,7 +12,6 @@ naming the source and the line.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import yaml
@@ -116,6 +115,29 @@ def parse_yaml(text: str | bytes, *, source: str = "text",
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise error(f"not valid YAML: {problem}{where}", path=source) from None
     except (ValueError, OverflowError) as err:  # a scalar the safe constructors cannot convert
+        raise error(f"not valid YAML: {err}", path=source) from None
+    finally:
+        loader.dispose()
+
+
+def parse_yaml_documents(text: str | bytes, *, source: str = "text",
+                         error: type[DeltaWorkbenchError] = ConfigError,
+                         max_bytes: int | None = MAX_TEXT_BYTES, max_depth: int = MAX_DEPTH) -> list[Any]:
+    """Every document of a YAML stream (``---`` separated: a multi-stage recipe), each read with
+    the refusals of ``parse_yaml`` (the size and value bounds count over the whole text)."""
+    text = _check_size(text, source, error, max_bytes)
+    loader = StrictYamlLoader(text, source=source, error=error, max_depth=max_depth)
+    docs = []
+    try:
+        while loader.check_data():
+            docs.append(loader.get_data())
+        return docs
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise error(f"not valid YAML: {problem}{where}", path=source) from None
+    except (ValueError, OverflowError) as err:
         raise error(f"not valid YAML: {err}", path=source) from None
     finally:
         loader.dispose()

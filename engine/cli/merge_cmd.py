@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from engine.merge.multistage import read_documents, run_multistage
 from engine.recipe import load_recipe
 from engine.text import printable
 
@@ -36,6 +37,9 @@ def run(args) -> int:
 
     # ignored parameters come back in result.warnings, printed below as one line each
     warnings.simplefilter("ignore", IgnoredParameterWarning)
+    docs = read_documents(args.recipe)
+    if len(docs) > 1:  # mergekit-multi: several named merges, the unnamed one written to --out
+        return _run_stages(args, docs)
     recipe = load_recipe(args.recipe)
 
     def progress(fraction: float, name: str) -> None:
@@ -65,4 +69,25 @@ def run(args) -> int:
 
         print("evaluation: " + ", ".join(f"{printable(name)} {value:.3f}" for name, value
                                          in evaluation_table(result.evaluation).items()))
+    return 0
+
+
+def _run_stages(args, docs) -> int:
+    def progress(fraction: float, name: str) -> None:
+        if not args.quiet:
+            print(f"\r[{fraction:6.1%}] {printable(name)[:60]:<60}", end="", file=sys.stderr, flush=True)
+
+    result, stages = run_multistage(docs, args.out, source=str(args.recipe),
+                                    recipe_dir=Path(args.recipe).parent, device=args.device,
+                                    progress=progress, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                                    evaluate=args.eval)
+    if not args.quiet:
+        print(file=sys.stderr)
+    for warning in result.warnings:
+        print(f"warning: {printable(warning)}", file=sys.stderr)
+    summary = {"out": str(result.out), "tensors": result.tensors, "seconds": round(result.seconds, 3),
+               "device": result.device, "stages": stages}
+    print(json.dumps(summary) if args.json else
+          f"merged {len(stages)} intermediate merge(s) ({', '.join(printable(s) for s in stages)}) and "
+          f"the final one ({result.tensors} tensors) into {result.out}")
     return 0

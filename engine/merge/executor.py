@@ -38,10 +38,13 @@ from engine.io.stages import StageTimes
 from engine.io.side_files import TOKENIZER_FILES as SIDE_TOKENIZER_FILES
 from engine.io.side_files import read_side_files
 from engine.merge.registry import MergeMethod, get_method
+from engine.merge.slices import LayerStack, num_layers_of, plan_layer_stack, stack_config
 from engine.merge.spec import MergeSpec
+from engine.merge.vocab import VocabPlan, build_vocab_plan, has_tokenizer, retemplated_files, tokenizer_path
 from engine.lora.adapter import LoraAdapter, is_adapter_folder
 from engine.lora.finetune import AdapterFinetune
 from engine.task_vectors import read_model_tensor
+from engine.tensor_names import layer_index_of
 from engine.recipe import DTYPES, MergeRecipe, check_recipe_paths, resolve_model_ref, split_lora_ref
 
 # Files copied from the tokenizer source next to the merged weights (when present).
@@ -71,6 +74,8 @@ class MergePlan:
     num_layers: int | None
     warnings: list[str] = field(default_factory=list)
     opened: list = field(default_factory=list)  # everything plan_merge opened (adapters' bases too)
+    stack: LayerStack | None = None   # a frankenmerge: where each output tensor comes from
+    vocab: VocabPlan | None = None    # a merged tokenizer: embedding rows follow tokens
 
     def close(self) -> None:
         for folder in {id(f): f for f in [self.layout, self.tokenizer_folder, *self.models,
@@ -112,10 +117,11 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
 
     if roots is not None:
         check_recipe_paths(recipe, roots, recipe_dir=recipe_dir)  # every key, before any is opened
-    entries = recipe.input_models()
+    stacked = is_layer_stack(recipe, _resolve_model_path)
+    entries = [] if stacked else recipe.input_models()
     base_path = (_resolve_model_path(split_lora_ref(recipe.base_model)[0], "base_model")
                  if recipe.base_model else None)
-    if method.requires_base and base_path is None:
+    if method.requires_base and base_path is None and not stacked:  # a stack's slices may name theirs
         raise ParameterError(f"{method.name} needs a base_model")
 
     opened: dict[Path, ModelFolder] = {}
@@ -151,7 +157,13 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
 
     try:
         base = open_model(recipe.base_model, "base_model", None) if base_path is not None else None
-        models, settings = [], []
+        if stacked:
+            plan = _plan_stack(recipe, method, base, open_model,
+                               lambda: _tokenizer_folder(recipe, None, open_folder, _resolve_model_path),
+                               _resolve_model_path)
+            plan.opened = [*adapters, *opened.values()]
+            return plan
+        models, settings, keys = [], [], []
         entry_keys = [key for key, _ in recipe.model_refs() if key.endswith(".model")]
         for entry, key in zip(entries, entry_keys):
             if (base_path is not None and (method.requires_base or method.optional_base)
@@ -160,33 +172,38 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
                 continue  # mergekit lists the base among the models; it contributes as the base
             models.append(open_model(entry.model, key, base))
             settings.append(entry.parameters)
+            keys.append(key)
         if not models:
             raise ParameterError(f"{method.name}: no models to merge besides the base")
         layout = base if base is not None else models[0]
+        tokenizer_folder = _tokenizer_folder(recipe, layout, open_folder, _resolve_model_path)
+        inputs = [*([("base_model", base)] if base is not None else []), *zip(keys, models)]
+        merging_vocab = _merges_vocab(recipe, layout)
 
         report = require_compatible(layout, [m for m in models if m is not layout],
-                                    vocab_policy=recipe.vocab_policy)
+                                    vocab_policy="pad_from_base" if merging_vocab else recipe.vocab_policy)
+        vocab = (build_vocab_plan(recipe, inputs, layout, resolve=_resolve_model_path,
+                                  source_folder=tokenizer_folder, base_model=base)
+                 if merging_vocab else None)
+        if vocab is not None and method.stats is not None and not vocab.is_identity():
+            raise ParameterError(f"recipe key {'tokenizer' if recipe.tokenizer else 'tokenizer_source'}: "
+                                 f"{method.name} calibrates each model in its own vocabulary; a merged "
+                                 "tokenizer that moves, adds or pads rows is not supported with it")
         num_layers = layout.config.get("num_hidden_layers", layout.config.get("n_layer"))
-        if recipe.layer_range() is not None and num_layers is not None:
-            lo, hi = recipe.layer_range()
-            if (lo, hi) != (0, num_layers):
-                raise ParameterError(f"slice layer_range {[lo, hi]} must cover all {num_layers} "
-                                     "layers (partial slices are not supported)")
-
-        tok_ref = recipe.tokenizer_model()
-        if tok_ref == "base":
-            tokenizer_folder = layout
-        else:
-            tok_key = "tokenizer.source" if recipe.tokenizer else "tokenizer_source"
-            tokenizer_folder = open_folder(_resolve_model_path(tok_ref, tok_key))
+        if recipe.slices is not None and num_layers is not None:
+            lo, hi = recipe.slices[0].sources[0].layer_range
+            if (lo, hi) != (0, num_layers):  # only LoRA adapters get here (see is_layer_stack)
+                raise ParameterError(f"recipe key slices[0]: layer_range {[lo, hi]} of a LoRA "
+                                     f"adapter must cover all {num_layers} layers")
 
         spec = MergeSpec.build(method, recipe.parameter_scopes(), settings,
                                num_layers=num_layers, seed=recipe.seed)
         plan = MergePlan(
             recipe=recipe, method=method, base=base, layout=layout, models=models, spec=spec,
             tokenizer_folder=tokenizer_folder,
-            vocab_target=report.info.get("vocab", {}).get("target"),
-            num_layers=num_layers, warnings=list(report.warnings) + list(spec.warnings),
+            vocab_target=None if vocab else report.info.get("vocab", {}).get("target"),
+            num_layers=num_layers, vocab=vocab,
+            warnings=list(report.warnings) + list(spec.warnings) + (vocab.warnings if vocab else []),
         )
         # Resolve and validate the parameters of every tensor now (cheap), so that a bad
         # gradient or filter value fails before any tensor is read.
@@ -197,6 +214,77 @@ def plan_merge(recipe: MergeRecipe, *, recipe_dir: str | Path | None = None,
         raise
     plan.opened = [*adapters, *opened.values()]
     return plan
+
+
+def is_layer_stack(recipe: MergeRecipe, resolve: Callable[[str, str], Path]) -> bool:
+    """Whether a recipe stacks layer ranges (several slices, sources of different ranges, or
+    one range short of the whole model) rather than merging whole models."""
+    if recipe.slices is None:
+        return False
+    if not recipe.uniform_slice():
+        return True
+    first = recipe.slices[0].sources[0]
+    base_ref, adapter_ref = split_lora_ref(first.model)
+    path = resolve(base_ref, "slices[0].sources[0].model")
+    if adapter_ref is not None or is_adapter_folder(path):
+        return False  # LoRA adapters: whole models only (a partial range is refused in the plan)
+    with ModelFolder(path) as folder:
+        return tuple(first.layer_range) != (0, num_layers_of(folder))
+
+
+def _merges_vocab(recipe: MergeRecipe, tokenizer_base: ModelFolder) -> bool:
+    """Whether embedding rows follow a merged tokenizer (``engine.merge.vocab``): a ``tokenizer``
+    mapping or ``tokenizer_source: union`` always; a legacy ``tokenizer_source`` naming base or
+    a model when the tokenizer base has a tokenizer (else its files are copied as they are)."""
+    if not recipe.merges_tokenizer():
+        return False
+    if recipe.tokenizer is not None or recipe.tokenizer_model() == "union":
+        return True
+    return has_tokenizer(tokenizer_path(tokenizer_base))
+
+
+def _tokenizer_folder(recipe: MergeRecipe, layout: ModelFolder | None, open_folder,
+                      resolve) -> ModelFolder | None:
+    """The folder whose tokenizer files are written (``layout`` for "base")."""
+    tok_ref = recipe.tokenizer_model()
+    if tok_ref in ("base", "union"):
+        return layout
+    tok_key = "tokenizer.source" if recipe.tokenizer else "tokenizer_source"
+    return open_folder(resolve(tok_ref, tok_key))
+
+
+def _plan_stack(recipe: MergeRecipe, method: MergeMethod, base: ModelFolder | None,
+                open_model, tokenizer_folder, resolve) -> MergePlan:
+    """The plan of a layer stack (``engine.merge.slices``): every source and slice base opened,
+    the models' non-layer tensors checked against the layout, every output tensor routed."""
+    sources = [[open_model(s.model, f"slices[{i}].sources[{j}].model", base)
+                for j, s in enumerate(piece.sources)] for i, piece in enumerate(recipe.slices)]
+    bases = [open_model(piece.base_model, f"slices[{i}].base_model", None)
+             if piece.base_model is not None else base for i, piece in enumerate(recipe.slices)]
+    layout = base if base is not None else sources[0][0]
+    distinct = list({id(f): f for f in [*(f for row in sources for f in row),
+                                         *(b for b in bases if b is not None)]}.values())
+    merging_vocab = _merges_vocab(recipe, layout)
+    report = require_compatible(layout, [f for f in distinct if f is not layout], layer_stack=True,
+                                vocab_policy="pad_from_base" if merging_vocab else recipe.vocab_policy)
+    stack = plan_layer_stack(recipe, method, sources, bases, layout)
+    models = [f for f in distinct if f is not layout]  # slice bases too: never a destination
+    tokenizer = tokenizer_folder() or layout
+    vocab = None
+    if merging_vocab:
+        keys = {id(f): f"slices[{i}].sources[{j}].model" for i, row in enumerate(sources)
+                for j, f in reversed(list(enumerate(row)))}
+        keys.update({id(b): (f"slices[{i}].base_model" if recipe.slices[i].base_model else "base_model")
+                     for i, b in enumerate(bases) if b is not None})
+        vocab = build_vocab_plan(recipe, [(keys[id(f)], f) for f in distinct], layout, resolve=resolve,
+                                 source_folder=tokenizer, base_model=base)
+    return MergePlan(recipe=recipe, method=method, base=base, layout=layout,
+                     models=models or [sources[0][0]], spec=stack.specs[0],
+                     tokenizer_folder=tokenizer,
+                     vocab_target=None if vocab else report.info.get("vocab", {}).get("target"),
+                     num_layers=len(stack.layer_sources), vocab=vocab,
+                     warnings=list(report.warnings) + stack.warnings + (vocab.warnings if vocab else []),
+                     stack=stack)
 
 
 def _input_tensor(plan: MergePlan, folder: ModelFolder, name: str) -> torch.Tensor:
@@ -237,25 +325,43 @@ def _merge_into(spec: MergeSpec, name: str, base_t, model_ts, out: torch.Tensor,
 def _read_inputs(plan: MergePlan, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """One tensor of every input, read without memory maps (NaN/Inf are caught by the merge,
     which names the folder)."""
-    base_t = _input_tensor(plan, plan.base, name) if plan.base is not None else None
-    return base_t, [_input_tensor(plan, m, name) for m in plan.models]
+    if plan.stack is not None:
+        route = plan.stack.routes[name]
+        pairs = [route.base] if route.base is not None else []
+        pairs += route.models
+    else:
+        pairs = ([(plan.base, name)] if plan.base is not None else []) + [(m, name) for m in plan.models]
+    has_base = plan.base is not None if plan.stack is None else route.base is not None
+    tensors = [_input_tensor(plan, folder, source) for folder, source in pairs]
+    if plan.vocab is not None and name in embed_head_names(plan.layout):
+        # rows moved to the merged vocabulary by token, before the method sees them
+        tensors = plan.vocab.permute([(folder, t) for (folder, _), t in zip(pairs, tensors)])
+    return (tensors[0] if has_base else None), tensors[1 if has_base else 0:]
 
 
 def output_layout(plan: MergePlan) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(name, dtype, shape) of every output tensor, in the layout's order (vocab by policy)."""
     embed, head = embed_head_names(plan.layout)
     out = []
-    for name in plan.layout.tensor_names:
-        info = plan.layout.info(name)
+    for name in (plan.stack.routes if plan.stack is not None else plan.layout.tensor_names):
+        info = plan.layout.info(name) if name in plan.layout else None
+        if plan.stack is not None and (info is None or layer_index_of(name) is not None):
+            route = plan.stack.routes[name]
+            folder, source = route.models[0]
+            info = folder.info(source)
         shape = tuple(info.shape)
         if plan.vocab_target is not None and name in (embed, head) and shape and shape[0] != plan.vocab_target:
             shape = (plan.vocab_target, *shape[1:])
+        if plan.vocab is not None and name in (embed, head):
+            shape = (plan.vocab.rows, *shape[1:])
         out.append((name, plan.recipe.output_dtype(info.dtype), shape))
     return out
 
 
 def output_config(plan: MergePlan) -> dict:
     config = dict(plan.layout.config)
+    if plan.stack is not None:
+        config = stack_config(config, plan.stack.layer_sources)
     if plan.recipe.dtype or plan.recipe.out_dtype:
         dtype_name = str(plan.recipe.output_dtype(torch.float32)).removeprefix("torch.")
         config["torch_dtype"] = dtype_name
@@ -263,6 +369,8 @@ def output_config(plan: MergePlan) -> dict:
             config["dtype"] = dtype_name
     if plan.vocab_target is not None and config.get("vocab_size") not in (None, plan.vocab_target):
         config["vocab_size"] = plan.vocab_target
+    if plan.vocab is not None:
+        config["vocab_size"] = plan.vocab.rows
     return config
 
 
@@ -330,6 +438,11 @@ def run_merge(
                 own_stats.close()
             raise
     extra: dict = dict(tokenizer_files(plan.tokenizer_folder))
+    if plan.vocab is not None:  # the merged tokenizer's files replace the source's
+        extra = {k: v for k, v in extra.items() if k == "generation_config.json"}
+        extra.update(plan.vocab.files)
+    elif recipe.chat_template:
+        extra.update(retemplated_files(plan.tokenizer_folder, recipe, [plan.layout, *plan.models]))
     extra[RECIPE_FILE] = recipe.to_yaml().encode()
     evaluation: dict = {}
 
@@ -362,7 +475,11 @@ def run_merge(
     folders = [f for f in {id(f): f for f in [*plan.opened, plan.layout, *plan.models,
                                               *([plan.base] if plan.base else [])]}.values()
                if isinstance(f, ModelFolder)]
-    input_bytes = [sum(m.info(name).nbytes for m in folders if name in m) for name, _, _ in layout]
+    if plan.stack is not None:
+        input_bytes = [sum(f.info(src).nbytes for f, src in [*([r.base] if r.base else []), *r.models]
+                           if src in f) for r in (plan.stack.routes[name] for name, _, _ in layout)]
+    else:
+        input_bytes = [sum(m.info(name).nbytes for m in folders if name in m) for name, _, _ in layout]
     pool = BufferPool(max_idle_bytes=2 * (len(plan.models) + 2) * max(
         [math.prod(shape) * torch.empty((), dtype=d).element_size() for _, d, shape in layout] or [0]))
     for folder in folders:
@@ -402,8 +519,10 @@ def run_merge(
                     stats = stats_provider(name) if stats_provider is not None else None
                     merged = pool.empty(shape, out_dtype)
                     before = len(cpu_fallback)
-                    _merge_into(plan.spec, name, inputs[0], inputs[1], merged, device=device,
-                                stats=stats, labels=labels, cpu_fallback=cpu_fallback,
+                    route = plan.stack.routes[name] if plan.stack is not None else None
+                    _merge_into(route.spec if route else plan.spec, name, inputs[0], inputs[1], merged,
+                                device=device, stats=stats,
+                                labels=route.labels() if route else labels, cpu_fallback=cpu_fallback,
                                 overflow=plan.recipe.overflow, times=times)
                     on_cpu = len(cpu_fallback) > before
                     if on_cpu:

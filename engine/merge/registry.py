@@ -38,6 +38,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "slerp",
     "model_stock",
     "nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "nearswap", "ram", "ramplus_tl",
+    "passthrough",
     "consensus",
     "tsv",
     "emr",

@@ -106,6 +106,9 @@ class MergeSpec:
     calibration_tasks: list[str | None] = field(default_factory=list)
     calibration_models: list[dict | None] = field(default_factory=list)  # per-model `calibration`
     warnings: list[str] = field(default_factory=list)
+    # A tensor's position in the layer stack its gradients run over (default: the block index
+    # in its name); a frankenmerge slice gives its own layers 0..n-1 (``engine.merge.slices``).
+    layer_of: Callable[[str], int | None] | None = None
     model_stat: torch.Tensor | None = None     # the summed first-pass statistic (see first_pass)
     _first_pass_done: bool = field(default=False, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
@@ -120,6 +123,7 @@ class MergeSpec:
         num_layers: int | None = None,
         seed: int = 0,
         warn: bool = True,
+        layer_of: Callable[[str], int | None] | None = None,
     ) -> "MergeSpec":
         """Sort every key into its scope; ignore (with a warning) what does not apply; refuse
         unknown keys. ``global_scopes`` outer to inner (recipe, then slice parameters)."""
@@ -191,7 +195,8 @@ class MergeSpec:
         return cls(method=method, global_scopes=globals_out, model_default_scopes=defaults_out,
                    model_scopes=models_out, num_layers=num_layers, seed=seed,
                    calibration=dict(calibration) if calibration is not None else None,
-                   calibration_tasks=tasks, calibration_models=own_calibrations, warnings=notes)
+                   calibration_tasks=tasks, calibration_models=own_calibrations, warnings=notes,
+                   layer_of=layer_of)
 
     # ------------------------------------------------------------------ per tensor
     def tensor_params(self, name: str) -> tuple[BaseModel, list[BaseModel]]:
@@ -200,7 +205,7 @@ class MergeSpec:
         if hit is not None:
             return hit
         method = self.method
-        layer = layer_index_of(name)
+        layer = (self.layer_of or layer_index_of)(name)
         num_layers = self.num_layers if layer is not None else None
         if layer is not None and (num_layers is None or layer >= num_layers):
             num_layers = layer + 1
@@ -356,7 +361,8 @@ class MergeSpec:
                 return _copy_exact(name, named, out)
         with _stage(times, "check"):
             same = bool(models) and _all_equal([t for _, t in named])
-        if same and (
+        keeps = getattr(self.method.module, "keeps_copies", None)  # passthrough: not with a scale
+        if same and (keeps is None or keeps(params, model_params)) and (
                 base is not None if self.method.requires_base else getattr(params, "normalize", True)):
             # zero task vectors (or a normalised mean of copies): the input itself, exactly,
             # which float32 arithmetic (a weighted mean, an SVD) would only approximate

@@ -37,6 +37,7 @@ def generic(name):
         "nearswap": ([{}], {"t": 0.05}),
         "ram": ([{}] * N, {}),
         "ramplus_tl": ([{}] * N, {"r": 0.5, "alpha": 0.5}),
+        "passthrough": ([{}], {}),  # its scale is no task-vector method: tests/merge/test_slices.py
     }
     return table[name]
 
@@ -72,6 +73,7 @@ def identity(name):
         "nearswap": ([{}], {"t": 0.05}),
         "ram": ([{}] * N, {}),
         "ramplus_tl": ([{}] * N, {}),
+        "passthrough": ([{}], {}),
     }
     return table[name]
 

@@ -15,7 +15,7 @@ EXPECTED = {
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
     "della", "della_linear", "slerp", "model_stock", "consensus", "tsv", "emr", "fisher", "regmean",
     "channel_merging", "sotu", "nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "nearswap", "ram",
-    "ramplus_tl",
+    "ramplus_tl", "passthrough",
 }
 
 
