@@ -23,6 +23,7 @@ RENDERED = {
     "page_render": ["page_render_full.json"],
     "compress_serving": ["compress_serving.json"],
     "merge_speed": ["merge_speed.json"],
+    "mergekit_parity": ["mergekit_parity.json"],
     "repair_quality": ["repair_quality.json"],
 }
 
