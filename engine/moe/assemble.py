@@ -149,6 +149,9 @@ def plan_moe(config: MoEConfig, *, config_dir: str | Path | None = None,
                              hidden=hidden, intermediate=intermediate, write_head=write_head,
                              config=out_config)
         check_against_transformers(pieces, out_config, base.path)
+        if len(experts) > 1 and all(f is experts[0] for f in experts[1:]):  # mergekit refuses
+            warnings.append("every expert is the same model: the MoE computes that model's "
+                            "function with more memory (useful only as a start for training)")
         if len(experts) & (len(experts) - 1):
             warnings.append(f"{len(experts)} experts is not a power of two (llama.cpp needs one)")
         return MoEPlan(config=config, architecture=architecture, base=base, experts=experts,

@@ -73,7 +73,8 @@ def test_an_moe_of_copies_of_the_base_is_the_base(tmp_path, tie, policy):
     config = moe_config({"base": family["base"], "e0": family["base"], "e1": family["base"],
                          "e2": family["base"]}, gate_mode="hidden", tied_embeddings=policy)
     out = tmp_path / "moe"
-    _run(config, out)
+    result = _run(config, out)
+    assert any("same model" in w for w in result.warnings)
     names = set(_weights(out))
     written = json.loads((out / "config.json").read_text())
     if tie and policy == "keep":
