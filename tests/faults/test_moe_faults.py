@@ -148,3 +148,16 @@ def test_the_command_line_prints_one_line(family, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "experts_per_token" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_gpt2_family_has_no_moe_output(family, tmp_path):
+    """mergekit-moe finds no output architecture for GPT-2 either; ours says which key."""
+    from tests.lora.peft_builders import tiny_gpt2
+
+    models = tmp_path / "gpt2"
+    for name in ("base", "a", "b"):
+        tiny_gpt2(models / name, seed=len(name))
+    config = {"base_model": str(models / "base"), "gate_mode": "random",
+              "experts": [{"source_model": str(models / "a")}, {"source_model": str(models / "b")}]}
+    assert_refused(tmp_path, _assemble(config, tmp_path / "out"), IncompatibleModelsError,
+                   "base_model", "gpt2", "llama or mistral")
