@@ -54,6 +54,7 @@ class MoEPlan:
     dtype: torch.dtype
     num_layers: int
     hidden: int
+    tokenizer: object = None              # the base's, for the prompt gates (left-padded with BOS)
     warnings: list[str] = field(default_factory=list)
 
     def close(self) -> None:
@@ -139,6 +140,17 @@ def plan_moe(config: MoEConfig, *, config_dir: str | Path | None = None,
         if config.gate_mode in PROMPT_MODES and "model.embed_tokens.weight" not in base:
             raise ConfigError("config key base_model: no tensor 'model.embed_tokens.weight' "
                               "for the prompt gates", path=base.path)
+        tokenizer = None
+        if config.gate_mode in PROMPT_MODES:  # vetted side files, a private copy for transformers
+            from engine.evaluate.loading import load_tokenizer
+            from engine.moe.gates import prepare_tokenizer
+
+            try:
+                tokenizer = prepare_tokenizer(load_tokenizer(base.path, base.config.get("vocab_size")))
+            except ConfigError as err:
+                raise ConfigError(f"config key base_model: gate_mode {config.gate_mode} encodes the "
+                                  f"prompts with the base's tokenizer: {err.reason}",
+                                  path=base.path) from None
         tied = is_tied(base)
         write_head = not tied or config.tied_embeddings == "untie"
         dtype = DTYPES[config.dtype] if config.dtype else _base_dtype(base)
@@ -156,7 +168,7 @@ def plan_moe(config: MoEConfig, *, config_dir: str | Path | None = None,
             warnings.append(f"{len(experts)} experts is not a power of two (llama.cpp needs one)")
         return MoEPlan(config=config, architecture=architecture, base=base, experts=experts,
                        shared=shared, keys=keys, out_config=out_config, pieces=pieces, dtype=dtype,
-                       num_layers=num_layers, hidden=hidden, warnings=warnings)
+                       num_layers=num_layers, hidden=hidden, tokenizer=tokenizer, warnings=warnings)
     except BaseException:
         for folder in opened.values():
             folder.close()
@@ -165,15 +177,13 @@ def plan_moe(config: MoEConfig, *, config_dir: str | Path | None = None,
 
 def compute_gates(plan: MoEPlan, *, device: torch.device, progress: Progress | None = None) -> torch.Tensor:
     """``(layers, routed + shared-with-gates, hidden)`` router rows (``engine.moe.gates``)."""
-    from engine.moe.gates import gate_vectors, prepare_tokenizer
+    from engine.moe.gates import gate_vectors
 
     config = plan.config
     need = list(config.experts) + list(config.shared_experts or [])
     kwargs: dict = {}
     if config.gate_mode in PROMPT_MODES:
-        from engine.evaluate.loading import load_tokenizer
-
-        kwargs["tokenizer"] = prepare_tokenizer(load_tokenizer(plan.base.path, plan.base.config.get("vocab_size")))
+        kwargs["tokenizer"] = plan.tokenizer
         if config.gate_mode == "cheap_embed":
             kwargs["embed"] = read_model_tensor(plan.base, "model.embed_tokens.weight")
         else:

@@ -161,3 +161,18 @@ def test_a_gpt2_family_has_no_moe_output(family, tmp_path):
               "experts": [{"source_model": str(models / "a")}, {"source_model": str(models / "b")}]}
     assert_refused(tmp_path, _assemble(config, tmp_path / "out"), IncompatibleModelsError,
                    "base_model", "gpt2", "llama or mistral")
+
+
+def test_prompt_gates_over_a_base_without_a_tokenizer(tmp_path):
+    """A base whose folder has no tokenizer files (and not the zoo's vocabulary) cannot encode
+    the prompts: refused naming base_model, before the gates or any output."""
+    from tests.lora.peft_builders import tiny_llama
+
+    models = tmp_path / "bare"
+    for name in ("base", "a", "b"):
+        tiny_llama(models / name, seed=len(name))
+    config = {"base_model": str(models / "base"), "gate_mode": "cheap_embed",
+              "experts": [{"source_model": str(models / "a"), "positive_prompts": ["x"]},
+                          {"source_model": str(models / "b"), "positive_prompts": ["y"]}]}
+    assert_refused(tmp_path, _assemble(config, tmp_path / "out"), ConfigError,
+                   "base_model", "tokenizer")
