@@ -132,13 +132,13 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit", default=os.environ.get("MERGEKIT_MOE"), help="mergekit-moe executable")
     parser.add_argument("--zoo", default=None, help="a zoo folder (its small family becomes a row)")
     parser.add_argument("--readme", action="store_true", help="write the bench/README.md section")
     parser.add_argument("--render", action="store_true", help="only render the README section")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.render:
         data = json.loads(OUT.read_text())
     else:

@@ -165,12 +165,12 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", help="a complete zoo folder")
     parser.add_argument("--readme", action="store_true")
     parser.add_argument("--render", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.render:
         data = json.loads(OUT.read_text())
     else:
