@@ -187,17 +187,8 @@ def compute_gates(plan: MoEPlan, *, device: torch.device, progress: Progress | N
         if config.gate_mode == "cheap_embed":
             kwargs["embed"] = read_model_tensor(plan.base, "model.embed_tokens.weight")
         else:
-            from engine.evaluate.loading import model_from_config
-            from engine.evaluate.scoring import _load_strict
-
             dtype = torch.bfloat16 if config.hidden_dtype == "bfloat16" else torch.float32
-            # parameters in ``dtype``, buffers (RoPE's inverse frequencies) kept in float32, as
-            # from_pretrained(dtype=...) builds it for mergekit: casting the whole module
-            # would round the rotary frequencies to bf16 and move every layer's state
-            model = model_from_config(plan.base.config, torch.float32, path=plan.base.path / "config.json")
-            for param in model.parameters():
-                param.data = param.data.to(dtype)
-            _load_strict(model, dict(plan.base.iter_tensors()), path=plan.base.path)
+            model = gate_model(plan.base, dtype)
             kwargs["model"] = model.to(device)
 
     def step(done: int, total: int) -> None:
@@ -206,6 +197,33 @@ def compute_gates(plan: MoEPlan, *, device: torch.device, progress: Progress | N
 
     return gate_vectors(config.gate_mode, need, num_layers=plan.num_layers, hidden_size=plan.hidden,
                         seed=config.seed, progress=step, **kwargs)
+
+
+def gate_model(base: ModelFolder, dtype: torch.dtype):
+    """The base as a causal LM for the hidden-state gates, built as ``from_pretrained(dtype=...)``
+    builds it for mergekit: parameters in ``dtype``, buffers (RoPE's inverse frequencies) in
+    float32 (casting the whole module would round them and move every layer's state). Loaded one
+    tensor at a time into the parameters (memory: the model in ``dtype`` plus one tensor)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in base.config.items()
+              if k not in ("model_type", "architectures", "transformers_version", "torch_dtype",
+                           "dtype", "auto_map")}  # the folder's config was vetted when opened
+    cfg = AutoConfig.for_model(base.config["model_type"], **fields)
+    model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, dtype=dtype).eval()
+    state = model.state_dict()
+    loaded = set()
+    with torch.no_grad():
+        for name in base.tensor_names:
+            if name not in state or tuple(state[name].shape) != tuple(base.info(name).shape):
+                raise ConfigError("config key base_model: a tensor its architecture does not have "
+                                  "(or of another shape)", path=base.path, tensor=name)
+            state[name].copy_(read_model_tensor(base, name))
+            loaded.add(name)
+    missing = set(state) - loaded - ({"lm_head.weight"} if is_tied(base) else set())
+    if missing:
+        raise ConfigError("config key base_model: tensor missing", path=base.path, tensor=sorted(missing)[0])
+    return model
 
 
 def _expert_tensor(plan: MoEPlan, index: int, folder: ModelFolder, name: str, *, shared: bool) -> torch.Tensor:
