@@ -54,6 +54,9 @@ def cases(root: Path, zoo: Path | None) -> list[dict]:
             else:
                 rows.append({"family": family, "gate_mode": gate, "output": "Mixtral", "note": "",
                              "config": moe_config(folders, gate_mode=gate)})
+    rows.append({"family": "llama", "gate_mode": "hidden", "output": "Qwen MoE",
+                 "note": "shared expert: the base; q/k/v biases zeros",
+                 "config": moe_config(fams["llama"], gate_mode="hidden", experts=["e0", "e1"], shared="base")})
     rows.append({"family": "qwen2 (tied)", "gate_mode": "cheap_embed", "output": "Qwen MoE",
                  "note": "shared expert: a fine-tune that is no routed expert",
                  "config": moe_config(fams["qwen2 (tied)"], experts=["e0", "e1"], shared="e2")})

@@ -30,6 +30,8 @@ def _cases(root, zoo):
         cases[f"qwen2-shared-base-{gate}"] = moe_config(qwen, gate_mode=gate, experts=["e0", "e1"],
                                                         shared="base")
         cases[f"zoo-small-{gate}"] = moe_config(small, gate_mode=gate)
+    cases["llama-into-qwen-moe-hidden"] = moe_config(llama, gate_mode="hidden", experts=["e0", "e1"],
+                                                     shared="base")
     cases["qwen2-shared-other-cheap_embed"] = moe_config(qwen, experts=["e0", "e1"], shared="e2")
     return cases
 
@@ -55,7 +57,7 @@ def parity(tmp_path_factory, quick_zoo):
 
 
 CASES = [f"{fam}-{gate}" for fam in ("llama", "llama-tied", "qwen2-shared-base", "zoo-small")
-         for gate in ("cheap_embed", "hidden")]
+         for gate in ("cheap_embed", "hidden")] + ["llama-into-qwen-moe-hidden"]
 
 
 @pytest.mark.parametrize("name", CASES)
