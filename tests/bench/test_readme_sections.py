@@ -24,6 +24,8 @@ RENDERED = {
     "compress_serving": ["compress_serving.json"],
     "merge_speed": ["merge_speed.json"],
     "mergekit_parity": ["mergekit_parity.json"],
+    "moe_parity": ["moe_parity.json"],
+    "moe_zoo_demo": ["moe_zoo_demo.json"],
     "repair_quality": ["repair_quality.json"],
 }
 
