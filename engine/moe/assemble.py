@@ -200,8 +200,8 @@ def compute_gates(plan: MoEPlan, *, device: torch.device, progress: Progress | N
 
 
 def gate_model(base: ModelFolder, dtype: torch.dtype):
-    """The base as a causal LM for the hidden-state gates, built as ``from_pretrained(dtype=...)``
-    builds it for mergekit: parameters in ``dtype``, buffers (RoPE's inverse frequencies) in
+    """The base as a causal LM for the hidden-state gates, built the way transformers' pretrained
+    loader with a ``dtype`` builds it for mergekit: parameters in ``dtype``, buffers (RoPE's inverse frequencies) in
     float32 (casting the whole module would round them and move every layer's state). Loaded one
     tensor at a time into the parameters (memory: the model in ``dtype`` plus one tensor)."""
     from transformers import AutoConfig, AutoModelForCausalLM
