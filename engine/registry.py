@@ -25,6 +25,17 @@ def format_validation_error(prefix: str, err: ValidationError) -> str:
     return f"{prefix}: " + "; ".join(parts)
 
 
+def validate_params(params_class, raw, label: str):
+    """``raw`` (a mapping, None, or already an instance) as ``params_class``; a pydantic error
+    becomes one ParameterError line prefixed with ``label`` (e.g. "ties parameters")."""
+    if isinstance(raw, params_class):
+        return raw
+    try:
+        return params_class.model_validate(dict(raw or {}))
+    except ValidationError as err:
+        raise ParameterError(format_validation_error(label, err)) from None
+
+
 def load_method_module(package: str, name: str, required: Sequence[str], kind: str) -> ModuleType:
     """``package.name``, refused (TypeError, a programming error) when it lacks one of
     ``required`` or declares another NAME."""

@@ -33,10 +33,10 @@ from types import ModuleType
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import ParameterError
-from engine.registry import MethodTable, format_validation_error, load_method_module
+from engine.registry import MethodTable, load_method_module, validate_params
 
 METHOD_MODULES: tuple[str, ...] = (
     "magnitude",
@@ -99,13 +99,7 @@ class CompressMethod:
     def parse_params(self, raw: Mapping[str, Any] | BaseModel | None = None,
                      ratio: float | None = None) -> BaseModel:
         """Validated parameters; with a ratio the solved fields must be unset, without one set."""
-        if isinstance(raw, self.params_class):
-            params = raw
-        else:
-            try:
-                params = self.params_class.model_validate(dict(raw or {}))
-            except ValidationError as err:
-                raise ParameterError(format_validation_error(f"{self.name} parameters", err)) from None
+        params = validate_params(self.params_class, raw, f"{self.name} parameters")
         given = [f for f in self.solved if getattr(params, f) is not None]
         if ratio is not None:
             if not ratio > 1.0:

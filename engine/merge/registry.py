@@ -25,11 +25,11 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from engine.errors import ParameterError
 from engine.merge.gta import Variant
-from engine.registry import MethodTable, format_validation_error, load_method_module
+from engine.registry import MethodTable, load_method_module, validate_params
 
 PACKAGE = "engine.merge.methods"
 METHOD_MODULES: tuple[str, ...] = (
@@ -74,24 +74,11 @@ class MergeMethod:
 
     def parse_params(self, raw: Mapping[str, Any] | BaseModel | None = None) -> BaseModel:
         """Validated global parameters (mergekit names, e.g. 'lambda'); errors become ParameterError."""
-        if isinstance(raw, self.params_class):
-            return raw
-        try:
-            return self.params_class.model_validate(dict(raw or {}))
-        except ValidationError as err:
-            raise ParameterError(format_validation_error(f"{self.name} parameters", err)) from None
+        return validate_params(self.params_class, raw, f"{self.name} parameters")
 
     def parse_model_params(self, raws: Sequence[Mapping[str, Any] | BaseModel | None]) -> list[BaseModel]:
-        out = []
-        for i, raw in enumerate(raws):
-            if isinstance(raw, self.model_params_class):
-                out.append(raw)
-                continue
-            try:
-                out.append(self.model_params_class.model_validate(dict(raw or {})))
-            except ValidationError as err:
-                raise ParameterError(format_validation_error(f"{self.name} model {i} parameters", err)) from None
-        return out
+        return [validate_params(self.model_params_class, raw, f"{self.name} model {i} parameters")
+                for i, raw in enumerate(raws)]
 
     def validate(self, params: BaseModel, model_params: Sequence[BaseModel]) -> None:
         """Cross-checks needing both global and per-model values (e.g. weights summing to 0 with normalize)."""

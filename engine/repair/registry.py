@@ -18,10 +18,9 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from engine.errors import ParameterError
-from engine.registry import MethodTable, format_validation_error, load_method_module
+from engine.registry import MethodTable, load_method_module, validate_params
 
 METHOD_MODULES: tuple[str, ...] = ("safe_delta", "irr", "resta", "random_mask", "delta_scale")
 _REQUIRED = ("NAME", "PAPER", "Params", "STATS", "target_names", "repair_tensor")
@@ -68,12 +67,7 @@ class RepairMethod:
         return KNOBS[self.name]
 
     def parse_params(self, raw: Mapping[str, Any] | BaseModel | None = None) -> BaseModel:
-        if isinstance(raw, self.params_class):
-            return raw
-        try:
-            return self.params_class.model_validate(dict(raw or {}))
-        except ValidationError as err:
-            raise ParameterError(format_validation_error(f"{self.name} parameters", err)) from None
+        return validate_params(self.params_class, raw, f"{self.name} parameters")
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "paper": self.paper, "statistics": list(self.stats),
