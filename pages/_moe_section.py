@@ -38,14 +38,18 @@ def moe_section(base: str, finetunes: list[str]) -> None:
         st.info("Choose at least one expert.")
         return
     cols = st.columns(3)
-    gate_mode = cols[0].selectbox("Gate mode", GATE_MODES, key="moe_gate_mode",
+    prefilled = {folder: _prompts(folder) for folder in experts}
+    # models with no zoo task come with no prompts: start them on random gates (the prompt
+    # gates need a prompt per expert first), zoo models on mergekit's default, hidden
+    start = 0 if all(prompts for _, prompts in prefilled.values()) else GATE_MODES.index("random")
+    gate_mode = cols[0].selectbox("Gate mode", GATE_MODES, index=start, key="moe_gate_mode",
                                   help="; ".join(f"{k}: {v}" for k, v in GATE_HELP.items()))
     per_token = cols[1].number_input("Experts per token", 1, len(experts), min(2, len(experts)),
                                      key="moe_per_token")
     dtype = cols[2].selectbox("dtype", ["float32", "bfloat16", "float16"], key="moe_dtype")
     entries = []
     for folder in experts:
-        task, prompts = _prompts(folder)
+        task, prompts = prefilled[folder]
         label = f"Prompts for {short_name(folder)}" + (f" (task {task})" if task else "")
         text = st.text_area(label, value="\n".join(prompts), height=100, key=f"moe_prompts.{folder}",
                             help="One prompt per line; what should be routed to this expert.")
