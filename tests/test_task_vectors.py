@@ -100,7 +100,7 @@ def test_check_finite_names_folder_and_tensor(tmp_path):
 
 
 # ---------------------------------------------------------------- one place for the rules
-READERS = ["engine/delta.py", "engine/merge/executor.py", "engine/merge/whatif.py",
+READERS = ["engine/delta.py", "engine/merge/plan.py", "engine/merge/whatif.py",
            "engine/compress/encode.py", "engine/lora/extract.py"]
 
 

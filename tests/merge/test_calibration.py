@@ -283,7 +283,7 @@ def test_run_merge_removes_its_calibration_spill_even_when_the_merge_fails(tmp_p
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(executor, "_read_inputs", broken)
+    monkeypatch.setattr(executor, "read_inputs", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         run_merge(parse_recipe(data), tmp_path / "out2", device="cpu")
     assert list((tmp_path / "tmp").iterdir()) == [] and not (tmp_path / "out2").exists()
