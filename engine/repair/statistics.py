@@ -12,7 +12,7 @@
 - **Batch Fisher** (IRR, the authors' ``compute_fisher_information_matrix``): the mean over
   batches of ``batch_size`` examples of the squared gradient of the batch's token-mean
   cross-entropy on the answer tokens (prompt masked), for the target weights only. This is not
-  ``engine.merge.calibration.fisher_diagonal``, which squares per-example gradients of the
+  ``engine.merge.fisher_gram.fisher_diagonal``, which squares per-example gradients of the
   summed log-likelihood (Matena & Raffel's Fisher merging).
 """
 

@@ -13,7 +13,8 @@ from engine.evaluate.tasks import MAIN_TASKS, TASKS, is_heldout
 from engine.io import ModelFolder, ModelWriter
 from engine.merge import get_method
 from engine.merge.calibration import (ALL_TASKS, CalibrationStats, calibration_examples, encode,
-                                      fisher_diagonal, gram_matrices, resolve_tasks, task_list, zoo_task_of)
+                                      resolve_tasks, task_list, zoo_task_of)
+from engine.merge.fisher_gram import fisher_diagonal, gram_matrices
 from engine.merge.executor import run_merge
 from engine.merge.methods.regmean import GramStats
 from engine.recipe import load_recipe, parse_recipe

@@ -95,7 +95,8 @@ def test_irr_removes_and_reports_per_matrix(tmp_path, pair, monkeypatch):
 
 def test_layerwise_hessians_equal_the_full_forward_gram_matrices(pair):
     from engine.evaluate.loading import load_model_folder
-    from engine.merge.calibration import calibration_examples, encode, gram_matrices
+    from engine.merge.calibration import calibration_examples, encode
+    from engine.merge.fisher_gram import gram_matrices
     from engine.repair.layerwise import (decoder_layers, first_layer_inputs, layer_hessians,
                                          linear_modules, run_layer)
 
