@@ -53,11 +53,17 @@ from bench._common import OtherWork, llama_shapes, write_readme_section  # noqa:
 WORK = ROOT / "bench" / "work" / "speed"
 RESULTS = ROOT / "bench" / "results" / "merge_speed.json"
 SECTION = "## Merge speed vs mergekit"
+# --methods newer --readme: its own results file and README section (the headline table keeps its run)
+RESULTS_NEWER = ROOT / "bench" / "results" / "merge_speed_newer.json"
+SECTION_NEWER = "## Newer mergekit methods: merge speed vs mergekit"
 LOAD_LIMIT_PER_CORE = 0.5
 MAIN_METHODS = ("task_arithmetic", "ties", "linear", "slerp")
 # every other method both tools have (--methods shared times them all)
 OTHER_SHARED = ("breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear",
                 "model_stock")
+# mergekit 0.1.5's methods added later (--methods newer times them; 'shared' includes them)
+NEWER_SHARED = ("nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "nearswap", "ram", "ramplus_tl",
+                "passthrough")
 
 # ~270M parameters: 32000 x 1024 embeddings and head (65.5M) + 16 layers x 12.85M
 CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
@@ -151,8 +157,21 @@ def recipe(method: str, folders: dict[str, Path], dtype: str) -> dict:
     if method == "slerp":
         return {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": a}],
                 "parameters": {"t": 0.5}, **common}
-    if method == "model_stock":
-        return {"merge_method": method, "base_model": base, "models": [{"model": a}, {"model": b}], **common}
+    if method in ("model_stock", "sce", "ram", "karcher"):
+        # no per-model parameters (karcher: base-free, its defaults max_iter 10, tol 1e-5)
+        return {"merge_method": method, **({} if method == "karcher" else {"base_model": base}),
+                "models": [{"model": a}, {"model": b}], **common}
+    if method in ("arcee_fusion", "nearswap"):  # one fine-tune into its base
+        return {"merge_method": method, "base_model": base, "models": [{"model": a}],
+                **({"parameters": {"t": 0.5}} if method == "nearswap" else {}), **common}
+    if method == "passthrough":  # a 16-layer frankenmerge: ft_a's first half, ft_b's second half
+        n = CONFIG["num_hidden_layers"]
+        return {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": a, "layer_range": [0, n // 2]}]},
+            {"sources": [{"model": b, "layer_range": [n // 2, n]}]}], **common}
+    if method == "ramplus_tl":
+        return {"merge_method": method, "base_model": base, "models": [{"model": a}, {"model": b}],
+                "parameters": {"r": 0.5, "alpha": 0.5}, **common}
     params = {"weight": 0.5}
     if method in ("ties", "dare_ties", "dare_linear", "della", "della_linear"):
         params["density"] = 0.5
@@ -161,8 +180,8 @@ def recipe(method: str, folders: dict[str, Path], dtype: str) -> dict:
     if method.startswith("breadcrumbs"):
         params.update(density=0.8, gamma=0.05)
     models = [{"model": m, "parameters": copy.deepcopy(params)} for m in (a, b)]
-    if method == "linear":
-        return {"merge_method": "linear", "models": models, **common}
+    if method in ("linear", "multislerp"):
+        return {"merge_method": method, "models": models, **common}
     return {"merge_method": method, "base_model": base, "models": models, **common}
 
 
@@ -228,9 +247,15 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def is_newer(results: dict) -> bool:
+    """Whether a run times the newer methods only (its own results file and section)."""
+    return bool(results["methods"]) and set(results["methods"]) <= set(NEWER_SHARED)
+
+
 def render(results: dict) -> str:
     """The README section body, from the JSON results alone."""
     rows, cond = results["rows"], results["conditions"]
+    flag, raw = ("--methods newer --readme", RESULTS_NEWER.name) if is_newer(results) else ("--readme", RESULTS.name)
     floor = next(r for r in rows if r["tool"] == "floor")
     lines = ["| method | tool (arithmetic dtype) | wall s, median | wall s, each run | CPU s, median | "
              "peak RSS MiB | ours faster by | RSS ours / mergekit | ours / floor |",
@@ -284,9 +309,9 @@ def render(results: dict) -> str:
         "kernels split large tensors over two threads), writes each tensor in place in its shard on "
         "a writer thread, and a checker thread reads it back, compares it and feeds the manifest's "
         "sha256 while it is still in memory (no second pass over the output).\n\n"
-        f"Reproduce: `python bench/merge_speed.py --mergekit VENV/bin/mergekit-yaml --readme` on an idle "
+        f"Reproduce: `python bench/merge_speed.py --mergekit VENV/bin/mergekit-yaml {flag}` on an idle "
         f"machine (mergekit in its own venv: `python -m venv VENV && VENV/bin/pip install torch==2.13.0 "
-        f"mergekit`); raw numbers of every run: `bench/results/merge_speed.json`.\n\n"
+        f"mergekit`); raw numbers of every run: `bench/results/{raw}`.\n\n"
         + "\n".join(lines) + "\n\n"
         "Where our time goes (median seconds per stage, wall (CPU of the thread that ran it); stages "
         "run on four threads at once (reader: read; merge: plan, merge, check and the waits; writer: "
@@ -312,7 +337,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ours-only", action="store_true", help="time ours and the floor only")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--methods", default=",".join(MAIN_METHODS),
-                        help=f"comma-separated; 'shared' = {', '.join(MAIN_METHODS + OTHER_SHARED)}")
+                        help=f"comma-separated; 'shared' = {', '.join(MAIN_METHODS + OTHER_SHARED + NEWER_SHARED)}; "
+                             "'newer' = the last " + str(len(NEWER_SHARED)))
     parser.add_argument("--mergekit-bf16", action="store_true", help="also time mergekit with dtype bfloat16")
     parser.add_argument("--readme", action="store_true",
                         help="write bench/results/merge_speed.json and the README section (idle machine only)")
@@ -325,6 +351,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         write_readme_section(SECTION, render(json.loads(RESULTS.read_text())))
+        if RESULTS_NEWER.is_file():
+            write_readme_section(SECTION_NEWER, render(json.loads(RESULTS_NEWER.read_text())))
         return 0
     if args.readme and args.ours_only:
         parser.error("--readme needs mergekit (not --ours-only)")
@@ -333,7 +361,8 @@ def main(argv=None) -> int:
         exe = shutil.which(args.mergekit) or args.mergekit
         if not Path(exe).exists():
             parser.error(f"mergekit-yaml not found ({args.mergekit}); see bench/README.md")
-    methods = list(MAIN_METHODS + OTHER_SHARED) if args.methods == "shared" else args.methods.split(",")
+    methods = ({"shared": list(MAIN_METHODS + OTHER_SHARED + NEWER_SHARED), "newer": list(NEWER_SHARED)}
+               .get(args.methods) or args.methods.split(","))
 
     WORK.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -390,8 +419,9 @@ def main(argv=None) -> int:
             print(f"refusing to write the README: other work above {LOAD_LIMIT_PER_CORE} busy cores per core "
                   "(rerun on an idle machine, or pass --force-loaded)", file=sys.stderr)
             return 2
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        write_readme_section(SECTION, render(results))
+        results_file, section = (RESULTS_NEWER, SECTION_NEWER) if is_newer(results) else (RESULTS, SECTION)
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
+        write_readme_section(section, render(results))
     return 0
 
 
