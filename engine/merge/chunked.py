@@ -1,4 +1,5 @@
-"""Chunked CPU kernels for the deterministic task-vector methods, linear, slerp, model_stock.
+"""Chunked CPU kernels for the deterministic task-vector methods, linear, slerp, model_stock,
+nuslerp (flattened) and multislerp.
 
 ``linear`` and every task-arithmetic variant (engine/merge/gta.py's ``Variant`` declarations)
 whose sparsification is none, magnitude or Breadcrumbs' magnitude_outliers (without
@@ -13,7 +14,9 @@ The arithmetic is the methods' own, step for step (``engine.merge.gta.combine``,
 ``engine.merge.methods.linear``), so results are the same; tests compare them. slerp takes two
 passes: the norms and the dot product (float64 sums, as ``engine.merge.methods.slerp`` does
 them), then the weighted sum of the two tensors with the method's own weights; so does
-model_stock (the deltas' float64 Gram matrix, then t * mean + (1 - t) * base).
+model_stock (the deltas' float64 Gram matrix, then t * mean + (1 - t) * base), and nuslerp and
+multislerp (the vectors' float64 Gram matrix, from which the methods' own coefficient rules give
+one weight per model, then sum_i k_i v_i, plus the base when there is one).
 
 Trimming (TIES, Breadcrumbs) needs, per model, the k-th largest |delta| of the whole tensor.
 It is found by selection, never a sort: a seeded sample brackets the k-th value, one chunked
@@ -231,6 +234,10 @@ def supports(method: MergeMethod, params, n_models: int | None = None) -> bool:
         return n_models in (None, 1)
     if method.name == "model_stock":
         return not params.filter_wise and n_models is not None and n_models >= 2
+    if method.name == "nuslerp":  # the whole tensor as one vector (per-row angles stay whole)
+        return params.nuslerp_flatten and n_models in (None, 2)
+    if method.name == "multislerp":
+        return n_models is None or n_models >= 2
     variant = method.module
     return (isinstance(variant, Variant) and variant.sparsification in SPARSIFICATIONS
             and (not params.rescale or variant.sparsification == "random"))
@@ -290,6 +297,24 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
 
             def run(target, lo, hi):
                 return _stock(flat_base, flat_models, t, one_minus_t, target, lo, hi)
+        elif method.name in ("nuslerp", "multislerp"):
+            # first pass: the float64 Gram matrix of the vectors (task vectors over a base, else
+            # the weights); then one combination sum_i k_i v_i (+ base) with the method's own
+            # coefficients, formed from the Gram matrix (engine.merge.methods.nuslerp/multislerp)
+            gram = sum(_split(n, lambda lo, hi: _gram(flat_base, flat_models, lo, hi), parallel=False))
+            weights = [float(mp.weight) for mp in model_params]
+            if not bool(torch.isfinite(gram).all()):
+                coeffs = [math.nan] * len(flat_models)
+            elif method.name == "nuslerp":
+                t = method.module.interpolation_factor(*weights)
+                coeffs = method.module.flat_coefficients(t, float(gram[0, 0]), float(gram[1, 1]),
+                                                         float(gram[0, 1]))
+            else:
+                coeffs = method.module.gram_coefficients(gram, weights, params).tolist()
+            coeffs = [float(torch.tensor(c, dtype=torch.float32)) for c in coeffs]  # applied in fp32
+
+            def run(target, lo, hi):
+                return _combine(flat_base, flat_models, coeffs, target, lo, hi)
         else:
             variant = method.module
             consensus = params.consensus_method if variant.consensus else None
@@ -436,6 +461,36 @@ def _stock(base, models, t, one_minus_t, out, lo, hi) -> torch.Tensor:
     for s, e in _chunks(out.numel(), lo, hi):
         mean = torch.stack([_f32(m[s:e]) for m in models]).mean(dim=0)
         _store((t * mean).add_(one_minus_t * _f32(base[s:e])), out, s, e, acc)
+    return acc
+
+
+def _gram(base, models, lo, hi) -> torch.Tensor:
+    """float64 [N, N]: sums over chunks lo..hi-1 of v_i * v_j, v_i the model's float32 delta
+    over ``base``, or the model itself without one."""
+    gram = torch.zeros(len(models), len(models), dtype=torch.float64)
+    for s, e in _chunks(models[0].numel(), lo, hi):
+        if base is None:
+            v = torch.stack([m[s:e].to(torch.float32) for m in models]).double()
+        else:
+            b = _f32(base[s:e])
+            v = torch.stack([_f32(m[s:e]).sub_(b) for m in models]).double()
+        gram += v @ v.T
+    return gram
+
+
+def _combine(base, models, coeffs, out, lo, hi) -> torch.Tensor:
+    """out = sum_i k_i v_i (+ base), v_i as in ``_gram``, in float32 chunk by chunk."""
+    acc = torch.zeros((), dtype=torch.float32)
+    for s, e in _chunks(out.numel(), lo, hi):
+        b = _f32(base[s:e]) if base is not None else None
+        mixed = None
+        for m, k in zip(models, coeffs):
+            v = _f32(m[s:e])
+            if b is not None:
+                v.sub_(b)
+            v.mul_(k)
+            mixed = v if mixed is None else mixed.add_(v)
+        _store(b.add_(mixed) if b is not None else mixed, out, s, e, acc)
     return acc
 
 

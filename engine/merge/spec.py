@@ -376,7 +376,7 @@ class MergeSpec:
                 out.copy_(ref)
             with _stage(times, "check"):
                 return _check_cast(name, out, overflow)
-        use_base = base if self.method.requires_base else None
+        use_base = base if (self.method.requires_base or self.method.optional_base) else None
         if (device.type == "cpu" and stats is None and chunked.supports(self.method, params, len(models))
                 and all(t.is_floating_point() and t.dtype != torch.float64  # the kernels are fp32 only
                         for t in [*models, *([use_base] if use_base is not None else [])])

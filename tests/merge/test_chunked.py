@@ -269,3 +269,65 @@ def test_a_method_needing_a_base_gets_its_own_error_without_one(method, mps, par
     fts = [{"w": torch.randn(40, 50, generator=torch.Generator().manual_seed(i))} for i in range(len(mps))]
     with pytest.raises(ParameterError, match="needs a base"):
         merge_state_dicts(method, None, fts, mps, params)
+
+
+SPHERE_CASES = [
+    ("nuslerp", [{"weight": 0.7}, {"weight": 0.3}], {}, True),
+    ("nuslerp", [{"weight": 1.0}, {"weight": 1.0}], {}, False),
+    ("nuslerp", [{"weight": 0.2}, {"weight": 0.9}], {}, "colinear"),
+    ("multislerp", [{"weight": 0.5}, {"weight": 0.3}], {}, True),
+    ("multislerp", [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}], {}, True),
+    ("multislerp", [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}], {}, False),
+    ("multislerp", [{"weight": 2.0}, {"weight": 1.0}, {"weight": 0.5}], {"normalize_weights": False}, True),
+    ("multislerp", [{"weight": 0.5}, {"weight": 0.5}], {}, "zero"),  # no direction: the lerp
+]
+
+
+@pytest.mark.parametrize("method, mps, params, with_base", SPHERE_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(SPHERE_CASES)])
+def test_chunked_nuslerp_and_multislerp_equal_the_method(method, mps, params, with_base, monkeypatch):
+    """One Gram pass and one combination give the whole-tensor method's result (its float32
+    reductions against our float64 ones: equal to float32 rounding)."""
+    monkeypatch.setattr(chunked, "SPLIT_MIN_CHUNKS", 2)
+    monkeypatch.setattr(chunked, "workers", lambda: 2)
+    base, fts = quantized_family(n_models=len(mps), shape=(61, 97))
+    if with_base == "colinear":  # task vectors 1x and 2x: lerped
+        fts = [fts[0], (base.float() + 2 * (fts[0].float() - base.float())).to(torch.bfloat16)]
+    if with_base == "zero":  # every task vector zero
+        fts = [base.clone() for _ in fts]
+    use_base = base if with_base else None
+    m = get_method(method)
+    p, parsed = m.parse_params(params), m.parse_model_params(mps)
+    assert chunked.supports(m, p, len(fts))
+    expected = m.merge(use_base, fts, parsed, p)
+    out = torch.empty(base.shape, dtype=torch.float32)
+    chunked.merge_into(m, use_base, fts, parsed, p, out)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6 * scale)
+    if with_base == "zero":
+        assert torch.equal(out, base.float())
+
+
+def test_chunked_nuslerp_declines_per_row_angles():
+    m = get_method("nuslerp")
+    assert chunked.supports(m, m.parse_params({}), 2)
+    assert not chunked.supports(m, m.parse_params({"nuslerp_flatten": False}), 2)
+    multi = get_method("multislerp")
+    assert not chunked.supports(multi, multi.parse_params({}), 1)  # one model is returned as it is
+
+
+def test_the_merge_spec_gives_nuslerp_its_base_on_the_chunked_path():
+    """nuslerp with a base interpolates task vectors: the streaming path (which takes the
+    chunked kernel on the CPU) must hand it the base, or it would interpolate the weights."""
+    from engine.merge.spec import MergeSpec
+
+    base, fts = quantized_family(n_models=2, shape=(61, 97))
+    m = get_method("nuslerp")
+    mps = [{"weight": 0.3}, {"weight": 0.7}]
+    spec = MergeSpec.build("nuslerp", [{}], mps, num_layers=None, seed=0)
+    out = torch.empty(base.shape, dtype=torch.float32)
+    spec.merge_into("w", base, fts, out, device=torch.device("cpu"))
+    expected = m.merge(base, fts, m.parse_model_params(mps), m.parse_params({}))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    without = m.merge(None, fts, m.parse_model_params(mps), m.parse_params({}))
+    assert not torch.allclose(out, without, rtol=1e-5, atol=1e-7)

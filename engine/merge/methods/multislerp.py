@@ -19,6 +19,7 @@ embeddings, then give the base, instead of failing the merge.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +48,33 @@ ModelParams = RequiredWeight
 def validate(params: Params, model_params: Sequence[ModelParams]) -> None:
     if params.normalize_weights:
         check_normalizable(NAME, [mp.weight for mp in model_params])
+
+
+def gram_coefficients(gram: torch.Tensor, weights: Sequence[float], params: Params) -> torch.Tensor:
+    """k (float64, one per model) with result = sum_i k_i v_i, from the float64 Gram matrix
+    G_ij = <v_i, v_j> (the chunked kernel's first pass; two models or more).
+
+    Every step above is linear in the v_i given a few scalars, so it is carried out on their
+    coefficients: u_i = v_i / (|v_i| + eps); m = sum_i a_i v_i with a_i = w_i / (|v_i| + eps);
+    <u_i, m> = (G a)_i / (|v_i| + eps); g and the result are combinations of the same kind, and
+    their norms are c^T G c. (Mathematically g is zero: sum_i w_i <u_i, m> equals |m| before it
+    is normalised. mergekit's float32 pass leaves rounding noise there, about 1e-7 of |m|; the
+    coefficients carry float64 noise instead.)"""
+    g64 = gram.to(torch.float64)
+    w = torch.tensor(list(weights), dtype=torch.float64)
+    if params.normalize_weights:
+        w = w / w.sum()
+    eps = params.eps
+    norms = torch.sqrt(torch.diagonal(g64).clamp(min=0.0))
+    a = w / (norms + eps)
+    mean_norm = math.sqrt(max(float(a @ g64 @ a), 0.0))
+    if mean_norm < eps:  # no direction on the sphere: the weighted linear combination
+        return w
+    m = a / mean_norm
+    dots = (g64 @ m) / (norms + eps)            # <u_i, m>
+    g = a - float((w * dots).sum()) * m          # sum_i w_i (u_i - <u_i, m> m)
+    g_norm = math.sqrt(max(float(g @ g64 @ g), 0.0)) + eps
+    return (m * math.cos(g_norm) + g * (math.sin(g_norm) / g_norm)) * float((norms * w).sum())
 
 
 def merge_tensor(

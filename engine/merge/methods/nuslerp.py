@@ -18,6 +18,7 @@ normalises to zero, so it counts as orthogonal to the other (mergekit does the s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -105,6 +106,18 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, fla
     if not flatten and row_wise and v0.dim() > 1:
         out = out.transpose(0, -1)
     return out.reshape(shape)
+
+
+def flat_coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float, float]:
+    """(c0, c1) of the flattened interpolation c0 v0 + c1 v1 from the float64 sums |v0|^2,
+    |v1|^2 and <v0, v1> (the chunked kernel's first pass): the same rule as ``nuslerp``."""
+    na = max(math.sqrt(aa), NORM_FLOOR)
+    nb = max(math.sqrt(bb), NORM_FLOOR)
+    cos = min(max(ab / (na * nb), -1.0), 1.0)
+    if 1 - cos * cos <= EPS * EPS:
+        return 1 - t, t
+    theta = math.acos(cos)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
 def merge_tensor(
