@@ -148,3 +148,8 @@ st.caption("CKA is 1 for representations equal up to rotation and scale, near 0 
            "Low values off the diagonal are expected; low values on the best-match line mean that "
            "the layer's computation has no counterpart at the other scale, so its parameters cannot "
            "simply be transferred.")
+
+# -- transfer -----------------------------------------------------------------------------------
+from pages._transfer_section import transfer_section  # noqa: E402
+
+transfer_section(zoo, entries)
