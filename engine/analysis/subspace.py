@@ -65,3 +65,56 @@ def cropped_cosine(w_a: torch.Tensor, w_b: torch.Tensor) -> float:
     r, c = min(w_a.shape[0], w_b.shape[0]), min(w_a.shape[1], w_b.shape[1])
     x, y = w_a[:r, :c].double().flatten(), w_b[:r, :c].double().flatten()
     return float(x @ y / (x.norm() * y.norm()))
+
+
+def subspace_map(path_a, path_b, *, base_a=None, base_b=None, n_tokens: int = 1024, rank: int = 8,
+                 seed: int = 0) -> dict:
+    """``{"modules": {suffix: La x Lb overlaps}, "spectrum": {suffix: La x Lb}, "mean": La x Lb,
+    "measure", "rank", "tokens"}``: every per-layer matrix both models have, read through the
+    same probe tokens as the debiased-CKA map (task vectors with both bases)."""
+    from engine.analysis.incompatibility import (_check_bases, _embedding, _is_conv1d, layer_tensors,
+                                                 probe_token_ids, residual_side)
+    from engine.io import ModelFolder
+
+    _check_bases(base_a, base_b)
+    with ModelFolder(path_a) as fa, ModelFolder(path_b) as fb:
+        ba = ModelFolder(base_a) if base_a is not None else None
+        bb = ModelFolder(base_b) if base_b is not None else None
+        try:
+            layers_a, layers_b = layer_tensors(fa), layer_tensors(fb)
+            suffixes = sorted({s for d in layers_a.values() for s in d} & {s for d in layers_b.values() for s in d})
+            ia, ib = list(layers_a), list(layers_b)
+            emb_a, emb_b = _embedding(fa), _embedding(fb)
+            ids = probe_token_ids(min(emb_a.shape[0], emb_b.shape[0]), n_tokens, seed)
+
+            def read(folder, base, emb, name, suffix):
+                side = residual_side(suffix, folder.info(name).shape, int(emb.shape[1]),
+                                     conv1d=_is_conv1d(folder))
+                if side is None:
+                    return None
+                w = folder.get_tensor(name).double()
+                if base is not None:
+                    w = w - base.get_tensor(name).double()
+                return w, principal_basis(token_side(w, emb[ids], side), rank)
+
+            modules, spectra = {}, {}
+            for suffix in suffixes:
+                got_a = {i: read(fa, ba, emb_a, layers_a[i][suffix], suffix) for i in ia if suffix in layers_a[i]}
+                got_b = {j: read(fb, bb, emb_b, layers_b[j][suffix], suffix) for j in ib if suffix in layers_b[j]}
+                if all(g is None for g in (*got_a.values(), *got_b.values())):
+                    continue
+                modules[suffix] = [[subspace_overlap(got_a[i][1], got_b[j][1])
+                                    if got_a.get(i) is not None and got_b.get(j) is not None else None
+                                    for j in ib] for i in ia]
+                spectra[suffix] = [[spectrum_similarity(got_a[i][0], got_b[j][0])
+                                    if got_a.get(i) is not None and got_b.get(j) is not None else None
+                                    for j in ib] for i in ia]
+        finally:
+            if ba is not None:
+                ba.close()
+                bb.close()
+    mean = [[(lambda vals: sum(vals) / len(vals) if vals else None)(
+        [m[r][c] for m in modules.values() if m[r][c] is not None]) for c in range(len(ib))]
+        for r in range(len(ia))]
+    return {"layers_a": ia, "layers_b": ib, "modules": modules, "spectrum": spectra, "mean": mean,
+            "measure": SUBSPACE_MEASURE, "rank": rank, "tokens": int(ids.numel())}

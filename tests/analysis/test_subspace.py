@@ -55,3 +55,28 @@ def test_new_measures_ignore_a_permutation_of_hidden_units_and_the_crop_does_not
     assert spectrum_similarity(w_l, w_lp) == pytest.approx(1.0)
     assert cropped_cosine(w_l, w_lp) < 0.5
     assert abs(cropped_cosine(w_s, w_l) - cropped_cosine(w_s, w_lp)) > 1e-3
+
+
+def test_the_subspace_map_scores_a_permuted_copy_1(tmp_path):
+    from engine.analysis.subspace import SUBSPACE_MEASURE, subspace_map
+    from engine.evaluate.tokenizer import tokenizer_files
+    from engine.zoo.build import new_model, new_model_like, write_model
+    from engine.zoo.plan import Arch
+    from tests.analysis.test_incompatibility import _permuted_copy
+
+    tok = tokenizer_files(tmp_path / "tok")
+    model = new_model(Arch(24, 2, 2, 48), seed=5).eval()
+    twin = new_model_like(model)
+    twin.load_state_dict(_permuted_copy(model, seed=9))
+    write_model(tmp_path / "m", model, tok, {})
+    write_model(tmp_path / "twin", twin, tok, {})
+    write_model(tmp_path / "big", new_model(Arch(32, 3, 2, 64), seed=6), tok, {})
+    same = subspace_map(tmp_path / "m", tmp_path / "twin", rank=4)
+    assert same["measure"] == SUBSPACE_MEASURE and len(same["modules"]) == 7
+    for suffix in same["modules"]:
+        np.testing.assert_allclose(np.diag(np.array(same["modules"][suffix], dtype=float)), 1.0, atol=1e-8)
+        np.testing.assert_allclose(np.diag(np.array(same["spectrum"][suffix], dtype=float)), 1.0, atol=1e-8)
+    other = subspace_map(tmp_path / "m", tmp_path / "big", rank=4)
+    assert other["layers_b"] == [0, 1, 2]
+    cells = np.array([v for m in other["modules"].values() for row in m for v in row])
+    assert 0 <= cells.min() and cells.max() < 0.999
