@@ -48,8 +48,10 @@ class PostPKTParams(BaseModel):
     micro_batch: int = Field(8, ge=1, le=4096, description="Gradient-accumulation micro-batch (the paper: 8).")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Linear warm-up share of the steps, then linear decay.")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (the paper: 0.05).")
-    extract_from: Literal["weights", "task_vector"] = Field(
-        "weights", description="weights: the paper; task_vector: ours, the teacher's fine-tune minus its base.")
+    extract_from: Literal["weights", "task_vector", "student"] = Field(
+        "weights", description="weights: the paper; task_vector: ours, the teacher's fine-tune minus "
+        "its base; student: ours, PiSSA's start from the student's own top-r components (no teacher), "
+        "which separates the teacher's knowledge from a better-conditioned start.")
     curve_steps: list[int] = Field([0, 10, 25, 50, 100, 200], description="Fine-tune steps at which the "
                                    "task accuracy is measured (those within the run).")
 
@@ -226,6 +228,16 @@ def prepare_student(student, teacher_state, scores, layers_kept, params: PostPKT
         report = {"init": "random (A Kaiming-uniform, B = 0)"}
     else:
         source = teacher_state
+        if params.extract_from == "student":
+            factors = {}
+            for _, s_mod in module_pairs(list(range(n_layers))):
+                w = student_state[f"{s_mod}.weight"]
+                factors[s_mod] = low_rank(w.mT if s_mod == EMBED else w, params.rank)
+            inject_pissa(student, factors, scale)
+            report = {"init": "the student's own top-r components (PiSSA)"}
+            trainable = attach(student, factors, scale, params.dropout)
+            report["initial_factors"] = {name: (a.clone(), b.clone()) for name, (a, b) in factors.items()}
+            return trainable, report
         if params.extract_from == "task_vector":
             source = {k: teacher_state[k] - teacher_base_state[k] for k in teacher_state}
         factors, where = extracted_factors(source, scores, student_state, layers_kept, params.rank)

@@ -231,7 +231,7 @@ def _run_postpkt(method, teacher, student, tok, pool, opts, seed, paths, task, n
     seeds = [encode(tok, ex) for ex in pool.take(opts.n_seed, "the seed samples")]
     train_set = [encode(tok, ex) for ex in pool.take(opts.n_train, "the fine-tune set")]
     scores, kept, base_state = None, None, None
-    if not control:
+    if not control and opts.extract_from != "student":
         scores = sensitivity(teacher, seeds, tok.pad_token_id, lambda m: say(0.1, m))
         kept = select_layers(scores, teacher.config.num_hidden_layers, student.config.num_hidden_layers)
         if opts.extract_from == "task_vector":

@@ -112,3 +112,21 @@ def test_schedule_and_step_budget():
     assert lr_at(47, 48, 3e-4, 0.03) == pytest.approx(3e-4 / 46)
     with pytest.raises(Exception):
         PostPKTParams(rank=0)
+
+
+def test_the_students_own_components_start_at_the_student_and_match_pissa():
+    from engine.transfer.paper_measure import lora_cosines
+    from engine.transfer.postpkt import prepare_student
+
+    model = tiny_llama(seed=7)
+    ids = torch.tensor([[1, 3, 5, 7]])
+    before = model(ids).logits.detach()
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params = PostPKTParams(rank=4, alpha=4, dropout=0.0, extract_from="student")
+    trainable, report = prepare_student(model, None, None, None, params, control=False, seed=0)
+    assert len(trainable) == 2 * (2 * 7 + 2)  # A and B of 7 matrices x 2 layers, embedding, head
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+    cos = lora_cosines(original, report["initial_factors"], 1.0)
+    for values in cos.values():  # the update is PiSSA's own: the same cosines
+        assert values["vs_original"] == pytest.approx(values["pissa_vs_original"], abs=1e-5)
+        assert abs(values["vs_remaining"]) < 1e-5
