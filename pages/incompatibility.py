@@ -104,6 +104,18 @@ st.caption(f"{par.get('measure', 'debiased CKA')}, over {par.get('tokens', '?')}
            "token embeddings, so hidden units need no correspondence (a model and a copy with its "
            "hidden units permuted score 1, unrelated models about 0).")
 
+sub = maps.get("subspace")
+if sub:
+    st.subheader("Principal-subspace overlap (invariant to unit order)")
+    sub_which = st.selectbox("Weights", ["mean over modules", *sub["modules"]], key="ni_sub_module")
+    z_sub = sub["mean"] if sub_which == "mean over modules" else sub["modules"][sub_which]
+    st.plotly_chart(matrix_heatmap(z_sub, [f"L{j}" for j in sub["layers_b"]], [f"L{i}" for i in sub["layers_a"]],
+                                   f"Subspace overlap of {kind}: {sub_which}", zmin=0, zmax=1,
+                                   colorscale="Viridis", x_title=name_b, y_title=name_a), key="ni_subspace")
+    st.caption(f"{sub['measure']}, top {sub['rank']} directions of each matrix read on its own model's "
+               f"embeddings of {sub['tokens']} shared tokens: 1 for the same subspace, about "
+               f"{sub['rank']}/{sub['tokens']} for unrelated ones.")
+
 # -- where it is low ----------------------------------------------------------------------------
 st.subheader("Where cross-scale similarity is low")
 
@@ -148,3 +160,8 @@ st.caption("CKA is 1 for representations equal up to rotation and scale, near 0 
            "Low values off the diagonal are expected; low values on the best-match line mean that "
            "the layer's computation has no counterpart at the other scale, so its parameters cannot "
            "simply be transferred.")
+
+# -- transfer -----------------------------------------------------------------------------------
+from pages._transfer_section import transfer_section  # noqa: E402
+
+transfer_section(zoo, entries)

@@ -51,6 +51,7 @@ class IncompatibilityParams(BaseModel):
     batch_size: int = Field(64, ge=1, le=4096)
     param_tokens: int = Field(1024, ge=8, le=8192, description="Token ids (embedding rows) through "
                               "which the parameter map reads each matrix; all when the vocabulary is smaller.")
+    subspace_rank: int = Field(8, ge=1, le=4096, description="Principal directions per matrix in the subspace map.")
 
 
 # --------------------------------------------------------------------------- CKA
@@ -365,7 +366,9 @@ def _maps_key(paths: list[str | Path | None], params: IncompatibilityParams) -> 
 
     from engine.analysis.run import ENGINE_VERSION
 
-    prints = [PARAMETER_MEASURE]
+    from engine.analysis.subspace import SUBSPACE_MEASURE
+
+    prints = [PARAMETER_MEASURE, SUBSPACE_MEASURE]
     for path in paths:
         if path is None:
             prints.append(None)
@@ -393,10 +396,15 @@ def incompatibility_maps(path_a: str | Path, path_b: str | Path,
     activation = activation_similarity(path_a, path_b, params)
     parameters = parameter_similarity(path_a, path_b, base_a=base_a, base_b=base_b,
                                       n_tokens=params.param_tokens)
+    from engine.analysis.subspace import subspace_map
+
+    subspace = subspace_map(path_a, path_b, base_a=base_a, base_b=base_b,
+                            n_tokens=params.param_tokens, rank=params.subspace_rank)
     result = {
         "model_a": str(path_a), "model_b": str(path_b),
         "activation": {**activation, "summary": _summary(activation["cka"])},
         "parameters": {**parameters, "summary": _summary(parameters["mean_abs"])},
+        "subspace": {**subspace, "summary": _summary(subspace["mean"])},
     }
     if key is not None:
         cache.put_many([(key, result)])
