@@ -13,7 +13,6 @@ translator (after 1 step) and after all 20 steps, and a plain full fine-tune of 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
