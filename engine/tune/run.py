@@ -113,7 +113,10 @@ def tune(recipe_path: str | Path, *, trials: int, out: str | Path | None = None,
          allow_heldout: bool = False, table: str | Path | None = None,
          merge_out: str | Path | None = None, study: str | None = None,
          storage_path: str | Path | None = None, device: str | None = None,
-         progress: Callable[[dict], None] | None = None) -> TuneOutcome:
+         progress: Callable[[dict], None] | None = None,
+         recipe_dir: str | Path | None = None) -> TuneOutcome:
+    """Run (or resume) the tune of the recipe file at ``recipe_path``; relative model paths
+    resolve against ``recipe_dir`` (default: the file's folder)."""
     from engine.tune.objective import settings_for_recipe
     from engine.tune.study import (best_trial, open_study, pareto_numbers, run_tune, study_name,
                                    trials_table)
@@ -124,7 +127,8 @@ def tune(recipe_path: str | Path, *, trials: int, out: str | Path | None = None,
     if workers < 0:
         raise ParameterError("--workers must be 0 or more")
     space, midpoint = read_tune_recipe(recipe_path)
-    settings = settings_for_recipe(midpoint, recipe_dir=Path(recipe_path).parent,
+    recipe_dir = Path(recipe_dir) if recipe_dir is not None else Path(recipe_path).parent
+    settings = settings_for_recipe(midpoint, recipe_dir=recipe_dir,
                                    objectives=objectives, n_per_task=n_per_task, weights=weights,
                                    allow_heldout=allow_heldout, device=device)
     if ray_address:
@@ -166,7 +170,7 @@ def tune(recipe_path: str | Path, *, trials: int, out: str | Path | None = None,
         from engine.recipe import parse_recipe
 
         merged = run_merge(parse_recipe(result.best_recipe), merge_out,
-                           recipe_dir=Path(recipe_path).parent, device=device)
+                           recipe_dir=recipe_dir, device=device)
         outcome.merged = Path(merged.out)
     return outcome
 
