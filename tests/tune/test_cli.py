@@ -119,3 +119,33 @@ def test_unknown_task_weight_and_sampler_are_one_line(quick_zoo, tmp_path, capsy
     assert "task weight for 'sort', which is not scored" in capsys.readouterr().err
     assert main([*base, "--sampler", "grid"]) == 2
     assert "unknown sampler 'grid'" in capsys.readouterr().err
+
+
+def test_merge_out_pareto_front_and_loud_heldout(quick_zoo, tmp_path, capsys):
+    import json
+
+    recipe = write_recipe(tmp_path, quick_zoo)
+    out = tmp_path / "best.yml"
+    merged = tmp_path / "merged"
+    assert main(["tune", str(recipe), "--trials", "2", "--out", str(out), "--sampler", "tpe",
+                 "--multi-objective", "--task-weight", "upper=2", "--allow-heldout",
+                 "--n-per-task", "8", "--merge-out", str(merged), "--quiet", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "WARNING: tuning on the HELD-OUT split" in captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    front = rows(out.with_suffix(".pareto.csv"))
+    assert sorted(int(r["number"]) for r in front) == summary["pareto"]
+    assert summary["best_trial"] in summary["pareto"]
+    # the merged model is the normal streaming merge of the best recipe
+    assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))
+    from engine.io import ModelFolder
+
+    best = yaml.safe_load(out.read_text())
+    w0 = best["models"][0]["parameters"]["weight"]
+    w1 = best["models"][1]["parameters"]["weight"]
+    with ModelFolder(merged) as m, ModelFolder(quick_zoo / "small/base") as b, \
+            ModelFolder(quick_zoo / "small/reverse") as r, ModelFolder(quick_zoo / "small/upper") as u:
+        name = "model.layers.0.mlp.up_proj.weight"
+        expect = b.get_tensor(name).double() + w0 * (r.get_tensor(name).double() - b.get_tensor(name).double()) \
+            + w1 * (u.get_tensor(name).double() - b.get_tensor(name).double())
+        assert (m.get_tensor(name).double() - expect).abs().max() < 1e-5
