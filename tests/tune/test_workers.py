@@ -107,3 +107,21 @@ def test_ray_local_and_in_process_give_the_same_trials(quick_zoo, tmp_path, ray_
     here_trials = trials_with(InProcessPool(settings), space, tmp_path, "here")
     assert ray_trials == local_trials == here_trials
     assert len(ray_trials[0]) == 4 and all(tasks is not None for _, _, tasks in ray_trials[0])
+
+
+def test_dead_ray_actor_fails_its_trial_and_is_restarted(quick_zoo, tmp_path, ray_head):
+    space, settings = settings_of(recipe(tmp_path, quick_zoo))
+    pool = RayPool(settings, 2, ray_head)
+    try:
+        recipes = [space.decode(space.midpoint())] * 2
+        dead = pool.pids()[0]
+        os.kill(dead, signal.SIGKILL)
+        time.sleep(2)
+        out = pool.score_batch(recipes)
+        assert "Ray tune actor 0 died" in out[0]["error"]
+        assert "error" not in out[1]
+        again = pool.score_batch(recipes)
+        assert again[0]["tasks"] == again[1]["tasks"] == out[1]["tasks"]
+        assert dead not in pool.pids()
+    finally:
+        pool.close()
