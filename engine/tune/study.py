@@ -30,7 +30,9 @@ from engine.errors import ParameterError
 from engine.tune.space import TuneSpace
 
 SAMPLERS = ("cmaes", "tpe", "random")
-SIGMA0 = 1 / 6  # mergekit-evolve's sigma0, as a fraction of each interval (Optuna scales it)
+# CMA-ES: Optuna's CmaEsSampler works in the intervals scaled to [0, 1], starting at their
+# centre with sigma0 = 1/6 (the same sigma0 as mergekit-evolve; its x0 is 1/M for weights and 1
+# otherwise, ours the centre of the user's intervals).
 
 
 def make_sampler(name: str, seed: int, *, multi_objective: bool = False):
