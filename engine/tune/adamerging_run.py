@@ -29,11 +29,8 @@ def run_adamerging(recipe_path, *, granularity: str = "task", steps: int = 500,
     from engine.tune.objective import TrialScorer, settings_for_recipe
     from engine.tune.run import read_tune_recipe
 
-    space, midpoint = read_tune_recipe(recipe_path) if _has_ranges(recipe_path) else (None, None)
-    if midpoint is None:
-        from engine.recipe import load_recipe
-
-        midpoint = load_recipe(recipe_path)
+    # ranges are allowed (their midpoints stand in; the learned weights replace them)
+    _, midpoint = read_tune_recipe(recipe_path, require_ranges=False)
     settings = settings_for_recipe(midpoint, recipe_dir=Path(recipe_path).parent,
                                    n_per_task=n_per_task, device=device)
     tasks = [zoo_task_of(f) for f in settings.finetune_dirs]
@@ -48,10 +45,6 @@ def run_adamerging(recipe_path, *, granularity: str = "task", steps: int = 500,
     plain = coefficient_recipe(midpoint.model_dump(exclude_none=True), result)
     scored = scorer.score(plain)
     return {"recipe": plain, "result": result, "score": scored}
-
-
-def _has_ranges(path) -> bool:
-    return "range" in Path(path).read_text(errors="replace")
 
 
 def run_adamerging_cmd(args) -> int:

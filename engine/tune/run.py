@@ -35,7 +35,7 @@ def write_text_atomic(path: Path, text: str | bytes) -> None:
         raise
 
 
-def read_tune_recipe(path: str | Path):
+def read_tune_recipe(path: str | Path, *, require_ranges: bool = True):
     """(TuneSpace, the plain recipe at the space's midpoint, parsed) of a tune recipe file."""
     from engine.errors import ConfigError
     from engine.recipe import parse_recipe
@@ -47,7 +47,7 @@ def read_tune_recipe(path: str | Path):
             raw = handle.read(MAX_TEXT_BYTES + 1)
     except OSError as err:
         raise ConfigError(f"cannot read tune recipe: {err.strerror or err}", path=path) from None
-    space = parse_space(parse_yaml(raw, source=str(path)), source=str(path))
+    space = parse_space(parse_yaml(raw, source=str(path)), source=str(path), require=require_ranges)
     return space, parse_recipe(space.decode(space.midpoint()), source=str(path))
 
 

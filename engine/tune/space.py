@@ -146,8 +146,9 @@ def _walk(value: Any, path: tuple, name: str, where: str, found: list[Dimension]
         _walk(value["value"], path + ("value",), name, f"{where}.value", found)
 
 
-def parse_space(data: Any, *, source: str = "tune recipe") -> TuneSpace:
-    """The search space of a tune recipe (a parsed YAML mapping); see the module doc."""
+def parse_space(data: Any, *, source: str = "tune recipe", require: bool = True) -> TuneSpace:
+    """The search space of a tune recipe (a parsed YAML mapping); see the module doc.
+    ``require=False``: a recipe without any range is an empty space (not an error)."""
     from engine.errors import ConfigError
 
     if not isinstance(data, Mapping):
@@ -189,7 +190,7 @@ def parse_space(data: Any, *, source: str = "tune recipe") -> TuneSpace:
             if len(found) > before and key not in numeric:
                 raise ParameterError(f"tune recipe key {keyname}.{key}: a range needs a numeric "
                                      f"parameter; {method} does not take {key!r} as a number")
-    if not found:
+    if not found and require:
         raise ParameterError("the tune recipe has no {range: [lo, hi]} to search", path=source)
     names = [d.name for d in found]
     if len(set(names)) != len(names):  # cannot happen with the paths above; guard all the same

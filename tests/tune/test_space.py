@@ -106,3 +106,11 @@ def test_a_recipe_without_ranges_is_refused():
 def test_bad_layer_groups():
     with pytest.raises(ParameterError, match="layer_groups"):
         parse_space(recipe(layer_groups=0))
+
+
+def test_a_recipe_without_ranges_is_an_empty_space_when_allowed():
+    data = recipe()
+    data["parameters"] = {}
+    data["models"] = [{"model": "m0", "parameters": {"weight": 1.0}}]
+    space = parse_space(data, require=False)
+    assert space.names == [] and space.decode({}) == data
