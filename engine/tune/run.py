@@ -126,6 +126,10 @@ def tune(recipe_path: str | Path, *, trials: int, out: str | Path | None = None,
         raise ParameterError("--trials must be at least 1")
     if workers < 0:
         raise ParameterError("--workers must be 0 or more")
+    from engine.device import resolve_device
+
+    if device is not None:
+        device = str(resolve_device(device))  # a bad device: one line, before any study exists
     space, midpoint = read_tune_recipe(recipe_path)
     recipe_dir = Path(recipe_dir) if recipe_dir is not None else Path(recipe_path).parent
     settings = settings_for_recipe(midpoint, recipe_dir=recipe_dir,

@@ -149,3 +149,12 @@ def test_merge_out_pareto_front_and_loud_heldout(quick_zoo, tmp_path, capsys):
         expect = b.get_tensor(name).double() + w0 * (r.get_tensor(name).double() - b.get_tensor(name).double()) \
             + w1 * (u.get_tensor(name).double() - b.get_tensor(name).double())
         assert (m.get_tensor(name).double() - expect).abs().max() < 1e-5
+
+
+def test_bad_device_is_one_line_before_any_study(quick_zoo, tmp_path, capsys, tune_home):
+    recipe = write_recipe(tmp_path, quick_zoo)
+    assert main(["tune", str(recipe), "--trials", "1", "--out", str(tmp_path / "b.yml"), "--quiet",
+                 "--device", "tpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "device" in err
+    assert not (tune_home / "tune").exists()
