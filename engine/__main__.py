@@ -16,8 +16,7 @@ from engine.errors import DeltaWorkbenchError
 
 COMMAND_MODULES = ["inspect", "zoo", "eval", "merge", "analyze", "clusters", "incompatibility",
                    "compress", "decompress", "methods", "moe", "extract_lora", "convert_pickle", "repair",
-                   "transfer",
-                   "app"]
+                   "transfer", "tune", "app"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from engine.merge.whatif import get_session
 from engine.recipe import parse_recipe
 from pages._forms import float_fields, params_form
 from pages._moe_section import moe_section
+from pages._tune_section import tune_section
 from pages._shared import (require_app, job_manager, new_export_folder, require_selection, scoring,
                            short_name, show_error)
 
@@ -229,6 +230,9 @@ with st.form("ml_run_form"):
             st.success(f"Queued job {job_id}: follow it on the Jobs page.")
         except DeltaWorkbenchError as err:
             show_error(err, "Cannot run the merge")
+
+# -- automatic tuning ---------------------------------------------------------------------------
+tune_section(method, base, finetunes, params, model_params)
 
 # -- mixture of experts -------------------------------------------------------------------------
 moe_section(base, list(chosen["finetunes"]))

@@ -131,9 +131,9 @@ def read_eval_file(path: str | Path) -> EvalSet:
     return (read_text if Path(path).suffix.lower() in TEXT_SUFFIXES else read_jsonl)(path)
 
 
-def heldout_sets(paths, zoo_tasks: list[str] | None = None) -> list[EvalSet]:
+def heldout_sets(paths, zoo_tasks: list[str] | None = None, *, split: Split = "heldout") -> list[EvalSet]:
     """The held-out half of each file, for scoring merges and rebuilds (the dev half is for
-    calibration and tuning). A stem that names a zoo task being scored (``zoo_tasks``: None =
+    calibration and tuning: ``split="dev"`` gives it instead). A stem that names a zoo task being scored (``zoo_tasks``: None =
     every zoo task), or another file, is refused: results are keyed by it."""
     from engine.evaluate.tasks import TASK_NAMES
 
@@ -146,9 +146,10 @@ def heldout_sets(paths, zoo_tasks: list[str] | None = None) -> list[EvalSet]:
                                  path=path)
         if any(s.name == evalset.name for s in sets):
             raise ParameterError(f"two eval files share the stem {evalset.name!r}", path=path)
-        heldout = evalset.split("heldout")
+        heldout = evalset.split(split)
         if len(heldout) == 0:
-            raise ParameterError("no line falls in the held-out half; add lines", path=path)
+            half = "held-out" if split == "heldout" else split
+            raise ParameterError(f"no line falls in the {half} half; add lines", path=path)
         sets.append(heldout)
     return sets
 

@@ -65,16 +65,20 @@ class WhatIfSession:
                  tasks: list[str] | None = None, n_per_task: int | None = None,
                  n_generic: int | None = None, device: torch.device | str | None = None,
                  eval_files: Sequence[str | Path] = (),
-                 allowed_roots: Sequence[str | Path] | None = None):
+                 allowed_roots: Sequence[str | Path] | None = None,
+                 split: str = "heldout", report_n: int | None = None):
         from engine.evaluate.loading import load_tokenizer, model_from_config
-        from engine.evaluate.scoring import Evaluator
+        from engine.evaluate.scoring import DEFAULT_N_PER_TASK, Evaluator
 
         if not finetune_dirs:
             raise ParameterError("a what-if merge needs at least one fine-tuned model")
         self.base_dir = Path(base_dir)
         self.finetune_dirs = [Path(d) for d in finetune_dirs]
         self.device = resolve_device(device)
-        self.eval_sets = heldout_sets(eval_files, tasks)
+        if split not in ("heldout", "dev"):
+            raise ParameterError(f"split must be 'heldout' or 'dev', got {split!r}")
+        self.split = split
+        self.eval_sets = heldout_sets(eval_files, tasks, split=split)
         self.allowed_roots = list(allowed_roots) if allowed_roots is not None else None
         with ModelFolder(self.base_dir) as base:
             finetunes = []
@@ -92,7 +96,11 @@ class WhatIfSession:
         self.tokenizer = load_tokenizer(self.base_dir, self.config.get("vocab_size"))
         self.model = model_from_config(self.config)
         # tasks=[]: no zoo task (a model that is not the zoo's, scored on the user's files only)
-        self.evaluator = (Evaluator(self.model, self.tokenizer, tasks, n_per_task, n_generic)
+        # dev: skip the examples a held-out report scores (report_n, default the evaluator's n)
+        skip = 0 if split == "heldout" else int(report_n if report_n is not None
+                                                  else DEFAULT_N_PER_TASK)
+        self.evaluator = (Evaluator(self.model, self.tokenizer, tasks, n_per_task, n_generic,
+                                    skip=skip)
                           if tasks is None or len(tasks) > 0 else None)
         if self.evaluator is None and not self.eval_sets:
             raise ParameterError("nothing to score: no zoo task and no eval file")
@@ -169,6 +177,11 @@ class WhatIfSession:
         and ``warnings`` (parameters ignored)."""
         started = time.perf_counter()
         spec = self.spec(method, model_params, params, seed=seed)
+        return self.evaluate_spec(spec, started=started)
+
+    def evaluate_spec(self, spec: MergeSpec, *, started: float | None = None) -> dict:
+        """As ``evaluate``, for a spec built elsewhere (a recipe's scopes: ``engine.tune``)."""
+        started = time.perf_counter() if started is None else started
         merged = self._merge(spec)
         merged_at = time.perf_counter()
         result = self.evaluate_state(merged)
