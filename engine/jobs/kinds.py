@@ -383,6 +383,8 @@ def _transfer(params: TransferJobParams, progress: Progress) -> dict:
 
 register_kind(JobKind("transfer", TransferJobParams, _transfer,
                       "transfer a larger fine-tune's knowledge into a smaller base (PostPKT, LaTen)"))
+
+
 class TuneJobParams(_Params):
     """A tune (``engine.tune``): the ranged recipe, the budget and the sampler; the best recipe
     goes to ``out`` (with the trials table and a per-trial history beside it)."""
