@@ -15,7 +15,7 @@ import sys
 from engine.errors import DeltaWorkbenchError
 
 COMMAND_MODULES = ["inspect", "zoo", "eval", "merge", "analyze", "clusters", "incompatibility",
-                   "compress", "decompress", "methods", "moe", "extract_lora", "convert_pickle", "repair",
+                   "compress", "decompress", "methods", "moe", "extract_lora", "convert_pickle", "repair", "visionfuse",
                    "app"]
 
 
