@@ -27,6 +27,7 @@ RENDERED = {
     "moe_parity": ["moe_parity.json"],
     "moe_zoo_demo": ["moe_zoo_demo.json"],
     "repair_quality": ["repair_quality.json"],
+    "visionfuse": ["visionfuse.json"],
 }
 
 
