@@ -25,3 +25,15 @@ def test_mllm_family_is_added_after_the_text_families():
 
 def test_quick_mllm_training_is_tens_of_steps():
     assert all(p.spec.steps < 50 for p in zoo_plan(True) if p.family == MLLM_FAMILY)
+
+
+def test_the_pages_default_selection_leaves_the_llava_members_out():
+    from pages._shared import default_selection
+
+    models = [{"path": "small/base", "family": "small", "role": "base", "parent": None},
+              {"path": "small/upper", "family": "small", "role": "finetune",
+               "parent": "small/base"},
+              {"path": "mllm/left", "family": MLLM_FAMILY, "role": "finetune",
+               "parent": "small/base"}]
+    chosen = default_selection({"models": models})
+    assert [p.rsplit("/", 2)[-2:] for p in chosen["finetunes"]] == [["small", "upper"]]
