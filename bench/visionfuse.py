@@ -101,8 +101,10 @@ def verdict(rows: list[dict]) -> str:
               "there is nothing for the fusion to combine; the zoo's LLaVA training (a few "
               "hundred steps) ends on the loss plateau of a model that ignores the image"
               if best["mean_char"] < 2 * CHANCE else
-              "see the rows: the members read their halves but the merged LM does not combine "
-              "the two token streams")
+              f"the members read only some letters ({best['mean_char']:.2f} right in place, "
+              f"chance {CHANCE:.2f}) and no whole string, within the zoo's few hundred LLaVA "
+              "steps; given both token streams, an unmerged or a merged LM reads fewer letters "
+              "than the member alone: it does not combine streams it never saw together")
     return (f"Target missed: the best fused model ({fused['label']}) is {gain:+.2f} against the "
             f"best member ({best['label']}) in mean exact match (target +0.10); letters right "
             f"in place: fused {fused['mean_char']:.2f}, best member {best['mean_char']:.2f}. "
@@ -125,7 +127,9 @@ def render(saved: dict) -> str:
               + ", ".join(f"{k.replace('~', ' vs ')} {v:.3f}" if v is not None else f"{k} n/a"
                           for k, v in cka.items())
               + ". left and right share the LM small/base; control is left's recipe over "
-              "large/base."]
+              "large/base. Within the family is not above the control here: control sees the "
+              "same (left) half as left, right sees the other half, so the view, not the LM, "
+              "drives this similarity."]
     return "\n".join(lines)
 
 
