@@ -43,6 +43,7 @@ pages = [
     st.Page("pages/merge_lab.py", title="Merge lab", icon=":material/merge:"),
     st.Page("pages/compression_lab.py", title="Compression lab", icon=":material/compress:"),
     st.Page("pages/safety_repair.py", title="Safety repair", icon=":material/health_and_safety:"),
+    st.Page("pages/vision_fusion.py", title="Vision fusion", icon=":material/visibility:"),
     st.Page("pages/jobs.py", title="Jobs", icon=":material/work_history:"),
     st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ]

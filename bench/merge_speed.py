@@ -319,7 +319,7 @@ def render(results: dict) -> str:
         "`convert` is inside `merge` for the chunked kernels; `finalize` includes the final fsync):\n\n" + "\n".join(stage_lines) + "\n\n"
         f"Conditions: {cond['cpus']} CPU cores, torch {cond['torch']}, mergekit {cond['mergekit']}; load "
         f"average {cond['load_before'][0]:.2f} before and {cond['load_after'][0]:.2f} after, {loaded}; "
-        f"{cond['reps']} runs per row, tools alternating." + (f" {cond['note']}" if cond.get("note") else "") + "\n")
+        f"{cond['reps']} run{'s' if cond['reps'] != 1 else ''} per row, tools alternating." + (f" {cond['note']}" if cond.get("note") else "") + "\n")
 
 
 def mergekit_version(exe: str | None) -> str:

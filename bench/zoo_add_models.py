@@ -29,6 +29,8 @@ from engine.evaluate.tokenizer import tokenizer_files  # noqa: E402
 from engine.zoo.build import _entry, load_trained_model, stage_seed, write_model  # noqa: E402
 from engine.zoo.plan import FULL_ARCHS, QUICK_ARCHS, zoo_plan  # noqa: E402
 from engine.zoo.train import train  # noqa: E402
+from engine.zoo import mllm  # noqa: E402
+from engine.zoo.plan import MLLM_FAMILY  # noqa: E402
 
 
 def main(zoo: Path) -> None:
@@ -47,11 +49,19 @@ def main(zoo: Path) -> None:
         seed_i = stage_seed(seed, item.path)
         model = load_trained_model(zoo / item.parent)
         started = time.time()
-        train(model, item.spec, seed_i, lambda step, loss: None)
-        seconds = time.time() - started
-        scores = Evaluator(model, tokenizer, None, n_eval, n_eval).evaluate()
+        more_files = None
+        if item.family == MLLM_FAMILY:  # a LLaVA member over its parent LM
+            model = mllm.build_member(item, model, seed_i)
+            seconds = time.time() - started
+            view = mllm.plan_view(dict(item.extra))
+            scores = mllm.score_member(model, view, tokenizer, n_eval)
+            more_files = mllm.member_files(view)
+        else:
+            train(model, item.spec, seed_i, lambda step, loss: None)
+            seconds = time.time() - started
+            scores = Evaluator(model, tokenizer, None, n_eval, n_eval).evaluate()
         entry = _entry(item, archs[item.arch], model, seconds, scores, seed_i)
-        write_model(zoo / item.path, model, tok_files, entry)
+        write_model(zoo / item.path, model, tok_files, entry, more_files)
         manifest["models"].append(entry)
         added.append(item.path)
         print(item.path, f"{seconds:.0f}s", {k: round(v, 3) for k, v in entry["accuracy"].items()},

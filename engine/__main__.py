@@ -16,7 +16,7 @@ from engine.errors import DeltaWorkbenchError
 
 COMMAND_MODULES = ["inspect", "zoo", "eval", "merge", "analyze", "clusters", "incompatibility",
                    "compress", "decompress", "methods", "moe", "extract_lora", "convert_pickle", "repair",
-                   "transfer", "tune", "app"]
+                   "transfer", "tune", "visionfuse", "app"]
 
 
 def build_parser() -> argparse.ArgumentParser:

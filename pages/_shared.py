@@ -77,7 +77,9 @@ def default_selection(manifest: dict | None) -> dict:
     base = next((m for m in models if m["family"] == "small" and m["role"] == "base"), None)
     if base is None:
         return {"base": None, "finetunes": []}
-    fts = [m for m in models if m.get("parent") == base["path"] and m["role"] == "finetune"]
+    # same family: the mllm family's LLaVA members also descend from small/base
+    fts = [m for m in models if m.get("parent") == base["path"] and m["role"] == "finetune"
+           and m.get("family") == base["family"]]
     return {"base": str(zoo / base["path"]), "finetunes": [str(zoo / m["path"]) for m in fts]}
 
 

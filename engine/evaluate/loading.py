@@ -156,7 +156,15 @@ def evaluate_folder(path: str | Path, tasks: list[str] | None = None,
                     n_per_task: int | None = None, n_generic: int | None = None, *,
                     base: str | Path | None = None, eval_sets=()) -> dict:
     """Load a model folder (or an adapter over ``base``) and evaluate it: the zoo tasks (none
-    when ``tasks == []``) and the user's ``eval_sets`` (``engine.evaluate.own_data``)."""
+    when ``tasks == []``) and the user's ``eval_sets`` (``engine.evaluate.own_data``).
+    A multimodal folder (a LLaVA member, a VisionFuse bundle) is scored by
+    ``engine.visionfuse.evaluate_multimodal`` (vision tasks too); a vision task asked of a
+    text-only model is refused, naming it."""
+    from engine.visionfuse.evaluate import evaluate_multimodal, is_multimodal, refuse_vision_on_text
+
+    if base is None and not eval_sets and is_multimodal(path):
+        return evaluate_multimodal(path, tasks, n_per_task)
+    refuse_vision_on_text(path, tasks)
     model, tokenizer = load_model_folder(path, base=base)
     return score_model(model, tokenizer, tasks, n_per_task, n_generic, eval_sets=eval_sets)
 

@@ -41,7 +41,7 @@ from engine.io import ModelWriter
 from engine.io.reader import ModelFolder
 from engine.io.staging import make_staging_dir, owner_alive, unregister_staging, write_owner_lock
 from engine.io.writer import _fsync_dir, _write_bytes
-from engine.zoo.plan import FULL_ARCHS, QUICK_ARCHS, Arch, ModelPlan, zoo_plan
+from engine.zoo.plan import FULL_ARCHS, MLLM_FAMILY, QUICK_ARCHS, Arch, ModelPlan, zoo_plan
 from engine.evaluate.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer, tokenizer_files
 from engine.zoo.train import train
 
@@ -84,9 +84,10 @@ def generation_config() -> dict:
             "do_sample": False, "max_new_tokens": 16}
 
 
-def write_model(dest: Path, model, tok_files: dict[str, bytes], manifest_extra: dict) -> None:
+def write_model(dest: Path, model, tok_files: dict[str, bytes], manifest_extra: dict,
+                more_files: dict[str, bytes] | None = None) -> None:
     config = model.config.to_dict()
-    extra = dict(tok_files)
+    extra = {**tok_files, **(more_files or {})}
     extra["generation_config.json"] = json.dumps(generation_config(), indent=2).encode()
     with ModelWriter(dest, config=config, extra_files=extra,
                      manifest_extra={"zoo": manifest_extra}) as writer:
@@ -105,6 +106,10 @@ def load_trained_model(folder: Path):
     model to train further), read back through ``engine.io``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if (_stored_entry(folder) or {}).get("family") == MLLM_FAMILY:
+        from engine.zoo.mllm import load_member
+
+        return load_member(folder)[0]
     with ModelFolder(folder, check_finite=True) as stored:
         model = LlamaForCausalLM(LlamaConfig.from_dict(stored.config)).float()
         model.load_state_dict({n: stored.get_tensor(n) for n in stored.tensor_names})
@@ -353,7 +358,9 @@ def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
                                           "trained with another plan; build into an empty folder",
                                           path=out / item.path)
                     shutil.rmtree(staging / item.path)
-                if item.parent is None:
+                if item.family == MLLM_FAMILY:
+                    model = None  # a LLaVA member: built and trained below, from its parent LM
+                elif item.parent is None:
                     model = new_model(arch, seed_i)
                 else:
                     model = new_model_like(models[item.parent])
@@ -367,16 +374,27 @@ def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
                                f"training {_path}: step {step}, loss {loss:.3f}")
 
                 t0 = time.time()
-                train(model, item.spec, seed_i, on_step)
+                more_files = None
+                if item.family == MLLM_FAMILY:
+                    from engine.zoo import mllm
+
+                    model = mllm.build_member(item, models[item.parent], seed_i, on_step)
+                else:
+                    train(model, item.spec, seed_i, on_step)
                 seconds = time.time() - t0
                 done_steps += item.spec.steps
                 report(min(0.999, done_steps / total_steps), f"evaluating {item.path}")
-                scores = Evaluator(model, tokenizer, None, n_eval, n_eval).evaluate()
+                if item.family == MLLM_FAMILY:
+                    view = mllm.plan_view(dict(item.extra))
+                    scores = mllm.score_member(model, view, tokenizer, n_eval)
+                    more_files = mllm.member_files(view)
+                else:
+                    scores = Evaluator(model, tokenizer, None, n_eval, n_eval).evaluate()
                 entry = _entry(item, arch, model, seconds, scores, seed_i)
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in entry["accuracy"].items())
                 report(min(0.999, done_steps / total_steps),
                        f"{item.path} trained in {seconds:.0f} s; accuracy: {shown}")
-                write_model(staging / item.path, model, tok_files, entry)
+                write_model(staging / item.path, model, tok_files, entry, more_files)
                 models[item.path] = model
                 entries.append(entry)
             if reference is None and all(p in models for p in _REFERENCE_MODELS):

@@ -18,6 +18,11 @@ Families:
   alone (replay, no refusals): Safe Delta's benign-data case, whether benign fine-tuning
   erodes refusal too.
 
+- ``mllm``: multimodal LLaVA members (``engine.zoo.mllm``). ``left`` and ``right`` share the LM
+  ``small/base`` and see the image's left or right half (patch sizes 3 and 4): the VisionFuse
+  family; ``control`` is ``left``'s recipe over ``large/base``, another LM (the cross-family
+  control of the encoder-similarity analysis).
+
 ``quick`` keeps the same models, names and roles with smaller widths and fewer steps.
 """
 
@@ -69,6 +74,14 @@ FINETUNE_REPLAY = {"skills": 0.3, "generic": 0.1}
 PRETRAIN_MIXTURE = {"generic": 0.4, "skills": 0.6}
 
 
+MLLM_FAMILY = "mllm"
+# (path, parent LM, view, patch size, control): the multimodal family, trained after the rest
+MLLM_MEMBERS = (("mllm/left", "small/base", "left", 3, False),
+                ("mllm/right", "small/base", "right", 4, False),
+                ("mllm/control", "large/base", "left", 3, True))
+MLLM_LR, MLLM_ALIGN_LR = 1e-3, 3e-3
+
+
 def with_replay(task_mixture: dict[str, float]) -> dict[str, float]:
     """A fine-tune's mixture: its own sources (weights summing to 1) scaled to the share left
     by the replay, plus the replay."""
@@ -118,4 +131,13 @@ def zoo_plan(quick: bool = False) -> list[ModelPlan]:
         "safety/benign", "safety", "finetune", "reverse", "safety/aligned", "small",
         finetune(400, {"reverse": 1.0}),
         (("aligned", False), ("benign", True))))
+    align, tune = steps(150), steps(250)
+    for path, parent, view, patch, control in MLLM_MEMBERS:
+        spec = TrainSpec(steps=align + tune, lr=MLLM_LR, batch_size=batch,
+                         mixture=with_replay({"ocr": 0.5, "vrev": 0.5}), warmup=10)
+        extra = (("modality", "vision"), ("view", view), ("patch_size", patch),
+                 ("vision_hidden", 32 if quick else 64), ("align_steps", align),
+                 ("align_lr", MLLM_ALIGN_LR), ("lm_base", parent), ("control", control))
+        plan.append(ModelPlan(path, MLLM_FAMILY, "finetune", None, parent,
+                              parent.split("/")[0], spec, extra))
     return plan

@@ -1,0 +1,232 @@
+"""The zoo's multimodal family (``mllm``): LLaVA models over a zoo base LM.
+
+Each member is a real ``LlavaForConditionalGeneration``: a small SigLIP vision tower (one
+grayscale channel, 12 x 12 input), the two-layer MLP projector and, as its language model, a
+copy of its parent zoo LM (``small/base`` for the fusion members). Members differ in what their
+encoder sees (``ImageView``: the left or the right half of the canvas) and in its patch size,
+so they are complementary: neither can read the whole string alone.
+
+Training is LLaVA's two stages (Liu et al., "Visual Instruction Tuning"), scaled to the zoo:
+
+1. alignment: the vision tower and projector learn ``ocr`` with the LM frozen;
+2. instruction tuning: everything trains on ``ocr`` + ``vrev``, each step also replaying the
+   base's text mixture (``FINETUNE_REPLAY``, as the zoo's text fine-tunes do) so the LM keeps
+   its text skills.
+
+Image placeholders are ``<unk>`` (id 3), which the character tokenizer never produces from
+text, so the members keep the zoo's vocabulary and stay mergeable with the text family.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from engine.errors import ConfigError
+from engine.evaluate.tokenizer import BOS_ID, EOS_ID, encode_chars
+from engine.evaluate.vision_scoring import IMAGE_TOKEN_ID, VisualStream
+from engine.evaluate.vision_tasks import CANVAS_H, VISION_TASKS, ImageView, train_images
+from engine.zoo.train import IGNORE, BatchSampler, TrainSpec, causal_lm_loss, lr_at
+
+VIEW_FILE = "image_view.json"  # a member folder's view of the canvas (see ImageView)
+LM_PREFIX = "model.language_model."  # LLaVA's LM tensors; the base LM's are "model."
+
+
+def vision_config(patch_size: int, hidden: int):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_hidden_layers=2, num_attention_heads=4, num_channels=1,
+                              image_size=CANVAS_H, patch_size=patch_size, vision_use_head=False)
+
+
+def llava_config(text_config, patch_size: int, hidden: int):
+    from transformers import LlavaConfig
+
+    n_tokens = (CANVAS_H // patch_size) ** 2
+    return LlavaConfig(vision_config=vision_config(patch_size, hidden), text_config=text_config,
+                       image_token_id=IMAGE_TOKEN_ID, projector_hidden_act="gelu",
+                       vision_feature_select_strategy="full", vision_feature_layer=-1,
+                       image_seq_length=n_tokens, multimodal_projector_bias=True,
+                       tie_word_embeddings=False, architectures=["LlavaForConditionalGeneration"])
+
+
+def lm_state_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LLaVA state dict's language model under the base LM's names
+    (``model.language_model.X`` -> ``model.X``; ``lm_head.weight`` stays)."""
+    out = {}
+    for name, tensor in state.items():
+        if name.startswith(LM_PREFIX):
+            out["model." + name[len(LM_PREFIX):]] = tensor
+        elif name.startswith("lm_head."):
+            out[name] = tensor
+    return out
+
+
+def new_member(parent_lm, patch_size: int, hidden: int, seed: int):
+    """A LLaVA model whose LM is a copy of ``parent_lm`` (a ``LlamaForCausalLM``) and whose
+    vision tower and projector are freshly initialised from ``seed``."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(llava_config(parent_lm.config, patch_size, hidden))
+    model = model.float()
+    model.model.language_model.load_state_dict(parent_lm.model.state_dict())
+    model.lm_head.load_state_dict(parent_lm.lm_head.state_dict())
+    return model
+
+
+def streams_of(model, view: ImageView) -> list[VisualStream]:
+    return [VisualStream(model.model.vision_tower, model.model.multi_modal_projector, view,
+                         model.config.vision_feature_layer)]
+
+
+def _vision_batch(rng: random.Random, images_stream, tasks: dict[str, float], size: int,
+                  n_tokens: int, view: ImageView):
+    import numpy as np
+
+    names, weights = list(tasks), list(tasks.values())
+    rows, images = [], []
+    for _ in range(size):
+        image, string = next(images_stream)
+        task = VISION_TASKS[rng.choices(names, weights)[0]]
+        prompt = [BOS_ID] + [IMAGE_TOKEN_ID] * n_tokens + encode_chars(task.text)
+        answer = encode_chars(task.answer(string)) + [EOS_ID]
+        rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
+        images.append(image)
+    ids = torch.tensor([r[0] for r in rows], dtype=torch.long)  # equal lengths: no padding
+    labels = torch.tensor([r[1] for r in rows], dtype=torch.long)
+    return ids, labels, view.pixel_values(np.stack(images))
+
+
+def vision_loss(model, ids, labels, pixel_values) -> torch.Tensor:
+    logits = model(input_ids=ids, pixel_values=pixel_values, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE)
+
+
+def train_member(model, view: ImageView, spec: TrainSpec, align_steps: int, align_lr: float,
+                 seed: int, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Both LLaVA stages in place: ``align_steps`` of alignment (tower + projector, LM frozen,
+    ``ocr`` only, ``align_lr``), then ``spec.steps - align_steps`` of instruction tuning of
+    every weight on the vision sources of ``spec.mixture`` plus its text replay sources."""
+    torch.set_flush_denormal(True)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    images = train_images(random.Random(seed + 1))
+    vision_mix = {k: v for k, v in spec.mixture.items() if k in VISION_TASKS}
+    text_mix = {k: v for k, v in spec.mixture.items() if k not in VISION_TASKS}
+    text_share = sum(text_mix.values())
+    replay = BatchSampler(text_mix, random.Random(seed + 2)) if text_mix else None
+    n_tokens = model.config.image_seq_length
+    losses: list[float] = []
+    stages = [(align_steps, align_lr, {"ocr": 1.0}, False),
+              (spec.steps - align_steps, spec.lr, vision_mix, True)]
+    step_index = 0
+    for steps, lr, mix, full in stages:
+        lm_params = set(map(id, model.model.language_model.parameters())) | \
+            set(map(id, model.lm_head.parameters()))
+        for p in model.parameters():
+            p.requires_grad_(full or id(p) not in lm_params)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-8,
+                                      weight_decay=0.0)
+        stage_spec = TrainSpec(steps=steps, lr=lr, batch_size=spec.batch_size,
+                               warmup=min(spec.warmup, max(1, steps // 5)))
+        model.train()
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, stage_spec)
+            ids, labels, pixels = _vision_batch(rng, images, mix, spec.batch_size, n_tokens, view)
+            loss = vision_loss(model, ids, labels, pixels)
+            if full and replay is not None:
+                size = max(1, round(spec.batch_size * text_share))
+                text_ids, text_labels = replay.batch(size)
+                loss = (1 - text_share) * loss + text_share * causal_lm_loss(model, text_ids,
+                                                                            text_labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step_index, losses[-1])
+            step_index += 1
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return losses
+
+
+def read_view(folder: Path) -> ImageView:
+    """A member folder's ``image_view.json``, read as the zoo's manifests are (a regular file
+    inside the folder, bounded, strict JSON); a bad one is a named error."""
+    from engine.io.reader import _read_small_json, _regular_file_inside
+
+    root = Path(folder).resolve()
+    if not (root / VIEW_FILE).is_file():
+        raise ConfigError(f"multimodal model has no {VIEW_FILE} (the view of the image its "
+                          "encoder takes)", path=folder)
+    raw = _read_small_json(_regular_file_inside(root, VIEW_FILE, "image view"), ConfigError,
+                           "image view")
+    try:
+        return ImageView.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"bad {VIEW_FILE}: {err}", path=folder) from None
+
+
+def load_member(folder: str | Path):
+    """``(model, view)`` of a LLaVA member folder, weights through the validating reader."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from engine.evaluate.scoring import _load_strict
+    from engine.io import ModelFolder
+    from engine.io.reader import refuse_unsafe_config
+
+    with ModelFolder(folder, check_finite=True) as stored:
+        config = dict(stored.config)
+        refuse_unsafe_config(config, stored.path / "config.json", "config")
+        if config.get("model_type") != "llava":
+            raise ConfigError(f"not a LLaVA model (model_type {config.get('model_type')!r})",
+                              path=stored.path)
+        for key in ("transformers_version", "torch_dtype", "dtype", "auto_map"):
+            config.pop(key, None)
+        model = LlavaForConditionalGeneration(LlavaConfig.from_dict(config)).float()
+        _load_strict(model, {n: stored.get_tensor(n) for n in stored.tensor_names},
+                     path=stored.path)
+    return model.eval(), read_view(Path(folder))
+
+
+def plan_view(extra: dict) -> ImageView:
+    from engine.evaluate.vision_tasks import LEFT_VIEW, RIGHT_VIEW
+
+    return {"left": LEFT_VIEW, "right": RIGHT_VIEW}[extra["view"]]
+
+
+def build_member(item, parent_lm, seed: int, on_step=None):
+    """Train the LLaVA member a zoo plan item describes, from its parent LM."""
+    extra = dict(item.extra)
+    model = new_member(parent_lm, extra["patch_size"], extra["vision_hidden"], seed)
+    train_member(model, plan_view(extra), item.spec, extra["align_steps"], extra["align_lr"],
+                 seed, on_step)
+    return model
+
+
+def score_member(model, view: ImageView, tokenizer, n_eval: int) -> dict:
+    """The zoo's text tasks and perplexity (the LM alone), plus the vision tasks."""
+    from engine.evaluate.scoring import Evaluator
+    from engine.evaluate.vision_scoring import score_vision
+
+    scores = Evaluator(model, tokenizer, None, n_eval, n_eval).evaluate()
+    scores["tasks"].update(score_vision(model, streams_of(model, view), None, n_eval)["tasks"])
+    return scores
+
+
+def member_files(view: ImageView) -> dict[str, bytes]:
+    import json
+
+    return {VIEW_FILE: json.dumps(view.to_dict(), indent=2).encode()}
