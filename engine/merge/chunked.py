@@ -1,5 +1,5 @@
 """Chunked CPU kernels for the deterministic task-vector methods, linear, slerp, model_stock,
-nuslerp (flattened) and multislerp.
+nuslerp (flattened), multislerp and ram.
 
 ``linear`` and every task-arithmetic variant (engine/merge/gta.py's ``Variant`` declarations)
 whose sparsification is none, magnitude or Breadcrumbs' magnitude_outliers (without
@@ -238,6 +238,8 @@ def supports(method: MergeMethod, params, n_models: int | None = None) -> bool:
         return params.nuslerp_flatten and n_models in (None, 2)
     if method.name == "multislerp":
         return n_models is None or n_models >= 2
+    if method.name == "ram":  # elementwise once each entry's count of changing models is known
+        return True
     variant = method.module
     return (isinstance(variant, Variant) and variant.sparsification in SPARSIFICATIONS
             and (not params.rescale or variant.sparsification == "random"))
@@ -297,6 +299,9 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
 
             def run(target, lo, hi):
                 return _stock(flat_base, flat_models, t, one_minus_t, target, lo, hi)
+        elif method.name == "ram":
+            def run(target, lo, hi):
+                return _ram(flat_base, flat_models, params.epsilon, target, lo, hi)
         elif method.name in ("nuslerp", "multislerp"):
             # first pass: the float64 Gram matrix of the vectors (task vectors over a base, else
             # the weights); then one combination sum_i k_i v_i (+ base) with the method's own
@@ -461,6 +466,18 @@ def _stock(base, models, t, one_minus_t, out, lo, hi) -> torch.Tensor:
     for s, e in _chunks(out.numel(), lo, hi):
         mean = torch.stack([_f32(m[s:e]) for m in models]).mean(dim=0)
         _store((t * mean).add_(one_minus_t * _f32(base[s:e])), out, s, e, acc)
+    return acc
+
+
+def _ram(base, models, epsilon, out, lo, hi) -> torch.Tensor:
+    """RAM per chunk, as ``engine.merge.methods.ram`` computes it over the whole tensor."""
+    from engine.merge.methods import ram as ram_method
+
+    acc = torch.zeros((), dtype=torch.float32)
+    for s, e in _chunks(out.numel(), lo, hi):
+        b = _f32(base[s:e])
+        _store(ram_method.combine(b, ram_method.split(b, [m[s:e].float() for m in models], epsilon)),
+               out, s, e, acc)
     return acc
 
 

@@ -331,3 +331,20 @@ def test_the_merge_spec_gives_nuslerp_its_base_on_the_chunked_path():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
     without = m.merge(None, fts, m.parse_model_params(mps), m.parse_params({}))
     assert not torch.allclose(out, without, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("epsilon", [1e-5, 2 ** -9])
+def test_chunked_ram_equals_the_method(epsilon, monkeypatch):
+    """RAM chunk by chunk: the method's own per-entry rule, bit for bit (shared, unique and
+    unchanged entries all present: the quantized deltas are often zero or equal)."""
+    monkeypatch.setattr(chunked, "SPLIT_MIN_CHUNKS", 2)
+    base, fts = quantized_family(n_models=3, shape=(61, 97))
+    m = get_method("ram")
+    p, mps = m.parse_params({"epsilon": epsilon}), m.parse_model_params([{}] * 3)
+    assert chunked.supports(m, p, 3)
+    expected = m.merge(base, fts, mps, p)
+    counts = (torch.stack([f.float() - base.float() for f in fts]).abs() > epsilon).sum(dim=0)
+    assert {0, 1, 2} <= set(counts.unique().tolist())
+    out = torch.empty(base.shape, dtype=torch.float32)
+    chunked.merge_into(m, base, fts, mps, p, out)
+    assert torch.equal(out, expected)
