@@ -252,15 +252,13 @@ def is_newer(results: dict) -> bool:
     return bool(results["methods"]) and set(results["methods"]) <= set(NEWER_SHARED)
 
 
-def render(results: dict) -> str:
-    """The README section body, from the JSON results alone."""
-    rows, cond = results["rows"], results["conditions"]
-    flag, raw = ("--methods newer --readme", RESULTS_NEWER.name) if is_newer(results) else ("--readme", RESULTS.name)
+def _table(rows: list[dict], methods: list[str]) -> list[str]:
+    """The wall/CPU/RSS table of one run: each method's rows, then the floor's."""
     floor = next(r for r in rows if r["tool"] == "floor")
     lines = ["| method | tool (arithmetic dtype) | wall s, median | wall s, each run | CPU s, median | "
              "peak RSS MiB | ours faster by | RSS ours / mergekit | ours / floor |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for method in results["methods"]:
+    for method in methods:
         ours = next(r for r in rows if r["method"] == method and r["tool"] == "ours")
         for r in [x for x in rows if x["method"] == method]:
             speed = rss = vs_floor = ""
@@ -276,6 +274,14 @@ def render(results: dict) -> str:
     lines.append(f"| (any) | floor: read inputs once + write and fsync the output once | "
                  f"{floor['wall_s_median']:.2f} | {', '.join(f'{w:.2f}' for w in floor['wall_s_all'])} | "
                  f"{floor['cpu_s_median']:.1f} | {floor['peak_rss_mib_max']:.0f} |  |  | 1.00x |")
+    return lines
+
+
+def render(results: dict) -> str:
+    """The README section body, from the JSON results alone."""
+    rows, cond = results["rows"], results["conditions"]
+    flag, raw = ("--methods newer --readme", RESULTS_NEWER.name) if is_newer(results) else ("--readme", RESULTS.name)
+    lines = _table(rows, results["methods"])
     ours_rows = [r for r in rows if r["tool"] == "ours"]
     stages = [s for s in ("plan", "read", "convert", "merge", "check", "write", "verify", "hash",
                           "fsync", "finalize", "wait_read", "wait_write")
@@ -319,7 +325,21 @@ def render(results: dict) -> str:
         "`convert` is inside `merge` for the chunked kernels; `finalize` includes the final fsync):\n\n" + "\n".join(stage_lines) + "\n\n"
         f"Conditions: {cond['cpus']} CPU cores, torch {cond['torch']}, mergekit {cond['mergekit']}; load "
         f"average {cond['load_before'][0]:.2f} before and {cond['load_after'][0]:.2f} after, {loaded}; "
-        f"{cond['reps']} run{'s' if cond['reps'] != 1 else ''} per row, tools alternating." + (f" {cond['note']}" if cond.get("note") else "") + "\n")
+        f"{cond['reps']} run{'s' if cond['reps'] != 1 else ''} per row, tools alternating." + (f" {cond['note']}" if cond.get("note") else "") + "\n"
+        + "".join(_amendment(a) for a in results.get("amended", [])))
+
+
+def _amendment(amend: dict) -> str:
+    """A later run of some methods only (``--amend``), after a change to them: its own table
+    and floor; the rows above are kept as they were measured."""
+    cond = amend["conditions"]
+    busy = cond.get("other_work", {}).get("other_busy_cores")
+    loaded = (f"measured under load (other processes kept {busy:.2f} cores busy on average)"
+              if cond["loaded"] else "on an idle machine")
+    return (f"\nRe-measured on {cond['date']} ({', '.join(amend['methods'])}), {loaded}, "
+            f"{cond['reps']} run{'s' if cond['reps'] != 1 else ''} per row, tools alternating"
+            + (f": {amend['note']}" if amend.get("note") else ".") + "\n\n"
+            + "\n".join(_table(amend["rows"], amend["methods"])) + "\n")
 
 
 def mergekit_version(exe: str | None) -> str:
@@ -345,6 +365,9 @@ def main(argv=None) -> int:
     parser.add_argument("--note", default=None, help="a sentence about the run's conditions, kept in the results")
     parser.add_argument("--force-loaded", action="store_true",
                         help=f"write the README even above a load of {LOAD_LIMIT_PER_CORE} per core")
+    parser.add_argument("--amend", action="store_true",
+                        help="with --readme: add this run of some methods below the recorded run (after a change "
+                             "to them), keeping the recorded rows")
     parser.add_argument("--render", action="store_true",
                         help="only re-render the README section from bench/results/merge_speed.json")
     parser.add_argument("--json", default=str(WORK / "last.json"), help="raw numbers of this run")
@@ -420,6 +443,12 @@ def main(argv=None) -> int:
                   "(rerun on an idle machine, or pass --force-loaded)", file=sys.stderr)
             return 2
         results_file, section = (RESULTS_NEWER, SECTION_NEWER) if is_newer(results) else (RESULTS, SECTION)
+        if args.amend:
+            recorded = json.loads(results_file.read_text())
+            recorded.setdefault("amended", []).append({"methods": methods, "note": args.note,
+                                                       "conditions": results["conditions"],
+                                                       "rows": results["rows"], "runs": results["runs"]})
+            results = recorded
         results_file.write_text(json.dumps(results, indent=2) + "\n")
         write_readme_section(section, render(results))
     return 0
