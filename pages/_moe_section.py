@@ -70,7 +70,7 @@ def moe_section(base: str, finetunes: list[str]) -> None:
     st.download_button("Download the MoE config", config_yaml, file_name="moe_config.yml",
                        mime="application/x-yaml", key="moe_download")
     with st.form("moe_run_form"):
-        out_name = st.text_input("Output folder name (under the export folder)", value="moe",
+        out_name = st.text_input("MoE output folder name (under the export folder)", value="moe",
                                  key="moe_out_name")
         if st.form_submit_button("Assemble the MoE as a job"):
             try:
