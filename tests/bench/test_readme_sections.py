@@ -28,6 +28,7 @@ RENDERED = {
     "moe_zoo_demo": ["moe_zoo_demo.json"],
     "repair_quality": ["repair_quality.json"],
     "transfer": ["transfer.json"],
+    "tune": ["tune.json"],
 }
 
 
