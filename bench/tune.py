@@ -10,7 +10,8 @@ uses (task arithmetic at weight 1, lambda 1; TIES at weight 1, density 0.2). Run
   ties3       the same with TIES (weights and densities)
   ta3_tpe     case ta3 with TPE;  ta3_random: with random sampling (equal trials)
   ta5 / ties5 the five small fine-tunes, CMA-ES
-  ada3        AdaMerging task-wise on the three (entropy minimisation on unlabeled dev prompts)
+  ada3        AdaMerging task-wise on the three (entropy minimisation on unlabeled dev prompts,
+              the paper's Adam lr 1e-3); ada3_lr1e-2: the same at lr 1e-2 (ours)
   ta3_w2      case ta3 with two worker processes (wall time per trial)
 
     python bench/tune.py --zoo ZOO [--only ta3,ties3] [--trials 40] [--readme]
@@ -43,12 +44,15 @@ RUNS = {
     "ta5": (FIVE, "task_arithmetic", "cmaes", 0),
     "ties5": (FIVE, "ties", "cmaes", 0),
     "ada3": (THREE, "task_arithmetic", "adamerging", 0),
+    "ada3_lr1e-2": (THREE, "task_arithmetic", "adamerging", 0),
     "ta3_w2": (THREE, "task_arithmetic", "cmaes", 2),
 }
 WEIGHT_RANGE = [0.0, 1.5]
 DENSITY_RANGE = [0.1, 1.0]
 UNTUNED = {"task_arithmetic": ({"weight": 1.0}, "task_arithmetic λ=1, weight 1"),
            "ties": ({"weight": 1.0, "density": 0.2}, "ties d=0.2, weight 1")}
+ADA_LR = {"ada3": 1e-3, "ada3_lr1e-2": 1e-2}
+ENTROPY_WINDOW = 50  # steps averaged at the start and the end of an AdaMerging run
 FIVE_WAY_BEST_TODAY = 0.18  # the figure for the best five-way merge in this README
 
 
@@ -107,11 +111,14 @@ def measure(zoo: Path, run_id: str, *, trials: int, n_dev: int, n_heldout: int, 
                 from engine.tune.adamerging_run import run_adamerging
 
                 out = run_adamerging(path, granularity="task", steps=steps, n_prompts=n_dev,
-                                     n_per_task=n_dev, seed=seed)
+                                     n_per_task=n_dev, seed=seed, lr=ADA_LR[run_id])
                 best, dev_score = out["recipe"], out["score"]["score"]
-                record.update(steps=len(out["result"].entropy),
-                              entropy_first=out["result"].entropy[0],
-                              entropy_last=out["result"].entropy[-1], trials=None, failed=0)
+                entropy = out["result"].entropy
+                w = min(ENTROPY_WINDOW, len(entropy))
+                record.update(steps=len(entropy), lr=ADA_LR[run_id], entropy_first=entropy[0],
+                              entropy_last=entropy[-1],
+                              entropy_mean_start=sum(entropy[:w]) / w,
+                              entropy_mean_end=sum(entropy[-w:]) / w, trials=None, failed=0)
             else:
                 outcome = tune(path, trials=trials, sampler=sampler, workers=workers, seed=seed,
                                n_per_task=n_dev, storage_path=Path(tmp) / "study.journal")
@@ -152,7 +159,8 @@ def render(results: dict) -> str:
         if r is None:
             continue
         trials = str(r["trials"]) if r.get("trials") else f"{r['steps']} steps"
-        sampler = r["sampler"] + (f", {r['workers']} workers" if r["workers"] else "")
+        sampler = r["sampler"] + (f", {r['workers']} workers" if r["workers"] else "") + (
+            f" (lr {r['lr']:g})" if r.get("lr") else "")
         lines.append(f"| {run_id} | {len(r['tasks'])} | {r['method']} | {sampler} | {trials} | "
                      f"{_f(r['untuned']['heldout_mean'])} | {_f(r['tuned']['heldout_mean'])} | "
                      f"{r['gain']:+.2f} | {_f(r['dev_score'])} | {r['wall_s']:.1f} | "
@@ -190,6 +198,17 @@ def findings(runs: dict) -> str:
         out.append("At equal trials on the three: " + " > ".join(
             f"{r['sampler']} {r['tuned']['heldout_mean']:.2f}" for r in order)
             + " (held-out; one seed each, so the order is one draw, not a ranking).")
+    for k in ADA_LR:
+        r = runs.get(k)
+        if r is None:
+            continue
+        lams = ", ".join(f"{p['weight']:.2f}" for p in r["best_params"])
+        entropy = (f"; mean entropy of the first and last {ENTROPY_WINDOW} steps "
+                   f"{r['entropy_mean_start']:.2f} → {r['entropy_mean_end']:.2f}"
+                   if "entropy_mean_start" in r else "")
+        out.append(f"AdaMerging `{k}` ({r['steps']} steps, lr {r.get('lr', 1e-3):g}, from "
+                   f"λ = 0.3) ends at λ = ({lams}){entropy}: held-out "
+                   f"{r['tuned']['heldout_mean']:.2f}.")
     return " ".join(out)
 
 
