@@ -152,8 +152,8 @@ def render(results: dict) -> str:
              f"[{DENSITY_RANGE[0]:g}, {DENSITY_RANGE[1]:g}]); task arithmetic's λ stays 1 (it "
              "scales every weight alike). One process unless stated (OMP_NUM_THREADS=1).", "",
              "| run | fine-tunes | method | sampler | trials | untuned (held-out) | tuned "
-             "(held-out) | gain | best dev score | wall s | s / trial |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(held-out) | gain | best dev score | wall s | s / trial | other work (cores) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run_id in RUNS:
         r = runs.get(run_id)
         if r is None:
@@ -164,7 +164,8 @@ def render(results: dict) -> str:
         lines.append(f"| {run_id} | {len(r['tasks'])} | {r['method']} | {sampler} | {trials} | "
                      f"{_f(r['untuned']['heldout_mean'])} | {_f(r['tuned']['heldout_mean'])} | "
                      f"{r['gain']:+.2f} | {_f(r['dev_score'])} | {r['wall_s']:.1f} | "
-                     + (f"{r['per_trial_s']:.2f}" if r.get("per_trial_s") else "–") + " |")
+                     + (f"{r['per_trial_s']:.2f}" if r.get("per_trial_s") else "–")
+                     + f" | {r['other_work']['other_busy_cores']:.1f} |")
     lines += ["", "Per task (held-out), untuned → tuned, and the best recipe's parameters:", ""]
     for run_id in RUNS:
         r = runs.get(run_id)
@@ -198,6 +199,17 @@ def findings(runs: dict) -> str:
         out.append("At equal trials on the three: " + " > ".join(
             f"{r['sampler']} {r['tuned']['heldout_mean']:.2f}" for r in order)
             + " (held-out; one seed each, so the order is one draw, not a ranking).")
+    one, two = runs.get("ta3"), runs.get("ta3_w2")
+    if one is not None and two is not None:
+        out.append(f"With {two['workers']} worker processes the study asks {two['workers']} trials "
+                   f"at a time, so CMA-ES walks another path (best held-out "
+                   f"{two['tuned']['heldout_mean']:.2f} vs {one['tuned']['heldout_mean']:.2f} in "
+                   f"process), and the wall time, the workers' start (each reads the models) "
+                   f"included, is {two['wall_s']:.1f} s against {one['wall_s']:.1f} s: at "
+                   f"{one['per_trial_s']:.2f} s a trial in process, on a shared 2-core machine "
+                   "(other work column), " + ("a second process does not pay for itself."
+                                              if two["wall_s"] >= one["wall_s"] else
+                                              f"a speed-up of {one['wall_s'] / two['wall_s']:.2f}x."))
     for k in ADA_LR:
         r = runs.get(k)
         if r is None:
