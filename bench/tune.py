@@ -13,6 +13,7 @@ uses (task arithmetic at weight 1, lambda 1; TIES at weight 1, density 0.2). Run
   ada3        AdaMerging task-wise on the three (entropy minimisation on unlabeled dev prompts,
               the paper's Adam lr 1e-3); ada3_lr1e-2: the same at lr 1e-2 (ours)
   ta3_w2      case ta3 with two worker processes (wall time per trial)
+  sweep3/5    the hand sweep: one weight for every model over 0.1-1.5, chosen on dev
 
     python bench/tune.py --zoo ZOO [--only ta3,ties3] [--trials 40] [--readme]
     python bench/tune.py --render      # the README section from bench/results/tune.json
@@ -46,7 +47,10 @@ RUNS = {
     "ada3": (THREE, "task_arithmetic", "adamerging", 0),
     "ada3_lr1e-2": (THREE, "task_arithmetic", "adamerging", 0),
     "ta3_w2": (THREE, "task_arithmetic", "cmaes", 2),
+    "sweep3": (THREE, "task_arithmetic", "sweep", 0),
+    "sweep5": (FIVE, "task_arithmetic", "sweep", 0),
 }
+SWEEP = [round(0.1 * i, 1) for i in range(1, 16)]  # one weight for every model, chosen on dev
 WEIGHT_RANGE = [0.0, 1.5]
 DENSITY_RANGE = [0.1, 1.0]
 UNTUNED = {"task_arithmetic": ({"weight": 1.0}, "task_arithmetic λ=1, weight 1"),
@@ -72,12 +76,12 @@ def recipe(zoo: Path, tasks: list[str], method: str, *, ranged: bool) -> dict:
             "dtype": "float32"}
 
 
-def heldout_scorer(zoo: Path, tasks: list[str], n: int):
+def heldout_scorer(zoo: Path, tasks: list[str], n: int, split: str = "heldout"):
     from engine.tune.objective import ScorerSettings, TrialScorer
 
     return TrialScorer(ScorerSettings(base_dir=str(zoo / "small" / "base"),
                                       finetune_dirs=tuple(str(zoo / "small" / t) for t in tasks),
-                                      tasks=tuple(tasks), n_per_task=n, split="heldout"))
+                                      tasks=tuple(tasks), n_per_task=n, split=split))
 
 
 def _mean(tasks: dict) -> float:
@@ -107,7 +111,17 @@ def measure(zoo: Path, run_id: str, *, trials: int, n_dev: int, n_heldout: int, 
         path.write_text(yaml.safe_dump(recipe(zoo, tasks, method, ranged=True), sort_keys=False))
         with OtherWork() as other:
             started = time.perf_counter()
-            if sampler == "adamerging":
+            if sampler == "sweep":
+                dev = heldout_scorer(zoo, tasks, n_dev, split="dev")
+                scored = []
+                for w in SWEEP:
+                    plain = recipe(zoo, tasks, method, ranged=False)
+                    for m in plain["models"]:
+                        m["parameters"]["weight"] = w
+                    scored.append((dev.score(plain)["score"], -w, plain))
+                dev_score, _, best = max(scored, key=lambda x: (x[0], x[1]))
+                record.update(trials=len(SWEEP), ran=len(SWEEP), failed=0)
+            elif sampler == "adamerging":
                 from engine.tune.adamerging_run import run_adamerging
 
                 out = run_adamerging(path, granularity="task", steps=steps, n_prompts=n_dev,
@@ -199,6 +213,14 @@ def findings(runs: dict) -> str:
         out.append("At equal trials on the three: " + " > ".join(
             f"{r['sampler']} {r['tuned']['heldout_mean']:.2f}" for r in order)
             + " (held-out; one seed each, so the order is one draw, not a ranking).")
+    for k, tuned_id in (("sweep3", "ta3"), ("sweep5", "ta5")):
+        sweep, tuned = runs.get(k), runs.get(tuned_id)
+        if sweep is not None and tuned is not None:
+            out.append(f"The hand sweep `{k}` (one weight for every model over "
+                       f"{SWEEP[0]:g}–{SWEEP[-1]:g}, chosen on dev: "
+                       f"{sweep['best_params'][0]['weight']:g}) reaches "
+                       f"{sweep['tuned']['heldout_mean']:.2f} held-out; the per-model tune "
+                       f"`{tuned_id}` {tuned['tuned']['heldout_mean']:.2f}.")
     one, two = runs.get("ta3"), runs.get("ta3_w2")
     if one is not None and two is not None:
         out.append(f"With {two['workers']} worker processes the study asks {two['workers']} trials "
@@ -229,7 +251,7 @@ def targets(runs: dict) -> str:
     r = runs.get("ta3")
     if r is not None:
         met = "met" if r["gain"] >= 0.10 else "NOT met"
-        out.append(f"a 40-trial tune of the three beats untuned task arithmetic by ≥ 0.10 on the "
+        out.append(f"a {r['trials']}-trial tune of the three beats untuned task arithmetic by ≥ 0.10 on the "
                    f"held-out split: {met} ({_f(r['untuned']['heldout_mean'])} → "
                    f"{_f(r['tuned']['heldout_mean'])}, {r['gain']:+.2f})")
     five = [runs[k] for k in ("ta5", "ties5") if k in runs]
@@ -284,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             saved = load_results("tune")["runs"]
         except SystemExit:
             saved = []
-        kept = {r["id"]: r for r in results["runs"] + saved}
+        kept = {r["id"]: r for r in results["runs"] + saved
+                if (r["n_dev"], r["n_heldout"]) == (args.n_dev, args.n_heldout)}
         kept[run_id] = record
         results["runs"] = [kept[k] for k in RUNS if k in kept]
         machine = machine_conditions()

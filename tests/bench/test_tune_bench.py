@@ -48,10 +48,25 @@ def test_a_two_trial_tune_is_reported_on_the_heldout_split(bench, quick_zoo):
 def test_the_target_verdicts_follow_the_numbers(bench):
     def run(run_id, untuned, tuned):
         return {"id": run_id, "gain": tuned - untuned, "untuned": {"heldout_mean": untuned},
-                "tuned": {"heldout_mean": tuned}}
+                "tuned": {"heldout_mean": tuned}, "trials": 40}
 
     assert "≥ 0.10 on the held-out split: met" in bench.targets({"ta3": run("ta3", 0.02, 0.13)})
     assert "NOT met" in bench.targets({"ta3": run("ta3", 0.02, 0.11)})
     assert "0.18): met" in bench.targets({"ta5": run("ta5", 0.04, 0.25)})
     assert "0.18): NOT met" in bench.targets({"ta5": run("ta5", 0.04, 0.17),
                                               "ties5": run("ties5", 0.1, 0.18)})
+
+
+def test_the_hand_sweep_picks_its_best_weight_on_dev(bench, quick_zoo):
+    from engine.merge.whatif import WhatIfSession
+
+    record = bench.measure(quick_zoo, "sweep3", trials=2, n_dev=8, n_heldout=8, seed=0, steps=2)
+    tasks = bench.THREE
+    weights = {p["weight"] for p in record["best_params"]}
+    assert len(weights) == 1 and weights <= set(bench.SWEEP)
+    dev = WhatIfSession(quick_zoo / "small" / "base", [quick_zoo / "small" / t for t in tasks],
+                        tasks=tasks, n_per_task=8, n_generic=0, split="dev")
+    scores = {w: _own_mean(dev, "task_arithmetic", [{"weight": w}] * 3, tasks) for w in bench.SWEEP}
+    top = max(scores.values())
+    assert record["dev_score"] == pytest.approx(top)
+    assert weights.pop() == min(w for w, v in scores.items() if v == top)
