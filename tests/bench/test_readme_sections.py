@@ -29,6 +29,7 @@ RENDERED = {
     "repair_quality": ["repair_quality.json"],
     "transfer": ["transfer.json"],
     "visionfuse": ["visionfuse.json"],
+    "tune": ["tune.json"],
 }
 
 
