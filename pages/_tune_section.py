@@ -15,8 +15,9 @@ import yaml
 
 from engine.errors import DeltaWorkbenchError
 from engine.jobs import JobSpec
+from engine.textparse import parse_yaml
 from pages._forms import float_fields
-from pages._shared import job_manager, new_export_folder, short_name, show_error
+from pages._shared import job_manager, new_export_folder, show_error
 
 JOB_KEY = "tune_job"
 SAMPLERS = ("cmaes", "tpe", "random")
@@ -150,7 +151,7 @@ def _progress(job: dict, method_name: str, global_names: dict, model_names: dict
     table = Path(job["out"]).with_suffix(".trials.csv")
     if table.exists():
         st.dataframe(pd.read_csv(table), width="stretch", key="tune_table")
-    best = yaml.safe_load(result.get("best_recipe_yaml") or "{}") or {}
+    best = parse_yaml(result.get("best_recipe_yaml") or "{}", source="the best recipe") or {}
     st.markdown(f"Best trial {result.get('best_trial')}: dev score {result.get('best_score'):.3f} "
                 f"({', '.join(f'{k} {v:.3f}' for k, v in (result.get('best_tasks') or {}).items())})")
     st.button("Use best", key="tune_use_best", on_click=_use_best,

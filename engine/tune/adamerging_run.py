@@ -4,7 +4,6 @@ unlabeled dev prompts of their zoo tasks, write the plain recipe, score it on th
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from engine.errors import ParameterError

@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from engine.errors import ParameterError
 from engine.textparse import MAX_TEXT_BYTES, parse_yaml

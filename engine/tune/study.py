@@ -111,8 +111,6 @@ def run_tune(space: TuneSpace, score_batch: Callable[[list[dict]], list[dict]], 
     returns, per recipe, the scorer's result or ``{"error": "..."}``."""
     from optuna.trial import TrialState
 
-    from engine.tune.objective import weighted_score
-
     if trials < 1:
         raise ParameterError("--trials must be at least 1")
     if batch_size < 1:

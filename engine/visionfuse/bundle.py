@@ -105,7 +105,7 @@ def _load_stream(folder: Path) -> VisualStream:
         tensors = {n: stored.get_tensor(n) for n in stored.tensor_names}
     bad = [n for n in tensors if not n.startswith((TOWER, PROJECTOR))]
     if bad:
-        raise ConfigError(f"encoder folder holds a tensor that is neither tower nor projector",
+        raise ConfigError("encoder folder holds a tensor that is neither tower nor projector",
                           path=folder, tensor=bad[0])
     _load_strict(tower, {n[len(TOWER):]: t for n, t in tensors.items() if n.startswith(TOWER)},
                  path=folder)

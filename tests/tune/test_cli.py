@@ -2,7 +2,6 @@
 and every bad input a one-line error with the study kept."""
 
 import csv
-from pathlib import Path
 
 import pytest
 import yaml

@@ -2,7 +2,6 @@
 resumes where it stopped, failed trials are recorded and the study goes on, the batch order
 makes a run reproducible, several objectives give a Pareto front."""
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 
