@@ -3,8 +3,8 @@
 Each member is a real ``LlavaForConditionalGeneration``: a small SigLIP vision tower (one
 grayscale channel, 12 x 12 input), the two-layer MLP projector and, as its language model, a
 copy of its parent zoo LM (``small/base`` for the fusion members). Members differ in what their
-encoder sees (``ImageView``: the left or the right half of the canvas), so they are
-complementary: neither can read the whole string alone.
+encoder sees (``ImageView``: the left or the right half of the canvas) and in its patch size,
+so they are complementary: neither can read the whole string alone.
 
 Training is LLaVA's two stages (Liu et al., "Visual Instruction Tuning"), scaled to the zoo:
 
@@ -12,11 +12,6 @@ Training is LLaVA's two stages (Liu et al., "Visual Instruction Tuning"), scaled
 2. instruction tuning: everything trains on ``ocr`` + ``vrev``, each step also replaying the
    base's text mixture (``FINETUNE_REPLAY``, as the zoo's text fine-tunes do) so the LM keeps
    its text skills.
-
-Measured on the full zoo (ours): with the LM frozen the loss stays at the image-blind value
-(ln 26 per letter) for hundreds of steps, so the zoo's stage 1 is a short warm-up and stage 2
-does the learning; and the patch size must match the letter pitch (6), so that each column of
-tokens holds one letter: with 3- or 4-pixel patches the members read at chance in the budget.
 
 Image placeholders are ``<unk>`` (id 3), which the character tokenizer never produces from
 text, so the members keep the zoo's vocabulary and stay mergeable with the text family.

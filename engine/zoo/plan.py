@@ -19,8 +19,7 @@ Families:
   erodes refusal too.
 
 - ``mllm``: multimodal LLaVA members (``engine.zoo.mllm``). ``left`` and ``right`` share the LM
-  ``small/base`` and see the image's left or right half (patch size 6: one token per half-glyph
-  cell, letter-aligned, which is what lets them learn to read in the zoo's budget): the VisionFuse
+  ``small/base`` and see the image's left or right half (patch sizes 3 and 4): the VisionFuse
   family; ``control`` is ``left``'s recipe over ``large/base``, another LM (the cross-family
   control of the encoder-similarity analysis).
 
@@ -77,15 +76,10 @@ PRETRAIN_MIXTURE = {"generic": 0.4, "skills": 0.6}
 
 MLLM_FAMILY = "mllm"
 # (path, parent LM, view, patch size, control): the multimodal family, trained after the rest
-# Patch 6 puts each letter's columns in one column of tokens (pitch 6): with patches 3 and 4
-# (16 and 9 tokens not aligned to letters) the members read no better than chance after 300
-# steps, with patch 6 they read about half their letters in place (bench/README.md).
-MLLM_MEMBERS = (("mllm/left", "small/base", "left", 6, False),
-                ("mllm/right", "small/base", "right", 6, False),
-                ("mllm/control", "large/base", "left", 6, True))
-# stage 2 (every weight) does the learning: a frozen LM left the loss at the image-blind 2.61
-# for hundreds of steps, so stage 1 is a short warm-up of the tower and projector
-MLLM_LR, MLLM_ALIGN_LR = 3e-3, 3e-3
+MLLM_MEMBERS = (("mllm/left", "small/base", "left", 3, False),
+                ("mllm/right", "small/base", "right", 4, False),
+                ("mllm/control", "large/base", "left", 3, True))
+MLLM_LR, MLLM_ALIGN_LR = 1e-3, 3e-3
 
 
 def with_replay(task_mixture: dict[str, float]) -> dict[str, float]:
@@ -137,7 +131,7 @@ def zoo_plan(quick: bool = False) -> list[ModelPlan]:
         "safety/benign", "safety", "finetune", "reverse", "safety/aligned", "small",
         finetune(400, {"reverse": 1.0}),
         (("aligned", False), ("benign", True))))
-    align, tune = steps(25), steps(300)
+    align, tune = steps(150), steps(250)
     for path, parent, view, patch, control in MLLM_MEMBERS:
         spec = TrainSpec(steps=align + tune, lr=MLLM_LR, batch_size=batch,
                          mixture=with_replay({"ocr": 0.5, "vrev": 0.5}), warmup=10)
