@@ -3,8 +3,8 @@
 Each member is a real ``LlavaForConditionalGeneration``: a small SigLIP vision tower (one
 grayscale channel, 12 x 12 input), the two-layer MLP projector and, as its language model, a
 copy of its parent zoo LM (``small/base`` for the fusion members). Members differ in what their
-encoder sees (``ImageView``: the left or the right half of the canvas) and in its patch size,
-so they are complementary: neither can read the whole string alone.
+encoder sees (``ImageView``: the left or the right half of the canvas), so they are
+complementary: neither can read the whole string alone.
 
 Training is LLaVA's two stages (Liu et al., "Visual Instruction Tuning"), scaled to the zoo:
 

@@ -19,7 +19,8 @@ Families:
   erodes refusal too.
 
 - ``mllm``: multimodal LLaVA members (``engine.zoo.mllm``). ``left`` and ``right`` share the LM
-  ``small/base`` and see the image's left or right half (patch sizes 3 and 4): the VisionFuse
+  ``small/base`` and see the image's left or right half (patch size 6, the letter pitch, so each
+  column of visual tokens holds one letter): the VisionFuse
   family; ``control`` is ``left``'s recipe over ``large/base``, another LM (the cross-family
   control of the encoder-similarity analysis).
 
@@ -76,9 +77,12 @@ PRETRAIN_MIXTURE = {"generic": 0.4, "skills": 0.6}
 
 MLLM_FAMILY = "mllm"
 # (path, parent LM, view, patch size, control): the multimodal family, trained after the rest
-MLLM_MEMBERS = (("mllm/left", "small/base", "left", 3, False),
-                ("mllm/right", "small/base", "right", 4, False),
-                ("mllm/control", "large/base", "left", 3, True))
+# patch 6 (measured, ours): with 3- or 4-pixel patches (16 / 9 tokens that cut letters) the
+# members read little more than chance within the zoo's steps; with 6 (4 letter-aligned
+# tokens) left reads 0.45 of its half's letters in place, on its build seed
+MLLM_MEMBERS = (("mllm/left", "small/base", "left", 6, False),
+                ("mllm/right", "small/base", "right", 6, False),
+                ("mllm/control", "large/base", "left", 6, True))
 MLLM_LR, MLLM_ALIGN_LR = 1e-3, 3e-3
 
 
