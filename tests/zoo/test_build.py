@@ -8,6 +8,7 @@ import torch
 
 from engine.errors import ConfigError, ExportError
 from engine.evaluate.tasks import TASK_NAMES
+from engine.evaluate.vision_tasks import VISION_TASK_NAMES
 from engine.io import ModelFolder
 from engine.zoo import build_zoo, default_zoo_dir, load_manifest
 from engine.zoo.plan import LARGE_FINETUNE_TASKS, SMALL_FINETUNE_TASKS
@@ -24,7 +25,9 @@ def test_manifest_shape(quick_zoo_manifest):
     for m in models:
         assert {"path", "family", "role", "task", "parent", "accuracy", "perplexity"} <= set(m)
         assert m["role"] in ("base", "finetune")
-        assert set(m["accuracy"]) == set(TASK_NAMES)
+        # a multimodal member is scored on the text tasks and on the vision tasks
+        expected = set(TASK_NAMES) | (set(VISION_TASK_NAMES) if m["family"] == "mllm" else set())
+        assert set(m["accuracy"]) == expected, m["path"]
     small = [m for m in models if m["family"] == "small"]
     assert [m["role"] for m in small].count("base") == 1
     assert {m["task"] for m in small if m["role"] == "finetune"} == set(SMALL_FINETUNE_TASKS)
@@ -52,14 +55,16 @@ def test_families_differ_in_width_and_depth(quick_zoo_manifest):
 
 
 def test_every_model_loads_offline_with_auto_classes(quick_zoo, quick_zoo_manifest, monkeypatch):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     for entry in quick_zoo_manifest["models"]:
         folder = Path(quick_zoo) / entry["path"]
         assert (folder / "generation_config.json").is_file()
-        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+        # the mllm family's members are LLaVA models: image-text-to-text, run here on text alone
+        auto = AutoModelForImageTextToText if entry["family"] == "mllm" else AutoModelForCausalLM
+        model = auto.from_pretrained(folder, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(folder)
         with ModelFolder(folder) as mf:  # the project's own validating reader agrees
             assert mf.num_parameters == entry["num_parameters"]
