@@ -328,3 +328,19 @@ def sweep_all_staging(*, keep_for: list[Path] | tuple = ()) -> list[Path]:
         logging.getLogger(__name__).warning("staging sweep stopped: %s", err)
     return removed
 
+
+def write_file_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write one small file so a reader sees the old content or the new, never half (a temp
+    file beside it, fsynced, renamed over it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import ConfigError
+from engine.io.staging import write_file_atomic
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "cancelled")
@@ -51,16 +50,7 @@ class JobStatus(BaseModel):
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as JSON so a reader sees the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomic(path, json.dumps(data, indent=1))
 
 
 def read_json(path: Path) -> Any:

@@ -7,31 +7,19 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
 from engine.errors import ParameterError
+from engine.io.staging import write_file_atomic
 from engine.textparse import MAX_TEXT_BYTES, parse_yaml
 
 
 def write_text_atomic(path: Path, text: str | bytes) -> None:
-    """The file holds the old content or the new, never half (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode() if isinstance(text, str) else text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The file holds the old content or the new, never half (``engine.io.staging``)."""
+    write_file_atomic(path, text)
 
 
 def read_tune_recipe(path: str | Path, *, require_ranges: bool = True):
