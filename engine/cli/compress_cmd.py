@@ -20,6 +20,7 @@ from pathlib import Path
 
 from engine.errors import ParameterError
 from engine.text import printable
+from engine.cli.progress import stderr_progress
 
 
 def register(subparsers) -> None:
@@ -94,9 +95,7 @@ def run(args) -> int:
                 raise ParameterError(f"give --{key.replace('_', '-')} or --param {key}, not both")
             params[key] = value
 
-    def progress(fraction: float, name: str) -> None:
-        if not args.quiet:
-            print(f"\r[{fraction:6.1%}] {printable(name)[:60]:<60}", end="", file=sys.stderr, flush=True)
+    progress = stderr_progress(args.quiet)
 
     result = compress(args.base, args.finetuned, args.out, args.method, ratio=args.ratio,
                       params=params, device=args.device, side_files=args.side_files,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from engine.text import printable
+from engine.cli.progress import stderr_progress
 
 
 def register(subparsers) -> None:
@@ -26,9 +26,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from engine.compress import decompress
 
-    def progress(fraction: float, name: str) -> None:
-        if not args.quiet:
-            print(f"\r[{fraction:6.1%}] {printable(name)[:60]:<60}", end="", file=sys.stderr, flush=True)
+    progress = stderr_progress(args.quiet)
 
     result = decompress(args.artifact, args.base, args.out, device=args.device, progress=progress)
     if not args.quiet:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from engine.cli.progress import stderr_progress
 
 
 def register(subparsers) -> None:
@@ -40,9 +41,7 @@ def run(args) -> int:
         raise ParameterError(f"--{'-'.join(str(x) for x in first['loc']).replace('_', '-')}: "
                              f"{first['msg']}") from None
 
-    def progress(fraction: float, name: str) -> None:
-        if not args.quiet:
-            print(f"\r[{fraction:6.1%}] {name[:60]:<60}", end="", file=sys.stderr, flush=True)
+    progress = stderr_progress(args.quiet)
 
     result = extract_lora(args.base, args.finetuned, args.out, options, progress=progress)
     if not args.quiet:

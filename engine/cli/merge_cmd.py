@@ -9,6 +9,7 @@ from pathlib import Path
 from engine.merge.multistage import read_documents, run_multistage
 from engine.recipe import load_recipe
 from engine.text import printable
+from engine.cli.progress import stderr_progress
 
 
 def register(subparsers) -> None:
@@ -42,9 +43,7 @@ def run(args) -> int:
         return _run_stages(args, docs)
     recipe = load_recipe(args.recipe)
 
-    def progress(fraction: float, name: str) -> None:
-        if not args.quiet:
-            print(f"\r[{fraction:6.1%}] {printable(name)[:60]:<60}", end="", file=sys.stderr, flush=True)
+    progress = stderr_progress(args.quiet)
 
     result = run_merge(recipe, args.out, recipe_dir=Path(args.recipe).parent, device=args.device,
                        progress=progress, max_shard_bytes=int(args.max_shard_gb * 2**30),
@@ -73,9 +72,7 @@ def run(args) -> int:
 
 
 def _run_stages(args, docs) -> int:
-    def progress(fraction: float, name: str) -> None:
-        if not args.quiet:
-            print(f"\r[{fraction:6.1%}] {printable(name)[:60]:<60}", end="", file=sys.stderr, flush=True)
+    progress = stderr_progress(args.quiet)
 
     result, stages = run_multistage(docs, args.out, source=str(args.recipe),
                                     recipe_dir=Path(args.recipe).parent, device=args.device,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from engine.text import printable
+from engine.cli.progress import stderr_progress
 
 
 def register(subparsers) -> None:
@@ -26,9 +27,7 @@ def run(args) -> int:
 
     config = load_moe_config(args.config)
 
-    def progress(fraction: float, name: str) -> None:
-        if not args.quiet:
-            print(f"\r[{fraction:6.1%}] {printable(name)[:60]:<60}", end="", file=sys.stderr, flush=True)
+    progress = stderr_progress(args.quiet)
 
     result = run_moe(config, args.out, config_dir=Path(args.config).parent, device=args.device,
                      progress=progress, max_shard_bytes=int(args.max_shard_gb * 2**30))

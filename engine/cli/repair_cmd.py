@@ -17,6 +17,7 @@ import json
 import sys
 
 from engine.text import printable
+from engine.cli.progress import stderr_progress
 
 
 def register(subparsers) -> None:
@@ -48,9 +49,7 @@ def run(args) -> int:
 
     params = parse_params(args.param)
 
-    def progress(fraction: float, name: str) -> None:
-        if not args.quiet:
-            print(f"\r[{fraction:6.1%}] {printable(name)[:60]:<60}", end="", file=sys.stderr, flush=True)
+    progress = stderr_progress(args.quiet)
 
     result = repair(args.aligned, args.finetuned, args.out, args.method, params,
                     unaligned=args.unaligned, calibration=args.calibration,

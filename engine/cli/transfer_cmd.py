@@ -18,6 +18,7 @@ import sys
 
 from engine.text import printable
 from engine.transfer import METHODS
+from engine.cli.progress import stderr_progress
 
 
 def register(subparsers) -> None:
@@ -47,9 +48,7 @@ def run(args) -> int:
 
     params = parse_params(args.param)
 
-    def progress(fraction: float, message: str) -> None:
-        if not args.quiet:
-            print(f"\r[{fraction:6.1%}] {printable(message)[:60]:<60}", end="", file=sys.stderr, flush=True)
+    progress = stderr_progress(args.quiet)
 
     result = transfer(args.source, args.source_base, args.target, args.out, args.method, args.task,
                       params, data=args.data, seed=args.seed, device=args.device,
