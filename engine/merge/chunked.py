@@ -68,7 +68,10 @@ from engine.merge.methods import slerp as slerp_method
 from engine.merge.registry import MergeMethod
 from engine.merge.sparsify import kept_count
 
-CHUNK = 1 << 17
+# 64Ki entries: a chunk's float32 temporaries (256 KiB each, one per model plus a few) stay in a
+# core's 2 MiB L2 cache; measured on one core (TIES, two models, bf16 32000 x 1024): 12.8 +
+# 11.1 ns per entry (selection + merge) vs 13.8 + 13.2 at 1 << 17 and 19.4 + 18.9 at 1 << 18
+CHUNK = 1 << 16
 _SAMPLE = 1 << 15
 SPLIT_MIN_CHUNKS = 8  # tensors of fewer chunks are computed by one thread
 _POOL: ThreadPoolExecutor | None = None
@@ -154,13 +157,26 @@ def select_topk(base: torch.Tensor, model: torch.Tensor, k: int) -> TopK:
     lo = float(sample[lo_i]) if lo_i < m else -math.inf
 
     def scan(c_lo: int, c_hi: int):
+        # Comparisons are written as in-place float comparisons on a scratch copy (1.0 / 0.0):
+        # on the CPU a comparison producing a bool tensor costs ~4x one producing floats. Only
+        # the band's mask is made bool, for the one gather that collects its entries.
         above, band = 0, []
+        up, low, dm, db = torch.empty((4, min(n, CHUNK)), dtype=torch.float32)  # scratch
         for s, e in _chunks(n, c_lo, c_hi):
-            mag = _delta_chunk(base, model, s, e).abs_()
-            if hi != math.inf:  # count of entries above hi, with float ops (bool ones are slow)
-                above += int((mag - hi).sign_().clamp_(min=0).sum())
-            in_band = mag >= lo if hi == math.inf else (mag <= hi if lo == -math.inf else (mag <= hi) & (mag >= lo))
-            band.append(mag[in_band])
+            mag = dm[:e - s].copy_(model[s:e]).sub_(db[:e - s].copy_(base[s:e])).abs_()
+            over = up[:e - s].copy_(mag).gt_(hi) if hi != math.inf else None  # 1 above the band
+            if over is not None:
+                above += int(over.sum())
+            if lo == -math.inf and over is None:  # no bracket at all: every entry
+                band.append(mag)
+                continue
+            if lo == -math.inf:  # everything up to hi is in the band
+                in_band = over.neg_().add_(1.0)
+            else:  # at or above lo, less those above hi
+                in_band = low[:e - s].copy_(mag).ge_(lo)
+                if over is not None:
+                    in_band.sub_(over)
+            band.append(mag[in_band.bool()])
         return above, band
 
     parts = _split(n, scan)
@@ -171,16 +187,19 @@ def select_topk(base: torch.Tensor, model: torch.Tensor, k: int) -> TopK:
     count = len(bands)
     if 1 <= rank <= band.numel():
         threshold = float(torch.kthvalue(band, band.numel() - rank + 1).values)
+        at_threshold = band == threshold
         greater = above + int((band > threshold).sum())
-        # the chunk of every band entry equal to the threshold
-        bounds = torch.tensor([b.numel() for b in bands]).cumsum(0)
-        at = torch.searchsorted(bounds, torch.nonzero(band == threshold).flatten(), right=True)
+        # ties in chunks 0..c: the running count of band entries equal to the threshold, read
+        # at the end of each chunk's band (0 while no band entry has been seen yet)
+        ends = torch.tensor([b.numel() for b in bands]).cumsum(0)
+        running = torch.cat([torch.zeros(1, dtype=torch.long), at_threshold.cumsum(0)])
+        ties = running[ends]
     else:  # the bracket missed (heavy ties or an unlucky sample): exact selection on everything
         mag = torch.cat([_delta_chunk(base, model, s, e).abs_() for s, e in _chunks(n)])
         threshold = float(torch.kthvalue(mag, n - k + 1).values)
         greater = int((mag > threshold).sum())
         at = torch.nonzero(mag == threshold).flatten() // CHUNK
-    ties = torch.bincount(at, minlength=count).cumsum(0)
+        ties = torch.bincount(at, minlength=count).cumsum(0)
     return TopK(threshold=threshold, at_keep=k - greater, ties_before=(0, *ties.tolist()))
 
 
@@ -365,12 +384,20 @@ def _store(result: torch.Tensor, out: torch.Tensor, s: int, e: int, acc: torch.T
     acc += result.sum() if out.dtype == torch.float32 else out[s:e].sum(dtype=torch.float32)
 
 
+def _scratch(rows: int, out: torch.Tensor) -> torch.Tensor:
+    """``rows`` float32 chunk buffers, reused chunk after chunk: a fresh tensor per operation
+    costs more than the operation itself at this size (allocation and first touch of its
+    pages); the kernels write every entry they read back."""
+    return torch.empty((rows, min(out.numel(), CHUNK)), dtype=torch.float32)
+
+
 def _linear(models, weights, total, normalize, out, lo, hi) -> torch.Tensor:
     acc = torch.zeros((), dtype=torch.float32)
+    buf = _scratch(2, out)
     for s, e in _chunks(out.numel(), lo, hi):
         mixed = None
         for m, wi in zip(models, weights):
-            x = _f32(m[s:e]).mul_(wi)
+            x = buf[0 if mixed is None else 1, :e - s].copy_(m[s:e]).mul_(wi)
             mixed = x if mixed is None else mixed.add_(x)
         if normalize:
             mixed = mixed.div_(total)
@@ -378,56 +405,90 @@ def _linear(models, weights, total, normalize, out, lo, hi) -> torch.Tensor:
     return acc
 
 
+def _trim(d: torch.Tensor, rs: list[tuple[TopK, bool]], c: int) -> torch.Tensor:
+    """``d`` with the entries its rules drop set to 0 (chunk ``c``).
+
+    A single top-k rule whose chunk keeps all or none of its threshold ties is one
+    ``hardshrink`` (|d| > lambda kept, else 0: the threshold itself, or the float32 just below
+    it to keep the ties), a fifth of the operations of building and applying a 0/1 mask; the
+    chunk holding the cut, and Breadcrumbs' pair of rules, apply ``topk_mask``'s masks."""
+    if len(rs) == 1 and not rs[0][1]:
+        rule = rs[0][0]
+        if rule.everything:
+            return d
+        left = rule.at_keep - rule.ties_before[c]
+        count = rule.ties_before[c + 1] - rule.ties_before[c]
+        if rule.nothing:
+            return d.zero_()
+        if left <= 0 or count == 0:  # no tie kept here: |d| > threshold
+            return torch.nn.functional.hardshrink(d, rule.threshold)
+        if count <= left and rule.threshold > 0:  # every tie here is kept: |d| >= threshold
+            below = math.nextafter(rule.threshold, 0.0)
+            below = float(torch.tensor(below, dtype=torch.float32))
+            if below < rule.threshold:
+                return torch.nn.functional.hardshrink(d, below)
+    mag = d.abs()
+    for rule, negate in rs:
+        k = topk_mask(rule, mag, c)  # float 0/1, None = keep all
+        if negate:
+            k = torch.zeros_like(mag) if k is None else k.neg_().add_(1.0)
+        if k is not None:
+            d = d.mul_(k)
+    return d
+
+
 def _gta(base, models, model_params, params, out, rules, consensus, lo, hi, drops=None) -> torch.Tensor:
+    """Task arithmetic and its trim / drop / sign-election variants over chunks lo..hi-1.
+
+    The sign election is computed as s * sum_i relu(s * w_i d_i) with the elected sign s
+    (+1 / -1): relu(s * x) is |x| where x agrees with s and 0 elsewhere, so this is the sum of
+    the agreeing weighted deltas exactly (negation is exact), in two operations per model
+    instead of a sign, a mask and two products."""
     weights = [float(x) for x in torch.tensor([mp.weight for mp in model_params], dtype=torch.float32)]
     w_sum = torch.tensor(weights, dtype=torch.float32).sum()
     plain_divisor = 1.0 if abs(float(w_sum)) < 1e-8 else w_sum
+    positive = all(w > 0 for w in weights)  # a non-zero divisor is then >= min(w) > 0
     lam = params.lambda_
     acc = torch.zeros((), dtype=torch.float32)
+    bb, *scratch = _scratch(1 + len(models), out)  # the base's chunk (then the result), deltas
     for c, (s, e) in enumerate(_chunks(out.numel(), lo, hi), start=lo):
-        b = _f32(base[s:e])
+        b = bb[:e - s].copy_(base[s:e])
         weighted = []
         for i, (m, wi) in enumerate(zip(models, weights)):
-            rs = rules[i] if rules else None
-            d = _f32(m[s:e]).sub_(b)
+            d = scratch[i][:e - s].copy_(m[s:e]).sub_(b)
             if drops is not None and drops[i] is not None:
                 d = drops[i].apply(d)
-            if rs is not None:
-                mag = d.abs()
-                for rule, negate in rs:
-                    k = topk_mask(rule, mag, c)  # float 0/1, None = keep all
-                    if negate:
-                        k = torch.zeros_like(mag) if k is None else k.neg_().add_(1.0)
-                    if k is not None:
-                        d = d.mul_(k)
+            if rules and rules[i] is not None:
+                d = _trim(d, rules[i], c)
             weighted.append(d.mul_(wi))
         if consensus is not None:
-            signs = [torch.sign(wd) for wd in weighted]
             if consensus == "sum":
                 total = weighted[0].clone()
                 for wd in weighted[1:]:
                     total += wd
             else:
-                total = signs[0].clone()
-                for sg in signs[1:]:
-                    total += sg
-            elected = torch.sign(total)
-            elected.add_(elected.abs().neg_().add_(1.0))  # zero counts as positive: +1 / -1
+                total = torch.sign(weighted[0])
+                for wd in weighted[1:]:
+                    total += torch.sign(wd)
+            elected = total.sign_().add_(0.5).sign_()  # zero counts as positive: +1 / -1
             mixed = divisor = None
-            for wd, sg, wi in zip(weighted, signs, weights):
-                agree = sg.mul_(elected).clamp_(min=0)  # 1 where the signs agree, else 0
-                part = wd.mul_(agree)
-                share = agree.mul_(wi)
-                mixed = part if mixed is None else mixed.add_(part)
+            for wd, wi in zip(weighted, weights):
+                agreeing = wd.mul_(elected).clamp_(min=0)  # |w_i d_i| where it agrees, else 0
+                share = torch.sign(agreeing).mul_(wi)
+                mixed = agreeing if mixed is None else mixed.add_(agreeing)
                 divisor = share if divisor is None else divisor.add_(share)
-            divisor = divisor.add_(divisor.sign().abs_().neg_().add_(1.0))  # 0 -> 1
+            mixed.mul_(elected)
+            if positive:  # 0 -> a tiny value: its numerator is 0 too
+                divisor = divisor.clamp_(min=torch.finfo(torch.float32).tiny)
+            else:
+                divisor = divisor.add_(divisor.sign().abs_().neg_().add_(1.0))  # 0 -> 1
         else:
             mixed = weighted[0]
             for wd in weighted[1:]:
                 mixed = mixed.add_(wd)
             divisor = plain_divisor
         if params.normalize:
-            mixed = mixed / divisor
+            mixed = mixed.div_(divisor)
         result = b.add_(mixed.mul_(lam)) if lam != 1.0 else b.add_(mixed)
         _store(result, out, s, e, acc)
     return acc
@@ -446,8 +507,10 @@ def _slerp_sums(base, model, lo, hi) -> torch.Tensor:
 
 def _slerp(base, model, w0, w1, out, lo, hi) -> torch.Tensor:
     acc = torch.zeros((), dtype=torch.float32)
+    x, y = _scratch(2, out)
     for s, e in _chunks(out.numel(), lo, hi):
-        _store(_f32(base[s:e]).mul_(w0).add_(_f32(model[s:e]).mul_(w1)), out, s, e, acc)
+        _store(x[:e - s].copy_(base[s:e]).mul_(w0).add_(y[:e - s].copy_(model[s:e]).mul_(w1)),
+               out, s, e, acc)
     return acc
 
 
@@ -498,11 +561,12 @@ def _gram(base, models, lo, hi) -> torch.Tensor:
 def _combine(base, models, coeffs, out, lo, hi) -> torch.Tensor:
     """out = sum_i k_i v_i (+ base), v_i as in ``_gram``, in float32 chunk by chunk."""
     acc = torch.zeros((), dtype=torch.float32)
+    buf = _scratch(3, out)
     for s, e in _chunks(out.numel(), lo, hi):
-        b = _f32(base[s:e]) if base is not None else None
+        b = buf[0, :e - s].copy_(base[s:e]) if base is not None else None
         mixed = None
         for m, k in zip(models, coeffs):
-            v = _f32(m[s:e])
+            v = buf[1 if mixed is None else 2, :e - s].copy_(m[s:e])
             if b is not None:
                 v.sub_(b)
             v.mul_(k)

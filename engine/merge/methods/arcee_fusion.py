@@ -12,7 +12,8 @@ W0 and one model W1:
 mergekit estimates the quantiles from 1,000,000 entries drawn at random (with replacement)
 when a tensor is larger, so its threshold, and the merge, change from run to run on large
 tensors. Here the quantiles are exact order statistics of every entry (ours; identical to
-mergekit's up to 1,000,000 entries), found by selection, not a full sort.
+mergekit's up to 1,000,000 entries), all three found in one bracketing pass plus selection
+(engine.merge.order_stats), not a full sort.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from engine.errors import ParameterError
 from engine.merge.common import MethodParams, NoModelParams, finish, prepare_inputs
+from engine.merge.order_stats import order_statistics
 
 NAME = "arcee_fusion"
 PAPER = ("Arcee AI, Arcee Fusion: importance-thresholded fusion of one model into its base "
@@ -53,16 +55,11 @@ def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return (model - base).abs() * kl
 
 
-def order_statistic(flat: torch.Tensor, index: int) -> torch.Tensor:
-    """The value at ``index`` of ``flat`` sorted ascending (0-based), by selection."""
-    return torch.kthvalue(flat, index + 1).values
-
-
 def fence(scores: torch.Tensor) -> torch.Tensor:
     """median + 1.5 * (q3 - q1), quantile q at sorted index floor(q (n - 1))."""
     flat = scores.reshape(-1)
     last = flat.numel() - 1
-    q1, median, q3 = (order_statistic(flat, (k * last) // 4) for k in (1, 2, 3))
+    q1, median, q3 = order_statistics(flat, [(k * last) // 4 for k in (1, 2, 3)])
     return median + 1.5 * (q3 - q1)
 
 
