@@ -61,5 +61,35 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def exit_without_teardown(code: int) -> None:
+    """End the process with ``code``, skipping only the interpreter's final teardown.
+
+    With torch imported, freeing every module's objects one by one at exit takes longer than
+    many commands' own work (ours, measured on a 2-core machine: `python -c "import torch"`
+    median 2.7 s, the same ending in ``os._exit`` 2.0 s). Every file a command writes is
+    written, fsynced and closed before it returns (the writer's contract), so nothing is lost:
+    what the interpreter does first at exit still happens here, in its order: wait for every
+    non-daemon thread (``threading._shutdown``), run the atexit handlers (library cleanups,
+    weakref finalizers such as temporary folders, multiprocessing's joins), flush stdout and
+    stderr. Where those CPython hooks are missing, the normal exit."""
+    import atexit
+    import threading
+
+    shutdown = getattr(threading, "_shutdown", None)
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    if shutdown is None or run_exitfuncs is None:
+        sys.exit(code)
+    try:
+        shutdown()
+        run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

@@ -1,0 +1,54 @@
+"""`python -m engine` ends without the interpreter's teardown, and loses nothing by it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_a_command_output_is_complete_when_piped(capsys):
+    from engine.__main__ import main
+
+    assert main(["methods"]) == 0
+    in_process = capsys.readouterr().out
+    done = _run(["-m", "engine", "methods"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == in_process and len(in_process) > 1000
+
+
+def test_an_error_keeps_its_exit_code_and_one_line(tmp_path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("merge_method: no_such_method\nmodels: []\n")
+    done = _run(["-m", "engine", "merge", str(recipe), "--out", str(tmp_path / "out")])
+    assert done.returncode == 2
+    assert done.stderr.startswith("error:") and "Traceback" not in done.stderr
+
+
+def test_threads_are_waited_for_and_atexit_handlers_run(tmp_path):
+    script = textwrap.dedent(f"""
+        import atexit, sys, threading, time
+        from pathlib import Path
+        from engine.__main__ import exit_without_teardown
+        out = Path({str(tmp_path)!r})
+        atexit.register(lambda: (out / "atexit").write_text("ran"))
+        def late():
+            time.sleep(0.3)
+            (out / "thread").write_text("done")
+        threading.Thread(target=late).start()
+        print("buffered", end="")  # no newline: left in the buffer until the exit flushes it
+        exit_without_teardown(3)
+    """)
+    done = _run(["-c", script])
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "buffered"
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "ran"
