@@ -53,9 +53,12 @@ from bench._common import OtherWork, llama_shapes, write_readme_section  # noqa:
 WORK = ROOT / "bench" / "work" / "speed"
 RESULTS = ROOT / "bench" / "results" / "merge_speed.json"
 SECTION = "## Merge speed vs mergekit"
-# --methods newer --readme: its own results file and README section (the headline table keeps its run)
+# --methods newer / other --readme: their own results file and README section (the headline
+# table keeps its run)
 RESULTS_NEWER = ROOT / "bench" / "results" / "merge_speed_newer.json"
 SECTION_NEWER = "## Newer mergekit methods: merge speed vs mergekit"
+RESULTS_OTHER = ROOT / "bench" / "results" / "merge_speed_other.json"
+SECTION_OTHER = "## Other task-vector methods: merge speed vs mergekit"
 LOAD_LIMIT_PER_CORE = 0.5
 MAIN_METHODS = ("task_arithmetic", "ties", "linear", "slerp")
 # every other method both tools have (--methods shared times them all)
@@ -247,9 +250,15 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def is_newer(results: dict) -> bool:
-    """Whether a run times the newer methods only (its own results file and section)."""
-    return bool(results["methods"]) and set(results["methods"]) <= set(NEWER_SHARED)
+def group_of(results: dict) -> tuple[str, Path, str]:
+    """(the --methods value that reproduces it, its results file, its README section): the
+    newer methods and the other task-vector methods each have their own, the rest the headline's."""
+    methods = set(results["methods"])
+    if methods and methods <= set(NEWER_SHARED):
+        return "--methods newer --readme", RESULTS_NEWER, SECTION_NEWER
+    if methods and methods <= set(OTHER_SHARED):
+        return "--methods other --readme", RESULTS_OTHER, SECTION_OTHER
+    return "--readme", RESULTS, SECTION
 
 
 def _table(rows: list[dict], methods: list[str]) -> list[str]:
@@ -280,7 +289,8 @@ def _table(rows: list[dict], methods: list[str]) -> list[str]:
 def render(results: dict) -> str:
     """The README section body, from the JSON results alone."""
     rows, cond = results["rows"], results["conditions"]
-    flag, raw = ("--methods newer --readme", RESULTS_NEWER.name) if is_newer(results) else ("--readme", RESULTS.name)
+    flag, raw_file, _ = group_of(results)
+    raw = raw_file.name
     lines = _table(rows, results["methods"])
     ours_rows = [r for r in rows if r["tool"] == "ours"]
     stages = [s for s in ("plan", "read", "convert", "merge", "check", "write", "verify", "hash",
@@ -314,7 +324,13 @@ def render(results: dict) -> str:
         "per chunk; trim thresholds by sampled bracketing + `kthvalue`; the trim and sign-election "
         "kernels split large tensors over two threads), writes each tensor in place in its shard on "
         "a writer thread, and a checker thread reads it back, compares it and feeds the manifest's "
-        "sha256 while it is still in memory (no second pass over the output).\n\n"
+        "sha256 while it is still in memory (no second pass over the output)." + (
+            " Since 2026-12-02 the chunked kernels reuse their chunk buffers (64Ki entries), TIES' trim "
+            "is one `hardshrink` and its sign election two operations per model, Arcee Fusion finds "
+            "its three quartiles in one bracketing pass, and `python -m engine` ends without the "
+            "interpreter's teardown (threads joined, atexit handlers run, output flushed, then "
+            "`os._exit`; the teardown alone took ~0.7 s with torch loaded)."
+            if results["conditions"].get("fast_exit") else "") + "\n\n"
         f"Reproduce: `python bench/merge_speed.py --mergekit VENV/bin/mergekit-yaml {flag}` on an idle "
         f"machine (mergekit in its own venv: `python -m venv VENV && VENV/bin/pip install torch==2.13.0 "
         f"mergekit`); raw numbers of every run: `bench/results/{raw}`.\n\n"
@@ -358,7 +374,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--methods", default=",".join(MAIN_METHODS),
                         help=f"comma-separated; 'shared' = {', '.join(MAIN_METHODS + OTHER_SHARED + NEWER_SHARED)}; "
-                             "'newer' = the last " + str(len(NEWER_SHARED)))
+                             "'newer' = the last " + str(len(NEWER_SHARED)) + "; 'other' = "
+                             + ", ".join(OTHER_SHARED))
     parser.add_argument("--mergekit-bf16", action="store_true", help="also time mergekit with dtype bfloat16")
     parser.add_argument("--readme", action="store_true",
                         help="write bench/results/merge_speed.json and the README section (idle machine only)")
@@ -374,8 +391,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         write_readme_section(SECTION, render(json.loads(RESULTS.read_text())))
-        if RESULTS_NEWER.is_file():
-            write_readme_section(SECTION_NEWER, render(json.loads(RESULTS_NEWER.read_text())))
+        for results_file, section in ((RESULTS_NEWER, SECTION_NEWER), (RESULTS_OTHER, SECTION_OTHER)):
+            if results_file.is_file():
+                write_readme_section(section, render(json.loads(results_file.read_text())))
         return 0
     if args.readme and args.ours_only:
         parser.error("--readme needs mergekit (not --ours-only)")
@@ -384,7 +402,8 @@ def main(argv=None) -> int:
         exe = shutil.which(args.mergekit) or args.mergekit
         if not Path(exe).exists():
             parser.error(f"mergekit-yaml not found ({args.mergekit}); see bench/README.md")
-    methods = ({"shared": list(MAIN_METHODS + OTHER_SHARED + NEWER_SHARED), "newer": list(NEWER_SHARED)}
+    methods = ({"shared": list(MAIN_METHODS + OTHER_SHARED + NEWER_SHARED), "newer": list(NEWER_SHARED),
+                "other": list(OTHER_SHARED)}
                .get(args.methods) or args.methods.split(","))
 
     WORK.mkdir(parents=True, exist_ok=True)
@@ -426,7 +445,9 @@ def main(argv=None) -> int:
                        "load_after": [round(x, 2) for x in load_after],
                        "load_limit_per_core": LOAD_LIMIT_PER_CORE, "loaded": loaded,
                        "other_work": other.record(), "note": args.note,
-                       "reps": args.reps, "date": time.strftime("%Y-%m-%d")},
+                       "reps": args.reps, "date": time.strftime("%Y-%m-%d"),
+                       # the engine ends without the interpreter's teardown (engine/__main__.py)
+                       "fast_exit": True},
         "methods": methods, "rows": summarize(runs), "runs": runs,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -442,7 +463,7 @@ def main(argv=None) -> int:
             print(f"refusing to write the README: other work above {LOAD_LIMIT_PER_CORE} busy cores per core "
                   "(rerun on an idle machine, or pass --force-loaded)", file=sys.stderr)
             return 2
-        results_file, section = (RESULTS_NEWER, SECTION_NEWER) if is_newer(results) else (RESULTS, SECTION)
+        _, results_file, section = group_of(results)
         if args.amend:
             recorded = json.loads(results_file.read_text())
             recorded.setdefault("amended", []).append({"methods": methods, "note": args.note,

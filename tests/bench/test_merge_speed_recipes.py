@@ -37,8 +37,11 @@ def test_the_methods_timed_are_registered_once_each():
 
     ours = set(list_methods())
     assert set(ALL) <= ours and len(set(ALL)) == len(ALL)
-    assert speed.is_newer({"methods": list(speed.NEWER_SHARED)})
-    assert not speed.is_newer({"methods": list(speed.MAIN_METHODS)})
+    # each group of methods has its own results file and README section
+    groups = [speed.group_of({"methods": list(g)}) for g in
+              (speed.MAIN_METHODS, speed.OTHER_SHARED, speed.NEWER_SHARED)]
+    assert len({g[1] for g in groups}) == 3 and len({g[2] for g in groups}) == 3
+    assert speed.group_of({"methods": ["ties", "della"]})[1] == speed.RESULTS  # a mix: the headline's
 
 
 @pytest.mark.parametrize("method", ALL)

@@ -42,6 +42,8 @@ CASES = [
     ("ties", [{"weight": 0.6, "density": 0.4}] * 3, {"normalize": False, "int8_mask": True, "lambda": 1.3}),
     ("ties", [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 1.0}, {"weight": 0.3, "density": 0.01}],
      {"consensus_method": "count"}),
+    # a negative weight: a divisor can be negative, so a zero one becomes 1 (not clamped)
+    ("ties", [{"weight": 1.0, "density": 0.6}, {"weight": -0.5, "density": 0.5}, {"weight": 0.7, "density": 0.8}], {}),
     ("breadcrumbs", [{"weight": 0.6, "density": 0.8, "gamma": 0.05}, {"weight": 0.4, "density": 0.7, "gamma": 0.02},
                      {"weight": 0.4, "density": 0.97, "gamma": 0.1}], {}),
     ("breadcrumbs_ties", [{"weight": 0.6, "density": 0.8, "gamma": 0.05}, {"weight": 0.4, "density": 0.7, "gamma": 0.0},
