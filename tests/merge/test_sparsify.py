@@ -76,3 +76,17 @@ def test_pack_bits_matches_numpy_and_round_trips(shape):
     assert packed.dtype == torch.uint8
     assert packed.numpy().tolist() == np.packbits(mask.reshape(-1).numpy()).tolist()
     assert unpack_bits(packed, shape).equal(mask)
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (1, 1000), (5, 1), (64, 300)])
+def test_magnitude_order_is_the_stable_argsort_of_magnitudes(shape):
+    """The int64-key sort gives torch's stable argsort of |rows|: equal magnitudes (many here,
+    and +0 / -0) in column order, inf and NaN last."""
+    from engine.merge.sparsify import magnitude_order
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(-4, 5, shape, generator=g).float() * 0.25
+    if shape[1] > 3:
+        rows[0, 0], rows[0, 1], rows[0, 2] = float("nan"), -0.0, float("-inf")
+    assert torch.equal(magnitude_order(rows), torch.argsort(rows.abs(), dim=1, stable=True))
+    assert torch.equal(magnitude_order(rows.double()), torch.argsort(rows.abs().double(), dim=1, stable=True))
