@@ -60,8 +60,8 @@ def measure(zoo: Path, n: int) -> dict:
     from engine.visionfuse.members import open_member
     from engine.zoo.mllm import streams_of
 
-    base, left, right = zoo / "small/base", zoo / "mllm/left", zoo / "mllm/right"
-    members = [open_member(left), open_member(right)]
+    base, top, bottom = zoo / "small/base", zoo / "mllm/top", zoo / "mllm/bottom"
+    members = [open_member(top), open_member(bottom)]
     streams = [s for m in members for s in streams_of(m.model, m.view)]
     rows = []
     for m in members:
@@ -76,16 +76,16 @@ def measure(zoo: Path, n: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (method, params, weights, label) in enumerate(SETTINGS):
             out = Path(tmp) / f"fused{i}"
-            fuse(base, [left, right], out, method, params, weights)
+            fuse(base, [top, bottom], out, method, params, weights)
             rows.append({**_row(f"fused: {label}", load(out).score(TASKS, n)["tasks"]),
                          "kind": "fused", "method": method, "params": params,
                          "weights": weights})
     images = np.stack([img for img, _ in heldout_images(256, "ocr")])
-    feats = {"left": _pooled(streams[0], images), "right": _pooled(streams[1], images)}
+    feats = {"top": _pooled(streams[0], images), "bottom": _pooled(streams[1], images)}
     control = open_member(zoo / "mllm/control")
     feats["control"] = _pooled(streams_of(control.model, control.view)[0], images)
     cka = {f"{a}~{b}": linear_cka(feats[a], feats[b])
-           for a, b in (("left", "right"), ("left", "control"), ("right", "control"))}
+           for a, b in (("top", "bottom"), ("top", "control"), ("bottom", "control"))}
     return {"rows": rows, "cka": cka}
 
 

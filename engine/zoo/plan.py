@@ -18,11 +18,11 @@ Families:
   alone (replay, no refusals): Safe Delta's benign-data case, whether benign fine-tuning
   erodes refusal too.
 
-- ``mllm``: multimodal LLaVA members (``engine.zoo.mllm``). ``left`` and ``right`` share the LM
-  ``small/base`` and see the image's left or right half (patch size 6, the letter pitch, so each
-  column of visual tokens holds one letter): the VisionFuse
-  family; ``control`` is ``left``'s recipe over ``large/base``, another LM (the cross-family
-  control of the encoder-similarity analysis).
+- ``mllm``: multimodal LLaVA members (``engine.zoo.mllm``). ``top`` and ``bottom`` share the LM
+  ``small/base`` and see the top or the bottom band of rows of the whole image (a slice of every
+  letter; patch size 6, the letter pitch, so each visual token holds one letter's slice): the
+  VisionFuse family; ``control`` is ``top``'s recipe over ``large/base``, another LM (the
+  cross-family control of the encoder-similarity analysis).
 
 ``quick`` keeps the same models, names and roles with smaller widths and fewer steps.
 """
@@ -80,9 +80,9 @@ MLLM_FAMILY = "mllm"
 # patch 6 (measured, ours): with 3- or 4-pixel patches (16 / 9 tokens that cut letters) the
 # members read little more than chance within the zoo's steps; with 6 (4 letter-aligned
 # tokens) left reads 0.45 of its half's letters in place, on its build seed
-MLLM_MEMBERS = (("mllm/left", "small/base", "left", 6, False),
-                ("mllm/right", "small/base", "right", 6, False),
-                ("mllm/control", "large/base", "left", 6, True))
+MLLM_MEMBERS = (("mllm/top", "small/base", "top", 6, False),
+                ("mllm/bottom", "small/base", "bottom", 6, False),
+                ("mllm/control", "large/base", "top", 6, True))
 MLLM_LR, MLLM_ALIGN_LR = 1e-3, 3e-3
 
 
