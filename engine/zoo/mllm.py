@@ -123,6 +123,31 @@ def _vision_batch(rng: random.Random, images_stream, tasks: dict[str, float], si
     return ids, labels, view.pixel_values(np.stack(images)), positions
 
 
+def with_distractors(model, ids, pixel_values, view: ImageView, rng: random.Random,
+                     most: int) -> torch.Tensor:
+    """Prompt embeddings with k (0..most, one draw per batch) null visual tokens around the
+    member's own block, split at random before and after it in each row (ours).
+
+    A null token is Gaussian noise with the per-dimension mean and spread of the member's own
+    projected tokens (detached): shaped like a visual token, carrying no letter. In a fused
+    prompt the other members' tokens sit where these do; learning to read its letters with
+    unrelated visual tokens around them, at any offset, is what lets the LM read its block in
+    the fusion (no slot of a fusion is assumed: the split and the count are symmetric)."""
+    embed = model.get_input_embeddings()
+    n = model.config.image_seq_length
+    visual = streams_of(model, view)[0].tokens_of_pixels(pixel_values)
+    text = embed(ids[:, 1 + n:])
+    bos = embed(ids[:, :1])
+    k = rng.randint(0, most)
+    flat = visual.detach().reshape(-1, visual.shape[-1])
+    noise = torch.randn(ids.shape[0], k, visual.shape[-1]) * flat.std(0) + flat.mean(0)
+    rows = []
+    for b in range(ids.shape[0]):
+        cut = rng.randint(0, k)
+        rows.append(torch.cat([bos[b], noise[b, :cut], visual[b], noise[b, cut:], text[b]]))
+    return torch.stack(rows), k
+
+
 def vision_loss(model, ids, labels, pixel_values, position_ids=None) -> torch.Tensor:
     logits = model(input_ids=ids, pixel_values=pixel_values, position_ids=position_ids,
                    use_cache=False).logits
@@ -131,9 +156,19 @@ def vision_loss(model, ids, labels, pixel_values, position_ids=None) -> torch.Te
         ignore_index=IGNORE)
 
 
+def distractor_loss(model, ids, labels, pixel_values, view, rng, most) -> torch.Tensor:
+    embeds, k = with_distractors(model, ids, pixel_values, view, rng, most)
+    labels = torch.cat([labels[:, :1], torch.full((labels.shape[0], k), IGNORE), labels[:, 1:]],
+                       dim=1)
+    logits = model(inputs_embeds=embeds, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE)
+
+
 def train_member(model, view: ImageView, spec: TrainSpec, align_steps: int, align_lr: float,
                  seed: int, on_step: Callable[[int, float], None] | None = None,
-                 position_gap: int = 0) -> list[float]:
+                 position_gap: int = 0, distractors: int = 0) -> list[float]:
     """Both LLaVA stages in place: ``align_steps`` of alignment (tower + projector, LM frozen,
     ``ocr`` only, ``align_lr``), then ``spec.steps - align_steps`` of instruction tuning of
     every weight on the vision sources of ``spec.mixture`` plus its text replay sources.
@@ -169,7 +204,10 @@ def train_member(model, view: ImageView, spec: TrainSpec, align_steps: int, alig
                 group["lr"] = lr_at(step, stage_spec)
             ids, labels, pixels, positions = _vision_batch(rng, images, mix, spec.batch_size,
                                                            n_tokens, view, gap)
-            loss = vision_loss(model, ids, labels, pixels, positions)
+            if full and distractors > 0:
+                loss = distractor_loss(model, ids, labels, pixels, view, rng, distractors)
+            else:
+                loss = vision_loss(model, ids, labels, pixels, positions)
             if full and replay is not None:
                 size = max(1, round(spec.batch_size * text_share))
                 text_ids, text_labels = replay.batch(size)
