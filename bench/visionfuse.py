@@ -77,9 +77,16 @@ def measure(zoo: Path, n: int) -> dict:
         for i, (method, params, weights, label) in enumerate(SETTINGS):
             out = Path(tmp) / f"fused{i}"
             fuse(base, [top, bottom], out, method, params, weights)
-            rows.append({**_row(f"fused: {label}", load(out).score(TASKS, n)["tasks"]),
+            fused = load(out)
+            rows.append({**_row(f"fused: {label}", fused.score(TASKS, n)["tasks"]),
                          "kind": "fused", "method": method, "params": params,
                          "weights": weights})
+            if i == 0:  # the merged LM with one encoder (does the merge keep each reader?)
+                for j, m in enumerate(members):
+                    keep = [k == j for k in range(len(members))]
+                    rows.append({**_row(f"merged LM ({label}), {m.path.name}'s tokens only",
+                                        fused.score(TASKS, n, keep=keep)["tasks"]),
+                                 "kind": "one stream"})
     images = np.stack([img for img, _ in heldout_images(256, "ocr")])
     feats = {"top": _pooled(streams[0], images), "bottom": _pooled(streams[1], images)}
     control = open_member(zoo / "mllm/control")
@@ -96,7 +103,20 @@ def verdict(rows: list[dict]) -> str:
     if gain >= 0.10:
         return (f"Target met: the best fused model ({fused['label']}) beats the best member "
                 f"({best['label']}) by {gain:+.2f} mean exact match.")
-    reason = ("the members themselves did not learn to read: their letters right in place "
+    concat = max((r for r in rows if r["kind"] == "concat"), key=lambda r: r["mean"])
+    single = [r for r in rows if r["kind"] == "one stream"]
+    one = max(single, key=lambda r: r["mean"]) if single else None
+    merge_breaks = (best["mean_char"] >= 2 * CHANCE and concat["mean"] >= 0.5 * best["mean"]
+                    and fused["mean"] < best["mean"])
+    reason = (f"the LM merge breaks the members' readers: given both token streams, a "
+              f"member's own (unmerged) LM still scores {concat['mean']:.2f} "
+              f"({concat['label']}), but every merged LM scores {fused['mean']:.2f}"
+              + (f", and {one['mean']:.2f} at best with a single member's tokens "
+                 f"({one['label']}), so the loss is in the merge, not in the concatenation"
+                 if one is not None else "")
+              + "; the members' LM deltas (full stage-2 tuning) interfere instead of adding"
+              if merge_breaks else
+              "the members themselves did not learn to read: their letters right in place "
               f"({best['mean_char']:.2f} at best) are at chance ({CHANCE:.2f}, 1 in 26), so "
               "there is nothing for the fusion to combine; the zoo's LLaVA training (a few "
               "hundred steps) ends on the loss plateau of a model that ignores the image"
@@ -126,10 +146,8 @@ def render(saved: dict) -> str:
               "image's tokens, 256 held-out images): "
               + ", ".join(f"{k.replace('~', ' vs ')} {v:.3f}" if v is not None else f"{k} n/a"
                           for k, v in cka.items())
-              + ". left and right share the LM small/base; control is left's recipe over "
-              "large/base. Within the family is not above the control here: control sees the "
-              "same (left) half as left, right sees the other half, so the view, not the LM, "
-              "drives this similarity."]
+              + ". top and bottom share the LM small/base; control is top's recipe (the same "
+              "view) over large/base, another LM."]
     return "\n".join(lines)
 
 
@@ -137,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=None)
     parser.add_argument("--n", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--render", action="store_true", help="render the saved results only")
     args = parser.parse_args(argv)
     if args.render:
@@ -146,14 +165,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--zoo is required unless --render")
         import platform
 
-        torch.set_num_threads(1)
+        threads = torch.get_num_threads() if args.threads is None else args.threads
+        torch.set_num_threads(threads)
         started = time.perf_counter()
         saved = {"n": args.n, **measure(args.zoo, args.n)}
         manifest = json.loads((args.zoo / "zoo.json").read_text())
         saved["seconds"] = round(time.perf_counter() - started, 1)
-        saved["machine"] = f"{platform.machine()} CPU, 1 thread"
+        saved["machine"] = f"{platform.machine()} CPU, {threads} thread(s), cores shared"
         saved["zoo"] = {"quick": manifest["quick"], "mllm": [
-            {k: m.get(k) for k in ("path", "parent", "steps", "view", "patch_size", "accuracy")}
+            {k: m.get(k) for k in ("path", "parent", "steps", "view", "patch_size", "position_gap",
+                                   "distractors", "lm_lr_scale", "train_seconds", "accuracy")}
             for m in manifest["models"] if m.get("family") == "mllm"]}
         RESULTS.write_text(json.dumps(saved, indent=1) + "\n")
     body = render(saved)

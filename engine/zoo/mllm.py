@@ -168,12 +168,16 @@ def distractor_loss(model, ids, labels, pixel_values, view, rng, most) -> torch.
 
 def train_member(model, view: ImageView, spec: TrainSpec, align_steps: int, align_lr: float,
                  seed: int, on_step: Callable[[int, float], None] | None = None,
-                 position_gap: int = 0, distractors: int = 0) -> list[float]:
+                 position_gap: int = 0, distractors: int = 0,
+                 lm_lr_scale: float = 1.0) -> list[float]:
     """Both LLaVA stages in place: ``align_steps`` of alignment (tower + projector, LM frozen,
     ``ocr`` only, ``align_lr``), then ``spec.steps - align_steps`` of instruction tuning of
     every weight on the vision sources of ``spec.mixture`` plus its text replay sources.
     ``position_gap`` > 0: stage 2 draws random position gaps around the visual block
-    (``gapped_positions``, ours); 0 is LLaVA's recipe."""
+    (``gapped_positions``, ours); 0 is LLaVA's recipe. ``distractors`` > 0: null visual tokens
+    around the block (``with_distractors``, ours). ``lm_lr_scale``: the LM's learning rate in
+    stage 2 relative to the encoder's and projector's (LLaVA tunes its LM at a far lower rate
+    than it aligns the projector; a small LM delta is what keeps members mergeable)."""
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -194,14 +198,16 @@ def train_member(model, view: ImageView, spec: TrainSpec, align_steps: int, alig
         for p in model.parameters():
             p.requires_grad_(full or id(p) not in lm_params)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-8,
-                                      weight_decay=0.0)
+        groups = [{"params": [p for p in params if id(p) not in lm_params], "scale": 1.0},
+                  {"params": [p for p in params if id(p) in lm_params], "scale": lm_lr_scale}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr,
+                                      betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
         stage_spec = TrainSpec(steps=steps, lr=lr, batch_size=spec.batch_size,
                                warmup=min(spec.warmup, max(1, steps // 5)))
         model.train()
         for step in range(steps):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, stage_spec)
+                group["lr"] = lr_at(step, stage_spec) * group["scale"]
             ids, labels, pixels, positions = _vision_batch(rng, images, mix, spec.batch_size,
                                                            n_tokens, view, gap)
             if full and distractors > 0:
@@ -277,7 +283,9 @@ def build_member(item, parent_lm, seed: int, on_step=None):
     extra = dict(item.extra)
     model = new_member(parent_lm, extra["patch_size"], extra["vision_hidden"], seed)
     train_member(model, plan_view(extra), item.spec, extra["align_steps"], extra["align_lr"],
-                 seed, on_step, position_gap=int(extra.get("position_gap", 0)))
+                 seed, on_step, position_gap=int(extra.get("position_gap", 0)),
+                 distractors=int(extra.get("distractors", 0)),
+                 lm_lr_scale=float(extra.get("lm_lr_scale", 1.0)))
     return model
 
 

@@ -84,6 +84,12 @@ MLLM_MEMBERS = (("mllm/top", "small/base", "top", 6, False),
                 ("mllm/bottom", "small/base", "bottom", 6, False),
                 ("mllm/control", "large/base", "top", 6, True))
 MLLM_LR, MLLM_ALIGN_LR = 1e-3, 3e-3
+# (align, tune) steps, measured on the band views (ours): 150 + 250 left the top member at 0.06
+# exact ocr (0.42 of the letters); 300 + 900 reach 0.29 (0.69), ~4 min per member on one busy core
+MLLM_STEPS = (300, 900)
+# stage-2 augmentation (ours, engine.zoo.mllm): random position gaps (0..8) around the visual
+# block and null visual tokens (0..8) around it; see the VisionFuse section of bench/README.md
+MLLM_POSITION_GAP, MLLM_DISTRACTORS = 0, 8
 
 
 def with_replay(task_mixture: dict[str, float]) -> dict[str, float]:
@@ -135,13 +141,14 @@ def zoo_plan(quick: bool = False) -> list[ModelPlan]:
         "safety/benign", "safety", "finetune", "reverse", "safety/aligned", "small",
         finetune(400, {"reverse": 1.0}),
         (("aligned", False), ("benign", True))))
-    align, tune = steps(150), steps(250)
+    align, tune = (12, 15) if quick else MLLM_STEPS
     for path, parent, view, patch, control in MLLM_MEMBERS:
         spec = TrainSpec(steps=align + tune, lr=MLLM_LR, batch_size=batch,
                          mixture=with_replay({"ocr": 0.5, "vrev": 0.5}), warmup=10)
         extra = (("modality", "vision"), ("view", view), ("patch_size", patch),
                  ("vision_hidden", 32 if quick else 64), ("align_steps", align),
-                 ("align_lr", MLLM_ALIGN_LR), ("lm_base", parent), ("control", control))
+                 ("align_lr", MLLM_ALIGN_LR), ("lm_base", parent), ("control", control),
+                 ("position_gap", MLLM_POSITION_GAP), ("distractors", MLLM_DISTRACTORS))
         plan.append(ModelPlan(path, MLLM_FAMILY, "finetune", None, parent,
                               parent.split("/")[0], spec, extra))
     return plan

@@ -17,7 +17,7 @@ def test_mllm_family_is_added_after_the_text_families():
         for p in mllm:
             extra = dict(p.extra)
             assert extra["modality"] == "vision" and p.role == "finetune"
-            assert 0 < extra["align_steps"] < p.spec.steps <= 400
+            assert 0 < extra["align_steps"] < p.spec.steps <= 1200
             assert {"ocr", "vrev"} <= set(p.spec.mixture)
         views = {dict(p.extra)["view"] for p in mllm if not dict(p.extra)["control"]}
         assert views == {"top", "bottom"}  # the two fusion members see different bands
