@@ -10,7 +10,7 @@ from engine.jobs.kinds import VisionFuseJobParams, get_kind
 @pytest.fixture
 def roots(members, tmp_path, monkeypatch):
     monkeypatch.setenv("DELTA_WORKBENCH_ZOO", str(members["base"].parents[1]))
-    monkeypatch.setenv("DELTA_WORKBENCH_MODEL_ROOTS", f"{tmp_path}:{members["top"].parent}")
+    monkeypatch.setenv("DELTA_WORKBENCH_MODEL_ROOTS", f"{tmp_path}:{members['top'].parent}")
     return members
 
 

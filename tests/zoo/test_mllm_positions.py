@@ -89,3 +89,22 @@ def test_distractors_surround_the_block_and_are_never_scored():
         hits = [s for s in range(1, 2 + k)
                 if torch.allclose(embeds[b, s:s + 4], own[b], atol=1e-6)]
         assert len(hits) == 1
+
+
+def test_lm_lr_scale_zero_leaves_the_language_model_untouched():
+    """Stage 2 with lm_lr_scale 0: the encoder and projector move, the LM does not (the scale
+    reaches the LM's parameter group only)."""
+    import torch
+
+    from engine.evaluate.vision_tasks import TOP_VIEW
+    from engine.zoo.mllm import lm_state_of, train_member
+    from engine.zoo.train import TrainSpec
+
+    model = _tiny_member()
+    lm0 = {k: v.clone() for k, v in lm_state_of(model.state_dict()).items()}
+    proj0 = model.model.multi_modal_projector.linear_1.weight.clone()
+    spec = TrainSpec(steps=3, lr=1e-2, batch_size=2, mixture={"ocr": 1.0}, warmup=1)
+    train_member(model, TOP_VIEW, spec, 1, 1e-2, 0, distractors=2, lm_lr_scale=0.0)
+    lm1 = lm_state_of(model.state_dict())
+    assert all(torch.equal(lm0[k], lm1[k]) for k in lm0)
+    assert not torch.equal(proj0, model.model.multi_modal_projector.linear_1.weight)
