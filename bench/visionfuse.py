@@ -60,8 +60,8 @@ def measure(zoo: Path, n: int) -> dict:
     from engine.visionfuse.members import open_member
     from engine.zoo.mllm import streams_of
 
-    base, left, right = zoo / "small/base", zoo / "mllm/left", zoo / "mllm/right"
-    members = [open_member(left), open_member(right)]
+    base, top, bottom = zoo / "small/base", zoo / "mllm/top", zoo / "mllm/bottom"
+    members = [open_member(top), open_member(bottom)]
     streams = [s for m in members for s in streams_of(m.model, m.view)]
     rows = []
     for m in members:
@@ -76,17 +76,44 @@ def measure(zoo: Path, n: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (method, params, weights, label) in enumerate(SETTINGS):
             out = Path(tmp) / f"fused{i}"
-            fuse(base, [left, right], out, method, params, weights)
-            rows.append({**_row(f"fused: {label}", load(out).score(TASKS, n)["tasks"]),
+            fuse(base, [top, bottom], out, method, params, weights)
+            fused = load(out)
+            rows.append({**_row(f"fused: {label}", fused.score(TASKS, n)["tasks"]),
                          "kind": "fused", "method": method, "params": params,
                          "weights": weights})
+            if i == 0:  # the merged LM with one encoder (does the merge keep each reader?)
+                for j, m in enumerate(members):
+                    keep = [k == j for k in range(len(members))]
+                    rows.append({**_row(f"merged LM ({label}), {m.path.name}'s tokens only",
+                                        fused.score(TASKS, n, keep=keep)["tasks"]),
+                                 "kind": "one stream"})
     images = np.stack([img for img, _ in heldout_images(256, "ocr")])
-    feats = {"left": _pooled(streams[0], images), "right": _pooled(streams[1], images)}
+    feats = {"top": _pooled(streams[0], images), "bottom": _pooled(streams[1], images)}
     control = open_member(zoo / "mllm/control")
     feats["control"] = _pooled(streams_of(control.model, control.view)[0], images)
     cka = {f"{a}~{b}": linear_cka(feats[a], feats[b])
-           for a, b in (("left", "right"), ("left", "control"), ("right", "control"))}
-    return {"rows": rows, "cka": cka}
+           for a, b in (("top", "bottom"), ("top", "control"), ("bottom", "control"))}
+    return {"rows": rows, "cka": cka, "deltas": _delta_stats(zoo, members)}
+
+
+def _delta_stats(zoo: Path, members) -> dict:
+    """Relative size ||tau|| / ||theta_0|| of each LM delta over small/base (all LM tensors as
+    one vector), against a text fine-tune's (small/reverse, which merges well), and the cosine
+    of the two members' deltas: how far apart the merge's inputs are."""
+    from engine.io import ModelFolder
+
+    def state(path):
+        with ModelFolder(path) as f:
+            return {n: f.get_tensor(n).double() for n in f.tensor_names}
+
+    base = state(zoo / "small/base")
+    flat = lambda st: torch.cat([(st[k] - base[k]).flatten() for k in sorted(base)])  # noqa: E731
+    norm0 = torch.cat([base[k].flatten() for k in sorted(base)]).norm()
+    taus = {m.path.name: flat({k: v.double() for k, v in m.lm_state.items()}) for m in members}
+    taus["small/reverse (text)"] = flat(state(zoo / "small/reverse"))
+    (a, ta), (b, tb) = list(taus.items())[:2]
+    return {"relative_norm": {k: float(t.norm() / norm0) for k, t in taus.items()},
+            f"cosine {a}~{b}": float(ta @ tb / (ta.norm() * tb.norm()))}
 
 
 def verdict(rows: list[dict]) -> str:
@@ -96,7 +123,20 @@ def verdict(rows: list[dict]) -> str:
     if gain >= 0.10:
         return (f"Target met: the best fused model ({fused['label']}) beats the best member "
                 f"({best['label']}) by {gain:+.2f} mean exact match.")
-    reason = ("the members themselves did not learn to read: their letters right in place "
+    concat = max((r for r in rows if r["kind"] == "concat"), key=lambda r: r["mean"])
+    single = [r for r in rows if r["kind"] == "one stream"]
+    one = max(single, key=lambda r: r["mean"]) if single else None
+    merge_breaks = (best["mean_char"] >= 2 * CHANCE and concat["mean"] >= 0.5 * best["mean"]
+                    and fused["mean"] < best["mean"])
+    reason = (f"the LM merge breaks the members' readers: given both token streams, a "
+              f"member's own (unmerged) LM still scores {concat['mean']:.2f} "
+              f"({concat['label']}), but every merged LM scores {fused['mean']:.2f}"
+              + (f", and {one['mean']:.2f} at best with a single member's tokens "
+                 f"({one['label']}), so the loss is in the merge, not in the concatenation"
+                 if one is not None else "")
+              + "; the members' LM deltas (full stage-2 tuning) interfere instead of adding"
+              if merge_breaks else
+              "the members themselves did not learn to read: their letters right in place "
               f"({best['mean_char']:.2f} at best) are at chance ({CHANCE:.2f}, 1 in 26), so "
               "there is nothing for the fusion to combine; the zoo's LLaVA training (a few "
               "hundred steps) ends on the loss plateau of a model that ignores the image"
@@ -116,7 +156,16 @@ def render(saved: dict) -> str:
     lines = [f"`python bench/visionfuse.py --zoo ZOO` on the zoo's mllm family "
              f"({saved['n']} held-out images per task, exact match; in brackets the share of "
              f"letters right in place; {saved['seconds']:.0f} s on {saved['machine']}).", "",
-             "| model | ocr | vrev | mean |", "|---|---|---|---|"]
+             "Members: `top` and `bottom` share the LM small/base; each encoder sees one band "
+             "of rows (top or bottom 6 of 12) across the whole 4-letter string, folded into its "
+             "12 x 12 input (patch 6: one visual token per letter slice), so each member holds "
+             "part of every letter's evidence (2-5 of its 7 rows, by the image's vertical "
+             "offset) and the fused model has both parts. Stage 2 of the members' LLaVA "
+             "training surrounds their visual block with 0-8 null visual tokens at a random "
+             "split (ours: the LM learns to read its tokens among unrelated ones at any "
+             "offset, as in a fused prompt; no fusion slot is assumed). The fusion itself is "
+             "the paper's: concatenated visual tokens + merged LM deltas, nothing trained.",
+             "", "| model | ocr | vrev | mean |", "|---|---|---|---|"]
     for r in rows:
         cells = [f"{r['tasks'][t]['accuracy']:.3f} ({r['tasks'][t]['char_accuracy']:.2f})"
                  for t in TASKS]
@@ -126,10 +175,14 @@ def render(saved: dict) -> str:
               "image's tokens, 256 held-out images): "
               + ", ".join(f"{k.replace('~', ' vs ')} {v:.3f}" if v is not None else f"{k} n/a"
                           for k, v in cka.items())
-              + ". left and right share the LM small/base; control is left's recipe over "
-              "large/base. Within the family is not above the control here: control sees the "
-              "same (left) half as left, right sees the other half, so the view, not the LM, "
-              "drives this similarity."]
+              + ". top and bottom share the LM small/base; control is top's recipe (the same "
+              "view) over large/base, another LM."]
+    deltas = saved.get("deltas")
+    if deltas:
+        sizes = ", ".join(f"{k} {v:.3f}" for k, v in deltas["relative_norm"].items())
+        cos = [(k, v) for k, v in deltas.items() if k.startswith("cosine")][0]
+        lines += ["", f"LM deltas over small/base, ||tau|| / ||theta_0||: {sizes}; "
+                      f"{cos[0]} {cos[1]:.3f}."]
     return "\n".join(lines)
 
 
@@ -137,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=None)
     parser.add_argument("--n", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--render", action="store_true", help="render the saved results only")
     args = parser.parse_args(argv)
     if args.render:
@@ -146,14 +200,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--zoo is required unless --render")
         import platform
 
-        torch.set_num_threads(1)
+        threads = torch.get_num_threads() if args.threads is None else args.threads
+        torch.set_num_threads(threads)
         started = time.perf_counter()
         saved = {"n": args.n, **measure(args.zoo, args.n)}
         manifest = json.loads((args.zoo / "zoo.json").read_text())
         saved["seconds"] = round(time.perf_counter() - started, 1)
-        saved["machine"] = f"{platform.machine()} CPU, 1 thread"
+        saved["machine"] = f"{platform.machine()} CPU, {threads} thread(s), cores shared"
         saved["zoo"] = {"quick": manifest["quick"], "mllm": [
-            {k: m.get(k) for k in ("path", "parent", "steps", "view", "patch_size", "accuracy")}
+            {k: m.get(k) for k in ("path", "parent", "steps", "view", "patch_size", "position_gap",
+                                   "distractors", "lm_lr_scale", "train_seconds", "accuracy")}
             for m in manifest["models"] if m.get("family") == "mllm"]}
         RESULTS.write_text(json.dumps(saved, indent=1) + "\n")
     body = render(saved)

@@ -6,7 +6,7 @@ instead, each trained from its parent as the build trains it (same per-model see
 evaluated on the same held-out sets. The zoo.json then lists them with their measurements and
 ``added_models`` names them (``build_seconds`` stays the original build's).
 
-    OMP_WAIT_POLICY=PASSIVE python bench/zoo_add_models.py ZOO_DIR
+    OMP_WAIT_POLICY=PASSIVE python bench/zoo_add_models.py ZOO_DIR [THREADS]
 """
 
 from __future__ import annotations
@@ -71,5 +71,5 @@ def main(zoo: Path) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
     main(Path(sys.argv[1]))

@@ -34,8 +34,8 @@ def _default(path: str) -> str:
 
 base_text = st.text_input("Shared LM (base)", value=_default("small/base"), key="vf_base")
 cols = st.columns(2)
-first = cols[0].text_input("Member 1", value=_default("mllm/left"), key="vf_m1")
-second = cols[1].text_input("Member 2", value=_default("mllm/right"), key="vf_m2")
+first = cols[0].text_input("Member 1", value=_default("mllm/top"), key="vf_m1")
+second = cols[1].text_input("Member 2", value=_default("mllm/bottom"), key="vf_m2")
 methods = [m for m in list_methods() if get_method(m).requires_base or get_method(m).optional_base]
 method_name = st.selectbox("Merge method (language models only)", methods,
                            index=methods.index("task_arithmetic") if "task_arithmetic" in methods

@@ -37,7 +37,10 @@ class VisualStream:
     def tokens(self, images: np.ndarray) -> torch.Tensor:
         """``(B, n_tokens, lm_hidden)`` projected visual tokens of ``(B, 12, 24)`` images."""
         device = next(self.projector.parameters()).device
-        pixels = self.view.pixel_values(images).to(device)
+        return self.tokens_of_pixels(self.view.pixel_values(images).to(device))
+
+    def tokens_of_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The same from the view's ``(B, 1, 12, 12)`` pixel values."""
         out = self.vision_tower(pixel_values=pixels, output_hidden_states=True, return_dict=True)
         return self.projector(out.hidden_states[self.feature_layer])
 

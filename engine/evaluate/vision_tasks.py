@@ -3,15 +3,18 @@
 An image is a 4-letter lowercase string drawn with a built-in 5x7 bitmap font (upper-case
 glyphs, one pixel between letters) on a 12 x 24 grayscale canvas, at a random vertical offset
 (rows 1-4) and horizontal jitter (0-1 px), plus Gaussian noise (sigma 0.1), clipped to [0, 1].
-Letter i always lies in columns [6i, 6i + 6): letters 0-1 in the left half, 2-3 in the right.
+Letter i always lies in columns [6i, 6i + 6); the glyphs span rows top..top + 6, top in 1-4.
 
 Tasks (the prompt is ``<bos>`` + the image's tokens + the tag text; scored by exact match):
 
 - ``ocr``: ``ocr:=`` -> the string;
 - ``vrev``: ``vrv:=`` -> the string reversed (perception plus the LM's pretrained REV skill).
 
-A member of the family sees the image through its **view** (``ImageView``): a crop of the
-canvas columns, so members that see different halves are complementary by construction.
+A member of the family sees the image through its **view** (``ImageView``): a band of rows
+across the whole width (the top or the bottom half of the canvas), so each member sees a slice
+of every letter. With the vertical offset, the top band holds 5, 4, 3 or 2 of a glyph's 7 rows
+and the bottom band the rest: a member alone reads the string of some images, the two bands
+together always hold every glyph whole.
 Train and held-out images are split on the string with the zoo's ``is_heldout`` (both tasks
 share the split); held-out sets come from fixed seeds, the same on every machine.
 """
@@ -70,33 +73,42 @@ def render(text: str, rng: random.Random) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ImageView:
-    """How one member's encoder sees the canvas: columns [x0, x1) (square: x1 - x0 == 12),
-    scaled to [-1, 1] (``(v - 0.5) / 0.5``), one channel."""
+    """How one member's encoder sees the canvas: the band of rows [y0, y1) across the whole
+    width (half the canvas: y1 - y0 == 6), folded into a 12 x 12 square (columns 0-11 on top of
+    columns 12-23), scaled to [-1, 1] (``(v - 0.5) / 0.5``), one channel. Folded, each 6 x 6
+    patch holds one letter's slice: with patch 6, visual token i is letter i.
 
-    x0: int
-    x1: int
+    A band sees a slice of *every* letter (ours: complementary views that carry the same kind
+    of evidence about each letter, so a member alone reads whole strings sometimes and the
+    fused model can pool the two slices of each letter)."""
+
+    y0: int
+    y1: int
 
     def to_dict(self) -> dict:
-        return {"x0": self.x0, "x1": self.x1, "canvas": [CANVAS_H, CANVAS_W]}
+        return {"y0": self.y0, "y1": self.y1, "canvas": [CANVAS_H, CANVAS_W]}
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ImageView":
-        view = cls(int(raw["x0"]), int(raw["x1"]))
-        if not (0 <= view.x0 < view.x1 <= CANVAS_W) or view.x1 - view.x0 != CANVAS_H:
-            raise ValueError(f"image view columns [{view.x0}, {view.x1}) do not make a "
-                             f"{CANVAS_H}-pixel square inside the {CANVAS_W}-column canvas")
+        view = cls(int(raw["y0"]), int(raw["y1"]))
+        if not (0 <= view.y0 < view.y1 <= CANVAS_H) or view.y1 - view.y0 != BAND_H:
+            raise ValueError(f"image view rows [{view.y0}, {view.y1}) are not a {BAND_H}-row "
+                             f"band inside the {CANVAS_H}-row canvas")
         return view
 
     def pixel_values(self, images: np.ndarray):
         """``(B, 1, 12, 12)`` float32 torch tensor of a batch ``(B, 12, 24)`` of images."""
         import torch
 
-        crop = np.asarray(images, dtype=np.float32)[:, :, self.x0:self.x1]
-        return torch.from_numpy((crop - 0.5) / 0.5).unsqueeze(1).contiguous()
+        band = np.asarray(images, dtype=np.float32)[:, self.y0:self.y1, :]
+        half = CANVAS_W // 2
+        square = np.concatenate([band[:, :, :half], band[:, :, half:]], axis=1)
+        return torch.from_numpy((square - 0.5) / 0.5).unsqueeze(1).contiguous()
 
 
-LEFT_VIEW = ImageView(0, 12)
-RIGHT_VIEW = ImageView(12, 24)
+BAND_H = CANVAS_H // 2
+TOP_VIEW = ImageView(0, BAND_H)  # rows 0-5: the glyphs' top 2-5 rows (by the vertical offset)
+BOTTOM_VIEW = ImageView(BAND_H, CANVAS_H)  # rows 6-11: the remaining 5-2 rows
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@
 Each member is a real ``LlavaForConditionalGeneration``: a small SigLIP vision tower (one
 grayscale channel, 12 x 12 input), the two-layer MLP projector and, as its language model, a
 copy of its parent zoo LM (``small/base`` for the fusion members). Members differ in what their
-encoder sees (``ImageView``: the left or the right half of the canvas), so they are
-complementary: neither can read the whole string alone.
+encoder sees (``ImageView``: the top or the bottom band of rows of the canvas), so they are
+complementary: each sees a slice of every letter, and which slice holds more of the glyphs
+changes from image to image (the vertical offset), so a member alone reads some strings whole
+and misreads letters of others.
 
 Training is LLaVA's two stages (Liu et al., "Visual Instruction Tuning"), scaled to the zoo:
 
@@ -84,8 +86,24 @@ def streams_of(model, view: ImageView) -> list[VisualStream]:
                          model.config.vision_feature_layer)]
 
 
+def gapped_positions(rng: random.Random, n_tokens: int, length: int, gap: int) -> list[int]:
+    """Position ids of one ``[<bos>; n_tokens visual; text]`` row with a random gap of 0..gap
+    positions before the visual block and another after it (ours; gap 0: plain 0..length-1).
+
+    RoPE makes attention depend on relative positions only, so a member trained on one fixed
+    layout learns "the letters are k positions back". In a fused prompt the other members'
+    tokens shift that offset; random gaps on both sides, drawn alike for every member, teach
+    the LM to find its tokens by content instead (the layout of no fusion is assumed)."""
+    if gap <= 0:
+        return list(range(length))
+    before, after = rng.randint(0, gap), rng.randint(0, gap)
+    visual = [1 + before + j for j in range(n_tokens)]
+    start = 1 + before + n_tokens + after
+    return [0] + visual + [start + j for j in range(length - 1 - n_tokens)]
+
+
 def _vision_batch(rng: random.Random, images_stream, tasks: dict[str, float], size: int,
-                  n_tokens: int, view: ImageView):
+                  n_tokens: int, view: ImageView, gap: int = 0):
     import numpy as np
 
     names, weights = list(tasks), list(tasks.values())
@@ -95,25 +113,71 @@ def _vision_batch(rng: random.Random, images_stream, tasks: dict[str, float], si
         task = VISION_TASKS[rng.choices(names, weights)[0]]
         prompt = [BOS_ID] + [IMAGE_TOKEN_ID] * n_tokens + encode_chars(task.text)
         answer = encode_chars(task.answer(string)) + [EOS_ID]
-        rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
+        full = prompt + answer
+        rows.append((full, [IGNORE] * len(prompt) + answer,
+                     gapped_positions(rng, n_tokens, len(full), gap)))
         images.append(image)
     ids = torch.tensor([r[0] for r in rows], dtype=torch.long)  # equal lengths: no padding
     labels = torch.tensor([r[1] for r in rows], dtype=torch.long)
-    return ids, labels, view.pixel_values(np.stack(images))
+    positions = torch.tensor([r[2] for r in rows], dtype=torch.long)
+    return ids, labels, view.pixel_values(np.stack(images)), positions
 
 
-def vision_loss(model, ids, labels, pixel_values) -> torch.Tensor:
-    logits = model(input_ids=ids, pixel_values=pixel_values, use_cache=False).logits
+def with_distractors(model, ids, pixel_values, view: ImageView, rng: random.Random,
+                     most: int) -> torch.Tensor:
+    """Prompt embeddings with k (0..most, one draw per batch) null visual tokens around the
+    member's own block, split at random before and after it in each row (ours).
+
+    A null token is Gaussian noise with the per-dimension mean and spread of the member's own
+    projected tokens (detached): shaped like a visual token, carrying no letter. In a fused
+    prompt the other members' tokens sit where these do; learning to read its letters with
+    unrelated visual tokens around them, at any offset, is what lets the LM read its block in
+    the fusion (no slot of a fusion is assumed: the split and the count are symmetric)."""
+    embed = model.get_input_embeddings()
+    n = model.config.image_seq_length
+    visual = streams_of(model, view)[0].tokens_of_pixels(pixel_values)
+    text = embed(ids[:, 1 + n:])
+    bos = embed(ids[:, :1])
+    k = rng.randint(0, most)
+    flat = visual.detach().reshape(-1, visual.shape[-1])
+    noise = torch.randn(ids.shape[0], k, visual.shape[-1]) * flat.std(0) + flat.mean(0)
+    rows = []
+    for b in range(ids.shape[0]):
+        cut = rng.randint(0, k)
+        rows.append(torch.cat([bos[b], noise[b, :cut], visual[b], noise[b, cut:], text[b]]))
+    return torch.stack(rows), k
+
+
+def vision_loss(model, ids, labels, pixel_values, position_ids=None) -> torch.Tensor:
+    logits = model(input_ids=ids, pixel_values=pixel_values, position_ids=position_ids,
+                   use_cache=False).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE)
+
+
+def distractor_loss(model, ids, labels, pixel_values, view, rng, most) -> torch.Tensor:
+    embeds, k = with_distractors(model, ids, pixel_values, view, rng, most)
+    labels = torch.cat([labels[:, :1], torch.full((labels.shape[0], k), IGNORE), labels[:, 1:]],
+                       dim=1)
+    logits = model(inputs_embeds=embeds, use_cache=False).logits
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
         ignore_index=IGNORE)
 
 
 def train_member(model, view: ImageView, spec: TrainSpec, align_steps: int, align_lr: float,
-                 seed: int, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+                 seed: int, on_step: Callable[[int, float], None] | None = None,
+                 position_gap: int = 0, distractors: int = 0,
+                 lm_lr_scale: float = 1.0) -> list[float]:
     """Both LLaVA stages in place: ``align_steps`` of alignment (tower + projector, LM frozen,
     ``ocr`` only, ``align_lr``), then ``spec.steps - align_steps`` of instruction tuning of
-    every weight on the vision sources of ``spec.mixture`` plus its text replay sources."""
+    every weight on the vision sources of ``spec.mixture`` plus its text replay sources.
+    ``position_gap`` > 0: stage 2 draws random position gaps around the visual block
+    (``gapped_positions``, ours); 0 is LLaVA's recipe. ``distractors`` > 0: null visual tokens
+    around the block (``with_distractors``, ours). ``lm_lr_scale``: the LM's learning rate in
+    stage 2 relative to the encoder's and projector's (LLaVA tunes its LM at a far lower rate
+    than it aligns the projector; a small LM delta is what keeps members mergeable)."""
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -128,21 +192,28 @@ def train_member(model, view: ImageView, spec: TrainSpec, align_steps: int, alig
               (spec.steps - align_steps, spec.lr, vision_mix, True)]
     step_index = 0
     for steps, lr, mix, full in stages:
+        gap = position_gap if full else 0
         lm_params = set(map(id, model.model.language_model.parameters())) | \
             set(map(id, model.lm_head.parameters()))
         for p in model.parameters():
             p.requires_grad_(full or id(p) not in lm_params)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-8,
-                                      weight_decay=0.0)
+        groups = [{"params": [p for p in params if id(p) not in lm_params], "scale": 1.0},
+                  {"params": [p for p in params if id(p) in lm_params], "scale": lm_lr_scale}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr,
+                                      betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
         stage_spec = TrainSpec(steps=steps, lr=lr, batch_size=spec.batch_size,
                                warmup=min(spec.warmup, max(1, steps // 5)))
         model.train()
         for step in range(steps):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, stage_spec)
-            ids, labels, pixels = _vision_batch(rng, images, mix, spec.batch_size, n_tokens, view)
-            loss = vision_loss(model, ids, labels, pixels)
+                group["lr"] = lr_at(step, stage_spec) * group["scale"]
+            ids, labels, pixels, positions = _vision_batch(rng, images, mix, spec.batch_size,
+                                                           n_tokens, view, gap)
+            if full and distractors > 0:
+                loss = distractor_loss(model, ids, labels, pixels, view, rng, distractors)
+            else:
+                loss = vision_loss(model, ids, labels, pixels, positions)
             if full and replay is not None:
                 size = max(1, round(spec.batch_size * text_share))
                 text_ids, text_labels = replay.batch(size)
@@ -202,9 +273,9 @@ def load_member(folder: str | Path):
 
 
 def plan_view(extra: dict) -> ImageView:
-    from engine.evaluate.vision_tasks import LEFT_VIEW, RIGHT_VIEW
+    from engine.evaluate.vision_tasks import BOTTOM_VIEW, TOP_VIEW
 
-    return {"left": LEFT_VIEW, "right": RIGHT_VIEW}[extra["view"]]
+    return {"top": TOP_VIEW, "bottom": BOTTOM_VIEW}[extra["view"]]
 
 
 def build_member(item, parent_lm, seed: int, on_step=None):
@@ -212,7 +283,9 @@ def build_member(item, parent_lm, seed: int, on_step=None):
     extra = dict(item.extra)
     model = new_member(parent_lm, extra["patch_size"], extra["vision_hidden"], seed)
     train_member(model, plan_view(extra), item.spec, extra["align_steps"], extra["align_lr"],
-                 seed, on_step)
+                 seed, on_step, position_gap=int(extra.get("position_gap", 0)),
+                 distractors=int(extra.get("distractors", 0)),
+                 lm_lr_scale=float(extra.get("lm_lr_scale", 1.0)))
     return model
 
 

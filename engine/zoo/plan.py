@@ -18,11 +18,11 @@ Families:
   alone (replay, no refusals): Safe Delta's benign-data case, whether benign fine-tuning
   erodes refusal too.
 
-- ``mllm``: multimodal LLaVA members (``engine.zoo.mllm``). ``left`` and ``right`` share the LM
-  ``small/base`` and see the image's left or right half (patch size 6, the letter pitch, so each
-  column of visual tokens holds one letter): the VisionFuse
-  family; ``control`` is ``left``'s recipe over ``large/base``, another LM (the cross-family
-  control of the encoder-similarity analysis).
+- ``mllm``: multimodal LLaVA members (``engine.zoo.mllm``). ``top`` and ``bottom`` share the LM
+  ``small/base`` and see the top or the bottom band of rows of the whole image (a slice of every
+  letter; patch size 6, the letter pitch, so each visual token holds one letter's slice): the
+  VisionFuse family; ``control`` is ``top``'s recipe over ``large/base``, another LM (the
+  cross-family control of the encoder-similarity analysis).
 
 ``quick`` keeps the same models, names and roles with smaller widths and fewer steps.
 """
@@ -80,10 +80,16 @@ MLLM_FAMILY = "mllm"
 # patch 6 (measured, ours): with 3- or 4-pixel patches (16 / 9 tokens that cut letters) the
 # members read little more than chance within the zoo's steps; with 6 (4 letter-aligned
 # tokens) left reads 0.45 of its half's letters in place, on its build seed
-MLLM_MEMBERS = (("mllm/left", "small/base", "left", 6, False),
-                ("mllm/right", "small/base", "right", 6, False),
-                ("mllm/control", "large/base", "left", 6, True))
+MLLM_MEMBERS = (("mllm/top", "small/base", "top", 6, False),
+                ("mllm/bottom", "small/base", "bottom", 6, False),
+                ("mllm/control", "large/base", "top", 6, True))
 MLLM_LR, MLLM_ALIGN_LR = 1e-3, 3e-3
+# (align, tune) steps, measured on the band views (ours): 150 + 250 left the top member at 0.06
+# exact ocr (0.42 of the letters); 300 + 900 reach 0.29 (0.69), ~4 min per member on one busy core
+MLLM_STEPS = (300, 900)
+# stage-2 augmentation (ours, engine.zoo.mllm): random position gaps (0..8) around the visual
+# block and null visual tokens (0..8) around it; see the VisionFuse section of bench/README.md
+MLLM_POSITION_GAP, MLLM_DISTRACTORS = 0, 8
 
 
 def with_replay(task_mixture: dict[str, float]) -> dict[str, float]:
@@ -135,13 +141,14 @@ def zoo_plan(quick: bool = False) -> list[ModelPlan]:
         "safety/benign", "safety", "finetune", "reverse", "safety/aligned", "small",
         finetune(400, {"reverse": 1.0}),
         (("aligned", False), ("benign", True))))
-    align, tune = steps(150), steps(250)
+    align, tune = (12, 15) if quick else MLLM_STEPS
     for path, parent, view, patch, control in MLLM_MEMBERS:
         spec = TrainSpec(steps=align + tune, lr=MLLM_LR, batch_size=batch,
                          mixture=with_replay({"ocr": 0.5, "vrev": 0.5}), warmup=10)
         extra = (("modality", "vision"), ("view", view), ("patch_size", patch),
                  ("vision_hidden", 32 if quick else 64), ("align_steps", align),
-                 ("align_lr", MLLM_ALIGN_LR), ("lm_base", parent), ("control", control))
+                 ("align_lr", MLLM_ALIGN_LR), ("lm_base", parent), ("control", control),
+                 ("position_gap", MLLM_POSITION_GAP), ("distractors", MLLM_DISTRACTORS))
         plan.append(ModelPlan(path, MLLM_FAMILY, "finetune", None, parent,
                               parent.split("/")[0], spec, extra))
     return plan

@@ -1,5 +1,5 @@
 """Tiny LLaVA members over the quick zoo's LMs (a few training steps each), written once per
-session as the zoo build writes its mllm family: ``left``/``right`` over small/base, and
+session as the zoo build writes its mllm family: ``top``/``bottom`` over small/base, and
 ``control`` over large/base (another LM)."""
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ def members(quick_zoo, tmp_path_factory):
     spec = TrainSpec(steps=4, lr=1e-3, batch_size=4,
                      mixture=with_replay({"ocr": 0.5, "vrev": 0.5}), warmup=1)
     out = {}
-    for name, parent, view, patch in (("left", "small/base", "left", 3),
-                                      ("right", "small/base", "right", 4),
-                                      ("control", "large/base", "left", 3)):
+    for name, parent, view, patch in (("top", "small/base", "top", 3),
+                                      ("bottom", "small/base", "bottom", 4),
+                                      ("control", "large/base", "top", 3)):
         lm = load_trained_model(Path(quick_zoo) / parent)
         model = mllm.new_member(lm, patch, 16, seed=len(out))
         v = mllm.plan_view({"view": view})

@@ -24,7 +24,7 @@ def test_placeholder_path_equals_llava_forward(members):
     from engine.evaluate.vision_tasks import heldout_images
     from engine.zoo.mllm import streams_of
 
-    m = _member(members["left"])
+    m = _member(members["top"])
     images = np.stack([img for img, _ in heldout_images(3)])
     n = m.model.config.image_seq_length
     ids = torch.tensor([[BOS_ID] + [IMAGE_TOKEN_ID] * n + encode_chars("ocr:=")] * 3)
@@ -38,7 +38,7 @@ def test_placeholder_path_equals_llava_forward(members):
 def test_zero_weights_reproduce_the_base_and_one_is_the_float64_sum(members):
     from engine.visionfuse.fuse import merge_language_models, open_inputs
 
-    _, base, ms = open_inputs(members["base"], [members["left"], members["right"]])
+    _, base, ms = open_inputs(members["base"], [members["top"], members["bottom"]])
     zero = merge_language_models(base, ms, weights=[0.0, 0.0])
     for k in base:
         torch.testing.assert_close(zero[k], base[k], rtol=0, atol=0)
@@ -59,13 +59,13 @@ def test_bundle_round_trip_and_token_order(members, tmp_path):
     from engine.evaluate.vision_scoring import prompt_embeds
 
     out = tmp_path / "fused"
-    summary = fuse(members["base"], [members["left"], members["right"]], out)
-    left, right = _member(members["left"]), _member(members["right"])
+    summary = fuse(members["base"], [members["top"], members["bottom"]], out)
+    top, bottom = _member(members["top"]), _member(members["bottom"])
     assert summary["visual_tokens"] == 16 + 9
     manifest = json.loads((out / "visionfuse.json").read_text())
-    assert [e["source"] for e in manifest["encoders"]] == ["left", "right"]
+    assert [e["source"] for e in manifest["encoders"]] == ["top", "bottom"]
     fused = load(out)
-    for stream, m in zip(fused.streams, (left, right)):
+    for stream, m in zip(fused.streams, (top, bottom)):
         parts = encoder_parts(m.model)
         own = {**{"vision_tower." + k: v for k, v in stream.vision_tower.state_dict().items()},
                **{"multi_modal_projector." + k: v for k, v in stream.projector.state_dict().items()}}
@@ -81,15 +81,15 @@ def test_bundle_round_trip_and_token_order(members, tmp_path):
 
 
 def test_one_stream_of_an_unmerged_lm_scores_as_the_member(members, tmp_path):
-    """Fused with weights (1, 0) and only the first encoder's tokens kept is member left."""
+    """Fused with weights (1, 0) and only the first encoder's tokens kept is member top."""
     from engine.visionfuse import fuse, load
     from engine.visionfuse.evaluate import evaluate_multimodal
 
     out = tmp_path / "fused10"
-    fuse(members["base"], [members["left"], members["right"]], out, weights=[1.0, 0.0])
+    fuse(members["base"], [members["top"], members["bottom"]], out, weights=[1.0, 0.0])
     fused = load(out)
     got = fused.score(["ocr"], 16, keep=[True, False], with_predictions=16)["tasks"]["ocr"]
-    want = evaluate_multimodal(members["left"], ["ocr"], 16, with_predictions=16)["tasks"]["ocr"]
+    want = evaluate_multimodal(members["top"], ["ocr"], 16, with_predictions=16)["tasks"]["ocr"]
     assert got["samples"] == want["samples"]
     assert got["modality"] == "vision"
 
@@ -98,7 +98,7 @@ def test_eval_cli_scores_a_fused_folder(members, tmp_path):
     from engine.visionfuse import fuse
 
     out = tmp_path / "fused_cli"
-    fuse(members["base"], [members["left"], members["right"]], out, "ties", {"density": 0.5})
+    fuse(members["base"], [members["top"], members["bottom"]], out, "ties", {"density": 0.5})
     proc = subprocess.run([sys.executable, "-m", "engine", "eval", str(out), "--tasks",
                            "ocr,vrev,reverse", "-n", "8", "--json"],
                           capture_output=True, text=True, timeout=600)
@@ -117,13 +117,13 @@ def test_refusals_name_the_model(members, tmp_path):
     from engine.visionfuse import fuse
 
     with pytest.raises(ParameterError, match="'control'.*different LM base"):
-        fuse(members["base"], [members["left"], members["control"]], tmp_path / "a")
+        fuse(members["base"], [members["top"], members["control"]], tmp_path / "a")
     with pytest.raises(ParameterError, match="'upper' is text-only"):
-        fuse(members["base"], [members["left"], members["text"]], tmp_path / "b")
+        fuse(members["base"], [members["top"], members["text"]], tmp_path / "b")
     with pytest.raises(ParameterError, match="at least two"):
-        fuse(members["base"], [members["left"]], tmp_path / "c")
+        fuse(members["base"], [members["top"]], tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    proc = _cli("visionfuse", "--base", members["base"], "--models", members["left"],
+    proc = _cli("visionfuse", "--base", members["base"], "--models", members["top"],
                 members["control"], "--out", tmp_path / "d")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "'control'" in proc.stderr
@@ -136,8 +136,8 @@ def test_vocabulary_mismatch_is_refused(members, tmp_path):
     from engine.visionfuse.members import check_member, open_member, read_base
 
     config, state = read_base(members["base"])
-    m = open_member(members["left"])
-    with pytest.raises(ParameterError, match="'left' has vocabulary size"):
+    m = open_member(members["top"])
+    with pytest.raises(ParameterError, match="'top' has vocabulary size"):
         check_member(m, {**config, "vocab_size": config["vocab_size"] + 1}, state,
                      Path(members["base"]))
 
@@ -150,5 +150,5 @@ def test_non_empty_destination_is_refused(members, tmp_path):
     out.mkdir()
     (out / "x").write_text("keep")
     with pytest.raises(ExportError):
-        fuse(members["base"], [members["left"], members["right"]], out)
+        fuse(members["base"], [members["top"], members["bottom"]], out)
     assert (out / "x").read_text() == "keep"

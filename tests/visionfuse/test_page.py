@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def page(members, monkeypatch, tmp_path):
     monkeypatch.setenv("DELTA_WORKBENCH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("DELTA_WORKBENCH_ZOO", str(members["base"].parents[1]))
-    monkeypatch.setenv("DELTA_WORKBENCH_MODEL_ROOTS", str(members["left"].parent))
+    monkeypatch.setenv("DELTA_WORKBENCH_MODEL_ROOTS", str(members["top"].parent))
     monkeypatch.chdir(ROOT)
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
     at.switch_page("pages/vision_fusion.py").run()
@@ -25,19 +25,19 @@ def page(members, monkeypatch, tmp_path):
 def test_members_concatenation_and_fused_are_shown(page, members):
     if not page.text_input(key="vf_m1").value:  # a zoo without the mllm family
         assert page.info
-        page.text_input(key="vf_m1").set_value(str(members["left"]))
-        page.text_input(key="vf_m2").set_value(str(members["right"]))
+        page.text_input(key="vf_m1").set_value(str(members["top"]))
+        page.text_input(key="vf_m2").set_value(str(members["bottom"]))
         page.slider(key="vf_n").set_value(8)
         page.run()
     assert not page.exception and not page.error
     labels = [m.label for m in page.metric]
-    assert labels == ["left alone", "right alone", "concatenation, left's LM unmerged",
+    assert labels == ["top alone", "bottom alone", "concatenation, top's LM unmerged",
                       "fused (task_arithmetic)"]
     assert len(page.get("plotly_chart")) == 1 + 4  # the bars, four sample images
 
 
 def test_a_text_only_member_is_a_message(page, members):
-    page.text_input(key="vf_m1").set_value(str(members["left"]))
+    page.text_input(key="vf_m1").set_value(str(members["top"]))
     page.text_input(key="vf_m2").set_value(str(members["text"]))
     page.run()
     assert not page.exception

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from engine.evaluate.tasks import is_heldout
-from engine.evaluate.vision_tasks import (CANVAS_W, LEFT_VIEW, RIGHT_VIEW, VISION_TASKS, ImageView,
+from engine.evaluate.vision_tasks import (BOTTOM_VIEW, CANVAS_H, TOP_VIEW, VISION_TASKS, ImageView,
                                           glyph, heldout_images, render, train_images)
 from engine.evaluate.tasks import LETTERS
 
@@ -42,14 +42,36 @@ def test_heldout_is_fixed_and_disjoint_from_train():
     assert not any(is_heldout(f"image:{next(stream)[1]}") for _ in range(200))
 
 
-def test_views_crop_their_half_and_scale_to_minus_one_one():
+def test_views_fold_their_band_and_scale_to_minus_one_one():
     images = np.stack([img for img, _ in heldout_images(4)])
-    left, right = LEFT_VIEW.pixel_values(images), RIGHT_VIEW.pixel_values(images)
-    assert tuple(left.shape) == (4, 1, 12, 12)
-    np.testing.assert_allclose(left[:, 0].numpy(), (images[:, :, :12] - 0.5) / 0.5)
-    np.testing.assert_allclose(right[:, 0].numpy(), (images[:, :, 12:] - 0.5) / 0.5)
+    top, bottom = TOP_VIEW.pixel_values(images), BOTTOM_VIEW.pixel_values(images)
+    assert tuple(top.shape) == (4, 1, 12, 12)
+    for view, rows in ((top, slice(0, 6)), (bottom, slice(6, 12))):
+        band = (images[:, rows, :] - 0.5) / 0.5
+        # columns 0-11 of the band on top of columns 12-23
+        np.testing.assert_allclose(view[:, 0, :6].numpy(), band[:, :, :12])
+        np.testing.assert_allclose(view[:, 0, 6:].numpy(), band[:, :, 12:])
     with pytest.raises(ValueError):
-        ImageView.from_dict({"x0": 5, "x1": CANVAS_W})
+        ImageView.from_dict({"y0": 3, "y1": CANVAS_H})
+
+
+def test_with_patch_6_each_visual_patch_is_one_letter_slice():
+    """Folded, the 6 x 6 patch i (row-major) is the band's columns [6i, 6i + 6): letter i."""
+    image = render("abcd", random.Random(5))
+    square = TOP_VIEW.pixel_values(image[None])[0, 0].numpy()
+    patches = [square[:6, :6], square[:6, 6:], square[6:, :6], square[6:, 6:]]
+    for i, patch in enumerate(patches):
+        np.testing.assert_allclose(patch, (image[:6, 6 * i:6 * i + 6] - 0.5) / 0.5)
+
+
+def test_the_two_bands_hold_every_glyph_row_between_them():
+    """Whatever the vertical offset, top band + bottom band = the whole glyph (7 rows), and
+    each band holds 2 to 5 of them."""
+    for seed in range(40):
+        clean = render("hhhh", random.Random(seed)) > 0.5
+        lit = clean.any(axis=1)
+        top, bottom = int(lit[:6].sum()), int(lit[6:].sum())
+        assert top + bottom == 7 and 2 <= top <= 5
 
 
 def test_vrev_answer_is_reversed():

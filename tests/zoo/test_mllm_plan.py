@@ -11,16 +11,16 @@ def test_mllm_family_is_added_after_the_text_families():
         plan = zoo_plan(quick)
         assert [p.path for p in plan[:len(TEXT_PATHS)]] == TEXT_PATHS
         mllm = [p for p in plan if p.family == MLLM_FAMILY]
-        assert [p.path for p in mllm] == ["mllm/left", "mllm/right", "mllm/control"]
+        assert [p.path for p in mllm] == ["mllm/top", "mllm/bottom", "mllm/control"]
         assert [p.parent for p in mllm] == ["small/base", "small/base", "large/base"]
         assert _families(plan)[-1][0] == MLLM_FAMILY
         for p in mllm:
             extra = dict(p.extra)
             assert extra["modality"] == "vision" and p.role == "finetune"
-            assert 0 < extra["align_steps"] < p.spec.steps <= 400
+            assert 0 < extra["align_steps"] < p.spec.steps <= 1200
             assert {"ocr", "vrev"} <= set(p.spec.mixture)
         views = {dict(p.extra)["view"] for p in mllm if not dict(p.extra)["control"]}
-        assert views == {"left", "right"}  # the two fusion members see different halves
+        assert views == {"top", "bottom"}  # the two fusion members see different bands
 
 
 def test_quick_mllm_training_is_tens_of_steps():
@@ -33,7 +33,7 @@ def test_the_pages_default_selection_leaves_the_llava_members_out():
     models = [{"path": "small/base", "family": "small", "role": "base", "parent": None},
               {"path": "small/upper", "family": "small", "role": "finetune",
                "parent": "small/base"},
-              {"path": "mllm/left", "family": MLLM_FAMILY, "role": "finetune",
+              {"path": "mllm/top", "family": MLLM_FAMILY, "role": "finetune",
                "parent": "small/base"}]
     chosen = default_selection({"models": models})
     assert [p.rsplit("/", 2)[-2:] for p in chosen["finetunes"]] == [["small", "upper"]]
