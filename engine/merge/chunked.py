@@ -65,6 +65,7 @@ from engine.errors import NonFiniteError
 from engine.merge.gta import Variant
 from engine.merge.methods import model_stock as stock_method
 from engine.merge.methods import slerp as slerp_method
+from engine.merge.order_stats import bracket
 from engine.merge.registry import MergeMethod
 from engine.merge.sparsify import kept_count
 
@@ -149,12 +150,8 @@ def select_topk(base: torch.Tensor, model: torch.Tensor, k: int) -> TopK:
     m = min(n, _SAMPLE)
     g = torch.Generator().manual_seed(n * 1_000_003 + k)
     idx = torch.randint(0, n, (m,), generator=g)
-    sample = (model[idx].float() - base[idx].float()).abs().sort(descending=True).values
-    q = k / n
-    spread = 6.0 * math.sqrt(q * (1 - q) / m) + 2.0 / m
-    hi_i, lo_i = math.floor((q - spread) * m), math.ceil((q + spread) * m)
-    hi = float(sample[hi_i]) if hi_i >= 0 else math.inf
-    lo = float(sample[lo_i]) if lo_i < m else -math.inf
+    sample = (model[idx].float() - base[idx].float()).abs().sort().values
+    lo, hi = bracket(sample, 1 - k / n)  # around the k-th largest: ascending rank n - k
 
     def scan(c_lo: int, c_hi: int):
         # Comparisons are written as in-place float comparisons on a scratch copy (1.0 / 0.0):
