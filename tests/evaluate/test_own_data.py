@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.evaluate.loading import load_model_folder
-from engine.evaluate.own_data import (EXTRA_NEW_TOKENS, read_jsonl, read_text, score_qa, score_sets,
+from engine.evaluate.own_data import (EXTRA_NEW_TOKENS, read_jsonl, read_text, score_sets,
                                       split_of, perplexity)
 from engine.evaluate.tasks import TASKS, heldout_examples
 

@@ -18,7 +18,7 @@ from engine.__main__ import main
 from engine.errors import CheckpointFormatError, ConfigError
 from engine.io import ModelFolder
 from tests.io.builders import (TINY_CONFIG, f32_entry, folder_with_file, safetensors_bytes, snapshot,
-                               tiny_tensors, write_model)
+                               write_model)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

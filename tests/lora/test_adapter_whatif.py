@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from engine.errors import ParameterError
 from engine.evaluate.loading import load_model_folder
