@@ -65,7 +65,7 @@ from engine.errors import NonFiniteError
 from engine.merge.gta import Variant
 from engine.merge.methods import model_stock as stock_method
 from engine.merge.methods import slerp as slerp_method
-from engine.merge.order_stats import bracket
+from engine.merge.order_stats import band_of, bracket
 from engine.merge.registry import MergeMethod
 from engine.merge.sparsify import kept_count
 
@@ -154,32 +154,20 @@ def select_topk(base: torch.Tensor, model: torch.Tensor, k: int) -> TopK:
     lo, hi = bracket(sample, 1 - k / n)  # around the k-th largest: ascending rank n - k
 
     def scan(c_lo: int, c_hi: int):
-        # Comparisons are written as in-place float comparisons on a scratch copy (1.0 / 0.0):
-        # on the CPU a comparison producing a bool tensor costs ~4x one producing floats. Only
-        # the band's mask is made bool, for the one gather that collects its entries.
-        above, band = 0, []
-        up, low, dm, db = torch.empty((4, min(n, CHUNK)), dtype=torch.float32)  # scratch
+        below, band = 0, []
+        buffers = torch.empty((4, min(n, CHUNK)), dtype=torch.float32)  # reused chunk after chunk
+        dm, db, scratch = buffers[0], buffers[1], buffers[2:]
         for s, e in _chunks(n, c_lo, c_hi):
             mag = dm[:e - s].copy_(model[s:e]).sub_(db[:e - s].copy_(base[s:e])).abs_()
-            over = up[:e - s].copy_(mag).gt_(hi) if hi != math.inf else None  # 1 above the band
-            if over is not None:
-                above += int(over.sum())
-            if lo == -math.inf and over is None:  # no bracket at all: every entry
-                band.append(mag)
-                continue
-            if lo == -math.inf:  # everything up to hi is in the band
-                in_band = over.neg_().add_(1.0)
-            else:  # at or above lo, less those above hi
-                in_band = low[:e - s].copy_(mag).ge_(lo)
-                if over is not None:
-                    in_band.sub_(over)
-            band.append(mag[in_band.bool()])
-        return above, band
+            count, entries = band_of(mag, lo, hi, scratch)  # entries: a copy, not the buffer
+            below += count
+            band.append(entries)
+        return below, band
 
     parts = _split(n, scan)
-    above = sum(a for a, _ in parts)
     bands = [b for _, part in parts for b in part]  # one per chunk, in order
     band = torch.cat(bands)
+    above = n - sum(b for b, _ in parts) - band.numel()  # entries above hi (and any NaN)
     rank = k - above  # rank of the k-th largest inside the band, from the top (1-based)
     count = len(bands)
     if 1 <= rank <= band.numel():
@@ -413,17 +401,17 @@ def _trim(d: torch.Tensor, rs: list[tuple[TopK, bool]], c: int) -> torch.Tensor:
         rule = rs[0][0]
         if rule.everything:
             return d
-        left = rule.at_keep - rule.ties_before[c]
-        count = rule.ties_before[c + 1] - rule.ties_before[c]
         if rule.nothing:
             return d.zero_()
+        left = rule.at_keep - rule.ties_before[c]
+        count = rule.ties_before[c + 1] - rule.ties_before[c]
         if left <= 0 or count == 0:  # no tie kept here: |d| > threshold
             return torch.nn.functional.hardshrink(d, rule.threshold)
-        if count <= left and rule.threshold > 0:  # every tie here is kept: |d| >= threshold
-            below = math.nextafter(rule.threshold, 0.0)
-            below = float(torch.tensor(below, dtype=torch.float32))
-            if below < rule.threshold:
-                return torch.nn.functional.hardshrink(d, below)
+        if count <= left and rule.threshold > 0:  # every tie here is kept: |d| >= threshold,
+            # i.e. |d| > the float32 just below it (a float64 nextafter would round back up)
+            below = float(torch.nextafter(torch.tensor(rule.threshold, dtype=torch.float32),
+                                          torch.tensor(0.0, dtype=torch.float32)))
+            return torch.nn.functional.hardshrink(d, below)
     mag = d.abs()
     for rule, negate in rs:
         k = topk_mask(rule, mag, c)  # float 0/1, None = keep all

@@ -31,26 +31,24 @@ def bracket(sample: torch.Tensor, q: float) -> tuple[float, float]:
             float(sample[hi_i]) if hi_i < m else math.inf)
 
 
-def _scan(flat: torch.Tensor, brackets, below: list[int], bands: list[list[torch.Tensor]]) -> None:
-    """One pass over ``flat``: per bracket, the count below it and its entries."""
-    n = flat.numel()
-    # comparisons as in-place float ops on scratch copies (a bool-valued comparison costs
-    # ~4x more on the CPU); only each band's mask is made bool, for its gather
-    under, inside = torch.empty((2, CHUNK), dtype=flat.dtype)
-    for s in range(0, n, CHUNK):
-        x = flat[s:s + CHUNK]
-        width = x.numel()
-        for j, (lo, hi) in enumerate(brackets):
-            if lo == -math.inf and hi == math.inf:
-                bands[j].append(x.clone())
-                continue
-            if lo != -math.inf:
-                low = under[:width].copy_(x).lt_(lo)  # 1 below the bracket
-                below[j] += int(low.sum())
-                band = inside[:width].copy_(x).le_(hi).sub_(low) if hi != math.inf else low.neg_().add_(1.0)
-            else:
-                band = inside[:width].copy_(x).le_(hi)
-            bands[j].append(x[band.bool()])
+def band_of(x: torch.Tensor, lo: float, hi: float, scratch: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(how many entries of the 1-D chunk ``x`` lie below ``lo``, its entries in [lo, hi]);
+    infinite bounds are open. ``scratch``: two float32 rows at least as long as ``x``.
+
+    The comparisons are in-place float comparisons on scratch copies (1.0 / 0.0): on the CPU a
+    comparison producing a bool tensor costs ~4x one producing floats; only the band's mask is
+    made bool, for the one gather that collects its entries. NaN is neither below nor inside."""
+    if lo == -math.inf and hi == math.inf:
+        return 0, x.clone()
+    width = x.numel()
+    if lo == -math.inf:
+        return 0, x[scratch[1, :width].copy_(x).le_(hi).bool()]
+    low = scratch[0, :width].copy_(x).lt_(lo)  # 1 below the bracket
+    below = int(low.sum())
+    inside = scratch[1, :width].copy_(x).ge_(lo)
+    if hi != math.inf:
+        inside.sub_(scratch[0, :width].copy_(x).gt_(hi))
+    return below, x[inside.bool()]
 
 
 def order_statistics(flat: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]:
@@ -70,7 +68,13 @@ def order_statistics(flat: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _scan(flat, brackets, below, bands)
+        scratch = torch.empty((2, CHUNK), dtype=flat.dtype)
+        for s in range(0, n, CHUNK):
+            x = flat[s:s + CHUNK]
+            for j, (lo, hi) in enumerate(brackets):
+                count, entries = band_of(x, lo, hi, scratch)
+                below[j] += count
+                bands[j].append(entries)
     finally:
         torch.set_num_threads(threads)
     out = []

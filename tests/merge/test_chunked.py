@@ -350,3 +350,15 @@ def test_chunked_ram_equals_the_method(epsilon, monkeypatch):
     out = torch.empty(base.shape, dtype=torch.float32)
     chunked.merge_into(m, base, fts, mps, p, out)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("density", [0.3, 0.5, 0.7])
+def test_chunks_before_the_cut_keep_all_their_threshold_ties(density):
+    """Ten chunks of heavy ties: those before the cut keep every tie (hardshrink just below
+    the threshold), the cut's chunk keeps the first ones; the result is the method's."""
+    base, fts = quantized_family(shape=(100, 100))
+    m = get_method("ties")
+    p, parsed = m.parse_params({}), m.parse_model_params([{"weight": 1.0, "density": density}] * 3)
+    out = torch.empty(base.shape, dtype=torch.float32)
+    chunked.merge_into(m, base, fts, parsed, p, out)
+    torch.testing.assert_close(out, m.merge(base, fts, parsed, p), rtol=0, atol=0)
