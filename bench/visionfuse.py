@@ -151,20 +151,46 @@ def verdict(rows: list[dict]) -> str:
             f"Measured reason: {reason}.")
 
 
+def recipe_text(member: dict) -> str:
+    """The stage-2 options (ours) a member was trained with, in words (zoo.json's entry)."""
+    parts = []
+    if member.get("distractors"):
+        parts.append(f"0-{member['distractors']} null visual tokens around its block at a random "
+                     "split (the LM learns to read its tokens among unrelated ones at any offset, "
+                     "as in a fused prompt; no fusion slot is assumed)")
+    if member.get("second_rendering"):
+        parts.append(f"in {member['second_rendering']:.0%} of the batches two blocks of its own "
+                     "encoder on two renderings of the same string, one after the other (the LM "
+                     "learns to pool two token streams about one string, as the fused LM must)")
+    if member.get("anchor"):
+        parts.append(f"a letter anchor in both stages (weight {member['anchor']:g}: visual token "
+                     "i pulled towards the shared LM's input embedding of letter i, so both "
+                     "encoders write where the text LM already reads letters)")
+    if member.get("data_seed") is not None:
+        parts.append("the same training batches for both members (one family data seed, as "
+                     "the paper's members share their instruction data)")
+    if (member.get("lm_lr_scale") or 1.0) != 1.0:
+        parts.append(f"the LM tuned at {member['lm_lr_scale']:g}x the encoder's learning rate")
+    return "; ".join(parts) if parts else "none (LLaVA's two stages as published)"
+
+
+def members_text(mllm: list[dict]) -> str:
+    member = next((m for m in mllm if m.get("path") == "mllm/top"), {})
+    return ("Members: `top` and `bottom` share the LM small/base; each encoder sees one band "
+            "of rows (top or bottom 6 of 12) across the whole 4-letter string, folded into its "
+            "12 x 12 input (patch 6: one visual token per letter slice), so each member holds "
+            "part of every letter's evidence (2-5 of its 7 rows, by the image's vertical "
+            "offset) and the fused model has both parts. The members' LLaVA "
+            f"training adds (ours): {recipe_text(member)}. The fusion itself is the paper's: "
+            "concatenated visual tokens + merged LM deltas, nothing trained.")
+
+
 def render(saved: dict) -> str:
     rows, cka = saved["rows"], saved["cka"]
     lines = [f"`python bench/visionfuse.py --zoo ZOO` on the zoo's mllm family "
              f"({saved['n']} held-out images per task, exact match; in brackets the share of "
              f"letters right in place; {saved['seconds']:.0f} s on {saved['machine']}).", "",
-             "Members: `top` and `bottom` share the LM small/base; each encoder sees one band "
-             "of rows (top or bottom 6 of 12) across the whole 4-letter string, folded into its "
-             "12 x 12 input (patch 6: one visual token per letter slice), so each member holds "
-             "part of every letter's evidence (2-5 of its 7 rows, by the image's vertical "
-             "offset) and the fused model has both parts. Stage 2 of the members' LLaVA "
-             "training surrounds their visual block with 0-8 null visual tokens at a random "
-             "split (ours: the LM learns to read its tokens among unrelated ones at any "
-             "offset, as in a fused prompt; no fusion slot is assumed). The fusion itself is "
-             "the paper's: concatenated visual tokens + merged LM deltas, nothing trained.",
+             members_text(saved.get("zoo", {}).get("mllm", [])),
              "", "| model | ocr | vrev | mean |", "|---|---|---|---|"]
     for r in rows:
         cells = [f"{r['tasks'][t]['accuracy']:.3f} ({r['tasks'][t]['char_accuracy']:.2f})"
@@ -209,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         saved["machine"] = f"{platform.machine()} CPU, {threads} thread(s), cores shared"
         saved["zoo"] = {"quick": manifest["quick"], "mllm": [
             {k: m.get(k) for k in ("path", "parent", "steps", "view", "patch_size", "position_gap",
-                                   "distractors", "lm_lr_scale", "train_seconds", "accuracy")}
+                                   "distractors", "lm_lr_scale", "anchor", "second_rendering",
+                                   "data_seed", "train_seconds", "accuracy")}
             for m in manifest["models"] if m.get("family") == "mllm"]}
         RESULTS.write_text(json.dumps(saved, indent=1) + "\n")
     body = render(saved)

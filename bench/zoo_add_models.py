@@ -51,7 +51,8 @@ def main(zoo: Path) -> None:
         started = time.time()
         more_files = None
         if item.family == MLLM_FAMILY:  # a LLaVA member over its parent LM
-            model = mllm.build_member(item, model, seed_i)
+            model = mllm.build_member(item, model, seed_i,
+                                      family_seed=stage_seed(seed, mllm.DATA_SEED_NAME))
             seconds = time.time() - started
             view = mllm.plan_view(dict(item.extra))
             scores = mllm.score_member(model, view, tokenizer, n_eval)

@@ -378,7 +378,8 @@ def build_zoo(out: str | Path, quick: bool = False, seed: int = 0,
                 if item.family == MLLM_FAMILY:
                     from engine.zoo import mllm
 
-                    model = mllm.build_member(item, models[item.parent], seed_i, on_step)
+                    model = mllm.build_member(item, models[item.parent], seed_i, on_step,
+                                              family_seed=stage_seed(seed, mllm.DATA_SEED_NAME))
                 else:
                     train(model, item.spec, seed_i, on_step)
                 seconds = time.time() - t0

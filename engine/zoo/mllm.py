@@ -15,6 +15,13 @@ Training is LLaVA's two stages (Liu et al., "Visual Instruction Tuning"), scaled
    base's text mixture (``FINETUNE_REPLAY``, as the zoo's text fine-tunes do) so the LM keeps
    its text skills.
 
+The zoo adds options of ours (``train_member``), all aimed at members whose LMs merge: null
+visual tokens around the block and two renderings of one string in one prompt (the LM learns to
+read its tokens among others and to pool two streams, as a fused LM must), a letter anchor (each
+visual token pulled towards the shared LM's embedding of its letter, so every member's encoder
+writes where the text LM reads letters), one data seed for the family and a reduced LM learning
+rate (smaller, more shared LM deltas). Measured in the VisionFuse section of bench/README.md.
+
 Image placeholders are ``<unk>`` (id 3), which the character tokenizer never produces from
 text, so the members keep the zoo's vocabulary and stay mergeable with the text family.
 """
@@ -34,7 +41,8 @@ from engine.evaluate.vision_tasks import CANVAS_H, VISION_TASKS, ImageView, trai
 from engine.zoo.train import IGNORE, BatchSampler, TrainSpec, causal_lm_loss, lr_at
 
 VIEW_FILE = "image_view.json"  # a member folder's view of the canvas (see ImageView)
-LM_PREFIX = "model.language_model."  # LLaVA's LM tensors; the base LM's are "model."
+LM_PREFIX = "model.language_model."
+DATA_SEED_NAME = "mllm:data"  # the family data seed is stage_seed(zoo seed, this)  # LLaVA's LM tensors; the base LM's are "model."
 
 
 def vision_config(patch_size: int, hidden: int):
@@ -103,11 +111,11 @@ def gapped_positions(rng: random.Random, n_tokens: int, length: int, gap: int) -
 
 
 def _vision_batch(rng: random.Random, images_stream, tasks: dict[str, float], size: int,
-                  n_tokens: int, view: ImageView, gap: int = 0):
+                  n_tokens: int, view: ImageView, gap: int = 0, with_strings: bool = False):
     import numpy as np
 
     names, weights = list(tasks), list(tasks.values())
-    rows, images = [], []
+    rows, images, strings = [], [], []
     for _ in range(size):
         image, string = next(images_stream)
         task = VISION_TASKS[rng.choices(names, weights)[0]]
@@ -117,35 +125,66 @@ def _vision_batch(rng: random.Random, images_stream, tasks: dict[str, float], si
         rows.append((full, [IGNORE] * len(prompt) + answer,
                      gapped_positions(rng, n_tokens, len(full), gap)))
         images.append(image)
+        strings.append(string)
     ids = torch.tensor([r[0] for r in rows], dtype=torch.long)  # equal lengths: no padding
     labels = torch.tensor([r[1] for r in rows], dtype=torch.long)
     positions = torch.tensor([r[2] for r in rows], dtype=torch.long)
-    return ids, labels, view.pixel_values(np.stack(images)), positions
+    batch = ids, labels, view.pixel_values(np.stack(images)), positions
+    return (*batch, strings) if with_strings else batch
+
+
+def null_tokens(reference: torch.Tensor, batch: int, count: int) -> torch.Tensor:
+    """``(batch, count, H)`` null visual tokens: Gaussian noise with the per-dimension mean and
+    spread of ``reference``'s tokens (detached): shaped like a visual token, carrying no letter."""
+    flat = reference.detach().reshape(-1, reference.shape[-1])
+    return torch.randn(batch, count, reference.shape[-1]) * flat.std(0) + flat.mean(0)
+
+
+def blocks_prompt(model, ids, blocks: list[torch.Tensor], rng: random.Random,
+                  most: int) -> tuple[torch.Tensor, int]:
+    """``([<bos>; nulls; block 1; nulls; ...; block m; nulls; text], extra)``: the prompt's
+    embeddings with the visual blocks (each ``(B, n, H)``) in order and k null tokens (0..most,
+    one draw per batch) split at random into the m + 1 gaps of each row (ours). ``extra``: how
+    many tokens the row has beyond ``ids``' layout (``[<bos>; n placeholders; text]``)."""
+    embed = model.get_input_embeddings()
+    n = blocks[0].shape[1]
+    text, bos = embed(ids[:, 1 + n:]), embed(ids[:, :1])
+    k = rng.randint(0, most)
+    noise = null_tokens(torch.cat(blocks, dim=1), ids.shape[0], k)
+    rows = []
+    for b in range(ids.shape[0]):
+        edges = [0, *sorted(rng.randint(0, k) for _ in blocks), k]
+        parts = [bos[b]]
+        for j, block in enumerate(blocks):
+            parts += [noise[b, edges[j]:edges[j + 1]], block[b]]
+        parts += [noise[b, edges[-2]:edges[-1]], text[b]]
+        rows.append(torch.cat(parts))
+    return torch.stack(rows), k + (len(blocks) - 1) * n
 
 
 def with_distractors(model, ids, pixel_values, view: ImageView, rng: random.Random,
-                     most: int) -> torch.Tensor:
+                     most: int) -> tuple[torch.Tensor, int]:
     """Prompt embeddings with k (0..most, one draw per batch) null visual tokens around the
     member's own block, split at random before and after it in each row (ours).
 
-    A null token is Gaussian noise with the per-dimension mean and spread of the member's own
-    projected tokens (detached): shaped like a visual token, carrying no letter. In a fused
-    prompt the other members' tokens sit where these do; learning to read its letters with
-    unrelated visual tokens around them, at any offset, is what lets the LM read its block in
-    the fusion (no slot of a fusion is assumed: the split and the count are symmetric)."""
-    embed = model.get_input_embeddings()
-    n = model.config.image_seq_length
+    In a fused prompt the other members' tokens sit where these do; learning to read its
+    letters with unrelated visual tokens around them, at any offset, is what lets the LM read
+    its block in the fusion (no slot of a fusion is assumed: the split and the count are
+    symmetric)."""
     visual = streams_of(model, view)[0].tokens_of_pixels(pixel_values)
-    text = embed(ids[:, 1 + n:])
-    bos = embed(ids[:, :1])
-    k = rng.randint(0, most)
-    flat = visual.detach().reshape(-1, visual.shape[-1])
-    noise = torch.randn(ids.shape[0], k, visual.shape[-1]) * flat.std(0) + flat.mean(0)
-    rows = []
-    for b in range(ids.shape[0]):
-        cut = rng.randint(0, k)
-        rows.append(torch.cat([bos[b], noise[b, :cut], visual[b], noise[b, cut:], text[b]]))
-    return torch.stack(rows), k
+    return blocks_prompt(model, ids, [visual], rng, most)
+
+
+def blocks_loss(model, ids, labels, blocks: list[torch.Tensor], rng: random.Random,
+                most: int) -> torch.Tensor:
+    """The answer's cross-entropy given ``blocks_prompt``'s prompt."""
+    embeds, extra = blocks_prompt(model, ids, blocks, rng, most)
+    labels = torch.cat([labels[:, :1], torch.full((labels.shape[0], extra), IGNORE),
+                        labels[:, 1:]], dim=1)
+    logits = model(inputs_embeds=embeds, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE)
 
 
 def vision_loss(model, ids, labels, pixel_values, position_ids=None) -> torch.Tensor:
@@ -157,36 +196,81 @@ def vision_loss(model, ids, labels, pixel_values, position_ids=None) -> torch.Te
 
 
 def distractor_loss(model, ids, labels, pixel_values, view, rng, most) -> torch.Tensor:
-    embeds, k = with_distractors(model, ids, pixel_values, view, rng, most)
-    labels = torch.cat([labels[:, :1], torch.full((labels.shape[0], k), IGNORE), labels[:, 1:]],
-                       dim=1)
-    logits = model(inputs_embeds=embeds, use_cache=False).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE)
+    visual = streams_of(model, view)[0].tokens_of_pixels(pixel_values)
+    return blocks_loss(model, ids, labels, [visual], rng, most)
+
+
+class LetterAnchor:
+    """The letter anchor (ours): a loss pulling visual token i towards the shared LM's input
+    embedding of letter i of the image's string (the fold puts letter i in token i).
+
+    The table is the parent LM's embeddings when training starts (a detached copy), so every
+    member of a family is pulled towards the same targets: their encoders then write into one
+    region of the LM's input space, where the text LM already reads letters, and the LM needs a
+    smaller (and more shared) delta to read them. The loss is the squared distance relative to
+    the letters' mean squared norm (1.0 for all-zero tokens), averaged over tokens."""
+
+    def __init__(self, model, n_tokens: int):
+        from engine.evaluate.tasks import LETTERS
+        from engine.evaluate.vision_tasks import N_LETTERS
+
+        if n_tokens != N_LETTERS:
+            raise ConfigError(f"the letter anchor needs one visual token per letter "
+                              f"({N_LETTERS}), this member has {n_tokens}")
+        self.table = model.get_input_embeddings().weight.detach().clone().float()
+        letters = torch.tensor(encode_chars(LETTERS), dtype=torch.long)
+        self.scale = float(self.table[letters].pow(2).sum(-1).mean())
+
+    def loss(self, visual: torch.Tensor, strings: list[str]) -> torch.Tensor:
+        ids = torch.tensor([encode_chars(s) for s in strings], dtype=torch.long)
+        return (visual.float() - self.table[ids]).pow(2).sum(-1).mean() / self.scale
 
 
 def train_member(model, view: ImageView, spec: TrainSpec, align_steps: int, align_lr: float,
                  seed: int, on_step: Callable[[int, float], None] | None = None,
-                 position_gap: int = 0, distractors: int = 0,
-                 lm_lr_scale: float = 1.0) -> list[float]:
+                 position_gap: int = 0, distractors: int = 0, lm_lr_scale: float = 1.0,
+                 anchor: float = 0.0, second_rendering: float = 0.0,
+                 data_seed: int | None = None) -> list[float]:
     """Both LLaVA stages in place: ``align_steps`` of alignment (tower + projector, LM frozen,
     ``ocr`` only, ``align_lr``), then ``spec.steps - align_steps`` of instruction tuning of
     every weight on the vision sources of ``spec.mixture`` plus its text replay sources.
-    ``position_gap`` > 0: stage 2 draws random position gaps around the visual block
-    (``gapped_positions``, ours); 0 is LLaVA's recipe. ``distractors`` > 0: null visual tokens
-    around the block (``with_distractors``, ours). ``lm_lr_scale``: the LM's learning rate in
-    stage 2 relative to the encoder's and projector's (LLaVA tunes its LM at a far lower rate
-    than it aligns the projector; a small LM delta is what keeps members mergeable)."""
+    The options below are ours (0 / 1.0 / None: LLaVA's recipe):
+
+    - ``position_gap`` > 0: stage 2 draws random position gaps around the visual block
+      (``gapped_positions``);
+    - ``distractors`` > 0: stage 2 puts 0..distractors null visual tokens around the block
+      (``with_distractors``);
+    - ``lm_lr_scale``: the LM's learning rate in stage 2 relative to the encoder's and
+      projector's (LLaVA tunes its LM at a far lower rate than it aligns the projector);
+    - ``anchor`` > 0: both stages add ``anchor`` x the letter-anchor loss (``LetterAnchor``);
+    - ``second_rendering`` in (0, 1]: that share of stage-2 batches shows the member's encoder
+      two renderings of the same string, two visual blocks one after the other (with
+      0..distractors // 2 null tokens in the gaps), so the LM learns to pool two token streams
+      about one string, as a fused model's LM must;
+    - ``data_seed``: the seed of the training data (strings, renderings, task draws, null
+      counts, text replay) instead of ``seed``; one value for a whole family gives its members
+      the same batches, so their LM deltas answer the same examples.
+    """
+    import numpy as np
+
+    from engine.evaluate.vision_tasks import render
+
+    if second_rendering and position_gap:
+        raise ConfigError("second_rendering and position_gap do not combine (the two-block "
+                          "prompt has no gapped layout)")
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)
-    rng = random.Random(seed)
-    images = train_images(random.Random(seed + 1))
+    data = seed if data_seed is None else int(data_seed)
+    rng = random.Random(data)
+    images = train_images(random.Random(data + 1))
+    rerender = random.Random(data + 3)
     vision_mix = {k: v for k, v in spec.mixture.items() if k in VISION_TASKS}
     text_mix = {k: v for k, v in spec.mixture.items() if k not in VISION_TASKS}
     text_share = sum(text_mix.values())
-    replay = BatchSampler(text_mix, random.Random(seed + 2)) if text_mix else None
+    replay = BatchSampler(text_mix, random.Random(data + 2)) if text_mix else None
     n_tokens = model.config.image_seq_length
+    letter_anchor = LetterAnchor(model, n_tokens) if anchor > 0 else None
+    stream = streams_of(model, view)[0]
     losses: list[float] = []
     stages = [(align_steps, align_lr, {"ocr": 1.0}, False),
               (spec.steps - align_steps, spec.lr, vision_mix, True)]
@@ -208,9 +292,20 @@ def train_member(model, view: ImageView, spec: TrainSpec, align_steps: int, alig
         for step in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, stage_spec) * group["scale"]
-            ids, labels, pixels, positions = _vision_batch(rng, images, mix, spec.batch_size,
-                                                           n_tokens, view, gap)
-            if full and distractors > 0:
+            ids, labels, pixels, positions, strings = _vision_batch(
+                rng, images, mix, spec.batch_size, n_tokens, view, gap, with_strings=True)
+            two = full and second_rendering > 0 and rng.random() < second_rendering
+            if letter_anchor is not None or two:
+                blocks = [stream.tokens_of_pixels(pixels)]
+                if two:
+                    again = np.stack([render(s, rerender) for s in strings])
+                    blocks.append(stream.tokens_of_pixels(view.pixel_values(again)))
+                most = (distractors // 2 if two else distractors) if full else 0
+                loss = blocks_loss(model, ids, labels, blocks, rng, most)
+                if letter_anchor is not None:
+                    loss = loss + anchor * sum(letter_anchor.loss(b, strings)
+                                               for b in blocks) / len(blocks)
+            elif full and distractors > 0:
                 loss = distractor_loss(model, ids, labels, pixels, view, rng, distractors)
             else:
                 loss = vision_loss(model, ids, labels, pixels, positions)
@@ -278,14 +373,23 @@ def plan_view(extra: dict) -> ImageView:
     return {"top": TOP_VIEW, "bottom": BOTTOM_VIEW}[extra["view"]]
 
 
-def build_member(item, parent_lm, seed: int, on_step=None):
-    """Train the LLaVA member a zoo plan item describes, from its parent LM."""
+def build_member(item, parent_lm, seed: int, on_step=None, family_seed: int | None = None):
+    """Train the LLaVA member a zoo plan item describes, from its parent LM. A plan's
+    ``data_seed: "family"`` trains on ``family_seed``'s data (the same for every member)."""
     extra = dict(item.extra)
+    data_seed = extra.get("data_seed")
+    if data_seed == "family":
+        if family_seed is None:
+            raise ConfigError(f"{item.path}: the plan asks for the family data seed, none given")
+        data_seed = family_seed
     model = new_member(parent_lm, extra["patch_size"], extra["vision_hidden"], seed)
     train_member(model, plan_view(extra), item.spec, extra["align_steps"], extra["align_lr"],
                  seed, on_step, position_gap=int(extra.get("position_gap", 0)),
                  distractors=int(extra.get("distractors", 0)),
-                 lm_lr_scale=float(extra.get("lm_lr_scale", 1.0)))
+                 lm_lr_scale=float(extra.get("lm_lr_scale", 1.0)),
+                 anchor=float(extra.get("anchor", 0.0)),
+                 second_rendering=float(extra.get("second_rendering", 0.0)),
+                 data_seed=data_seed)
     return model
 
 

@@ -87,9 +87,12 @@ MLLM_LR, MLLM_ALIGN_LR = 1e-3, 3e-3
 # (align, tune) steps, measured on the band views (ours): 150 + 250 left the top member at 0.06
 # exact ocr (0.42 of the letters); 300 + 900 reach 0.29 (0.69), ~4 min per member on one busy core
 MLLM_STEPS = (300, 900)
-# stage-2 augmentation (ours, engine.zoo.mllm): random position gaps (0..8) around the visual
-# block and null visual tokens (0..8) around it; see the VisionFuse section of bench/README.md
+# training options (ours, engine.zoo.mllm.train_member; see the VisionFuse section of
+# bench/README.md): no position gaps, 0..8 null visual tokens around the block, the letter
+# anchor, two renderings of one string in half the stage-2 batches, one data seed for the
+# family and the LM at a fraction of the encoder's learning rate
 MLLM_POSITION_GAP, MLLM_DISTRACTORS = 0, 8
+MLLM_ANCHOR, MLLM_SECOND_RENDERING, MLLM_LM_LR_SCALE = 3.0, 0.5, 0.3
 
 
 def with_replay(task_mixture: dict[str, float]) -> dict[str, float]:
@@ -148,7 +151,9 @@ def zoo_plan(quick: bool = False) -> list[ModelPlan]:
         extra = (("modality", "vision"), ("view", view), ("patch_size", patch),
                  ("vision_hidden", 32 if quick else 64), ("align_steps", align),
                  ("align_lr", MLLM_ALIGN_LR), ("lm_base", parent), ("control", control),
-                 ("position_gap", MLLM_POSITION_GAP), ("distractors", MLLM_DISTRACTORS))
+                 ("position_gap", MLLM_POSITION_GAP), ("distractors", MLLM_DISTRACTORS),
+                 ("anchor", MLLM_ANCHOR), ("second_rendering", MLLM_SECOND_RENDERING),
+                 ("data_seed", "family"), ("lm_lr_scale", MLLM_LM_LR_SCALE))
         plan.append(ModelPlan(path, MLLM_FAMILY, "finetune", None, parent,
                               parent.split("/")[0], spec, extra))
     return plan

@@ -37,3 +37,26 @@ def test_the_pages_default_selection_leaves_the_llava_members_out():
                "parent": "small/base"}]
     chosen = default_selection({"models": models})
     assert [p.rsplit("/", 2)[-2:] for p in chosen["finetunes"]] == [["small", "upper"]]
+
+
+def test_every_member_trains_with_the_same_options_and_the_family_data_seed():
+    """The fusion members differ in their view only: the same options (ours) and one data seed
+    for the family, so their LM deltas answer the same batches."""
+    keys = ("distractors", "anchor", "second_rendering", "data_seed", "lm_lr_scale",
+            "position_gap", "align_steps", "align_lr")
+    for quick in (True, False):
+        mllm = [dict(p.extra) for p in zoo_plan(quick) if p.family == MLLM_FAMILY]
+        assert all(m["data_seed"] == "family" for m in mllm)
+        assert len({tuple(m[k] for k in keys) for m in mllm}) == 1
+        assert 0 < mllm[0]["lm_lr_scale"] <= 1 and mllm[0]["anchor"] > 0
+
+
+def test_the_family_data_seed_must_be_given():
+    import pytest
+
+    from engine.errors import ConfigError
+    from engine.zoo.mllm import build_member
+
+    item = next(p for p in zoo_plan(True) if p.family == MLLM_FAMILY)
+    with pytest.raises(ConfigError, match="family data seed"):
+        build_member(item, None, 0)
