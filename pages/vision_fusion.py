@@ -14,6 +14,7 @@ from engine.errors import DeltaWorkbenchError
 from engine.merge.registry import get_method, list_methods
 from engine.paths import resolve_user_path
 from engine.visionfuse.compare import compare
+from engine.visionfuse.weights import default_weights
 from pages._forms import params_form
 from pages._shared import require_app, show_error, zoo_manifest
 
@@ -45,7 +46,7 @@ with st.expander("Method parameters"):
     params = params_form(method.params_class, key=f"vf.{method_name}")
 params = {k: v for k, v in params.items() if v not in ("", None)}
 wcols = st.columns(2)
-start = method.starting_weight(2)
+start = default_weights(method_name, 2)[0]
 weights = [wcols[0].number_input("Weight, member 1", value=float(start), step=0.1, key="vf_w1"),
            wcols[1].number_input("Weight, member 2", value=float(start), step=0.1, key="vf_w2")]
 n = st.slider("Held-out images per task", 8, 128, 32, step=8, key="vf_n")

@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="merge method parameter (repeatable)")
     parser.add_argument("--weights", nargs="+", type=float, default=None,
-                        help="one weight (lambda_i) per member (default: the method's)")
+                        help="one weight (lambda_i) per member (default: 1/k each for "
+                             "task_arithmetic, the mean of the deltas; else the method's)")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")

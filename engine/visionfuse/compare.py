@@ -24,13 +24,13 @@ def compare(base: str | Path, models: list[str | Path], method: str = "task_arit
     "samples": [{"image": 12x24 list, "string", "answers": {label: {task: prediction}}}]}``."""
     from engine.evaluate.vision_scoring import score_vision
     from engine.evaluate.vision_tasks import VISION_TASK_NAMES, heldout_images
-    from engine.merge.registry import get_method
     from engine.visionfuse.fuse import merge_language_models, open_inputs
+    from engine.visionfuse.weights import default_weights
     from engine.zoo.mllm import streams_of
 
     config, base_state, members = open_inputs(base, models)
     if weights is None:
-        weights = [get_method(method).starting_weight(len(members))] * len(members)
+        weights = default_weights(method, len(members))
     merged = merge_language_models(base_state, members, method, params, weights)
     streams = [s for m in members for s in streams_of(m.model, m.view)]
     runs = [(f"{m.path.name} alone", "member", m.model, streams_of(m.model, m.view))

@@ -3,7 +3,8 @@ share one pretrained LM.
 
 Only the members' language models are merged: each member's LM delta tau_i = theta_i - theta_0
 over the shared base theta_0 goes through a registered merge method (``engine.merge``; the
-default, task arithmetic with lambda = 1 per member, is theta_0 + sum_i tau_i). Each member's
+default is task arithmetic, theta_0 + sum_i lambda_i tau_i, with lambda_i = 1/k: see
+``default_weights``). Each member's
 vision encoder and projector are kept as they are; the fused model reads the concatenation of
 their visual tokens, in member order, before the text. Nothing is trained.
 """
@@ -18,6 +19,7 @@ import torch
 
 from engine.errors import ParameterError
 from engine.visionfuse.bundle import MANIFEST, encoder_parts, manifest_json
+from engine.visionfuse.weights import default_weights
 from engine.visionfuse.members import (Member, check_member, check_tokenizers, open_member,
                                        read_base)
 
@@ -39,8 +41,8 @@ def merge_language_models(base_state: dict[str, torch.Tensor], members: list[Mem
                              "members' deltas over their shared LM")
     if weights is not None and len(weights) != len(members):
         raise ParameterError(f"{len(weights)} weights for {len(members)} members")
-    if weights is None:  # the method's starting weight: 1 each for task arithmetic
-        weights = [spec.starting_weight(len(members))] * len(members)
+    if weights is None:
+        weights = default_weights(method, len(members))
     model_params = [{"weight": float(w)} for w in weights]
     num_layers = sum(1 for k in base_state if k.endswith("input_layernorm.weight")) or None
     return merge_state_dicts(method, base_state, [m.lm_state for m in members], model_params,
@@ -77,9 +79,7 @@ def fuse(base: str | Path, models: list[str | Path], out: str | Path,
     check_destination(out, [base, *models])
     base_config, base_state, members = open_inputs(base, models)
     if weights is None:
-        from engine.merge.registry import get_method
-
-        weights = [get_method(method).starting_weight(len(members))] * len(members)
+        weights = default_weights(method, len(members))
     merged = merge_language_models(base_state, members, method, params, weights, seed=seed,
                                    device=device)
     tokenizer = {n: d for n in TOKENIZER_FILES

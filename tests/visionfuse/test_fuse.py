@@ -35,19 +35,24 @@ def test_placeholder_path_equals_llava_forward(members):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_zero_weights_reproduce_the_base_and_one_is_the_float64_sum(members):
+def test_zero_weights_reproduce_the_base_one_is_the_sum_and_the_default_the_mean(members):
     from engine.visionfuse.fuse import merge_language_models, open_inputs
 
     _, base, ms = open_inputs(members["base"], [members["top"], members["bottom"]])
     zero = merge_language_models(base, ms, weights=[0.0, 0.0])
     for k in base:
         torch.testing.assert_close(zero[k], base[k], rtol=0, atol=0)
-    one = merge_language_models(base, ms)
+    one = merge_language_models(base, ms, weights=[1.0, 1.0])
     a, b = ms[0].lm_state, ms[1].lm_state
     for k in base:
         want = (base[k].double() + (a[k].double() - base[k].double())
                 + (b[k].double() - base[k].double())).float()
         torch.testing.assert_close(one[k], want, rtol=1e-6, atol=1e-6)
+    mean = merge_language_models(base, ms)  # the default: lambda 1/k each
+    for k in base:
+        want = (base[k].double() + 0.5 * (a[k].double() - base[k].double())
+                + 0.5 * (b[k].double() - base[k].double())).float()
+        torch.testing.assert_close(mean[k], want, rtol=1e-6, atol=1e-6)
     # the members' LMs did move (otherwise the test above proves nothing)
     assert any(not torch.equal(a[k], base[k]) for k in base)
 
