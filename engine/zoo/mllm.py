@@ -41,8 +41,8 @@ from engine.evaluate.vision_tasks import CANVAS_H, VISION_TASKS, ImageView, trai
 from engine.zoo.train import IGNORE, BatchSampler, TrainSpec, causal_lm_loss, lr_at
 
 VIEW_FILE = "image_view.json"  # a member folder's view of the canvas (see ImageView)
-LM_PREFIX = "model.language_model."
-DATA_SEED_NAME = "mllm:data"  # the family data seed is stage_seed(zoo seed, this)  # LLaVA's LM tensors; the base LM's are "model."
+LM_PREFIX = "model.language_model."  # LLaVA's LM tensors; the base LM's are "model."
+DATA_SEED_NAME = "mllm:data"  # the family data seed is stage_seed(zoo seed, this)
 
 
 def vision_config(patch_size: int, hidden: int):
@@ -181,18 +181,19 @@ def blocks_loss(model, ids, labels, blocks: list[torch.Tensor], rng: random.Rand
     embeds, extra = blocks_prompt(model, ids, blocks, rng, most)
     labels = torch.cat([labels[:, :1], torch.full((labels.shape[0], extra), IGNORE),
                         labels[:, 1:]], dim=1)
-    logits = model(inputs_embeds=embeds, use_cache=False).logits
+    return answer_loss(model(inputs_embeds=embeds, use_cache=False).logits, labels)
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled (answer) positions."""
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
         ignore_index=IGNORE)
 
 
 def vision_loss(model, ids, labels, pixel_values, position_ids=None) -> torch.Tensor:
-    logits = model(input_ids=ids, pixel_values=pixel_values, position_ids=position_ids,
-                   use_cache=False).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE)
+    return answer_loss(model(input_ids=ids, pixel_values=pixel_values,
+                             position_ids=position_ids, use_cache=False).logits, labels)
 
 
 def distractor_loss(model, ids, labels, pixel_values, view, rng, most) -> torch.Tensor:
