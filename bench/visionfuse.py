@@ -96,6 +96,18 @@ def measure(zoo: Path, n: int) -> dict:
     return {"rows": rows, "cka": cka, "deltas": _delta_stats(zoo, members)}
 
 
+def delta_geometry(base: dict, lm_states: dict[str, dict]) -> tuple[dict[str, float], float]:
+    """``({name: ||tau|| / ||theta_0||}, cosine of the first two taus)``: each LM delta over
+    ``base`` as one float64 vector of all LM tensors."""
+    keys = sorted(base)
+    flat0 = torch.cat([base[k].double().flatten() for k in keys])
+    taus = {name: torch.cat([st[k].double().flatten() for k in keys]) - flat0
+            for name, st in lm_states.items()}
+    a, b = list(taus.values())[:2]
+    return ({name: float(t.norm() / flat0.norm()) for name, t in taus.items()},
+            float(a @ b / (a.norm() * b.norm())))
+
+
 def _delta_stats(zoo: Path, members) -> dict:
     """Relative size ||tau|| / ||theta_0|| of each LM delta over small/base (all LM tensors as
     one vector), against a text fine-tune's (small/reverse, which merges well), and the cosine
@@ -104,16 +116,13 @@ def _delta_stats(zoo: Path, members) -> dict:
 
     def state(path):
         with ModelFolder(path) as f:
-            return {n: f.get_tensor(n).double() for n in f.tensor_names}
+            return {n: f.get_tensor(n) for n in f.tensor_names}
 
-    base = state(zoo / "small/base")
-    flat = lambda st: torch.cat([(st[k] - base[k]).flatten() for k in sorted(base)])  # noqa: E731
-    norm0 = torch.cat([base[k].flatten() for k in sorted(base)]).norm()
-    taus = {m.path.name: flat({k: v.double() for k, v in m.lm_state.items()}) for m in members}
-    taus["small/reverse (text)"] = flat(state(zoo / "small/reverse"))
-    (a, ta), (b, tb) = list(taus.items())[:2]
-    return {"relative_norm": {k: float(t.norm() / norm0) for k, t in taus.items()},
-            f"cosine {a}~{b}": float(ta @ tb / (ta.norm() * tb.norm()))}
+    states = {m.path.name: m.lm_state for m in members}
+    states["small/reverse (text)"] = state(zoo / "small/reverse")
+    norms, cosine = delta_geometry(state(zoo / "small/base"), states)
+    a, b = list(states)[:2]
+    return {"relative_norm": norms, f"cosine {a}~{b}": cosine}
 
 
 def verdict(rows: list[dict]) -> str:

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import write_marked_section  # noqa: E402
+from bench.visionfuse import delta_geometry  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "visionfuse_ablation.json"
 MARK = "visionfuse-ablation"
@@ -103,11 +104,9 @@ def evaluate(zoo: Path, states: dict[str, Path], n: int) -> dict:
     for method, params, weights, label in FUSIONS:
         merged = merge_language_models(base_state, members, method, params, weights)
         row["fused"][label] = mean(lm_of(merged), streams)
-    flat0 = torch.cat([v.double().flatten() for _, v in sorted(base_state.items())])
-    taus = [torch.cat([v.double().flatten() for _, v in sorted(m.lm_state.items())]) - flat0
-            for m in members]
-    row["relative_norm"] = [round(float(t.norm() / flat0.norm()), 3) for t in taus]
-    row["cosine"] = round(float(taus[0] @ taus[1] / (taus[0].norm() * taus[1].norm())), 3)
+    norms, cosine = delta_geometry(base_state, {str(m.path): m.lm_state for m in members})
+    row["relative_norm"] = [round(v, 3) for v in norms.values()]
+    row["cosine"] = round(cosine, 3)
     return row
 
 

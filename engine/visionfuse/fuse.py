@@ -4,9 +4,9 @@ share one pretrained LM.
 Only the members' language models are merged: each member's LM delta tau_i = theta_i - theta_0
 over the shared base theta_0 goes through a registered merge method (``engine.merge``; the
 default is task arithmetic, theta_0 + sum_i lambda_i tau_i, with lambda_i = 1/k: see
-``default_weights``). Each member's
-vision encoder and projector are kept as they are; the fused model reads the concatenation of
-their visual tokens, in member order, before the text. Nothing is trained.
+``default_weights``). Each member's vision encoder and projector are kept as they are; the
+fused model reads the concatenation of their visual tokens, in member order, before the text.
+Nothing is trained.
 """
 
 from __future__ import annotations

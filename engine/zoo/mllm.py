@@ -145,7 +145,12 @@ def blocks_prompt(model, ids, blocks: list[torch.Tensor], rng: random.Random,
     """``([<bos>; nulls; block 1; nulls; ...; block m; nulls; text], extra)``: the prompt's
     embeddings with the visual blocks (each ``(B, n, H)``) in order and k null tokens (0..most,
     one draw per batch) split at random into the m + 1 gaps of each row (ours). ``extra``: how
-    many tokens the row has beyond ``ids``' layout (``[<bos>; n placeholders; text]``)."""
+    many tokens the row has beyond ``ids``' layout (``[<bos>; n placeholders; text]``).
+
+    In a fused prompt the other members' tokens sit where the nulls do; learning to read its
+    letters with unrelated visual tokens around them, at any offset, is what lets the LM read
+    its block in the fusion (no slot of a fusion is assumed: the split and the count are
+    symmetric). With one block and k = 0 this is LLaVA's own prompt (placeholders filled)."""
     embed = model.get_input_embeddings()
     n = blocks[0].shape[1]
     text, bos = embed(ids[:, 1 + n:]), embed(ids[:, :1])
@@ -160,19 +165,6 @@ def blocks_prompt(model, ids, blocks: list[torch.Tensor], rng: random.Random,
         parts += [noise[b, edges[-2]:edges[-1]], text[b]]
         rows.append(torch.cat(parts))
     return torch.stack(rows), k + (len(blocks) - 1) * n
-
-
-def with_distractors(model, ids, pixel_values, view: ImageView, rng: random.Random,
-                     most: int) -> tuple[torch.Tensor, int]:
-    """Prompt embeddings with k (0..most, one draw per batch) null visual tokens around the
-    member's own block, split at random before and after it in each row (ours).
-
-    In a fused prompt the other members' tokens sit where these do; learning to read its
-    letters with unrelated visual tokens around them, at any offset, is what lets the LM read
-    its block in the fusion (no slot of a fusion is assumed: the split and the count are
-    symmetric)."""
-    visual = streams_of(model, view)[0].tokens_of_pixels(pixel_values)
-    return blocks_prompt(model, ids, [visual], rng, most)
 
 
 def blocks_loss(model, ids, labels, blocks: list[torch.Tensor], rng: random.Random,
@@ -194,11 +186,6 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def vision_loss(model, ids, labels, pixel_values, position_ids=None) -> torch.Tensor:
     return answer_loss(model(input_ids=ids, pixel_values=pixel_values,
                              position_ids=position_ids, use_cache=False).logits, labels)
-
-
-def distractor_loss(model, ids, labels, pixel_values, view, rng, most) -> torch.Tensor:
-    visual = streams_of(model, view)[0].tokens_of_pixels(pixel_values)
-    return blocks_loss(model, ids, labels, [visual], rng, most)
 
 
 class LetterAnchor:
@@ -240,7 +227,7 @@ def train_member(model, view: ImageView, spec: TrainSpec, align_steps: int, alig
     - ``position_gap`` > 0: stage 2 draws random position gaps around the visual block
       (``gapped_positions``);
     - ``distractors`` > 0: stage 2 puts 0..distractors null visual tokens around the block
-      (``with_distractors``);
+      (``blocks_prompt``);
     - ``lm_lr_scale``: the LM's learning rate in stage 2 relative to the encoder's and
       projector's (LLaVA tunes its LM at a far lower rate than it aligns the projector);
     - ``anchor`` > 0: both stages add ``anchor`` x the letter-anchor loss (``LetterAnchor``);
@@ -296,7 +283,7 @@ def train_member(model, view: ImageView, spec: TrainSpec, align_steps: int, alig
             ids, labels, pixels, positions, strings = _vision_batch(
                 rng, images, mix, spec.batch_size, n_tokens, view, gap, with_strings=True)
             two = full and second_rendering > 0 and rng.random() < second_rendering
-            if letter_anchor is not None or two:
+            if letter_anchor is not None or two or (full and distractors > 0):
                 blocks = [stream.tokens_of_pixels(pixels)]
                 if two:
                     again = np.stack([render(s, rerender) for s in strings])
@@ -306,8 +293,6 @@ def train_member(model, view: ImageView, spec: TrainSpec, align_steps: int, alig
                 if letter_anchor is not None:
                     loss = loss + anchor * sum(letter_anchor.loss(b, strings)
                                                for b in blocks) / len(blocks)
-            elif full and distractors > 0:
-                loss = distractor_loss(model, ids, labels, pixels, view, rng, distractors)
             else:
                 loss = vision_loss(model, ids, labels, pixels, positions)
             if full and replay is not None:

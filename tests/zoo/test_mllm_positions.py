@@ -58,13 +58,14 @@ def test_no_distractors_is_exactly_llavas_own_forward():
     import torch
 
     from engine.evaluate.vision_tasks import TOP_VIEW
-    from engine.zoo.mllm import distractor_loss, vision_loss
+    from engine.zoo.mllm import blocks_loss, streams_of, vision_loss
 
     model = _tiny_member()
     ids, labels, pixels, positions = _batch()
     with torch.no_grad():
         want = vision_loss(model, ids, labels, pixels)
-        have = distractor_loss(model, ids, labels, pixels, TOP_VIEW, _Zero(), 8)
+        own = streams_of(model, TOP_VIEW)[0].tokens_of_pixels(pixels)
+        have = blocks_loss(model, ids, labels, [own], _Zero(), 8)
         plain = vision_loss(model, ids, labels, pixels, positions)
     torch.testing.assert_close(have, want)
     torch.testing.assert_close(plain, want)  # gap 0 positions = the default ones
@@ -74,12 +75,13 @@ def test_distractors_surround_the_block_and_are_never_scored():
     import torch
 
     from engine.evaluate.vision_tasks import TOP_VIEW
-    from engine.zoo.mllm import with_distractors
+    from engine.zoo.mllm import blocks_prompt, streams_of
 
     model = _tiny_member()
     ids, labels, pixels, _ = _batch()
     with torch.no_grad():
-        embeds, k = with_distractors(model, ids, pixels, TOP_VIEW, random.Random(4), 8)
+        visual = streams_of(model, TOP_VIEW)[0].tokens_of_pixels(pixels)
+        embeds, k = blocks_prompt(model, ids, [visual], random.Random(4), 8)
         own = model.model.multi_modal_projector(  # LLaVA's features: the last hidden state
             model.model.vision_tower(pixel_values=pixels,  # before SigLIP's post-layernorm
                                      output_hidden_states=True).hidden_states[-1])
