@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 SAMPLE = 1 << 15
@@ -34,13 +35,27 @@ def bracket(sample: torch.Tensor, q: float) -> tuple[float, float]:
 def band_of(x: torch.Tensor, lo: float, hi: float, scratch: torch.Tensor) -> tuple[int, torch.Tensor]:
     """(how many entries of the 1-D chunk ``x`` lie below ``lo``, its entries in [lo, hi]);
     infinite bounds are open. ``scratch``: two float32 rows at least as long as ``x``.
+    NaN is neither below nor inside.
 
-    The comparisons are in-place float comparisons on scratch copies (1.0 / 0.0): on the CPU a
-    comparison producing a bool tensor costs ~4x one producing floats; only the band's mask is
-    made bool, for the one gather that collects its entries. NaN is neither below nor inside."""
+    A float32 / float64 chunk on the CPU is compared and compacted by numpy on ``x``'s own
+    memory (no copy): collecting the band is a stream compaction, which torch's CPU kernels do
+    with ``nonzero`` at ~2.7 ns per entry (64Ki entries: 176 us, against ~15 us for an
+    elementwise operation) and numpy's ``compress`` at ~0.55 ns; a bool-valued torch
+    comparison costs ~4x a float-valued one besides. Other chunks (a GPU tensor, bf16) take the
+    torch path: in-place float comparisons on scratch copies, one bool mask for the gather."""
     if lo == -math.inf and hi == math.inf:
         return 0, x.clone()
     width = x.numel()
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous():
+        v = x.numpy()
+        flags = scratch.numpy().reshape(-1).view(np.bool_)  # two bool rows in the scratch's bytes
+        low, high = flags[:width], flags[width:2 * width]
+        below = int(np.count_nonzero(np.less(v, lo, out=low))) if lo != -math.inf else 0
+        inside = np.greater_equal(v, lo, out=low) if lo != -math.inf else None
+        if hi != math.inf:
+            np.less_equal(v, hi, out=high)
+            inside = high if inside is None else np.logical_and(inside, high, out=low)
+        return below, torch.from_numpy(np.compress(inside, v))  # a copy of the band's entries
     if lo == -math.inf:
         return 0, x[scratch[1, :width].copy_(x).le_(hi).bool()]
     low = scratch[0, :width].copy_(x).lt_(lo)  # 1 below the bracket
@@ -49,6 +64,17 @@ def band_of(x: torch.Tensor, lo: float, hi: float, scratch: torch.Tensor) -> tup
     if hi != math.inf:
         inside.sub_(scratch[0, :width].copy_(x).gt_(hi))
     return below, x[inside.bool()]
+
+
+def kth_smallest(band: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest (1-based) entry of the 1-D, NaN-free ``band``, as ``kthvalue``'s value.
+
+    A CPU float32 / float64 band is sorted by numpy (its vectorised sort: a band of 1.36M
+    entries in ~5 ms, where ``torch.kthvalue`` takes ~30 ms and ``np.partition`` 25-45 ms, the
+    band's many repeated values, bf16 deltas, hurting both selections); the value is the same."""
+    if band.device.type == "cpu" and band.dtype in (torch.float32, torch.float64):
+        return torch.tensor(np.sort(band.numpy())[k - 1], dtype=band.dtype)
+    return torch.kthvalue(band, k).values
 
 
 def order_statistics(flat: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]:
@@ -82,7 +108,7 @@ def order_statistics(flat: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]
         band = torch.cat(parts)
         inner = r - n_below  # 0-based rank inside the band
         if 0 <= inner < band.numel():
-            out.append(torch.kthvalue(band, inner + 1).values)
+            out.append(kth_smallest(band, inner + 1))
         else:  # the bracket missed: exact selection on everything
             out.append(torch.kthvalue(flat, r + 1).values)
     return out

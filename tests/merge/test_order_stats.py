@@ -49,3 +49,36 @@ def test_a_missed_bracket_falls_back_to_exact_selection(monkeypatch, wrong):
 def test_small_tensors_take_kthvalue_directly():
     flat = torch.tensor([3.0, -1.0, 2.0, 2.0, 7.0])
     assert [float(v) for v in order_statistics(flat, [0, 2, 4])] == [-1.0, 2.0, 7.0]
+
+
+def _band_by_torch(x: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
+    """The band by plain torch comparisons (an independent reference for ``band_of``)."""
+    below = int((x < lo).sum())
+    return below, x[(x >= lo) & (x <= hi)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bounds", [(-0.5, 0.7), (-float("inf"), 0.1), (0.2, float("inf")), (0.3, 0.3)])
+def test_band_of_equals_plain_comparisons(dtype, bounds):
+    # float32 / float64 take numpy's path, bf16 the torch one; NaN, inf and -0.0 included
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(-8, 9, (3000,), generator=g).float().div_(10).to(dtype)
+    x[::97] = float("nan")
+    x[5], x[6], x[7] = float("inf"), -float("inf"), -0.0
+    lo, hi = (float(torch.tensor(v, dtype=dtype)) for v in bounds)  # bounds are entries' values
+    scratch = torch.empty((2, 4096), dtype=torch.float32)
+    below, band = order_stats.band_of(x, lo, hi, scratch)
+    ref_below, ref_band = _band_by_torch(x, lo, hi)
+    assert below == ref_below
+    assert band.dtype == x.dtype and torch.equal(band, ref_band)
+    assert band.data_ptr() != x.data_ptr()  # a copy: the caller reuses x's buffer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kth_smallest_equals_kthvalue_with_heavy_ties(dtype):
+    g = torch.Generator().manual_seed(12)
+    band = torch.randint(0, 7, (5001,), generator=g).to(dtype).div_(3)
+    for k in (1, 2, 714, 2500, 5000, 5001):
+        got = order_stats.kth_smallest(band, k)
+        assert got.dtype == band.dtype and got.shape == ()
+        assert float(got) == float(torch.kthvalue(band, k).values)
