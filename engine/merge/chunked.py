@@ -19,7 +19,7 @@ multislerp (the vectors' float64 Gram matrix, from which the methods' own coeffi
 one weight per model, then sum_i k_i v_i, plus the base when there is one).
 
 Trimming (TIES, Breadcrumbs) needs, per model, the k-th largest |delta| of the whole tensor.
-It is found by selection, never a sort: a seeded sample brackets the k-th value, one chunked
+It is found by selection, never a sort of the tensor: a seeded sample brackets the k-th value, one chunked
 pass counts the entries above the bracket and collects the few inside it (numpy compacts them), and a sort of
 those gives the exact threshold (a full ``kthvalue`` is the fallback should the bracket miss).
 Entries equal to the threshold are kept lowest flat index first, as ``sparsify.topk_mask`` does.
