@@ -21,7 +21,8 @@ one weight per model, then sum_i k_i v_i, plus the base when there is one).
 Trimming (TIES, Breadcrumbs) needs, per model, the k-th largest |delta| of the whole tensor.
 It is found by selection, never a sort of the tensor: a seeded sample brackets the k-th value, one chunked
 pass counts the entries above the bracket and collects the few inside it (numpy compacts them), and a sort of
-those gives the exact threshold (a full ``kthvalue`` is the fallback should the bracket miss).
+those gives the exact threshold (a full ``kthvalue`` is the fallback should the bracket miss). The one pass
+serves every model's thresholds (``select_many``): each chunk of the base is converted once.
 Entries equal to the threshold are kept lowest flat index first, as ``sparsify.topk_mask`` does.
 
 DARE's drops are the method's own draws: ``torch.rand`` of a CPU generator gives the same
@@ -70,10 +71,12 @@ from engine.merge.order_stats import band_of, bracket, kth_smallest
 from engine.merge.registry import MergeMethod
 from engine.merge.sparsify import kept_count
 
-# 64Ki entries: a chunk's float32 temporaries (256 KiB each, one per model plus a few) stay in a
-# core's 2 MiB L2 cache; measured on one core (TIES, two models, bf16 32000 x 1024): 12.8 +
-# 11.1 ns per entry (selection + merge) vs 13.8 + 13.2 at 1 << 17 and 19.4 + 18.9 at 1 << 18
-CHUNK = 1 << 16
+# 128Ki entries: a chunk's float32 temporaries (512 KiB each) mostly stay in a core's 2 MiB L2
+# cache, and the two threads of a split tensor hand the GIL over half as often as at 64Ki (each
+# operation releases it; at 64Ki the handovers cost what the second thread gives). Measured on
+# an idle 2-core machine, the 270M triple's tensors through merge_into, median of 5: TIES 4.96 s
+# at 1 << 17 vs 5.73 s at 1 << 16; task arithmetic 1.36 vs 1.34, linear 1.04 vs 1.05
+CHUNK = 1 << 17
 _SAMPLE = 1 << 15
 SPLIT_MIN_CHUNKS = 8  # tensors of fewer chunks are computed by one thread
 _POOL: ThreadPoolExecutor | None = None
@@ -94,6 +97,8 @@ class TopK:
     everything: bool = False
     nothing: bool = False
     ties_before: tuple[int, ...] = field(default=(), repr=False)
+    # the float32 just below a positive threshold (a float64 nextafter would round back up)
+    below: float = field(default=0.0, repr=False)
 
 
 def _chunks(n: int, lo: int = 0, hi: int | None = None):
@@ -143,11 +148,12 @@ def _delta_chunk(base: torch.Tensor, model: torch.Tensor, s: int, e: int) -> tor
 
 def select_topk(base: torch.Tensor, model: torch.Tensor, k: int) -> TopK:
     """The k-th largest |model - base| over flat 1-D views, by bracketing + selection."""
+    return select_many(base, [(model, k)])[0]
+
+
+def _bracket_of(base: torch.Tensor, model: torch.Tensor, k: int) -> tuple[float, float]:
+    """Bounds around the k-th largest |model - base| from a seeded sample of the entries."""
     n = base.numel()
-    if k >= n:
-        return TopK(everything=True)
-    if k <= 0:
-        return TopK(nothing=True)
     m = min(n, _SAMPLE)
     g = torch.Generator().manual_seed(n * 1_000_003 + k)
     # the indices in ascending order: the gather then walks the (freshly read, cold) tensors
@@ -155,23 +161,66 @@ def select_topk(base: torch.Tensor, model: torch.Tensor, k: int) -> TopK:
     idx = torch.from_numpy(np.sort(torch.randint(0, n, (m,), generator=g).numpy()))
     sample = torch.from_numpy(np.sort((model.index_select(0, idx).float()
                                        - base.index_select(0, idx).float()).abs_().numpy()))
-    lo, hi = bracket(sample, 1 - k / n)  # around the k-th largest: ascending rank n - k
+    return bracket(sample, 1 - k / n)  # around the k-th largest: ascending rank n - k
+
+
+def select_many(base: torch.Tensor, requests: Sequence[tuple[torch.Tensor, int]]) -> list[TopK]:
+    """``select_topk(base, model, k)`` for each (model, k), in one chunked pass over the tensors.
+
+    The pass converts each chunk of the base once for every model, and each model's |delta|
+    once for every k asked of it (Breadcrumbs asks two of each model): per entry, the
+    conversions and the subtraction cost as much as collecting a band, so a pass per request
+    would do most of the work again. Every request's result is what it would be alone."""
+    n = base.numel()
+    out: list[TopK | None] = [None] * len(requests)
+    models: list[torch.Tensor] = []  # distinct models (by identity), in order
+    asks: list[list[tuple[int, float, float]]] = []  # per model: (request, lo, hi)
+    for j, (model, k) in enumerate(requests):
+        if k >= n:
+            out[j] = TopK(everything=True)
+            continue
+        if k <= 0:
+            out[j] = TopK(nothing=True)
+            continue
+        at = next((i for i, m in enumerate(models) if m is model), None)
+        if at is None:
+            models.append(model)
+            asks.append([])
+            at = len(models) - 1
+        asks[at].append((j, *_bracket_of(base, model, k)))
+    if not models:
+        return out
 
     def scan(c_lo: int, c_hi: int):
-        below, band = 0, []
-        buffers = torch.empty((4, min(n, CHUNK)), dtype=torch.float32)  # reused chunk after chunk
-        dm, db, scratch = buffers[0], buffers[1], buffers[2:]
+        below = [0] * len(requests)
+        bands: list[list[torch.Tensor]] = [[] for _ in requests]
+        # rows reused chunk after chunk: the base, one model's |delta|, band_of's scratch
+        buffers = torch.empty((4, min(n, CHUNK)), dtype=torch.float32)
+        db, dm, scratch = buffers[0], buffers[1], buffers[2:]
         for s, e in _chunks(n, c_lo, c_hi):
-            mag = dm[:e - s].copy_(model[s:e]).sub_(db[:e - s].copy_(base[s:e])).abs_()
-            count, entries = band_of(mag, lo, hi, scratch)  # entries: a copy, not the buffer
-            below += count
-            band.append(entries)
-        return below, band
+            b = db[:e - s].copy_(base[s:e])
+            for model, wanted in zip(models, asks):
+                mag = dm[:e - s].copy_(model[s:e]).sub_(b).abs_()
+                for j, lo, hi in wanted:
+                    count, entries = band_of(mag, lo, hi, scratch)  # entries: a copy, not the buffer
+                    below[j] += count
+                    bands[j].append(entries)
+        return below, bands
 
     parts = _split(n, scan)
-    bands = [b for _, part in parts for b in part]  # one per chunk, in order
+    for wanted in asks:
+        for j, _, _ in wanted:
+            out[j] = _threshold(base, requests[j][0], requests[j][1],
+                                sum(part[0][j] for part in parts), [b for part in parts for b in part[1][j]])
+    return out
+
+
+def _threshold(base: torch.Tensor, model: torch.Tensor, k: int, below: int, bands: list[torch.Tensor]) -> TopK:
+    """The TopK from the selection pass: ``below`` entries under the bracket, ``bands`` the
+    entries inside it, one per chunk in order."""
+    n = base.numel()
     band = torch.cat(bands)
-    above = n - sum(b for b, _ in parts) - band.numel()  # entries above hi (and any NaN)
+    above = n - below - band.numel()  # entries above hi (and any NaN)
     rank = k - above  # rank of the k-th largest inside the band, from the top (1-based)
     count = len(bands)
     if 1 <= rank <= band.numel():
@@ -190,7 +239,8 @@ def select_topk(base: torch.Tensor, model: torch.Tensor, k: int) -> TopK:
         greater = int((mag > threshold).sum())
         at = torch.nonzero(mag == threshold).flatten() // CHUNK
         ties = torch.bincount(at, minlength=count).cumsum(0)
-    return TopK(threshold=threshold, at_keep=k - greater, ties_before=(0, *ties.tolist()))
+    below = float(torch.nextafter(torch.tensor(threshold, dtype=torch.float32), torch.tensor(0.0)))
+    return TopK(threshold=threshold, at_keep=k - greater, ties_before=(0, *ties.tolist()), below=below)
 
 
 def topk_mask(rule: TopK, mag: torch.Tensor, c: int) -> torch.Tensor | None:
@@ -218,20 +268,29 @@ def topk_mask(rule: TopK, mag: torch.Tensor, c: int) -> torch.Tensor | None:
     return keep.add_((at_b & (torch.cumsum(at_b, dim=0) <= left)).to(keep.dtype))
 
 
-def _model_rules(sparsification, n: int, mp, base, model) -> list[tuple[TopK, bool]] | None:
-    """[(rule, negate)] whose AND is the keep mask; None keeps everything."""
+def _model_requests(sparsification, n: int, mp) -> list[tuple[int, bool]] | None:
+    """[(k, negate)]: the top-k rules whose AND is the keep mask; None keeps everything."""
     density = getattr(mp, "density", 1.0)
     if sparsification is None or density >= 1:
         return None
     target = kept_count(density, n)
     if sparsification == "magnitude":
-        return [(select_topk(base, model, target), False)]
+        return [(target, False)]
     n_top = int(mp.gamma * n)
     n_bottom = n - target - n_top
     if n_bottom < 0:
         n_top += n_bottom
         n_bottom = 0
-    return [(select_topk(base, model, n - n_bottom), False), (select_topk(base, model, n_top), True)]
+    return [(n - n_bottom, False), (n_top, True)]
+
+
+def _model_rules(sparsification, n: int, model_params, base, models) -> list[list[tuple[TopK, bool]] | None]:
+    """Per model, [(rule, negate)] whose AND is its keep mask (None keeps everything); every
+    model's thresholds are found in one selection pass."""
+    wanted = [_model_requests(sparsification, n, mp) for mp in model_params]
+    flat = [(m, k) for m, asks in zip(models, wanted) for k, _ in (asks or ())]
+    found = iter(select_many(base, flat) if flat else ())
+    return [None if asks is None else [(next(found), negate) for _, negate in asks] for asks in wanted]
 
 
 def supports(method: MergeMethod, params, n_models: int | None = None) -> bool:
@@ -336,8 +395,7 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
                 drops = _dare_drops(flat_base, flat_models, model_params, params, generator, name)
             else:
                 drops = None
-                rules = [_model_rules(variant.sparsification, n, mp, flat_base, m)
-                         for mp, m in zip(model_params, flat_models)]
+                rules = _model_rules(variant.sparsification, n, model_params, flat_base, flat_models)
 
             def run(target, lo, hi):
                 for drop in drops or ():
@@ -370,7 +428,7 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
 
 def _store(result: torch.Tensor, out: torch.Tensor, s: int, e: int, acc: torch.Tensor) -> None:
     """Store a chunk's float32 result in ``out`` (cast to its dtype); add up what was stored."""
-    out[s:e] = result
+    out[s:e].copy_(result)  # a slice assignment costs ~50% more (its indexing machinery)
     acc += result.sum() if out.dtype == torch.float32 else out[s:e].sum(dtype=torch.float32)
 
 
@@ -411,12 +469,9 @@ def _trim(d: torch.Tensor, rs: list[tuple[TopK, bool]], c: int) -> torch.Tensor:
         left = rule.at_keep - rule.ties_before[c]
         count = rule.ties_before[c + 1] - rule.ties_before[c]
         if left <= 0 or count == 0:  # no tie kept here: |d| > threshold
-            return torch.nn.functional.hardshrink(d, rule.threshold)
+            return torch.hardshrink(d, rule.threshold, out=d)  # in place: no fresh chunk
         if count <= left and rule.threshold > 0:  # every tie here is kept: |d| >= threshold,
-            # i.e. |d| > the float32 just below it (a float64 nextafter would round back up)
-            below = float(torch.nextafter(torch.tensor(rule.threshold, dtype=torch.float32),
-                                          torch.tensor(0.0, dtype=torch.float32)))
-            return torch.nn.functional.hardshrink(d, below)
+            return torch.hardshrink(d, rule.below, out=d)  # i.e. |d| > the float32 just below it
     mag = d.abs()
     for rule, negate in rs:
         k = topk_mask(rule, mag, c)  # float 0/1, None = keep all
@@ -456,8 +511,9 @@ def _gta(base, models, model_params, params, out, rules, consensus, lo, hi, drop
         if consensus is not None:
             total = tb[:e - s]
             if consensus == "sum":
-                total.copy_(weighted[0])
-                for wd in weighted[1:]:
+                (torch.add(weighted[0], weighted[1], out=total) if len(weighted) > 1
+                 else total.copy_(weighted[0]))
+                for wd in weighted[2:]:
                     total.add_(wd)
             else:
                 torch.sign(weighted[0], out=total)

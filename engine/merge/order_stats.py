@@ -51,10 +51,11 @@ def band_of(x: torch.Tensor, lo: float, hi: float, scratch: torch.Tensor) -> tup
         flags = scratch.numpy().reshape(-1).view(np.bool_)  # two bool rows in the scratch's bytes
         low, high = flags[:width], flags[width:2 * width]
         below = int(np.count_nonzero(np.less(v, lo, out=low))) if lo != -math.inf else 0
-        inside = np.greater_equal(v, lo, out=low) if lo != -math.inf else None
-        if hi != math.inf:
+        if hi == math.inf:
+            inside = np.greater_equal(v, lo, out=low)
+        else:  # below implies <= hi (lo <= hi): inside is "<= hi and not below", one comparison
             np.less_equal(v, hi, out=high)
-            inside = high if inside is None else np.logical_and(inside, high, out=low)
+            inside = np.greater(high, low, out=low) if lo != -math.inf else high
         return below, torch.from_numpy(np.compress(inside, v))  # a copy of the band's entries
     if lo == -math.inf:
         return 0, x[scratch[1, :width].copy_(x).le_(hi).bool()]

@@ -85,6 +85,26 @@ def test_select_topk_matches_a_full_selection(k):
     assert torch.equal(got, expected)
 
 
+def test_one_pass_for_many_requests_gives_each_alone(monkeypatch):
+    """select_many: several models, two k of one model (Breadcrumbs), k that keep all or
+    none, in one pass over two threads; each TopK is select_topk's for that request alone,
+    and its masks are the full selection's."""
+    monkeypatch.setattr(chunked, "SPLIT_MIN_CHUNKS", 2)
+    base, (a, b, c) = quantized_family(shape=(60, 70))
+    flat = base.reshape(-1)
+    requests = [(a.reshape(-1), 1000), (b.reshape(-1), 2999), (a.reshape(-1), 17), (c.reshape(-1), 0),
+                (b.reshape(-1), 4200), (c.reshape(-1), 2100)]
+    rules = chunked.select_many(flat, requests)
+    assert rules == [select_topk(flat, model, k) for model, k in requests]
+    assert rules[3].nothing and rules[4].everything
+    for (model, k), rule in zip(requests, rules):
+        if rule.nothing or rule.everything:
+            continue
+        mag = (model.float() - flat.float()).abs()
+        got = torch.cat([chunked.topk_mask(rule, mag[s:e], i) for i, (s, e) in enumerate(chunked._chunks(mag.numel()))])
+        assert torch.equal(got, topk_mask(mag, k))
+
+
 def test_bracket_miss_falls_back_to_exact_selection(monkeypatch):
     monkeypatch.setattr(chunked, "_SAMPLE", 2)  # a useless sample
     base, (ft, *_) = quantized_family(shape=(30, 30))
