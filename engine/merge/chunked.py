@@ -552,8 +552,9 @@ def _gta(base, models, model_params, params, out, rules, consensus, lo, hi, drop
 def _slerp_sums(base, model, lo, hi) -> torch.Tensor:
     """float64 [sum b*b, sum m*m, sum b*m] over chunks lo..hi-1 (NaN/Inf propagate)."""
     sums = torch.zeros(3, dtype=torch.float64)
+    rows = torch.empty((2, min(base.numel(), CHUNK)), dtype=torch.float64)  # reused (see _scratch)
     for s, e in _chunks(base.numel(), lo, hi):
-        x, y = base[s:e].double(), model[s:e].double()
+        x, y = rows[0, :e - s].copy_(base[s:e]), rows[1, :e - s].copy_(model[s:e])
         sums[0] += torch.dot(x, x)
         sums[1] += torch.dot(y, y)
         sums[2] += torch.dot(x, y)

@@ -22,7 +22,7 @@ RENDERED = {
     "whatif_speed": ["whatif_speed.json"],
     "page_render": ["page_render_full.json"],
     "compress_serving": ["compress_serving.json"],
-    "merge_speed": ["merge_speed.json", "merge_speed_newer.json", "merge_speed_other.json"],
+    "merge_speed": ["merge_speed.json", "merge_speed_newer.json", "merge_speed_other.json", "merge_speed_1b.json"],
     "mergekit_parity": ["mergekit_parity.json"],
     "moe_parity": ["moe_parity.json"],
     "moe_zoo_demo": ["moe_zoo_demo.json"],
