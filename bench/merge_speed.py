@@ -345,7 +345,14 @@ def render(results: dict) -> str:
             "its three quartiles in one bracketing pass, and `python -m engine` ends without the "
             "interpreter's teardown (threads joined, atexit handlers run, output flushed, then "
             "`os._exit`; the teardown alone took ~0.7 s with torch loaded)."
-            if results["conditions"].get("fast_exit") else "") + "\n\n"
+            if results["conditions"].get("fast_exit") else "") + (
+            " Since 2026-12-04 a shard whose tensors come in file order (a merge's do) is written "
+            "with direct I/O (`O_DIRECT`): the bytes go through an aligned 16 MiB buffer straight "
+            "to the disk, so the kernel fills no page cache for the output (on this VM's ext4 a new "
+            "file's buffered writes cost ~2 s of CPU per GiB) and the final fsync has nothing left "
+            "to write; the checker reads each tensor back from the disk itself, 8 MiB at a time "
+            "with the next piece read ahead, and compares it with one `memcmp`."
+            if results["conditions"].get("direct_io") else "") + "\n\n"
         f"Reproduce: `python bench/merge_speed.py --mergekit VENV/bin/mergekit-yaml {flag}` on an idle "
         f"machine (mergekit in its own venv: `python -m venv VENV && VENV/bin/pip install torch==2.13.0 "
         f"mergekit`); raw numbers of every run: `bench/results/{raw}`.\n\n"
@@ -353,7 +360,8 @@ def render(results: dict) -> str:
         "Where our time goes (median seconds per stage, wall (CPU of the thread that ran it); stages "
         "run on four threads at once (reader: read; merge: plan, merge, check and the waits; writer: "
         "write; checker: verify, hash), so they overlap and add up to more than the wall time; "
-        "`convert` is inside `merge` for the chunked kernels; `finalize` includes the final fsync):\n\n" + "\n".join(stage_lines) + "\n\n"
+        "`convert` is inside `merge` for the chunked kernels; `write` includes the writer's waits for "
+        "the checker; `finalize` includes the final fsync):\n\n" + "\n".join(stage_lines) + "\n\n"
         f"Conditions: {cond['cpus']} CPU cores, torch {cond['torch']}, mergekit {cond['mergekit']}; load "
         f"average {cond['load_before'][0]:.2f} before and {cond['load_after'][0]:.2f} after, {loaded}; "
         f"{cond['reps']} run{'s' if cond['reps'] != 1 else ''} per row, tools alternating." + (f" {cond['note']}" if cond.get("note") else "") + "\n"
@@ -371,6 +379,22 @@ def _amendment(amend: dict) -> str:
             f"{cond['reps']} run{'s' if cond['reps'] != 1 else ''} per row, tools alternating"
             + (f": {amend['note']}" if amend.get("note") else ".") + "\n\n"
             + "\n".join(_table(amend["rows"], amend["methods"])) + "\n")
+
+
+def direct_io_available(folder: Path) -> bool:
+    """Whether the filesystem of ``folder`` takes ``O_DIRECT`` (our writer then uses it)."""
+    from engine.io import shard
+
+    if not (shard.DIRECT_IO and shard._O_DIRECT):
+        return False
+    probe = folder / "direct-io.probe"
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | shard._O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    probe.unlink()
+    return True
 
 
 def mergekit_version(exe: str | None) -> str:
@@ -471,7 +495,9 @@ def main(argv=None) -> int:
                        "parameters_m": round(sum(torch.Size(x).numel() for x in shapes.values()) / 1e6, 1),
                        "layers": CONFIG["num_hidden_layers"], "hidden": CONFIG["hidden_size"],
                        # the engine ends without the interpreter's teardown (engine/__main__.py)
-                       "fast_exit": True},
+                       "fast_exit": True,
+                       # our shards written with O_DIRECT (engine/io/shard.py), where WORK takes it
+                       "direct_io": direct_io_available(WORK)},
         "methods": methods, "rows": summarize(runs), "runs": runs,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ import engine.io.shard as shard_module
 from engine.io.shard import _pwrite_all as real_pwrite_all
 from engine.errors import ExportError
 from engine.io import ModelFolder, ModelWriter, sweep_orphan_staging
-from tests.io.builders import TINY_CONFIG, snapshot, staging_leftovers, tiny_tensors, write_model
+from tests.io.builders import (TINY_CONFIG, buffered_twin, first_data_byte, flip_byte, snapshot,
+                               staging_leftovers, tiny_tensors, write_model)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +38,9 @@ def _fail_on_shard(n: int, exc: BaseException):
         if inode not in inodes:
             inodes.append(inode)
             if len(inodes) == n:
-                os.pwrite(fd, b"partial", 0)
+                twin = buffered_twin(fd)  # (fd may be the O_DIRECT one)
+                os.pwrite(twin, b"partial", 0)
+                os.close(twin)
                 raise exc
         return real_pwrite_all(fd, data, offset)
     return pwrite_all
@@ -82,8 +85,9 @@ def test_interrupt_between_tensors(tmp_path):
 def test_verification_catches_a_corrupted_shard(tmp_path, monkeypatch):
     def corrupting(fd, data, offset):
         real_pwrite_all(fd, data, offset)
-        if offset > 8 and len(data) > 4:  # a tensor's data, not the header: flip its last byte
-            os.pwrite(fd, bytes([data[-1] ^ 0xFF]), offset + len(data) - 1)
+        position = first_data_byte(fd, offset, len(data))  # a tensor's data, not the header
+        if position is not None:
+            flip_byte(fd, position)
     monkeypatch.setattr(shard_module, "_pwrite_all", corrupting)
     with pytest.raises(ExportError, match="verification failed: bytes differ") as info:
         _export(tmp_path / "merged")

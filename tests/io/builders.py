@@ -85,3 +85,32 @@ def snapshot(root: Path) -> list[str]:
 
 def staging_leftovers(parent: Path) -> list[str]:
     return [n for n in os.listdir(parent) if ".staging-" in n]
+
+
+# ------------------------------------------------------------- corrupting a file being written
+def buffered_twin(fd: int) -> int:
+    """A second, buffered descriptor of the file behind ``fd`` (which may be the shard's
+    ``O_DIRECT`` one, where an unaligned one-byte write is refused)."""
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+
+
+def flip_byte(fd: int, offset: int) -> None:
+    """Invert the byte at ``offset`` of the file behind ``fd``, as another writer could."""
+    twin = buffered_twin(fd)
+    try:
+        old = os.pread(twin, 1, offset)
+        os.pwrite(twin, bytes([old[0] ^ 0xFF]), offset)
+    finally:
+        os.close(twin)
+
+
+def first_data_byte(fd: int, offset: int, length: int) -> int | None:
+    """The first byte of tensor data (not the header) among the ``length`` bytes just written
+    at ``offset`` of the safetensors file behind ``fd``; None when they are all header."""
+    twin = buffered_twin(fd)
+    try:
+        data_start = 8 + struct.unpack("<Q", os.pread(twin, 8, 0))[0]
+    finally:
+        os.close(twin)
+    position = max(offset, data_start)
+    return position if position < offset + length else None

@@ -18,7 +18,7 @@ from engine.io import ModelWriter
 from engine.io.names import MANIFEST_NAME
 from engine.io.shard import PIECE, ShardFile
 from engine.io.stages import StageTimes
-from tests.io.builders import TINY_CONFIG
+from tests.io.builders import TINY_CONFIG, flip_byte
 
 
 def mixed():
@@ -90,7 +90,7 @@ def test_bytes_changed_between_write_and_read_back_are_caught_naming_the_tensor(
     def corrupting(fd, data, offset):
         real(fd, data, offset)
         if len(data) > PIECE:  # only "big": flip a byte in its second piece
-            os.pwrite(fd, bytes([data[PIECE + 1] ^ 0x01]), offset + PIECE + 1)
+            flip_byte(fd, offset + PIECE + 1)
 
     monkeypatch.setattr(shard_module, "_pwrite_all", corrupting)
     with pytest.raises(ExportError, match="bytes differ") as info:
@@ -118,3 +118,147 @@ def test_stage_times_are_recorded_in_the_manifest(tmp_path):
     assert {"write", "verify", "hash", "fsync"} <= set(timings)
     assert all(v >= 0 for v in timings.values())
     assert times.calls()["write"] >= len(tensors) - 1  # the empty tensor writes nothing
+
+
+# ---------------------------------------------------------------- direct I/O
+def direct_io_here(folder) -> bool:
+    """Whether the filesystem under ``folder`` takes O_DIRECT (tmpfs and others may not)."""
+    if not shard_module._O_DIRECT:
+        return False
+    probe = folder / "direct.probe"
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | shard_module._O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    probe.unlink()
+    return True
+
+
+@pytest.fixture
+def small_blocks(monkeypatch, tmp_path):
+    """Direct I/O with a bounce buffer and read-back pieces of a few blocks, so a small shard
+    crosses many of their boundaries (tensors straddling them, a partial last block)."""
+    if not direct_io_here(tmp_path):
+        pytest.skip("no O_DIRECT on this filesystem")
+    monkeypatch.setattr(shard_module, "BOUNCE", 3 * shard_module.ALIGN)
+    monkeypatch.setattr(shard_module, "DIRECT_PIECE", 2 * shard_module.ALIGN)
+
+
+def opened_shard(path, tensors, **kw):
+    return ShardFile(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], order="plan", **kw)
+
+
+def in_file_order(shard, tensors):
+    return sorted(tensors, key=lambda n: shard._spans[shard._index[n]][0])
+
+
+def buffered_reference(tmp_path, monkeypatch, tensors) -> bytes:
+    monkeypatch.setattr(shard_module, "DIRECT_IO", False)
+    try:
+        shard = opened_shard(tmp_path / "buffered.safetensors", tensors)
+        for name in in_file_order(shard, tensors):
+            shard.write(name, tensors[name])
+        shard.finish()
+    finally:
+        monkeypatch.setattr(shard_module, "DIRECT_IO", True)
+    return (tmp_path / "buffered.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_in_order_writes_go_to_disk_directly_and_are_read_back_from_it(tmp_path, monkeypatch, small_blocks,
+                                                                      threaded, checker):
+    tensors = mixed()
+    tensors["wide"] = torch.randn(5 * shard_module.ALIGN // 4 + 7)  # several bounce buffers
+    expected = buffered_reference(tmp_path, monkeypatch, tensors)
+    direct_reads = []
+    real = shard_module._pread_direct
+    monkeypatch.setattr(shard_module, "_pread_direct",
+                        lambda fd, buf, offset: direct_reads.append(offset) or real(fd, buf, offset))
+    shard = opened_shard(tmp_path / "s.safetensors", tensors, checker=checker if threaded else None)
+    assert shard._direct is not None
+    for name in in_file_order(shard, tensors):
+        shard.write(name, tensors[name])
+    result = shard.finish()
+    raw = (tmp_path / "s.safetensors").read_bytes()
+    assert raw == expected and result.size == len(expected)
+    assert result.sha256 == hashlib.sha256(expected).hexdigest()
+    nonempty = [i for i, (b, e, _) in enumerate(shard._spans) if e > b]
+    assert all(shard._on_disk[i] for i in nonempty)  # every tensor was read back from the disk
+    assert direct_reads and all(offset % shard_module.ALIGN == 0 for offset in direct_reads)
+
+
+def test_a_write_out_of_file_order_turns_the_rest_buffered(tmp_path, monkeypatch, small_blocks):
+    tensors = mixed()
+    expected = buffered_reference(tmp_path, monkeypatch, tensors)
+    shard = opened_shard(tmp_path / "s.safetensors", tensors)
+    order = in_file_order(shard, tensors)
+    order = order[:3] + order[4:] + order[3:4]  # the fourth tensor last
+    for name in order:
+        shard.write(name, tensors[name])
+    result = shard.finish()
+    assert (tmp_path / "s.safetensors").read_bytes() == expected
+    assert result.sha256 == hashlib.sha256(expected).hexdigest()
+    assert not shard._writing_direct and not all(shard._on_disk)
+
+
+def test_direct_io_refused_by_the_filesystem_falls_back_to_buffered(tmp_path, monkeypatch, small_blocks):
+    import errno
+    import fcntl
+
+    tensors = mixed()
+    expected = buffered_reference(tmp_path, monkeypatch, tensors)
+    real = shard_module._pwrite_all
+
+    def refusing(fd, data, offset):  # as a filesystem whose blocks are larger than ALIGN
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & shard_module._O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        real(fd, data, offset)
+
+    monkeypatch.setattr(shard_module, "_pwrite_all", refusing)
+    shard = opened_shard(tmp_path / "s.safetensors", tensors)
+    for name in in_file_order(shard, tensors):
+        shard.write(name, tensors[name])
+    result = shard.finish()
+    assert (tmp_path / "s.safetensors").read_bytes() == expected
+    assert result.sha256 == hashlib.sha256(expected).hexdigest()
+    assert not any(shard._on_disk)
+
+
+def test_other_write_errors_of_the_direct_path_are_raised(tmp_path, monkeypatch, small_blocks):
+    import errno
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    tensors = {"w": torch.randn(4 * shard_module.ALIGN)}
+    shard = opened_shard(tmp_path / "s.safetensors", tensors)
+    monkeypatch.setattr(shard_module, "_pwrite_all", full)
+    with pytest.raises(OSError, match="No space left"):
+        shard.write("w", tensors["w"])
+    shard.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_bytes_changed_on_disk_are_caught_on_both_paths(tmp_path, monkeypatch, direct, checker):
+    if direct and not direct_io_here(tmp_path):
+        pytest.skip("no O_DIRECT on this filesystem")
+    monkeypatch.setattr(shard_module, "DIRECT_IO", direct)
+    real = shard_module._pwrite_all
+    tensors = mixed()
+
+    def corrupting(fd, data, offset):
+        real(fd, data, offset)
+        if offset + len(data) > target:
+            flip_byte(fd, target)  # once the byte is written: a change behind the writer's back
+
+    shard = opened_shard(tmp_path / "s.safetensors", tensors, checker=checker)
+    begin, _, _ = shard._spans[shard._index["big"]]
+    target = shard.data_start + begin + 12345
+    monkeypatch.setattr(shard_module, "_pwrite_all", corrupting)
+    with pytest.raises(ExportError, match="bytes differ") as info:
+        for name in in_file_order(shard, tensors):
+            shard.write(name, tensors[name])
+        shard.finish()
+    assert info.value.tensor == "big"
+    shard.close()

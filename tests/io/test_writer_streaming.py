@@ -15,7 +15,7 @@ import engine.io.shard as shard_module
 from engine.errors import ExportError
 from engine.io import ModelFolder, ModelWriter
 from engine.io.writer import INDEX_NAME, MANIFEST_NAME
-from tests.io.builders import TINY_CONFIG, snapshot, tiny_tensors
+from tests.io.builders import TINY_CONFIG, first_data_byte, flip_byte, snapshot, tiny_tensors
 
 
 def mixed_tensors():
@@ -131,8 +131,9 @@ def test_verification_catches_bytes_changed_after_writing(tmp_path, monkeypatch)
 
     def corrupting(fd, data, offset):
         real(fd, data, offset)
-        if offset > 64 and len(data) > 4:  # a tensor's data, not the header
-            os.pwrite(fd, bytes([data[0] ^ 0xFF]), offset)
+        position = first_data_byte(fd, offset, len(data))  # a tensor's data, not the header
+        if position is not None:
+            flip_byte(fd, position)
 
     monkeypatch.setattr(shard_module, "_pwrite_all", corrupting)
     with pytest.raises(ExportError, match="verification failed: bytes differ"):
