@@ -50,6 +50,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench._common import OtherWork, llama_shapes, write_readme_section  # noqa: E402
+from engine.io import shard  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "speed"
 RESULTS = ROOT / "bench" / "results" / "merge_speed.json"
@@ -381,22 +382,6 @@ def _amendment(amend: dict) -> str:
             + "\n".join(_table(amend["rows"], amend["methods"])) + "\n")
 
 
-def direct_io_available(folder: Path) -> bool:
-    """Whether the filesystem of ``folder`` takes ``O_DIRECT`` (our writer then uses it)."""
-    from engine.io import shard
-
-    if not (shard.DIRECT_IO and shard._O_DIRECT):
-        return False
-    probe = folder / "direct-io.probe"
-    try:
-        fd = os.open(probe, os.O_RDWR | os.O_CREAT | shard._O_DIRECT, 0o644)
-    except OSError:
-        return False
-    os.close(fd)
-    probe.unlink()
-    return True
-
-
 def mergekit_version(exe: str | None) -> str:
     if exe is None:
         return "-"
@@ -497,7 +482,7 @@ def main(argv=None) -> int:
                        # the engine ends without the interpreter's teardown (engine/__main__.py)
                        "fast_exit": True,
                        # our shards written with O_DIRECT (engine/io/shard.py), where WORK takes it
-                       "direct_io": direct_io_available(WORK)},
+                       "direct_io": shard.DIRECT_IO and shard.direct_io_works(WORK)},
         "methods": methods, "rows": summarize(runs), "runs": runs,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,21 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
+def direct_io_works(folder: Path) -> bool:
+    """Whether a file under ``folder`` can be opened with ``O_DIRECT`` (so a shard written there
+    goes to the disk directly while ``DIRECT_IO`` is on); tmpfs and others may refuse it."""
+    if not _O_DIRECT:
+        return False
+    probe = Path(folder) / f".direct-io-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    probe.unlink()
+    return True
+
+
 def _round_up(x: int, unit: int) -> int:
     return -(-x // unit) * unit
 
@@ -511,4 +526,4 @@ class ShardFile:
                     pass
 
 
-__all__ = ["ALIGN", "BOUNCE", "DIRECT_IO", "PIECE", "SHARD_METADATA", "ShardFile", "ShardResult", "itemsize", "ordered"]
+__all__ = ["ALIGN", "BOUNCE", "DIRECT_IO", "PIECE", "direct_io_works", "SHARD_METADATA", "ShardFile", "ShardResult", "itemsize", "ordered"]

@@ -121,25 +121,11 @@ def test_stage_times_are_recorded_in_the_manifest(tmp_path):
 
 
 # ---------------------------------------------------------------- direct I/O
-def direct_io_here(folder) -> bool:
-    """Whether the filesystem under ``folder`` takes O_DIRECT (tmpfs and others may not)."""
-    if not shard_module._O_DIRECT:
-        return False
-    probe = folder / "direct.probe"
-    try:
-        fd = os.open(probe, os.O_RDWR | os.O_CREAT | shard_module._O_DIRECT, 0o644)
-    except OSError:
-        return False
-    os.close(fd)
-    probe.unlink()
-    return True
-
-
 @pytest.fixture
 def small_blocks(monkeypatch, tmp_path):
     """Direct I/O with a bounce buffer and read-back pieces of a few blocks, so a small shard
     crosses many of their boundaries (tensors straddling them, a partial last block)."""
-    if not direct_io_here(tmp_path):
+    if not shard_module.direct_io_works(tmp_path):
         pytest.skip("no O_DIRECT on this filesystem")
     monkeypatch.setattr(shard_module, "BOUNCE", 3 * shard_module.ALIGN)
     monkeypatch.setattr(shard_module, "DIRECT_PIECE", 2 * shard_module.ALIGN)
@@ -241,7 +227,7 @@ def test_other_write_errors_of_the_direct_path_are_raised(tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("direct", [True, False])
 def test_bytes_changed_on_disk_are_caught_on_both_paths(tmp_path, monkeypatch, direct, checker):
-    if direct and not direct_io_here(tmp_path):
+    if direct and not shard_module.direct_io_works(tmp_path):
         pytest.skip("no O_DIRECT on this filesystem")
     monkeypatch.setattr(shard_module, "DIRECT_IO", direct)
     real = shard_module._pwrite_all
