@@ -140,6 +140,19 @@ def _same_bytes(a: memoryview, b: memoryview) -> bool:
     return len(x) == 0 or _MEMCMP(x.ctypes.data, y.ctypes.data, len(x)) == 0
 
 
+def _free(view: memoryview | None) -> None:
+    """Unmap memory from ``_aligned`` now (a writer keeps its finished shards: their buffers
+    must not stay resident); if a slice of it is still alive somewhere, the GC unmaps it."""
+    if view is None:
+        return
+    backing = view.obj
+    view.release()
+    try:
+        backing.close()
+    except BufferError:
+        pass
+
+
 def _pread_direct(fd: int, buf: memoryview, offset: int) -> int:
     """Fill the aligned ``buf`` from the aligned ``offset`` through an ``O_DIRECT`` descriptor;
     the bytes read, fewer where the file ends first (a read ending inside a block is the last)."""
@@ -220,6 +233,10 @@ class _DiskStream:
 
     def close(self) -> None:
         self._helper.shutdown(wait=True, cancel_futures=True)
+        self._current = self._pending = None
+        for view in self._buffers:
+            _free(view)
+        self._buffers = []
 
 
 @dataclass(frozen=True)
@@ -284,6 +301,7 @@ class ShardFile:
         self._held: deque = deque()  # (i, raw) of spans written into the bounce buffer
         self._flushed = self._filled = 0
         self._stream: _DiskStream | None = None
+        self._bounce: memoryview | None = None
         if DIRECT_IO and _O_DIRECT:
             try:
                 self._direct = os.open(self.path, os.O_RDWR | _O_DIRECT)
@@ -516,6 +534,9 @@ class ShardFile:
         self._writing_direct = False
         if self._stream is not None:
             self._stream.close()  # no read of the file is running after this
+            self._stream = None
+        _free(self._bounce)
+        self._bounce = None
         fds = (self.fd, self._direct)
         self.fd = self._direct = None
         for fd in fds:

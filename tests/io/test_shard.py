@@ -248,3 +248,16 @@ def test_bytes_changed_on_disk_are_caught_on_both_paths(tmp_path, monkeypatch, d
         shard.finish()
     assert info.value.tensor == "big"
     shard.close()
+
+
+def test_a_finished_shard_holds_no_direct_io_buffers(tmp_path, monkeypatch, small_blocks, checker):
+    """A writer keeps every shard of its plan until it is done: a finished one's bounce buffer
+    and read-back pieces are unmapped, so a model of many shards does not keep them resident."""
+    tensors = mixed()
+    shard = opened_shard(tmp_path / "s.safetensors", tensors, checker=checker)
+    maps = [shard._bounce.obj] + [view.obj for view in shard._stream._buffers]
+    for name in in_file_order(shard, tensors):
+        shard.write(name, tensors[name])
+    shard.finish()
+    assert all(m.closed for m in maps)
+    assert shard._bounce is None and shard._stream is None and shard.fd is None
