@@ -216,6 +216,36 @@ def test_chunked_slerp_equals_the_method_and_a_float64_reference(t, colinear, mo
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_slerp_skips_the_finiteness_sums_only_where_its_norms_prove_every_result_finite(dtype, monkeypatch):
+    """|w0 b + w1 m| <= |w0| |b| + |w1| |m| bounds every entry: below half the output dtype's
+    largest value the results are stored unsummed (the same values), above it they are summed
+    and a cast overflow is still reported for the exact check."""
+    m = get_method("slerp")
+    p, mps = m.parse_params({"t": 0.4}), m.parse_model_params([{}])
+    base, (ft, *_) = quantized_family(shape=(61, 97))
+    summed = []
+    real_store = chunked._store
+    monkeypatch.setattr(chunked, "_store", lambda *a: summed.append(1) or real_store(*a))
+    fast = torch.empty(base.shape, dtype=dtype)
+    assert chunked.merge_checked(m, base, [ft], mps, p, fast) is True
+    assert summed == []
+    monkeypatch.setattr(chunked, "PROVEN_FINITE", 0.0)  # never proven: every chunk summed
+    checked = torch.empty(base.shape, dtype=dtype)
+    assert chunked.merge_checked(m, base, [ft], mps, p, checked) is True
+    assert summed and torch.equal(fast, checked)
+    monkeypatch.setattr(chunked, "PROVEN_FINITE", 0.5)
+    scale = torch.finfo(dtype).max / 4 if dtype == torch.float16 else 1e37
+    big_base, big_ft = base.float() * 0 + scale, ft.float() * 0 + scale  # colinear: the lerp
+    out = torch.empty(base.shape, dtype=dtype)
+    known = chunked.merge_checked(m, big_base, [big_ft], mps, p, out)
+    assert bool(torch.isfinite(out).all()) and (known is True or dtype != torch.float32)
+    huge = torch.empty(base.shape, dtype=torch.float16)
+    overflow = [x.float() * 0 + 1e5 for x in (base, ft)]  # finite in fp32, Inf in fp16
+    assert chunked.merge_checked(m, overflow[0], [overflow[1]], mps, p, huge) is False
+    assert bool(torch.isinf(huge).all())
+
+
 def test_chunked_slerp_names_a_nonfinite_input():
     base, (ft, *_) = quantized_family(dtype=torch.float32)
     ft[2, 2] = float("inf")
