@@ -457,7 +457,7 @@ def _linear(models, weights, total, normalize, out, lo, hi) -> torch.Tensor:
         for m, wi in zip(models, weights):
             x = buf[0 if mixed is None else 1, :e - s].copy_(m[s:e]).mul_(wi)
             mixed = x if mixed is None else mixed.add_(x)
-        if normalize:
+        if normalize and total != 1.0:  # x / 1 is x, bit for bit (NaN, Inf and -0 too)
             mixed = mixed.div_(total)
         _store(mixed, out, s, e, acc)
     return acc
