@@ -25,9 +25,10 @@ cache: they are copied into an aligned ``BOUNCE`` buffer behind the header and w
 ``ALIGN``-byte blocks through a second descriptor opened with ``O_DIRECT``; the last, partial
 block is padded and the file cut to its size by ``finish``. A buffered write makes the kernel
 find and fill a page-cache page per 4 KiB and the final fsync then writes them all out:
-measured on a 2-core VM, 576 MiB took 0.12-1.45 s of CPU to write (slow whenever the guest's
-free pages had been handed back to the host) plus 0.16-0.23 s of fsync; written directly, 0.20 s
-of which 0.05 s CPU (the copies), and the fsync has nothing left to write. A tensor's check
+measured on a 2-core VM's ext4, a new file's 576 MiB took 1.0-1.45 s of CPU to write (0.12 s
+only right after another file's pages had been freed; overwriting cached pages 0.07 s) plus
+0.16-0.23 s of fsync; written directly, 0.20 s of which 0.05 s CPU (the copies), and the fsync
+has nothing left to write. A tensor's check
 then waits until its bytes are on disk (its blocks written), and reads them back from the disk
 itself (``O_DIRECT`` reads, aligned), not from a cache: ~0.2 s for 576 MiB, little CPU. The first
 tensor written out of file order, a filesystem that refuses ``O_DIRECT`` (``open`` or a write
