@@ -296,27 +296,37 @@ class ShardFile:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         # direct I/O (module docstring): a second descriptor; bytes [_flushed, _filled) of the
         # file wait in the bounce buffer, the spans in _held wait for them to reach the disk
-        self._direct: int | None = None  # the O_DIRECT descriptor, open until close()
+        self._direct: int | None = None  # the O_DIRECT descriptor, open until the last check
         self._writing_direct = False  # False once the file's writes turned buffered
         self._on_disk = [False] * len(spans)  # span i written directly: read it back directly
         self._held: deque = deque()  # (i, raw) of spans written into the bounce buffer
         self._flushed = self._filled = 0
         self._stream: _DiskStream | None = None
         self._bounce: memoryview | None = None
-        if DIRECT_IO and _O_DIRECT:
+        self._prefix: bytes | None = prefix  # written with the first tensor (``_start``)
+        with self.times.stage("write"):
+            os.ftruncate(self.fd, self.size)
+
+    def _start(self, in_order: bool) -> None:
+        """The file's first bytes, the header: into the bounce buffer when the first tensor
+        comes in file order and the filesystem takes ``O_DIRECT``, else written buffered. The
+        direct descriptor and buffers exist from here until the file's last bytes are written
+        (the bounce buffer) and checked (the read-back stream and the descriptor): a writer
+        lays out all its shards up front and finishes them at its end, so only the shards being
+        written hold them."""
+        prefix, self._prefix = self._prefix, None
+        if in_order and DIRECT_IO and _O_DIRECT:
             try:
                 self._direct = os.open(self.path, os.O_RDWR | _O_DIRECT)
             except OSError:  # a filesystem without direct I/O: buffered
                 self._direct = None
-        with self.times.stage("write"):
-            os.ftruncate(self.fd, self.size)
-            if self._direct is not None:
-                self._writing_direct = True
-                self._bounce = _aligned(BOUNCE)
-                self._stream = _DiskStream(self._direct, lambda: self._flushed)
-                self._append(memoryview(prefix))
-            else:
-                _pwrite_all(self.fd, memoryview(prefix), 0)
+        if self._direct is not None:
+            self._writing_direct = True
+            self._bounce = _aligned(BOUNCE)
+            self._stream = _DiskStream(self._direct, lambda: self._flushed)
+            self._append(memoryview(prefix))
+        else:
+            _pwrite_all(self.fd, memoryview(prefix), 0)
 
     def __contains__(self, name: str) -> bool:
         return name in self._index
@@ -339,11 +349,15 @@ class ShardFile:
             data = tensor.detach().to("cpu").contiguous()
             raw = memoryview(data.reshape(-1).view(torch.uint8).numpy())
             with self.times.stage("write"):
+                if self._prefix is not None:
+                    self._start(in_order=begin == 0)
                 if self._writing_direct and self.data_start + begin == self._filled:
                     self._append(raw)
                     if self._writing_direct:  # its check waits until its bytes are on disk
                         self._held.append((i, raw))
                         self._release()
+                        if self._filled == self.size:  # the file's last bytes: out now (a
+                            self._write_last_block()  # writer finishes its shards at the end)
                         return
                 else:
                     self._buffered()  # out of file order (or buffered already): in place
@@ -428,6 +442,8 @@ class ShardFile:
             if self._write_bounce(whole):
                 os.ftruncate(self.fd, self.size)
         self._writing_direct = False
+        _free(self._bounce)  # the checks read the disk, not this
+        self._bounce = None
 
     def _raise_failed(self) -> None:
         while self._jobs and self._jobs[0][0].done():
@@ -448,6 +464,21 @@ class ShardFile:
         if i == self._next:
             self._next += 1
         self._advance()
+        if self._next == len(self._spans):  # every byte checked: no more reads of the file
+            self._close_direct()
+
+    def _close_direct(self) -> None:
+        """Stop the read-back stream and close the direct descriptor (a writer keeps its
+        shards until it is done: a checked one holds no buffer, thread or extra descriptor)."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+        fd, self._direct = self._direct, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _read_back(self, i: int, given, *, hash_too: bool) -> None:
         """Read span i back piece by piece; compare with ``given`` (None: only hash)."""
@@ -507,6 +538,9 @@ class ShardFile:
     def finish(self) -> ShardResult:
         """Wait for the checks, fsync and close; the sha256 of every byte, the size and mtime
         it has now."""
+        if self._prefix is not None:  # no tensor with bytes was written: the header alone
+            with self.times.stage("write"):
+                self._start(in_order=False)
         if self._writing_direct:
             with self.times.stage("write"):
                 self._write_last_block()
@@ -533,19 +567,16 @@ class ShardFile:
                 job.exception()
         self._held.clear()
         self._writing_direct = False
-        if self._stream is not None:
-            self._stream.close()  # no read of the file is running after this
-            self._stream = None
+        self._close_direct()  # no read of the file is running after this
         _free(self._bounce)
         self._bounce = None
-        fds = (self.fd, self._direct)
-        self.fd = self._direct = None
-        for fd in fds:
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
-__all__ = ["ALIGN", "BOUNCE", "DIRECT_IO", "PIECE", "direct_io_works", "SHARD_METADATA", "ShardFile", "ShardResult", "itemsize", "ordered"]
+__all__ = ["ALIGN", "BOUNCE", "DIRECT_IO", "PIECE", "SHARD_METADATA", "ShardFile", "ShardResult",
+           "direct_io_works", "itemsize", "ordered"]

@@ -162,7 +162,6 @@ def test_in_order_writes_go_to_disk_directly_and_are_read_back_from_it(tmp_path,
     monkeypatch.setattr(shard_module, "_pread_direct",
                         lambda fd, buf, offset: direct_reads.append(offset) or real(fd, buf, offset))
     shard = opened_shard(tmp_path / "s.safetensors", tensors, checker=checker if threaded else None)
-    assert shard._direct is not None
     for name in in_file_order(shard, tensors):
         shard.write(name, tensors[name])
     result = shard.finish()
@@ -250,14 +249,18 @@ def test_bytes_changed_on_disk_are_caught_on_both_paths(tmp_path, monkeypatch, d
     shard.close()
 
 
-def test_a_finished_shard_holds_no_direct_io_buffers(tmp_path, monkeypatch, small_blocks, checker):
-    """A writer keeps every shard of its plan until it is done: a finished one's bounce buffer
-    and read-back pieces are unmapped, so a model of many shards does not keep them resident."""
+def test_only_the_shard_being_written_holds_direct_io_resources(tmp_path, monkeypatch, small_blocks, checker):
+    """A writer lays out every shard of its plan up front and keeps them until it is done: the
+    direct descriptor and buffers are made at a shard's first write, and a finished shard's
+    are closed and unmapped, so a model of hundreds of shards holds one set."""
     tensors = mixed()
     shard = opened_shard(tmp_path / "s.safetensors", tensors, checker=checker)
-    maps = [shard._bounce.obj] + [view.obj for view in shard._stream._buffers]
+    assert shard._bounce is None and shard._direct is None  # nothing held before the first write
+    maps = []
     for name in in_file_order(shard, tensors):
         shard.write(name, tensors[name])
+        if not maps:
+            maps = [shard._bounce.obj] + [view.obj for view in shard._stream._buffers]
     shard.finish()
     assert all(m.closed for m in maps)
     assert shard._bounce is None and shard._stream is None and shard.fd is None

@@ -139,3 +139,23 @@ def test_verification_catches_bytes_changed_after_writing(tmp_path, monkeypatch)
     with pytest.raises(ExportError, match="verification failed: bytes differ"):
         write_streaming(tmp_path / "out", tensors)
     assert snapshot(tmp_path) == []
+
+
+def test_a_plan_of_many_shards_opens_one_descriptor_per_shard(tmp_path):
+    """Every shard of a plan is laid out (and opened) up front; a shard's second, direct-I/O
+    descriptor exists only while it is written, so hundreds of shards stay within the open
+    files a process may hold."""
+    tensors = {f"w{i}": torch.full((64,), float(i)) for i in range(30)}  # 256 bytes each
+    counts = []
+
+    def shard_descriptors():
+        return sum("shard-" in os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    with ModelWriter(tmp_path / "out", config=TINY_CONFIG, plan=plan_of(tensors), max_shard_bytes=300) as writer:
+        for name, t in tensors.items():
+            writer.add_tensor(name, t)
+            counts.append(shard_descriptors())
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) == 30
+    assert max(counts) <= 30 + 1
+    assert ModelFolder(tmp_path / "out").get_tensor("w17").eq(17.0).all()
