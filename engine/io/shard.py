@@ -154,6 +154,14 @@ def _free(view: memoryview | None) -> None:
         pass
 
 
+def _close_quietly(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def _pread_direct(fd: int, buf: memoryview, offset: int) -> int:
     """Fill the aligned ``buf`` from the aligned ``offset`` through an ``O_DIRECT`` descriptor;
     the bytes read, fewer where the file ends first (a read ending inside a block is the last)."""
@@ -474,11 +482,7 @@ class ShardFile:
         if stream is not None:
             stream.close()
         fd, self._direct = self._direct, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_quietly(fd)
 
     def _read_back(self, i: int, given, *, hash_too: bool) -> None:
         """Read span i back piece by piece; compare with ``given`` (None: only hash)."""
@@ -571,11 +575,7 @@ class ShardFile:
         _free(self._bounce)
         self._bounce = None
         fd, self.fd = self.fd, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_quietly(fd)
 
 
 __all__ = ["ALIGN", "BOUNCE", "DIRECT_IO", "PIECE", "SHARD_METADATA", "ShardFile", "ShardResult",
