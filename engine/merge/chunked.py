@@ -365,8 +365,8 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
             # |w0 b + w1 m| <= |w0| |b|_2 + |w1| |m|_2 entry by entry: far below the largest
             # finite float (bf16's too), every result is finite and is not summed to check it
             bound = abs(w0) * n0 + abs(w1) * n1
-            largest = torch.finfo(out.dtype if out.dtype.is_floating_point else torch.float32).max
-            proven = math.isfinite(bound) and bound < PROVEN_FINITE * min(largest, torch.finfo(torch.float32).max)
+            largest = min(torch.finfo(out.dtype).max, torch.finfo(torch.float32).max)  # (fp32 arithmetic)
+            proven = math.isfinite(bound) and bound < PROVEN_FINITE * largest
 
             def run(target, lo, hi):
                 return _slerp(flat_base, model, w0, w1, target, lo, hi, check=not proven)
