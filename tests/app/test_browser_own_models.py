@@ -44,6 +44,44 @@ def _wait_text(page, text: str, timeout_ms: int = 180_000) -> None:
                            f".innerText.includes({json.dumps(text)})", timeout=timeout_ms)
 
 
+def _use_selection(page, base: str, finetunes: tuple[str, ...], tries: int = 3) -> None:
+    """Pick the base and fine-tunes in the selection form and submit it.
+
+    _settle can return before a rerun that an earlier click started has begun (Streamlit shows
+    its running indicator only after a delay); a rerun that lands between picking and
+    submitting redraws the form and drops the picks, and the submit then selects nothing. So
+    the picks are checked on the page before the submit, and a submit that shows no verdict
+    within a minute is tried again (a real defect fails every try)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    expected = f"Compatible: {base} + {len(finetunes)} fine-tune(s)"
+    for attempt in range(tries):
+        box = page.locator('[data-testid="stSelectbox"]').filter(has_text="Base model")
+        box.click()
+        page.get_by_role("option", name=base, exact=True).click()
+        multi = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Fine-tunes")
+        for name in finetunes:
+            if multi.get_by_text(name, exact=True).count():
+                continue  # still picked from an earlier try
+            multi.click()
+            page.get_by_role("option", name=name, exact=True).click()
+            page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+        if box.locator("input").input_value() != base or any(
+                multi.get_by_text(name, exact=True).count() == 0 for name in finetunes):
+            _settle(page)
+            continue  # a rerun redrew the form under the picks: pick again
+        page.get_by_role("button", name="Use this selection").click()
+        try:
+            _wait_text(page, expected, 60_000 if attempt + 1 < tries else 180_000)
+            return
+        except PlaywrightTimeoutError:
+            if attempt + 1 == tries:
+                raise
+            _settle(page)
+    raise AssertionError(f"the selection form never held {base} + {finetunes}")
+
+
 def _nav(page, title: str) -> None:
     page.locator('[data-testid="stSidebarNav"]').get_by_text(title, exact=True).click()
     page.wait_for_function(f"() => [...document.querySelectorAll('[data-testid=\"stMain\"] h1')]"
@@ -65,14 +103,7 @@ def test_own_base_two_adapters_and_a_jsonl_file(served, browser):  # noqa: F811
                                "b => b.innerText.includes('Add to the choices above'))",
                                timeout=180_000)
         _settle(page)
-    page.locator('[data-testid="stSelectbox"]').filter(has_text="Base model").click()
-    page.get_by_role("option", name="base", exact=True).click()
-    for name in ("adapter_a", "adapter_b"):
-        page.locator('[data-testid="stMultiSelect"]').filter(has_text="Fine-tunes").click()
-        page.get_by_role("option", name=name, exact=True).click()
-        page.keyboard.press("Escape")
-    page.get_by_role("button", name="Use this selection").click()
-    _wait_text(page, "Compatible: base + 2 fine-tune(s)")
+    _use_selection(page, "base", ("adapter_a", "adapter_b"))
     _settle(page)
     _type(page, "Eval file (.jsonl or .txt)", str(mine / "qa.jsonl"))
     _wait_text(page, "24 lines")
