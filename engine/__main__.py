@@ -8,6 +8,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import sys
@@ -40,8 +41,30 @@ def sweep_staging(args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def build_parser_frozen() -> argparse.ArgumentParser:
+    """``build_parser`` with the cyclic garbage collector off while the commands' modules
+    (torch among them) are imported, and every object they made frozen afterwards.
+
+    Importing torch and the engine allocates a few hundred thousand long-lived objects (modules,
+    functions, classes, dicts) and no garbage to speak of; the collector, triggered every 700
+    net allocations, traverses them again and again while they are made: ~18 collections and
+    80 ms for the engine's own modules after torch on a 2-core machine, ~0.2 s of a 2.3 s
+    merge in all. ``gc.freeze`` moves what the imports made to the permanent generation, so
+    the collections of the command's own run (the collector is on again for it: a long job's
+    cycles are still collected) no longer traverse them. Only for the program: a caller of
+    ``main`` in its own process keeps its collector as it was."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return build_parser()
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
+def main(argv: list[str] | None = None, *, program: bool = False) -> int:
+    parser = build_parser_frozen() if program else build_parser()
     args = parser.parse_args(argv)
     sweep_staging(args)
     try:
@@ -92,4 +115,4 @@ def exit_without_teardown(code: int) -> None:
 
 
 if __name__ == "__main__":
-    exit_without_teardown(main())
+    exit_without_teardown(main(program=True))
