@@ -353,7 +353,13 @@ def render(results: dict) -> str:
             "file's buffered writes cost ~2 s of CPU per GiB) and the final fsync has nothing left "
             "to write; the checker reads each tensor back from the disk itself, 8 MiB at a time "
             "with the next piece read ahead, and compares it with one `memcmp`."
-            if results["conditions"].get("direct_io") else "") + "\n\n"
+            if results["conditions"].get("direct_io") else "") + (
+            " Since 2026-12-05 `python -m engine` imports its commands' modules (torch among them) "
+            "with Python's cyclic garbage collector off and then freezes what they made "
+            "(`gc.freeze`), the collector on again for the merge itself: the collector had been "
+            "traversing the hundreds of thousands of objects the imports make ~400 times while "
+            "they were made, 0.2-0.27 s of each merge."
+            if results["conditions"].get("frozen_imports") else "") + "\n\n"
         f"Reproduce: `python bench/merge_speed.py --mergekit VENV/bin/mergekit-yaml {flag}` on an idle "
         f"machine (mergekit in its own venv: `python -m venv VENV && VENV/bin/pip install torch==2.13.0 "
         f"mergekit`); raw numbers of every run: `bench/results/{raw}`.\n\n"
@@ -482,7 +488,9 @@ def main(argv=None) -> int:
                        # the engine ends without the interpreter's teardown (engine/__main__.py)
                        "fast_exit": True,
                        # our shards written with O_DIRECT (engine/io/shard.py), where WORK takes it
-                       "direct_io": shard.DIRECT_IO and shard.direct_io_works(WORK)},
+                       "direct_io": shard.DIRECT_IO and shard.direct_io_works(WORK),
+                       # python -m engine imports with the collector off, then freezes
+                       "frozen_imports": True},
         "methods": methods, "rows": summarize(runs), "runs": runs,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
