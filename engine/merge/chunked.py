@@ -1,5 +1,6 @@
 """Chunked CPU kernels for the deterministic task-vector methods, linear, slerp, model_stock,
-nuslerp (flattened), multislerp and ram.
+nuslerp (flattened), multislerp, karcher, ram, nearswap and sce (without its variance
+selection).
 
 ``linear`` and every task-arithmetic variant (engine/merge/gta.py's ``Variant`` declarations)
 whose sparsification is none, magnitude or Breadcrumbs' magnitude_outliers (without
@@ -16,7 +17,12 @@ passes: the norms and the dot product (float64 sums, as ``engine.merge.methods.s
 them), then the weighted sum of the two tensors with the method's own weights; so does
 model_stock (the deltas' float64 Gram matrix, then t * mean + (1 - t) * base), and nuslerp and
 multislerp (the vectors' float64 Gram matrix, from which the methods' own coefficient rules give
-one weight per model, then sum_i k_i v_i, plus the base when there is one).
+one weight per model, then sum_i k_i v_i, plus the base when there is one), and karcher (the
+inputs' Gram matrix, its fixed-point iteration on one coefficient per input, then sum_i c_i W_i).
+sce takes a first pass for its size weights (float64 sums of squared deltas), then computes
+each chunk with the method's own functions; nearswap and ram need no first pass. (ramplus_tl
+stays whole: its two passes of ram's per-chunk split took longer than the whole tensor's,
+15.5 s against 8.5 on the 270M pair.)
 
 Trimming (TIES, Breadcrumbs) needs, per model, the k-th largest |delta| of the whole tensor.
 It is found by selection, never a sort of the tensor: a seeded sample brackets the k-th value, one chunked
@@ -66,6 +72,9 @@ import torch
 from engine.errors import NonFiniteError
 from engine.merge.gta import Variant
 from engine.merge.methods import model_stock as stock_method
+from engine.merge.methods import nearswap as nearswap_method
+from engine.merge.methods import ram as ram_method
+from engine.merge.methods import sce as sce_method
 from engine.merge.methods import slerp as slerp_method
 from engine.merge.order_stats import band_of, bracket, kth_smallest
 from engine.merge.registry import MergeMethod
@@ -310,8 +319,14 @@ def supports(method: MergeMethod, params, n_models: int | None = None) -> bool:
         return params.nuslerp_flatten and n_models in (None, 2)
     if method.name == "multislerp":
         return n_models is None or n_models >= 2
+    if method.name == "karcher":  # its iteration on N coefficients, from the Gram matrix
+        return n_models is None or n_models >= 2
     if method.name == "ram":  # elementwise once each entry's count of changing models is known
         return True
+    if method.name == "nearswap":  # elementwise
+        return n_models in (None, 1)
+    if method.name == "sce":  # elementwise once the size weights are known; the variance
+        return params.select_topk >= 1  # selection (select_topk < 1) takes the whole tensor
     variant = method.module
     return (isinstance(variant, Variant) and variant.sparsification in SPARSIFICATIONS
             and (not params.rescale or variant.sparsification == "random"))
@@ -348,6 +363,7 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rules, consensus, drops = [], None, None
+    heavy = None  # two threads for a large tensor: decided by the method's branch, or below
     try:
         if method.name == "linear":
             w = [float(x) for x in torch.tensor([mp.weight for mp in model_params], dtype=torch.float32)]
@@ -380,6 +396,20 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
         elif method.name == "ram":
             def run(target, lo, hi):
                 return _ram(flat_base, flat_models, params.epsilon, target, lo, hi)
+        elif method.name == "nearswap":
+            (model,) = flat_models
+
+            def run(target, lo, hi):
+                return _nearswap(flat_base, model, params.t, target, lo, hi)
+        elif method.name == "sce":
+            # first pass: each model's float64 sum of squared deltas (its size weight); then
+            # the sign election and the weighted mean of the agreeing deltas, chunk by chunk
+            sums = sum(_split(n, lambda lo, hi: _square_sums(flat_base, flat_models, lo, hi), parallel=False))
+            weights = sce_method.weights_from_square_sums(sums, n, torch.float32)
+            heavy = True  # a sign election per chunk, as TIES'
+
+            def run(target, lo, hi):
+                return _sce(flat_base, flat_models, weights, target, lo, hi)
         elif method.name in ("nuslerp", "multislerp"):
             # first pass: the float64 Gram matrix of the vectors (task vectors over a base, else
             # the weights); then one combination sum_i k_i v_i (+ base) with the method's own
@@ -398,6 +428,16 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
 
             def run(target, lo, hi):
                 return _combine(flat_base, flat_models, coeffs, target, lo, hi)
+        elif method.name == "karcher":
+            # the base, when given, is one more input, last (as engine.merge.methods.karcher)
+            points = flat_models + ([flat_base] if flat_base is not None else [])
+            gram = sum(_split(n, lambda lo, hi: _gram(None, points, lo, hi), parallel=False))
+            coeffs = ([math.nan] * len(points) if not bool(torch.isfinite(gram).all()) else
+                      method.module.gram_coefficients(gram, params.max_iter, params.tol).tolist())
+            coeffs = [float(torch.tensor(c, dtype=torch.float32)) for c in coeffs]  # applied in fp32
+
+            def run(target, lo, hi):
+                return _combine(None, points, coeffs, target, lo, hi)
         else:
             variant = method.module
             consensus = params.consensus_method if variant.consensus else None
@@ -414,7 +454,8 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
                 return _gta(flat_base, flat_models, model_params, params, target, rules, consensus, lo, hi,
                             drops=drops)
         # DARE's drops come from sequential streams: one thread
-        heavy = (consensus is not None or any(r is not None for r in rules)) and drops is None
+        if heavy is None:
+            heavy = (consensus is not None or any(r is not None for r in rules)) and drops is None
         stored = sum(_split(n, lambda lo, hi: run(flat_out, lo, hi), parallel=heavy))
         if bool(torch.isfinite(stored)):
             return True
@@ -605,13 +646,38 @@ def _stock(base, models, t, one_minus_t, out, lo, hi) -> torch.Tensor:
 
 def _ram(base, models, epsilon, out, lo, hi) -> torch.Tensor:
     """RAM per chunk, as ``engine.merge.methods.ram`` computes it over the whole tensor."""
-    from engine.merge.methods import ram as ram_method
-
     acc = torch.zeros((), dtype=torch.float32)
     for s, e in _chunks(out.numel(), lo, hi):
         b = _f32(base[s:e])
         _store(ram_method.combine(b, ram_method.split(b, [m[s:e].float() for m in models], epsilon)),
                out, s, e, acc)
+    return acc
+
+
+def _nearswap(base, model, t, out, lo, hi) -> torch.Tensor:
+    acc = torch.zeros((), dtype=torch.float32)
+    for s, e in _chunks(out.numel(), lo, hi):
+        _store(nearswap_method.combine(_f32(base[s:e]), _f32(model[s:e]), t), out, s, e, acc)
+    return acc
+
+
+def _sce_deltas(base, models, s, e) -> tuple[torch.Tensor, torch.Tensor]:
+    b = _f32(base[s:e])
+    return b, torch.stack([m[s:e].float() for m in models]).sub_(b)
+
+
+def _square_sums(base, models, lo, hi) -> torch.Tensor:
+    """float64 [N]: SCE's per-model sums of squared deltas over chunks lo..hi-1."""
+    sums = torch.zeros(len(models), dtype=torch.float64)
+    for s, e in _chunks(base.numel(), lo, hi):
+        sums += sce_method.square_sums(_sce_deltas(base, models, s, e)[1])
+    return sums
+
+
+def _sce(base, models, weights, out, lo, hi) -> torch.Tensor:
+    acc = torch.zeros((), dtype=torch.float32)
+    for s, e in _chunks(out.numel(), lo, hi):
+        _store(sce_method.erase_and_merge(*_sce_deltas(base, models, s, e), weights), out, s, e, acc)
     return acc
 
 

@@ -412,3 +412,142 @@ def test_chunks_before_the_cut_keep_all_their_threshold_ties(density):
     out = torch.empty(base.shape, dtype=torch.float32)
     chunked.merge_into(m, base, fts, parsed, p, out)
     torch.testing.assert_close(out, m.merge(base, fts, parsed, p), rtol=0, atol=0)
+
+
+STATS_CASES = [
+    ("sce", 2, {}), ("sce", 3, {}), ("sce", 3, {"int8_mask": True}), ("sce", 2, "zero"),
+    ("nearswap", 1, {"t": 2 ** -9}), ("nearswap", 1, {"t": 1e-4}), ("nearswap", 1, {"t": 0.0}),
+    ("nearswap", 1, {"t": 10.0}),
+]
+
+
+@pytest.mark.parametrize("method, n_models, params", STATS_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(STATS_CASES)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunked_sce_and_nearswap_equal_the_method(method, n_models, params, dtype, monkeypatch):
+    """A first pass for SCE's size weights (float64 sums of squares), then the method's own
+    functions chunk by chunk, on two threads: the whole tensor's result,
+    bit for bit (the quantized deltas tie, cancel and are often zero)."""
+    monkeypatch.setattr(chunked, "SPLIT_MIN_CHUNKS", 2)
+    monkeypatch.setattr(chunked, "workers", lambda: 2)
+    base, fts = quantized_family(n_models=n_models, shape=(61, 97), dtype=dtype)
+    if params == "zero":  # every task vector zero: SCE's equal weights 1/N
+        fts, params = [base.clone() for _ in fts], {}
+    m = get_method(method)
+    p, mps = m.parse_params(params), m.parse_model_params([{}] * n_models)
+    assert chunked.supports(m, p, n_models)
+    expected = m.merge(base, fts, mps, p)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        out = torch.empty(base.shape, dtype=out_dtype)
+        chunked.merge_into(m, base, fts, mps, p, out)
+        assert torch.equal(out, expected.to(out_dtype)), out_dtype
+
+
+def test_chunked_sce_weights_are_the_float64_sizes_of_the_whole_tensor():
+    """The first pass's weights against an independent float64 computation of SCE's step 2."""
+    from engine.merge.methods import sce
+
+    base, fts = quantized_family(n_models=3, shape=(61, 97))
+    d = torch.stack([f.double() - base.double() for f in fts]).reshape(3, -1)
+    sizes = (d * d).mean(dim=1)
+    sums = sum(chunked._square_sums(base.reshape(-1), [f.reshape(-1) for f in fts], lo, lo + 1)
+               for lo in range(-(-base.numel() // chunked.CHUNK)))
+    got = sce.weights_from_square_sums(sums, base.numel(), torch.float32)
+    torch.testing.assert_close(got.double(), sizes / sizes.sum(), rtol=1e-7, atol=0)
+
+
+def test_chunked_sce_nearswap_karcher_decline_what_they_do_not_compute():
+    sce = get_method("sce")
+    assert chunked.supports(sce, sce.parse_params({}), 2)
+    assert not chunked.supports(sce, sce.parse_params({"select_topk": 0.5}), 2)  # a whole-tensor top-k
+    near = get_method("nearswap")
+    assert chunked.supports(near, near.parse_params({"t": 0.1}), 1)
+    assert not chunked.supports(near, near.parse_params({"t": 0.1}), 2)
+    karcher = get_method("karcher")
+    assert chunked.supports(karcher, karcher.parse_params({}), 2)
+    ramplus = get_method("ramplus_tl")
+    assert not chunked.supports(ramplus, ramplus.parse_params({}), 2)  # whole: faster there
+    assert not chunked.supports(karcher, karcher.parse_params({}), 1)
+
+
+@pytest.mark.parametrize("method, n_models, params", [("sce", 2, {}), ("ram", 2, {}),
+                                                      ("nearswap", 1, {"t": 1e-3}), ("karcher", 2, {})])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_chunked_statistics_kernels_name_a_nonfinite_input(method, n_models, params, bad):
+    base, fts = quantized_family(n_models=n_models, shape=(61, 97), dtype=torch.float32)
+    fts[-1][7, 11] = bad
+    m = get_method(method)
+    with pytest.raises(NonFiniteError, match=f"input {n_models - 1}"):
+        chunked.merge_into(m, base, fts, m.parse_model_params([{}] * n_models), m.parse_params(params),
+                           torch.empty(base.shape))
+
+
+def _karcher_float64(inputs: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
+    """The Karcher mean iteration over the entries in float64 (numpy), written from the
+    method's description: the reference both our paths are measured against."""
+    import numpy as np
+
+    flat = np.stack([t.double().numpy().reshape(-1) for t in inputs])
+    norms = np.linalg.norm(flat, axis=1)
+    valid = norms > tol
+    if not valid.any():
+        return torch.zeros(inputs[0].shape, dtype=torch.float64)
+    units = flat[valid] / norms[valid, None]
+    w = np.full(len(units), 1.0 / len(units))
+    mean = w @ units
+    mean = units[0].copy() if np.linalg.norm(mean) < tol else mean / np.linalg.norm(mean)
+    for _ in range(max_iter):
+        dots = np.clip(units @ mean, -1.0, 1.0)
+        theta = np.arccos(dots)
+        tangent = np.zeros_like(mean)
+        for i in range(len(units)):
+            if theta[i] >= tol:
+                tangent += w[i] * theta[i] / np.sin(theta[i]) * (units[i] - dots[i] * mean)
+        if not (theta >= tol).any():
+            break
+        step = np.linalg.norm(tangent)
+        if step < tol:
+            break
+        mean = np.cos(step) * mean + np.sin(step) * tangent / step
+        if np.linalg.norm(mean) > tol:
+            mean = mean / np.linalg.norm(mean)
+    return torch.from_numpy(norms.sum() / len(flat) * mean).reshape(inputs[0].shape)
+
+
+KARCHER_CASES = [(2, False, "fine-tunes"), (3, False, "fine-tunes"), (2, True, "fine-tunes"),
+                 (3, False, "random"), (2, True, "random"), (3, False, "a zero input"),
+                 (2, False, "antipodal"), (2, False, "all zero")]
+
+
+@pytest.mark.parametrize("n_models, with_base, kind", KARCHER_CASES,
+                         ids=[f"{k}-{n}{'-base' if b else ''}" for n, b, k in KARCHER_CASES])
+def test_chunked_karcher_matches_a_float64_iteration_and_the_method(n_models, with_base, kind, monkeypatch):
+    """One Gram pass, the iteration on N coefficients, one combination: the float64 iteration
+    over the entries to ~1e-6 of the result's size, and the method's float32 pass (mergekit's
+    arithmetic) to its float32 rounding."""
+    monkeypatch.setattr(chunked, "SPLIT_MIN_CHUNKS", 2)
+    monkeypatch.setattr(chunked, "workers", lambda: 2)
+    g = torch.Generator().manual_seed(n_models * 10 + with_base)
+    if kind == "fine-tunes":  # nearly parallel: arccos near 1, where float32 is least precise
+        base, fts = quantized_family(n_models=n_models, shape=(61, 97), dtype=torch.float32)
+    else:
+        base = torch.randn(61, 97, generator=g)
+        fts = [torch.randn(61, 97, generator=g) for _ in range(n_models)]
+        if kind == "a zero input":
+            fts[1] = torch.zeros(61, 97)
+        if kind == "antipodal":
+            fts[1] = -fts[0]
+        if kind == "all zero":
+            fts = [torch.zeros(61, 97) for _ in fts]
+    m = get_method("karcher")
+    p, mps = m.parse_params({}), m.parse_model_params([{}] * n_models)
+    use_base = base if with_base else None
+    out = torch.empty(base.shape, dtype=torch.float32)
+    chunked.merge_into(m, use_base, fts, mps, p, out)
+    reference = _karcher_float64(fts + ([base] if with_base else []), p.max_iter, p.tol)
+    scale = max(float(reference.abs().max()), 1e-30)
+    torch.testing.assert_close(out.double(), reference, rtol=0, atol=2e-6 * scale)
+    expected = m.merge(use_base, fts, mps, p)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5 * max(float(expected.abs().max()), 1e-30))
+    if kind == "all zero":
+        assert torch.equal(out, torch.zeros_like(out))

@@ -18,6 +18,7 @@ One input is returned as it is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -78,6 +79,60 @@ def karcher_mean(inputs: Sequence[torch.Tensor], max_iter: int, tol: float) -> t
         if length > tol:
             mean = mean / length
     return (alpha * norms.sum() * mean).reshape(shape)
+
+
+def gram_coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
+    """c (float64, one per input) with result = sum_i c_i W_i, from the float64 Gram matrix
+    G_ij = <W_i, W_j> of the inputs (the chunked kernel's first pass).
+
+    The mean stays in the span of the units at every step (its start is a combination of them,
+    the tangent is one, the geodesic step mixes the two), so the iteration is carried out on
+    its coefficients k, with m = sum_i k_i u_i: <m, u_j> = (k G_u)_j and |x|^2 = x G_u x for a
+    combination x, G_u the units' Gram matrix G_ij / (n_i n_j). The steps and their stopping
+    rules are ``karcher_mean``'s; it runs in float32 over the entries (mergekit's arithmetic),
+    this in float64 over N coefficients, so the two differ by float32 rounding (the angles of
+    nearly parallel inputs, arccos near 1, the most)."""
+    g64 = gram.to(torch.float64)
+    n = g64.shape[0]
+    coeffs = torch.zeros(n, dtype=torch.float64)
+    norms = torch.sqrt(torch.diagonal(g64).clamp(min=0.0))
+    valid = norms > tol
+    if not bool(valid.any()):
+        return coeffs
+    if n == 1:  # one input is returned as it is
+        return torch.ones(1, dtype=torch.float64)
+    idx = torch.nonzero(valid).flatten()
+    nv = norms[idx]
+    gu = g64[idx][:, idx] / (nv[:, None] * nv[None, :])
+
+    def length(x: torch.Tensor) -> float:
+        return math.sqrt(max(float(x @ gu @ x), 0.0))
+
+    weights = torch.full((len(idx),), 1.0 / len(idx), dtype=torch.float64)
+    mean_norm = length(weights)
+    if mean_norm < tol:
+        k = torch.zeros_like(weights)
+        k[0] = 1.0
+    else:
+        k = weights / mean_norm
+    for _ in range(max_iter):
+        dots = (gu @ k).clamp(-1.0, 1.0)
+        theta = torch.arccos(dots)
+        moving = theta >= tol
+        if not bool(moving.any()):
+            break
+        scale = torch.where(moving, weights * theta / torch.sin(torch.where(moving, theta, torch.ones_like(theta))),
+                            torch.zeros_like(theta))
+        tangent = scale - float((scale * dots).sum()) * k
+        step = length(tangent)
+        if step < tol:
+            break
+        k = math.cos(step) * k + math.sin(step) * (tangent / step)
+        size = length(k)
+        if size > tol:
+            k = k / size
+    coeffs[idx] = float(norms.sum()) / n * k / nv
+    return coeffs
 
 
 def merge_tensor(

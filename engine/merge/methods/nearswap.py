@@ -51,6 +51,11 @@ def merge_tensor(
 ) -> torch.Tensor:
     a, inputs = prepare_inputs(NAME, base, tensors, model_params, name=name, requires_base=True,
                                max_models=1)
-    b = inputs[0]
-    weight = (params.t / (a - b).abs().clamp(min=DIFF_FLOOR)).clamp(0.0, 1.0)
-    return finish(weight * b + (1 - weight) * a, NAME, name)
+    return finish(combine(a, inputs[0], params.t), NAME, name)
+
+
+def combine(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """weight * b + (1 - weight) * a, weight = clamp(t / max(|a - b|, 1e-6), 0, 1), entry by
+    entry (float32 a and b of one shape; the chunked kernel calls it on slices)."""
+    weight = (t / (a - b).abs().clamp(min=DIFF_FLOOR)).clamp(0.0, 1.0)
+    return weight * b + (1 - weight) * a

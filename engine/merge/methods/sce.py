@@ -6,7 +6,8 @@ d_i = W_i - W0 stacked over the N models:
      variance); keep, in every d_i, only the entries with the top k = floor(select_topk * m)
      variances, m = the number of entries whose variance is not zero;
   2. Calculate: each model's weight is the mean of its selected d_i squared, divided by the
-     sum over models (equal weights 1/N when that sum is below 1e-6, as mergekit);
+     sum over models (equal weights 1/N when that sum is below 1e-6, as mergekit; ours: the
+     squares summed in float64);
   3. Erase: per entry the elected sign is that of sum_i d_i (zero counts as positive); entries
      of d_i of the other sign, or zero, are dropped;
   4. W0 + sum_i w_i d_i / sum_i w_i over the kept entries (divisor at least 1e-6).
@@ -58,13 +59,38 @@ def select_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
     return keep.view(variance.shape)
 
 
+def square_sums(deltas: torch.Tensor) -> torch.Tensor:
+    """float64 [N]: per model, the sum of its float32 deltas squared (sums over slices of a
+    tensor add up to the whole tensor's, to float64 rounding)."""
+    return deltas.square().reshape(deltas.shape[0], -1).sum(dim=1, dtype=torch.float64)
+
+
 def size_weights(deltas: torch.Tensor) -> torch.Tensor:
     """Per model: mean squared entry over the sum of those means (1/N each when tiny)."""
-    sizes = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
+    return weights_from_square_sums(square_sums(deltas), deltas[0].numel(), deltas.dtype)
+
+
+def weights_from_square_sums(sums: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """``size_weights`` from ``square_sums`` of the whole tensor (``numel`` entries per model).
+
+    The means and their ratios are taken in float64 (ours: mergekit's float32 mean differs
+    from it in float32's last bits), so that a tensor summed slice by slice (the chunked
+    kernel) weighs its models as the whole tensor does."""
+    sizes = sums / max(numel, 1)
     total = float(sizes.sum())
     if abs(total) < WEIGHT_SUM_FLOOR:
-        return torch.full_like(sizes, 1.0 / sizes.shape[0])
-    return sizes / total
+        return torch.full((sums.shape[0],), 1.0 / sums.shape[0], dtype=dtype, device=sums.device)
+    return (sizes / total).to(dtype)
+
+
+def erase_and_merge(base32: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Steps 3 and 4: W0 + the weighted mean of the deltas that agree with the elected sign
+    (float32 ``base32``, ``deltas`` [N, *base32.shape], ``weights`` [N]; the chunked kernel
+    calls it on slices, entry by entry the same)."""
+    elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    agree = torch.sign(deltas) == elected
+    w = weights.view(-1, *([1] * base32.dim())) * agree
+    return base32 + (deltas * w).sum(dim=0) / w.sum(dim=0).clamp(min=DIVISOR_FLOOR)
 
 
 def merge_tensor(
@@ -80,8 +106,4 @@ def merge_tensor(
     deltas = torch.stack(inputs) - base32
     if params.select_topk < 1:
         deltas = deltas * select_mask(deltas, params.select_topk)
-    elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
-    agree = torch.sign(deltas) == elected
-    w = size_weights(deltas).view(-1, *([1] * base32.dim())) * agree
-    merged = (deltas * w).sum(dim=0) / w.sum(dim=0).clamp(min=DIVISOR_FLOOR)
-    return finish(base32 + merged, NAME, name)
+    return finish(erase_and_merge(base32, deltas, size_weights(deltas)), NAME, name)
