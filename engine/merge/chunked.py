@@ -1,6 +1,6 @@
 """Chunked CPU kernels for the deterministic task-vector methods, linear, slerp, model_stock,
-nuslerp (flattened), multislerp, karcher, ram, nearswap and sce (without its variance
-selection).
+nuslerp (flattened), multislerp, karcher, ram, ramplus_tl, nearswap and sce (without its
+variance selection).
 
 ``linear`` and every task-arithmetic variant (engine/merge/gta.py's ``Variant`` declarations)
 whose sparsification is none, magnitude or Breadcrumbs' magnitude_outliers (without
@@ -19,10 +19,9 @@ model_stock (the deltas' float64 Gram matrix, then t * mean + (1 - t) * base), a
 multislerp (the vectors' float64 Gram matrix, from which the methods' own coefficient rules give
 one weight per model, then sum_i k_i v_i, plus the base when there is one), and karcher (the
 inputs' Gram matrix, its fixed-point iteration on one coefficient per input, then sum_i c_i W_i).
-sce takes a first pass for its size weights (float64 sums of squared deltas), then computes
-each chunk with the method's own functions; nearswap and ram need no first pass. (ramplus_tl
-stays whole: its two passes of ram's per-chunk split took longer than the whole tensor's,
-15.5 s against 8.5 on the 270M pair.)
+sce and ramplus_tl take a first pass for their per-model statistics (float64 sums of squared
+deltas; integer counts of shared and unique changes), then compute each chunk with the
+method's own functions; nearswap and ram need no first pass.
 
 Trimming (TIES, Breadcrumbs) needs, per model, the k-th largest |delta| of the whole tensor.
 It is found by selection, never a sort of the tensor: a seeded sample brackets the k-th value, one chunked
@@ -74,6 +73,7 @@ from engine.merge.gta import Variant
 from engine.merge.methods import model_stock as stock_method
 from engine.merge.methods import nearswap as nearswap_method
 from engine.merge.methods import ram as ram_method
+from engine.merge.methods import ramplus_tl as ramplus_method
 from engine.merge.methods import sce as sce_method
 from engine.merge.methods import slerp as slerp_method
 from engine.merge.order_stats import band_of, bracket, kth_smallest
@@ -323,6 +323,8 @@ def supports(method: MergeMethod, params, n_models: int | None = None) -> bool:
         return n_models is None or n_models >= 2
     if method.name == "ram":  # elementwise once each entry's count of changing models is known
         return True
+    if method.name == "ramplus_tl":  # ram's, once each model's overlap counts are known
+        return True
     if method.name == "nearswap":  # elementwise
         return n_models in (None, 1)
     if method.name == "sce":  # elementwise once the size weights are known; the variance
@@ -396,6 +398,17 @@ def merge_checked(method: MergeMethod, base: torch.Tensor | None, models: Sequen
         elif method.name == "ram":
             def run(target, lo, hi):
                 return _ram(flat_base, flat_models, params.epsilon, target, lo, hi)
+        elif method.name == "ramplus_tl":
+            # first pass: each model's shared and unique changed entries (integer counts, the
+            # same summed over chunks as over the whole tensor); then ram's sum with the scales
+            counts = sum(_split(n, lambda lo, hi: _overlap_counts(flat_base, flat_models, params.epsilon,
+                                                                  lo, hi)))
+            scales = ramplus_method.scales_from_counts(counts, params.r, params.alpha, params.epsilon,
+                                                       torch.float32)
+            heavy = True  # two passes of ram's split: two threads pay (8.3 vs 8.8 s on one)
+
+            def run(target, lo, hi):
+                return _ram(flat_base, flat_models, params.epsilon, target, lo, hi, scales)
         elif method.name == "nearswap":
             (model,) = flat_models
 
@@ -644,14 +657,24 @@ def _stock(base, models, t, one_minus_t, out, lo, hi) -> torch.Tensor:
     return acc
 
 
-def _ram(base, models, epsilon, out, lo, hi) -> torch.Tensor:
-    """RAM per chunk, as ``engine.merge.methods.ram`` computes it over the whole tensor."""
+def _ram(base, models, epsilon, out, lo, hi, unique_scale=None) -> torch.Tensor:
+    """RAM per chunk, as ``engine.merge.methods.ram`` computes it over the whole tensor (RAM+
+    with each model's ``unique_scale``)."""
     acc = torch.zeros((), dtype=torch.float32)
     for s, e in _chunks(out.numel(), lo, hi):
         b = _f32(base[s:e])
-        _store(ram_method.combine(b, ram_method.split(b, [m[s:e].float() for m in models], epsilon)),
-               out, s, e, acc)
+        _store(ram_method.combine(b, ram_method.split(b, [m[s:e].float() for m in models], epsilon),
+                                  unique_scale), out, s, e, acc)
     return acc
+
+
+def _overlap_counts(base, models, epsilon, lo, hi) -> torch.Tensor:
+    """int64 [2, N]: RAM+'s per-model shared and unique changed entries over chunks lo..hi-1."""
+    counts = torch.zeros((2, len(models)), dtype=torch.int64)
+    for s, e in _chunks(base.numel(), lo, hi):
+        b = _f32(base[s:e])
+        counts += ramplus_method.overlap_counts(ram_method.split(b, [m[s:e].float() for m in models], epsilon))
+    return counts
 
 
 def _nearswap(base, model, t, out, lo, hi) -> torch.Tensor:

@@ -416,6 +416,8 @@ def test_chunks_before_the_cut_keep_all_their_threshold_ties(density):
 
 STATS_CASES = [
     ("sce", 2, {}), ("sce", 3, {}), ("sce", 3, {"int8_mask": True}), ("sce", 2, "zero"),
+    ("ramplus_tl", 2, {}), ("ramplus_tl", 3, {"r": 0.5, "alpha": 0.5}),
+    ("ramplus_tl", 3, {"r": 0.3, "alpha": 2.0, "epsilon": 2 ** -9}), ("ramplus_tl", 2, {"epsilon": 0.0}),
     ("nearswap", 1, {"t": 2 ** -9}), ("nearswap", 1, {"t": 1e-4}), ("nearswap", 1, {"t": 0.0}),
     ("nearswap", 1, {"t": 10.0}),
 ]
@@ -424,9 +426,9 @@ STATS_CASES = [
 @pytest.mark.parametrize("method, n_models, params", STATS_CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(STATS_CASES)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_chunked_sce_and_nearswap_equal_the_method(method, n_models, params, dtype, monkeypatch):
-    """A first pass for SCE's size weights (float64 sums of squares), then the method's own
-    functions chunk by chunk, on two threads: the whole tensor's result,
+def test_chunked_sce_ramplus_and_nearswap_equal_the_method(method, n_models, params, dtype, monkeypatch):
+    """A first pass for the per-model statistics (SCE's float64 sums of squares, RAM+'s counts),
+    then the method's own functions chunk by chunk, on two threads: the whole tensor's result,
     bit for bit (the quantized deltas tie, cancel and are often zero)."""
     monkeypatch.setattr(chunked, "SPLIT_MIN_CHUNKS", 2)
     monkeypatch.setattr(chunked, "workers", lambda: 2)
@@ -465,12 +467,10 @@ def test_chunked_sce_nearswap_karcher_decline_what_they_do_not_compute():
     assert not chunked.supports(near, near.parse_params({"t": 0.1}), 2)
     karcher = get_method("karcher")
     assert chunked.supports(karcher, karcher.parse_params({}), 2)
-    ramplus = get_method("ramplus_tl")
-    assert not chunked.supports(ramplus, ramplus.parse_params({}), 2)  # whole: faster there
     assert not chunked.supports(karcher, karcher.parse_params({}), 1)
 
 
-@pytest.mark.parametrize("method, n_models, params", [("sce", 2, {}), ("ram", 2, {}),
+@pytest.mark.parametrize("method, n_models, params", [("sce", 2, {}), ("ramplus_tl", 2, {}),
                                                       ("nearswap", 1, {"t": 1e-3}), ("karcher", 2, {})])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_chunked_statistics_kernels_name_a_nonfinite_input(method, n_models, params, bad):

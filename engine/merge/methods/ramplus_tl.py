@@ -41,10 +41,21 @@ def validate(params: Params, model_params: Sequence[ModelParams]) -> None:
     return None
 
 
+def overlap_counts(s) -> torch.Tensor:
+    """int64 [2, N]: per model, the entries it changed that are shared, and those unique (sums
+    over slices of a tensor add up to the whole tensor's, exactly)."""
+    return torch.stack([(s.changed & s.shared).sum(dim=1), (s.changed & s.unique).sum(dim=1)])
+
+
 def unique_scales(s, r: float, alpha: float, epsilon: float, dtype: torch.dtype) -> torch.Tensor:
     """lambda_i = 1 + r * clamp(shared_i / max(unique_i, epsilon), 0, alpha) per model."""
-    shared = (s.changed & s.shared).sum(dim=1).to(dtype)
-    unique = (s.changed & s.unique).sum(dim=1).to(dtype)
+    return scales_from_counts(overlap_counts(s), r, alpha, epsilon, dtype)
+
+
+def scales_from_counts(counts: torch.Tensor, r: float, alpha: float, epsilon: float,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """``unique_scales`` from ``overlap_counts`` (of the whole tensor)."""
+    shared, unique = counts[0].to(dtype), counts[1].to(dtype)
     rho = shared / unique.clamp(min=epsilon) if epsilon > 0 else shared / unique
     # epsilon 0 and no unique entry: 0/0 or x/0; no unique entry is then scaled anyway
     rho = torch.nan_to_num(rho, nan=0.0, posinf=alpha)
